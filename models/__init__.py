@@ -1,0 +1,1 @@
+"""Llama-family models in Flax NNX, their configs, checkpoints and tokenizers."""

@@ -1,0 +1,1 @@
+"""Elastic sequence-parallel programs: topology, ring prefill, distributed decode, migration."""
