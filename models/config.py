@@ -96,7 +96,12 @@ class ModelConfig:
             path = path / "config.json"
         if not path.exists():
             raise ConfigError(f"missing config.json: {path}")
-        return cls.from_hf_dict(json.loads(path.read_text()))
+        try:
+            return cls.from_hf_dict(json.loads(path.read_text()))
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{path} is not valid JSON ({err})") from None
+        except ConfigError as err:
+            raise ConfigError(f"{err} (in {path})") from None
 
     @classmethod
     def from_hf_dict(cls, hf: dict[str, Any]) -> "ModelConfig":
@@ -113,10 +118,13 @@ class ModelConfig:
         head_dim = hf.get("head_dim") or hf["hidden_size"] // num_heads
         rope_theta, rope_scaling = _rope_from_hf(hf)
         qkv_bias = model_type == "qwen2" or bool(hf.get("attention_bias", False))
-        sliding = hf.get("sliding_window") if hf.get("use_sliding_window", True) else None
+        # Qwen2 carries a sliding_window that only counts when use_sliding_window is true.
+        sliding = hf.get("sliding_window") if hf.get("use_sliding_window", model_type != "qwen2") else None
         eos = hf.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
-        dtype = hf.get("torch_dtype") or hf.get("dtype") or "float32"
+        dtype = str(hf.get("dtype") or hf.get("torch_dtype") or "float32").replace("torch.", "")
+        # float16 checkpoints (Llama 2, ...) are served in bfloat16: same size, no overflow.
+        dtype = "bfloat16" if dtype == "float16" else dtype
         return cls(
             model_type=model_type,
             vocab_size=int(hf["vocab_size"]),
@@ -135,7 +143,7 @@ class ModelConfig:
             o_bias=model_type != "qwen2" and bool(hf.get("attention_bias", False)),
             mlp_bias=bool(hf.get("mlp_bias", False)),
             sliding_window=int(sliding) if sliding else None,
-            dtype=str(dtype).replace("torch.", ""),
+            dtype=dtype,
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=eos_ids,
             pad_token_id=hf.get("pad_token_id"),
@@ -170,9 +178,11 @@ class ModelConfig:
             hf["attention_bias"] = self.qkv_bias
             hf["mlp_bias"] = self.mlp_bias
         if self.rope_scaling is not None:
-            hf["rope_scaling"] = dataclasses.asdict(self.rope_scaling)
+            hf["rope_scaling"] = _rope_scaling_to_hf(self.rope_scaling)
         if self.sliding_window is not None:
             hf["sliding_window"] = self.sliding_window
+            if self.model_type == "qwen2":
+                hf["use_sliding_window"] = True
         return hf
 
 
@@ -197,3 +207,12 @@ def _rope_from_hf(hf: dict[str, Any]) -> tuple[float, RopeScaling | None]:
         high_freq_factor=float(merged.get("high_freq_factor", 4.0)),
         original_max_position_embeddings=int(merged.get("original_max_position_embeddings", 8192)),
     )
+
+
+def _rope_scaling_to_hf(scaling: RopeScaling) -> dict[str, Any]:
+    """Only the keys the rope type reads, so transformers does not warn about the rest."""
+    hf: dict[str, Any] = {"rope_type": scaling.rope_type, "factor": scaling.factor}
+    if scaling.rope_type == "llama3":
+        hf.update(low_freq_factor=scaling.low_freq_factor, high_freq_factor=scaling.high_freq_factor,
+                  original_max_position_embeddings=scaling.original_max_position_embeddings)
+    return hf

@@ -1,0 +1,361 @@
+"""Cost model: how long a prefill, a decode step or a migration takes on a group of d instances.
+
+The scheduler reasons about time only through this file, and the simulator advances its virtual clock
+with it, so one object serves both (no JAX here).
+
+Data flow:
+  1. A profile is a list of samples measured on real programs (or derived from hardware ceilings, see
+     `roofline.py`): `PrefillSample(dop, lengths, seconds)`, `DecodeSample(dop, batch, total_context,
+     seconds)`, `MigrationSample(num_bytes, seconds)`.
+  2. `fit_cost_model(samples, ...)` fits, for every degree of parallelism d present in the profile,
+       prefill(d, l_1..l_n)      = A_d + B_d·Σl + C_d·Σl²
+       decode(d, batch, context) = a_d + b_d·batch + c_d·Σcontext
+       migration(bytes)          = latency + seconds_per_byte·bytes
+     by weighted least squares on RELATIVE error (weights 1/measured², i.e. every row divided by its
+     measurement), with coefficients kept non-negative (exact: the best non-negative subset).
+  3. The fitted `CostModel` (one tensor-parallel size `tp`, plus the KV geometry: bytes per token, pages
+     per instance, page size) is saved to / loaded from JSON with a schema version; a file may hold
+     several `tp` sections (`save_cost_models` / `CostModel.load_json(path, tp=...)`).
+  4. Consumers call `prefill_time(d, lengths)`, `decode_time(d, batch, total_context)`,
+     `migration_time(n_tokens)`; `mean_relative_error(samples)` reports fit quality.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+SCHEMA_VERSION = 1
+SHIPPED_DIR = Path(__file__).resolve().parent / "cost_models"
+DEFAULT_COST_MODEL_PATH = SHIPPED_DIR / "h200_llama2_7b.json"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Profile samples (what a profiler measures).
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PrefillSample:
+    dop: int
+    lengths: tuple[int, ...]  # prompt lengths packed into the one prefill batch
+    seconds: float
+
+
+@dataclass(frozen=True)
+class DecodeSample:
+    dop: int
+    batch: int  # requests in the decode step
+    total_context: int  # Σ context lengths (tokens of KV read) over the batch
+    seconds: float
+
+
+@dataclass(frozen=True)
+class MigrationSample:
+    num_bytes: int
+    seconds: float
+
+
+ProfileSample = PrefillSample | DecodeSample | MigrationSample
+
+
+def sample_to_dict(sample: ProfileSample) -> dict:
+    kind = {PrefillSample: "prefill", DecodeSample: "decode", MigrationSample: "migration"}[type(sample)]
+    row = asdict(sample)
+    if kind == "prefill":
+        row["lengths"] = list(sample.lengths)
+    return {"kind": kind, **row}
+
+
+def sample_from_dict(row: dict) -> ProfileSample:
+    kind = row["kind"]
+    if kind == "prefill":
+        return PrefillSample(int(row["dop"]), tuple(int(x) for x in row["lengths"]), float(row["seconds"]))
+    if kind == "decode":
+        return DecodeSample(int(row["dop"]), int(row["batch"]), int(row["total_context"]), float(row["seconds"]))
+    if kind == "migration":
+        return MigrationSample(int(row["num_bytes"]), float(row["seconds"]))
+    raise ValueError(f"unknown profile sample kind {kind!r} (expected prefill, decode or migration)")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Coefficients and the model.
+# ---------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PrefillCoefficients:
+    constant: float  # A_d, seconds
+    per_token: float  # B_d, seconds per prompt token
+    per_token_squared: float  # C_d, seconds per (prompt token)² (causal attention)
+
+    def time(self, sum_lengths: float, sum_squares: float) -> float:
+        return self.constant + self.per_token * sum_lengths + self.per_token_squared * sum_squares
+
+
+@dataclass(frozen=True)
+class DecodeCoefficients:
+    constant: float  # a_d, seconds per step
+    per_request: float  # b_d, seconds per request in the batch
+    per_context_token: float  # c_d, seconds per token of KV read
+
+    def time(self, batch: float, total_context: float) -> float:
+        return self.constant + self.per_request * batch + self.per_context_token * total_context
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Step times for one tensor-parallel size `tp`, per degree of parallelism d (number of instances)."""
+
+    tp: int
+    prefill: dict[int, PrefillCoefficients]
+    decode: dict[int, DecodeCoefficients]
+    migration_seconds_per_byte: float
+    migration_latency_s: float
+    kv_bytes_per_token: int  # bytes of K and V of one token, all layers, one instance
+    pages_per_instance: int  # KV pool size of one instance
+    page_size: int  # token slots per page
+    description: str = ""
+    provenance: str = "measured"  # "measured" (profiled) or "projected" (derived from hardware ceilings)
+    metadata: dict = field(default_factory=dict, compare=False)
+
+    # -- queries ------------------------------------------------------------------------------------------------
+    @property
+    def dops(self) -> tuple[int, ...]:
+        """Degrees of parallelism with both a prefill and a decode entry, ascending."""
+        return tuple(sorted(set(self.prefill) & set(self.decode)))
+
+    @property
+    def tokens_per_instance(self) -> int:
+        return self.pages_per_instance * self.page_size
+
+    def prefill_time(self, dop: int, lengths: Sequence[int]) -> float:
+        """Seconds for one prefill batch of prompts `lengths` packed on a group of `dop` instances."""
+        lengths_array = np.asarray(lengths, dtype=np.float64)
+        return self._prefill_entry(dop).time(float(lengths_array.sum()), float(np.square(lengths_array).sum()))
+
+    def prefill_time_from_sums(self, dop: int, sum_lengths: float, sum_squares: float) -> float:
+        """Same as `prefill_time` from Σl and Σl² (what an incremental batcher keeps)."""
+        return self._prefill_entry(dop).time(sum_lengths, sum_squares)
+
+    def decode_time(self, dop: int, batch: int, total_context: int) -> float:
+        """Seconds for one decode step of `batch` requests reading `total_context` KV tokens on `dop` instances."""
+        return self._decode_entry(dop).time(batch, total_context)
+
+    def migration_time_bytes(self, num_bytes: float) -> float:
+        if num_bytes <= 0:
+            return 0.0
+        return self.migration_latency_s + self.migration_seconds_per_byte * num_bytes
+
+    def migration_time(self, n_tokens: int) -> float:
+        """Seconds to move the KV of `n_tokens` tokens from one instance to another."""
+        return self.migration_time_bytes(n_tokens * self.kv_bytes_per_token)
+
+    def _prefill_entry(self, dop: int) -> PrefillCoefficients:
+        try:
+            return self.prefill[dop]
+        except KeyError:
+            raise ValueError(f"cost model (tp={self.tp}) has no prefill entry for DoP {dop}; has {sorted(self.prefill)}") from None
+
+    def _decode_entry(self, dop: int) -> DecodeCoefficients:
+        try:
+            return self.decode[dop]
+        except KeyError:
+            raise ValueError(f"cost model (tp={self.tp}) has no decode entry for DoP {dop}; has {sorted(self.decode)}") from None
+
+    # -- fit quality --------------------------------------------------------------------------------------------
+    def predict(self, sample: ProfileSample) -> float:
+        if isinstance(sample, PrefillSample):
+            return self.prefill_time(sample.dop, sample.lengths)
+        if isinstance(sample, DecodeSample):
+            return self.decode_time(sample.dop, sample.batch, sample.total_context)
+        return self.migration_time_bytes(sample.num_bytes)
+
+    def mean_relative_error(self, samples: Iterable[ProfileSample]) -> float:
+        """Mean of |predicted − measured| / measured over the samples."""
+        errors = [abs(self.predict(s) - s.seconds) / s.seconds for s in samples]
+        if not errors:
+            raise ValueError("mean_relative_error needs at least one sample")
+        return float(np.mean(errors))
+
+    # -- JSON ---------------------------------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {
+            "tp": self.tp,
+            "description": self.description,
+            "provenance": self.provenance,
+            "kv_bytes_per_token": self.kv_bytes_per_token,
+            "pages_per_instance": self.pages_per_instance,
+            "page_size": self.page_size,
+            "migration_seconds_per_byte": self.migration_seconds_per_byte,
+            "migration_latency_s": self.migration_latency_s,
+            "prefill": {str(d): asdict(c) for d, c in sorted(self.prefill.items())},
+            "decode": {str(d): asdict(c) for d, c in sorted(self.decode.items())},
+            "metadata": self.metadata,
+        }
+
+    @classmethod
+    def from_dict(cls, section: dict) -> "CostModel":
+        return cls(
+            tp=int(section["tp"]),
+            prefill={int(d): PrefillCoefficients(**c) for d, c in section["prefill"].items()},
+            decode={int(d): DecodeCoefficients(**c) for d, c in section["decode"].items()},
+            migration_seconds_per_byte=float(section["migration_seconds_per_byte"]),
+            migration_latency_s=float(section["migration_latency_s"]),
+            kv_bytes_per_token=int(section["kv_bytes_per_token"]),
+            pages_per_instance=int(section["pages_per_instance"]),
+            page_size=int(section["page_size"]),
+            description=section.get("description", ""),
+            provenance=section.get("provenance", "measured"),
+            metadata=dict(section.get("metadata", {})),
+        )
+
+    def save_json(self, path: str | Path, **header) -> None:
+        save_cost_models(path, [self], **header)
+
+    @classmethod
+    def load_json(cls, path: str | Path | None = None, tp: int | None = None) -> "CostModel":
+        """Load the section for `tp` (or the only section) of a cost-model file (default: the shipped H200 file)."""
+        sections = load_cost_models(path if path is not None else DEFAULT_COST_MODEL_PATH)
+        if tp is None:
+            if len(sections) != 1:
+                raise ValueError(f"{path} holds tp sections {sorted(sections)}; pass tp=")
+            return next(iter(sections.values()))
+        if tp not in sections:
+            raise ValueError(f"{path} has no section for tp={tp}; it has {sorted(sections)}")
+        return sections[tp]
+
+
+def save_cost_models(path: str | Path, models: Sequence[CostModel], **header) -> None:
+    """Write one JSON file holding one section per tp (extra keyword arguments go in the file header)."""
+    tps = [m.tp for m in models]
+    if len(set(tps)) != len(tps):
+        raise ValueError(f"duplicate tp sections {tps}")
+    document = {"schema_version": SCHEMA_VERSION, **header, "sections": [m.to_dict() for m in models]}
+    Path(path).write_text(json.dumps(document, indent=1) + "\n")
+
+
+def load_cost_models(path: str | Path) -> dict[int, CostModel]:
+    document = json.loads(Path(path).read_text())
+    version = document.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise ValueError(f"{path}: cost-model schema_version {version!r} is not supported (expected {SCHEMA_VERSION})")
+    return {m.tp: m for m in (CostModel.from_dict(section) for section in document["sections"])}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fitting.
+# ---------------------------------------------------------------------------------------------------------------
+def relative_nonnegative_least_squares(features: np.ndarray, measured: np.ndarray) -> np.ndarray:
+    """argmin_{θ ≥ 0} Σ_i ((features_i·θ − measured_i) / measured_i)².
+
+    Weighted least squares with weights 1/measured² is ordinary least squares on rows divided by their
+    measurement. Non-negativity (a negative constant or slope is a fitting artefact, not physics) is
+    enforced exactly by trying every subset of free coefficients: there are at most three.
+    """
+    features = np.asarray(features, dtype=np.float64)  # [samples, coefficients]
+    measured = np.asarray(measured, dtype=np.float64)  # [samples]
+    if np.any(measured <= 0):
+        raise ValueError("measured times must be positive for a relative-error fit")
+    scaled = features / measured[:, None]
+    target = np.ones_like(measured)
+    # Columns span very different magnitudes (1 vs Σl² ~ 1e10): normalise them for a well-conditioned solve.
+    column_norms = np.linalg.norm(scaled, axis=0)
+    column_norms[column_norms == 0] = 1.0
+    scaled = scaled / column_norms
+    num_coefficients = features.shape[1]
+    best, best_residual = np.zeros(num_coefficients), float(np.sum(target**2))
+    for size in range(1, num_coefficients + 1):
+        for subset in itertools.combinations(range(num_coefficients), size):
+            columns = list(subset)
+            solution, *_ = np.linalg.lstsq(scaled[:, columns], target, rcond=None)
+            if np.any(solution < 0):
+                continue
+            candidate = np.zeros(num_coefficients)
+            candidate[columns] = solution
+            residual = float(np.sum((scaled @ candidate - target) ** 2))
+            if residual < best_residual - 1e-15:
+                best, best_residual = candidate, residual
+    return best / column_norms
+
+
+def fit_cost_model(
+    samples: Iterable[ProfileSample],
+    *,
+    tp: int,
+    kv_bytes_per_token: int,
+    pages_per_instance: int,
+    page_size: int,
+    migration_seconds_per_byte: float | None = None,
+    migration_latency_s: float = 0.0,
+    description: str = "",
+    provenance: str = "measured",
+    metadata: dict | None = None,
+) -> CostModel:
+    """Fit prefill and decode coefficients per DoP (and migration, if sampled) from profile samples."""
+    samples = list(samples)
+    prefill: dict[int, PrefillCoefficients] = {}
+    decode: dict[int, DecodeCoefficients] = {}
+    for dop in sorted({s.dop for s in samples if isinstance(s, PrefillSample)}):
+        rows = [s for s in samples if isinstance(s, PrefillSample) and s.dop == dop]
+        _require_rows(rows, 3, f"prefill DoP {dop}")
+        features = np.array([[1.0, sum(s.lengths), sum(x * x for x in s.lengths)] for s in rows])
+        prefill[dop] = PrefillCoefficients(*relative_nonnegative_least_squares(features, [s.seconds for s in rows]))
+    for dop in sorted({s.dop for s in samples if isinstance(s, DecodeSample)}):
+        rows = [s for s in samples if isinstance(s, DecodeSample) and s.dop == dop]
+        _require_rows(rows, 3, f"decode DoP {dop}")
+        features = np.array([[1.0, s.batch, s.total_context] for s in rows])
+        decode[dop] = DecodeCoefficients(*relative_nonnegative_least_squares(features, [s.seconds for s in rows]))
+    migrations = [s for s in samples if isinstance(s, MigrationSample)]
+    if migrations:
+        _require_rows(migrations, 2, "migration")
+        features = np.array([[1.0, s.num_bytes] for s in migrations])
+        migration_latency_s, migration_seconds_per_byte = relative_nonnegative_least_squares(
+            features, [s.seconds for s in migrations]
+        )
+    if migration_seconds_per_byte is None:
+        raise ValueError("no migration samples: pass migration_seconds_per_byte")
+    return CostModel(
+        tp=tp,
+        prefill=prefill,
+        decode=decode,
+        migration_seconds_per_byte=float(migration_seconds_per_byte),
+        migration_latency_s=float(migration_latency_s),
+        kv_bytes_per_token=kv_bytes_per_token,
+        pages_per_instance=pages_per_instance,
+        page_size=page_size,
+        description=description,
+        provenance=provenance,
+        metadata=dict(metadata or {}),
+    )
+
+
+def _require_rows(rows: list, minimum: int, what: str) -> None:
+    if len(rows) < minimum:
+        raise ValueError(f"{what}: {len(rows)} samples, need at least {minimum} to fit")
+
+
+def isolated_latency(cost_model: CostModel, input_len: int, output_len: int, max_dop: int) -> float:
+    """Seconds to serve one request alone on an idle cluster with the best DoP for each phase.
+
+    Prefill picks the fastest d; decode of output tokens 2..output_len (the first token comes out of the
+    prefill) picks the d with the smallest summed step time among those whose KV pools hold the request.
+    """
+    dops = [d for d in cost_model.dops if d <= max_dop]
+    if not dops:
+        raise ValueError(f"cost model has no DoP <= {max_dop}")
+    prefill = min(cost_model.prefill_time(d, [input_len]) for d in dops)
+    steps = output_len - 1
+    if steps <= 0:
+        return prefill
+    final_context = input_len + output_len
+    # Σ_{k=1..steps} (a + b + c·(input_len + k)) in closed form.
+    context_sum = steps * input_len + steps * (steps + 1) / 2
+    feasible = [d for d in dops if d * cost_model.tokens_per_instance >= final_context] or [max(dops)]
+    decode = min(
+        steps * (cost_model.decode[d].constant + cost_model.decode[d].per_request)
+        + cost_model.decode[d].per_context_token * context_sum
+        for d in feasible
+    )
+    return prefill + decode

@@ -1,0 +1,150 @@
+"""Decode planning shared by the policies: masters, scale-up, recompute-preemption, decode batches.
+
+Data flow:
+  1. A decoding request's home is the smallest family group holding its KV and its master. Requests whose
+     home is not entirely inside the instances the caller allows this step wait.
+  2. Master: a request keeps its master while the master has a free slot (tail of its last page, or a free
+     page). Otherwise it scales up: the new master is the allowed instance with the most free pages inside its
+     home, then inside the parent group, and so on (old KV stays where it is).
+  3. When no allowed instance in reach has a page, the newest request in reach (possibly the request itself)
+     is preempted by recompute, oldest requests first served, until the request gets its slot.
+  4. Homes are aligned groups, so two of them are nested or disjoint: each request joins the batch of the
+     largest home containing its own, and those batches run side by side on disjoint groups.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+from loong_jax.scheduler.estimates import decode_seconds
+from loong_jax.scheduler.groups import covering_group, parent_group
+from loong_jax.scheduler.plan import DecodeBatch, Preemption
+from loong_jax.scheduler.view import RequestView, SchedulerView
+
+
+@dataclass
+class DecodePlan:
+    batches: list[DecodeBatch] = field(default_factory=list)
+    preemptions: list[Preemption] = field(default_factory=list)
+    waiting_requests: list[RequestView] = field(default_factory=list)  # could not run this step
+    scale_ups: int = 0
+
+
+def home_group(request: RequestView, num_instances: int) -> tuple[int, ...]:
+    instances = set(request.kv)
+    if request.master is not None:
+        instances.add(request.master)
+    return covering_group(instances, num_instances)
+
+
+def exclusive_page_counts(request: RequestView, page_size: int) -> dict[int, int]:
+    """Pages per instance that the request's tokens fill (what preempting it returns, forks aside)."""
+    return {i: -(-n // page_size) for i, n in request.kv.items()}
+
+
+def plan_decodes(
+    view: SchedulerView,
+    requests: Sequence[RequestView],
+    allowed: set[int],
+    pages_free: list[int],
+    scope_of: Callable[[RequestView, tuple[int, ...]], tuple[int, ...]] | None = None,
+) -> DecodePlan:
+    """Decode batches for `requests` (idle decoding requests) on `allowed` instances.
+
+    `pages_free` is the caller's running count per instance; the pages this step takes are subtracted from
+    it. `scope_of(request, home)` bounds where a scale-up may look (default: the whole allowed cluster,
+    searched from the home outwards).
+    """
+    n = view.num_instances
+    page_size = view.page_size
+    plan = DecodePlan()
+    candidates = []
+    for request in requests:
+        home = home_group(request, n)
+        if allowed.issuperset(home):
+            candidates.append((request, home))
+        else:
+            plan.waiting_requests.append(request)
+    candidates.sort(key=lambda item: item[0].seq)  # oldest first
+    preempted: set = set()
+    chosen: list[tuple[RequestView, int, tuple[int, ...]]] = []
+    for index, (request, home) in enumerate(candidates):
+        if request.request_id in preempted:
+            continue
+        while True:
+            master, new_home = _find_slot(request, home, allowed, pages_free, page_size, n, scope_of)
+            if master is not None:
+                break
+            victim = _newest_in_reach(candidates[index:], preempted, request, home, allowed, n, scope_of)
+            preempted.add(victim.request_id)
+            plan.preemptions.append(Preemption(victim.request_id))
+            for instance, pages in exclusive_page_counts(victim, page_size).items():
+                pages_free[instance] += pages
+            if victim is request:
+                break
+        if request.request_id in preempted:
+            continue
+        if master != request.master:
+            plan.scale_ups += 1
+        chosen.append((request, master, new_home))
+    plan.batches = _batches(view, chosen)
+    return plan
+
+
+def _has_tail_slot(request: RequestView, instance: int, page_size: int) -> bool:
+    return request.kv.get(instance, 0) % page_size != 0
+
+
+def _find_slot(request, home, allowed, pages_free, page_size, n, scope_of):
+    """(master, home after the step) for one more token, taking a page from `pages_free` if needed."""
+    master = request.master
+    if master is not None:
+        if _has_tail_slot(request, master, page_size):
+            return master, home
+        if pages_free[master] > 0:
+            pages_free[master] -= 1
+            return master, home
+    limit = scope_of(request, home) if scope_of else tuple(range(n))
+    search: tuple[int, ...] | None = home
+    while search is not None and set(search) <= set(limit):
+        options = [i for i in search if i in allowed and (pages_free[i] > 0 or _has_tail_slot(request, i, page_size))]
+        if options:
+            best = max(options, key=lambda i: (_has_tail_slot(request, i, page_size), pages_free[i], -i))
+            if not _has_tail_slot(request, best, page_size):
+                pages_free[best] -= 1
+            return best, covering_group(set(home) | {best}, n)
+        search = parent_group(search, n)
+    return None, home
+
+
+def _newest_in_reach(remaining, preempted, request, home, allowed, n, scope_of):
+    """Newest not-yet-served request whose KV lies where `request` could find a slot (itself if none newer)."""
+    limit = set(scope_of(request, home) if scope_of else range(n)) & allowed
+    newest = request
+    for other, _ in remaining:
+        if other.request_id in preempted or other is request:
+            continue
+        if other.seq > newest.seq and limit.intersection(other.kv):
+            newest = other
+    return newest
+
+
+def _batches(view: SchedulerView, chosen) -> list[DecodeBatch]:
+    homes = sorted({home for _, _, home in chosen}, key=lambda g: (-len(g), g))
+    top: list[tuple[int, ...]] = []
+    for home in homes:
+        if not any(set(home) <= set(outer) for outer in top):
+            top.append(home)
+    members: dict[tuple[int, ...], list] = {g: [] for g in top}
+    for request, master, home in chosen:
+        outer = next(g for g in top if set(home) <= set(g))
+        members[outer].append((request, master))
+    batches = []
+    for group, items in members.items():
+        contexts = [r.context_len for r, _ in items]
+        estimate = decode_seconds(view.cost_model, len(group), contexts)
+        estimate += view.compile_penalty_s("decode", group, len(items))
+        batches.append(DecodeBatch(group, tuple(r.request_id for r, _ in items), tuple(m for _, m in items),
+                                   estimated_s=estimate))
+    return batches

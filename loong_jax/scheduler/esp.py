@@ -1,0 +1,114 @@
+"""The ESP policy (default): LoongServe §5 scalable scheduling, one `schedule(view)` per engine event.
+
+Data flow of one call:
+  1. Snapshot (`esp_dispatch`): free pages, growth reservations, decode groups, free instances. Requests
+     that can never fit are rejected; idle partial prefills (left by another policy) are preempted.
+  2. Allocation + dispatching + batching (`esp_allocation`, `esp_batching`): candidate prefill instance
+     sets, FIFO admission under memory, the batching DP per candidate, and the delay-decode cost/gain test
+     choose which instances prefill which batches at which DoP. DoPs become concrete aligned groups
+     (largest first), larger batches on groups with more free pages, ready programs preferred.
+  3. If nothing prefills, consolidation by migration may free a decode instance for the queue.
+  4. Scaling plan (`esp_scaling`, `decode_planner`): placement of every prompt's KV (scale-down), then decode
+     batches on every other idle instance with masters, scale-up and newest-first preemption.
+"""
+
+from __future__ import annotations
+
+from loong_jax.scheduler.decode_planner import plan_decodes
+from loong_jax.scheduler.esp_allocation import BatchingLimits, choose_prefill, plan_consolidation
+from loong_jax.scheduler.esp_dispatch import ClusterSnapshot, group_pages
+from loong_jax.scheduler.esp_scaling import place_batch
+from loong_jax.scheduler.estimates import prefill_seconds
+from loong_jax.scheduler.groups import free_blocks, pack_sizes
+from loong_jax.scheduler.plan import Plan, Preemption, PrefillBatch
+from loong_jax.scheduler.view import SchedulerView
+
+
+class EspPolicy:
+    name = "esp"
+
+    def __init__(self, max_batches: int = 8, max_boundaries: int = 24, max_admit: int = 256,
+                 growth_horizon: int = 512, max_lent_groups: int = 2, migration: bool = True,
+                 max_tokens_per_instance: int | None = None):
+        if max_batches < 1 or max_boundaries < 2 or max_admit < 1 or growth_horizon < 0 or max_lent_groups < 0:
+            raise ValueError("EspPolicy: max_batches, max_admit >= 1, max_boundaries >= 2, others >= 0")
+        self.limits = BatchingLimits(max_batches, max_boundaries, max_admit, max_tokens_per_instance)
+        self.growth_horizon = growth_horizon
+        self.max_lent_groups = max_lent_groups
+        self.migration = migration
+
+    def schedule(self, view: SchedulerView) -> Plan:
+        if not view.idle_instances:
+            return Plan()
+        snapshot = ClusterSnapshot.build(view, self.growth_horizon)
+        capacity = sum(i.pages_total for i in view.instances) * view.page_size
+        rejections = tuple(r.request_id for r in view.waiting if r.prefill_target > capacity)
+        rejected = set(rejections)
+        waiting = [r for r in view.waiting if r.request_id not in rejected]
+        preemptions = [Preemption(r.request_id) for r in view.prefilling if not r.in_flight]
+        nothing_running = not view.decoding and not view.prefilling and len(view.idle_instances) == view.num_instances
+
+        prefills, used = self._prefills(snapshot, waiting, nothing_running)
+        migrations = []
+        if not prefills and self.migration:
+            migrations = plan_consolidation(snapshot, waiting, self.limits)
+            for move in migrations:
+                used.update((move.src_instance, move.dst_instance))
+        if migrations:
+            moving_groups = {g for g in snapshot.decode_groups if used & set(g)}
+            used.update(i for g in moving_groups for i in g)
+        allowed = snapshot.idle - used
+        decoding = [r for r in view.decoding if not r.in_flight]
+        decodes = plan_decodes(view, decoding, allowed, snapshot.pages_free)
+        return Plan(
+            prefills=tuple(prefills), decodes=tuple(decodes.batches), migrations=tuple(migrations),
+            preemptions=tuple(preemptions) + tuple(decodes.preemptions), rejections=rejections,
+        )
+
+    def _prefills(self, snapshot: ClusterSnapshot, waiting, nothing_running: bool):
+        """Prefill batches for this step and the instances they (and lent decode groups) occupy."""
+        view = snapshot.view
+        option = choose_prefill(snapshot, waiting, self.limits, self.max_lent_groups, nothing_running)
+        if option is None:
+            return [], set()
+        used = set(i for g in option.lent_groups for i in g)
+        choices = list(option.batching.batches)
+        groups = pack_sizes([c.dop for c in choices], free_blocks(option.instances, view.num_instances))
+        if groups is None:
+            return [], used
+        groups = self._match_groups(snapshot, choices, groups, option.admitted)
+        prefills = []
+        for choice, group in zip(choices, groups):
+            requests = [option.admitted[i] for i in choice.indices]
+            placed, _ = place_batch(snapshot, group, requests)
+            if not placed:
+                continue
+            used.update(group)
+            lengths = [r.prefill_target for r, _ in placed]
+            estimate = prefill_seconds(view.cost_model, len(group), lengths)
+            estimate += view.compile_penalty_s("prefill", group, sum(lengths))
+            prefills.append(PrefillBatch(
+                group=group,
+                request_ids=tuple(r.request_id for r, _ in placed),
+                chunks=tuple((0, r.prefill_target) for r, _ in placed),
+                placement=tuple(segments for _, segments in placed),
+                estimated_s=estimate,
+            ))
+        return prefills, used
+
+    @staticmethod
+    def _match_groups(snapshot: ClusterSnapshot, choices, groups, admitted):
+        """Among groups of one size, give ready groups first, then bigger batches the roomier groups."""
+        view = snapshot.view
+        result = list(groups)
+        for size in {len(g) for g in groups}:
+            slots = [k for k, g in enumerate(groups) if len(g) == size]
+            if len(slots) < 2:
+                continue
+            demand = sorted(slots, key=lambda k: -sum(admitted[i].prefill_target for i in choices[k].indices))
+            tokens = {k: sum(admitted[i].prefill_target for i in choices[k].indices) for k in slots}
+            pool = [groups[k] for k in slots]
+            for k in demand:
+                pool.sort(key=lambda g: (not view.program_ready("prefill", g, tokens[k]), -group_pages(snapshot, g)))
+                result[k] = pool.pop(0)
+        return result

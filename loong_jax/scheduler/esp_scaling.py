@@ -1,0 +1,94 @@
+"""ESP step 4, the scaling plan for prefill: where each prompt's KV stays (proactive scale-down).
+
+During a ring prefill every KV block passes every member of the group, so any member can keep any token at
+no extra cost. The plan keeps each request on as few members as can hold its prompt plus its expected decode
+growth; members keeping nothing leave the group when the prefill ends.
+
+Data flow, per batch (longest request first):
+  1. Try sub-groups of the batch group from size 1 upwards (aligned, so the request's decode group stays in
+     the family); among those of the smallest size that fit, take the one with the most free pages.
+  2. Split the prompt over that sub-group in balanced page-aligned shares; the member with the most room
+     becomes the master (its segment is last), and it keeps room for the growth.
+  3. A request that fits nowhere (the DP's capacity check is per group size, not per group) stays waiting.
+Decode scale-up (a master out of pages) lives in `decode_planner`.
+"""
+
+from __future__ import annotations
+
+from loong_jax.scheduler.esp_dispatch import ClusterSnapshot
+from loong_jax.scheduler.groups import power_of_two_sizes
+from loong_jax.scheduler.view import RequestView
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def split_tokens(n_tokens: int, capacities: list[int], growth: int, page_size: int) -> list[int] | None:
+    """Tokens per member (page-aligned balanced shares; the last member is the master and keeps `growth`
+    slots free); None if the members cannot hold them."""
+    members = len(capacities)
+    share = _ceil_div(_ceil_div(n_tokens, members), page_size) * page_size
+    limits = [c * page_size for c in capacities]
+    limits[-1] -= growth
+    if limits[-1] < 1 or sum(max(0, x) for x in limits) < n_tokens:
+        return None
+    shares = [0] * members
+    remaining = n_tokens
+    for k in range(members - 1):  # non-masters take their balanced share first
+        shares[k] = max(0, min(share, limits[k], remaining - 1))
+        remaining -= shares[k]
+    shares[-1] = min(remaining, limits[-1])
+    remaining -= shares[-1]
+    for k in range(members - 1):  # overflow of the master spills back onto the others
+        extra = min(remaining, limits[k] - shares[k])
+        if extra > 0:
+            shares[k] += extra
+            remaining -= extra
+    return shares if remaining == 0 else None
+
+
+def place_request(snapshot: ClusterSnapshot, group: tuple[int, ...], request: RequestView):
+    """Segments (instance, n_tokens) for the whole prompt of `request` inside `group`, or None."""
+    page_size = snapshot.view.page_size
+    growth = snapshot.growth(request)
+    n_tokens = request.prefill_target
+    for size in power_of_two_sizes(len(group)):
+        best = None
+        for start in range(0, len(group) - size + 1, size):
+            members = group[start:start + size]
+            room = sum(snapshot.usable_pages(i) for i in members)
+            if room * page_size < n_tokens + growth:
+                continue
+            ordered = sorted(members, key=lambda i: snapshot.usable_pages(i))  # most room last: the master
+            shares = split_tokens(n_tokens, [snapshot.usable_pages(i) for i in ordered], growth, page_size)
+            if shares is not None and (best is None or room > best[0]):
+                best = (room, ordered, shares)
+        if best is not None:
+            _, ordered, shares = best
+            ordered_members = [i for i in group if i in ordered[:-1]] + [ordered[-1]]
+            by_instance = dict(zip(ordered, shares))
+            return tuple((i, by_instance[i]) for i in ordered_members if by_instance[i] > 0)
+    return None
+
+
+def commit_placement(snapshot: ClusterSnapshot, request: RequestView, segments) -> None:
+    page_size = snapshot.view.page_size
+    for instance, n_tokens in segments:
+        snapshot.pages_free[instance] -= _ceil_div(n_tokens, page_size)
+    master, master_tokens = segments[-1]
+    tail = (-master_tokens) % page_size
+    snapshot.reserve[master] += _ceil_div(max(0, snapshot.growth(request) - tail), page_size)
+
+
+def place_batch(snapshot: ClusterSnapshot, group: tuple[int, ...], requests: list[RequestView]):
+    """(placed [(request, segments)], left waiting [request]) for one prefill batch on `group`."""
+    placed, left = [], []
+    for request in sorted(requests, key=lambda r: -r.prefill_target):
+        segments = place_request(snapshot, group, request)
+        if segments is None:
+            left.append(request)
+            continue
+        commit_placement(snapshot, request, segments)
+        placed.append((request, segments))
+    return placed, left

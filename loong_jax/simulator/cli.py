@@ -1,0 +1,154 @@
+"""`loong-jax simulate`: run policies on a simulated cluster and report max throughput under the SLO.
+
+Data flow:
+  1. Parse arguments; build the workload (synthetic generator or trace file) once, so every policy and every
+     rate serves the same requests (only the arrival times scale with the rate).
+  2. Load the cost model (default: the shipped, projected H200 Llama-2-7B file) for the chosen `--tp`.
+  3. For each policy: with `--request-rates`, run every listed rate to completion; without, search the rate
+     (doubling, then bisection) until the SLO attainment crosses the target. A tqdm bar counts the runs.
+  4. Print the table (max rate per policy, ESP / best baseline), write `--json` and `--plot` if asked.
+
+Example:
+  loong-jax simulate --workload mixed --instances 8 --tp 1 --policies esp,chunked-prefill,pd-disagg \
+      --num-requests 300 --json mixed.json --plot mixed.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from loong_jax.scheduler.cost_model import DEFAULT_COST_MODEL_PATH, CostModel
+from loong_jax.scheduler.policy import policy_names
+from loong_jax.simulator.metrics import DEFAULT_ATTAINMENT_TARGET, DEFAULT_SLO_SCALE, isolated_latencies
+from loong_jax.simulator.report import ExperimentResult, PolicyResult, format_table, plot_experiment
+from loong_jax.simulator.run import PolicySpec, RatePoint, initial_rate_guess, search_max_rate, simulate
+from loong_jax.simulator.workloads import WORKLOADS, Workload, load_trace, make_workload
+
+
+def _rates(text: str) -> list[float]:
+    rates = [float(x) for x in text.replace(",", " ").split()]
+    if not rates or any(r <= 0 for r in rates):
+        raise argparse.ArgumentTypeError(f"request rates must be positive numbers, got {text!r}")
+    return rates
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="loong-jax simulate",
+        description="Simulate serving policies on N instances with a cost model; report max throughput under SLO.",
+    )
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--workload", choices=WORKLOADS, default="sharegpt", help="synthetic workload")
+    source.add_argument("--trace", type=Path, help="CSV or JSONL of arrival,input_len,output_len")
+    parser.add_argument("--zipf-alpha", type=float, default=1.0, help="exponent of the zipf workload")
+    parser.add_argument("--instances", type=int, default=8, help="model instances in the cluster")
+    parser.add_argument("--tp", type=int, default=1, help="tensor-parallel devices per instance")
+    parser.add_argument("--cost-model", type=Path, default=DEFAULT_COST_MODEL_PATH, help="cost-model JSON")
+    parser.add_argument("--policies", default=",".join(policy_names()),
+                        help="comma list; options as name:key=value, e.g. static-sp:degree=4")
+    parser.add_argument("--request-rates", type=_rates, default=None,
+                        help="rates to run (req/s, comma or space separated); default: automatic search")
+    parser.add_argument("--num-requests", type=int, default=300, help="requests per run")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--slo-scale", type=float, default=DEFAULT_SLO_SCALE, help="SLO = scale x isolated latency")
+    parser.add_argument("--attainment", type=float, default=DEFAULT_ATTAINMENT_TARGET, help="SLO attainment target")
+    parser.add_argument("--precision", type=float, default=0.05, help="relative precision of the rate search")
+    parser.add_argument("--hide-output-lengths", action="store_true",
+                        help="do not tell policies each request's output length (max_new_tokens unknown)")
+    parser.add_argument("--json", type=Path, help="write all results as JSON here")
+    parser.add_argument("--plot", type=Path, help="write latency-vs-rate plots (PNG) here")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def _workload(args) -> Workload:
+    if args.trace is not None:
+        return load_trace(args.trace, args.num_requests)
+    return make_workload(args.workload, args.num_requests, args.seed, args.zipf_alpha)
+
+
+def _workload_stats(workload: Workload, isolated: np.ndarray) -> dict:
+    return {
+        "name": workload.name,
+        "num_requests": len(workload),
+        "input_len_mean": float(workload.input_lens.mean()),
+        "input_len_max": int(workload.input_lens.max()),
+        "output_len_mean": float(workload.output_lens.mean()),
+        "isolated_latency_mean_s": float(isolated.mean()),
+    }
+
+
+def run_policies(args, workload: Workload, cost_model: CostModel, progress) -> dict[str, PolicyResult]:
+    probe = workload.requests(1.0)
+    isolated = isolated_latencies(probe, cost_model, args.instances)
+    results: dict[str, PolicyResult] = {}
+    for text in args.policies.split(","):
+        spec = PolicySpec.parse(text)
+        points: dict[float, RatePoint] = {}
+
+        def evaluate(rate: float, give_up: bool) -> float:
+            progress.set_postfix_str(f"{spec.label} @ {rate:.3g} req/s")
+            point = simulate(workload.requests(rate), spec, cost_model, args.instances, request_rate=rate,
+                             slo_scale=args.slo_scale, give_up_below=args.attainment if give_up else None,
+                             reveal_output_lengths=not args.hide_output_lengths, isolated=isolated)
+            points[rate] = point
+            progress.update(1)
+            return point.metrics.slo_attainment
+
+        if args.request_rates:
+            passing = [rate for rate in args.request_rates if evaluate(rate, give_up=False) >= args.attainment]
+            max_rate = max(passing) if passing else None
+        else:
+            start = initial_rate_guess(probe, isolated, args.instances)
+            found = search_max_rate(lambda rate: evaluate(rate, give_up=True), start, args.attainment, args.precision)
+            max_rate = found if found > 0 else None
+        results[spec.label] = PolicyResult(spec.label, max_rate, list(points.values()))
+    return results
+
+
+def simulate_main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.instances < 1 or args.tp < 1 or args.num_requests < 1:
+        raise SystemExit("--instances, --tp and --num-requests must be >= 1")
+    cost_model = CostModel.load_json(args.cost_model, tp=args.tp)
+    workload = _workload(args)
+    from tqdm import tqdm
+
+    with tqdm(desc="simulate", unit="run", disable=args.no_progress, file=sys.stderr) as progress:
+        policies = run_policies(args, workload, cost_model, progress)
+    isolated = isolated_latencies(workload.requests(1.0), cost_model, args.instances)
+    config = {
+        "workload": workload.name,
+        "trace": None if args.trace is None else str(args.trace),
+        "instances": args.instances,
+        "tp": args.tp,
+        "cost_model": str(args.cost_model),
+        "cost_model_provenance": cost_model.provenance,
+        "num_requests": len(workload),
+        "seed": args.seed,
+        "slo_scale": args.slo_scale,
+        "attainment_target": args.attainment,
+        "request_rates": args.request_rates,
+        "output_lengths_revealed": not args.hide_output_lengths,
+    }
+    result = ExperimentResult(config, _workload_stats(workload, isolated), policies)
+    print(f"workload {workload.name}: {len(workload)} requests, {args.instances} instances x tp {args.tp}, "
+          f"cost model {args.cost_model.name} ({cost_model.provenance})")
+    print(format_table(result))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result.to_dict(), indent=1) + "\n")
+    if args.plot:
+        args.plot.parent.mkdir(parents=True, exist_ok=True)
+        plot_experiment(result, args.plot, title=f"{workload.name}, {args.instances} instances x tp {args.tp}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(simulate_main())

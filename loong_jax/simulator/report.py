@@ -1,0 +1,119 @@
+"""Reports of a simulation experiment: the max-throughput table and latency-vs-rate plots.
+
+Data flow:
+  1. `experiment_summary(results)` picks, per policy, its max rate under the SLO and the ratio of ESP to the
+     best baseline from the `ExperimentResult` the CLI builds.
+  2. `format_table(results)` renders that as text; `plot_experiment(results, path)` draws one panel per metric
+     (normalised latency, input latency, output latency, SLO attainment) against the request rate, one line per
+     policy (complete runs only: runs stopped early once the SLO was out of reach have biased latencies).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from loong_jax.simulator.run import RatePoint
+
+ESP = "esp"
+
+
+@dataclass
+class PolicyResult:
+    label: str
+    max_rate: float | None  # requests/s under the SLO; None when no evaluated rate met it
+    points: list[RatePoint] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        ordered = sorted(self.points, key=lambda p: p.metrics.request_rate)
+        return {"max_throughput": self.max_rate, "points": [p.to_dict() for p in ordered]}
+
+
+@dataclass
+class ExperimentResult:
+    config: dict
+    workload_stats: dict
+    policies: dict[str, PolicyResult]
+
+    def summary(self) -> dict:
+        esp = self.policies.get(ESP)
+        baselines = {label: result for label, result in self.policies.items() if label != ESP}
+        summary: dict = {"max_throughput": {label: r.max_rate for label, r in self.policies.items()}}
+        if esp is not None and baselines:
+            best_label = max(baselines, key=lambda label: baselines[label].max_rate or 0.0)
+            best = baselines[best_label].max_rate or 0.0
+            summary["best_baseline"] = best_label
+            summary["esp_over_best_baseline"] = (esp.max_rate or 0.0) / best if best > 0 else math.inf
+            summary["esp_over_each_baseline"] = {
+                label: ((esp.max_rate or 0.0) / r.max_rate if r.max_rate else math.inf) for label, r in baselines.items()
+            }
+            summary["esp_beats_every_baseline"] = all((esp.max_rate or 0.0) > (r.max_rate or 0.0) for r in baselines.values())
+        return summary
+
+    def to_dict(self) -> dict:
+        return {
+            "config": self.config,
+            "workload_stats": self.workload_stats,
+            "summary": _json_safe(self.summary()),
+            "policies": {label: result.to_dict() for label, result in self.policies.items()},
+        }
+
+
+def _json_safe(value):
+    if isinstance(value, float) and math.isinf(value):
+        return "inf"
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    return value
+
+
+def format_table(result: ExperimentResult) -> str:
+    summary = result.summary()
+    esp_rate = summary["max_throughput"].get(ESP)
+    lines = [f"{'policy':<28} {'max rate under SLO (req/s)':>27} {'ESP / policy':>13}"]
+    for label, rate in summary["max_throughput"].items():
+        ratio = "" if label == ESP or not rate or esp_rate is None else f"{esp_rate / rate:.2f}x"
+        shown = "none" if rate is None else f"{rate:.3f}"
+        lines.append(f"{label:<28} {shown:>27} {ratio:>13}")
+    if "best_baseline" in summary:
+        lines.append(f"ESP / best baseline ({summary['best_baseline']}): {summary['esp_over_best_baseline']:.2f}x")
+    return "\n".join(lines)
+
+
+PANELS = (
+    ("mean_normalized_latency", "normalised latency (s/token)", True),
+    ("mean_normalized_input_latency", "input latency (s/token)", True),
+    ("mean_output_latency", "output latency TPOT (s)", True),
+    ("slo_attainment", "SLO attainment", False),
+)
+
+
+def plot_experiment(result: ExperimentResult, path: str | Path, title: str | None = None) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, len(PANELS), figsize=(13, 3.1), dpi=70)
+    for label, policy in result.policies.items():
+        complete = sorted((p for p in policy.points if p.complete), key=lambda p: p.metrics.request_rate)
+        rates = [p.metrics.request_rate for p in complete]
+        for axis, (metric, _, _) in zip(axes, PANELS):
+            values = [getattr(p.metrics, metric) for p in complete]
+            axis.plot(rates, values, marker="o", markersize=3, label=label, linewidth=2.0 if label == ESP else 1.0)
+    target = result.config.get("attainment_target")
+    for axis, (_, name, log_scale) in zip(axes, PANELS):
+        axis.set_xlabel("request rate (req/s)")
+        axis.set_title(name, fontsize=9)
+        axis.set_xscale("log")
+        if log_scale:
+            axis.set_yscale("log")
+        axis.tick_params(labelsize=7)
+    if target is not None:
+        axes[-1].axhline(target, color="grey", linestyle="--", linewidth=0.8)
+    axes[-1].legend(fontsize=7)
+    figure.suptitle(title or result.config.get("workload", ""), fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)

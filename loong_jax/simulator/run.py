@@ -1,0 +1,302 @@
+"""The simulation loop, and the search for the maximum request rate a policy sustains under the SLO.
+
+Data flow:
+  1. `simulate(requests, policy, cost_model, num_instances)` is the engine loop on a virtual clock:
+       a. requests whose arrival time has come are added to the `EngineState` (one too large for the whole
+          cluster is recorded as rejected);
+       b. plan = policy.schedule(state.view(cost_model, now)); state.on_dispatched(plan); executor.submit(plan);
+       c. the clock jumps to whichever comes first, the next arrival or the next unit completion; completions
+          go to state.apply(result).
+     It stops when every request is done (or, with `give_up_below`, as soon as so many requests have missed
+     their SLO that the attainment target can no longer be met). An empty plan with nothing in flight, work
+     waiting and no arrival to come is a policy bug: `SchedulerStalled`.
+  2. `RatePoint` = the metrics of one run (`metrics.summarize`) + engine counters + DoP histograms.
+  3. `search_max_rate(evaluate, ...)` doubles / halves the request rate until the SLO attainment crosses the
+     target (90%), then bisects (geometrically) to a relative precision: the max throughput under SLO.
+  4. `PolicySpec.parse("static-sp:degree=4")` names a policy with options for the CLI and reports.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+
+from loong_jax.engine_state import EngineState, make_state_for
+from loong_jax.scheduler.cost_model import CostModel
+from loong_jax.scheduler.policy import Policy, make_policy
+from loong_jax.simulator.metrics import (
+    DEFAULT_ATTAINMENT_TARGET,
+    DEFAULT_SLO_SCALE,
+    RateMetrics,
+    RequestRecord,
+    isolated_latencies,
+    summarize,
+)
+from loong_jax.simulator.sim_executor import SimExecutor
+from loong_jax.simulator.workloads import RequestSpec
+
+
+MAX_PLANS_AT_ONE_TIME = 10_000  # a policy that keeps planning without letting time move is looping
+
+
+class SchedulerStalled(RuntimeError):
+    """Requests wait, nothing runs, nothing will arrive, and the policy plans nothing."""
+
+
+@dataclass(frozen=True)
+class PolicySpec:
+    """A policy name plus constructor options, written `name` or `name:key=value:key=value`."""
+
+    name: str
+    options: tuple[tuple[str, object], ...] = ()
+
+    @property
+    def label(self) -> str:
+        return ":".join([self.name] + [f"{k}={v}" for k, v in self.options])
+
+    @classmethod
+    def parse(cls, text: str) -> "PolicySpec":
+        name, *pairs = text.strip().split(":")
+        options = []
+        for pair in pairs:
+            key, separator, value = pair.partition("=")
+            if not separator or not key:
+                raise ValueError(f"policy option {pair!r} in {text!r} is not key=value")
+            options.append((key, _parse_value(value)))
+        return cls(name, tuple(options))
+
+    def build(self):
+        return make_policy(self.name, **dict(self.options))
+
+
+def _parse_value(value: str) -> object:
+    for convert in (int, float):
+        try:
+            return convert(value)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(value.lower(), value)
+
+
+@dataclass
+class RatePoint:
+    policy: str
+    metrics: RateMetrics
+    complete: bool  # False: stopped early because the SLO target was already out of reach
+    counters: dict = field(default_factory=dict)
+    prefill_dops: dict = field(default_factory=dict)
+    decode_dops: dict = field(default_factory=dict)
+    units: dict = field(default_factory=dict)
+    utilization: float = math.nan  # busy instance-seconds / (instances × makespan)
+    scheduler_ms_median: float = math.nan  # wall time of one policy.schedule call
+    virtual_seconds: float = 0.0
+    wall_seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "policy": self.policy,
+            **self.metrics.to_dict(),
+            "complete": self.complete,
+            "counters": self.counters,
+            "prefill_dops": {str(k): v for k, v in sorted(self.prefill_dops.items())},
+            "decode_dops": {str(k): v for k, v in sorted(self.decode_dops.items())},
+            "units": self.units,
+            "utilization": None if math.isnan(self.utilization) else self.utilization,
+            "scheduler_ms_median": None if math.isnan(self.scheduler_ms_median) else self.scheduler_ms_median,
+            "virtual_seconds": self.virtual_seconds,
+            "wall_seconds": self.wall_seconds,
+        }
+
+
+class _SloWatch:
+    """Counts requests that have certainly missed their SLO by the current time (for giving up early)."""
+
+    def __init__(self, deadlines: dict):
+        self.deadlines = deadlines  # request id -> arrival + slo
+        self._sorted = sorted(deadlines.values())
+        self._met_sorted: list[float] = []  # deadlines of requests that finished in time
+        self.rejected = 0
+
+    def finished(self, request_id, finish_time: float) -> None:
+        if finish_time <= self.deadlines[request_id]:
+            bisect.insort(self._met_sorted, self.deadlines[request_id])
+
+    def missed_by(self, now: float) -> int:
+        passed = bisect.bisect_left(self._sorted, now)
+        passed_but_met = bisect.bisect_left(self._met_sorted, now)
+        return passed - passed_but_met + self.rejected
+
+
+def simulate(
+    requests: Sequence[RequestSpec],
+    policy: PolicySpec | Policy,
+    cost_model: CostModel,
+    num_instances: int,
+    *,
+    request_rate: float,
+    slo_scale: float = DEFAULT_SLO_SCALE,
+    give_up_below: float | None = None,
+    reveal_output_lengths: bool = True,
+    isolated: np.ndarray | None = None,
+    check_invariants: bool = False,
+) -> RatePoint:
+    """Serve `requests` with the policy on `num_instances` simulated instances.
+
+    `reveal_output_lengths`: each request's max_new_tokens is its true output length, as in serving benchmarks
+    that set max_tokens to the dataset's output length and ignore EOS; False hides it (policies then guess).
+    `give_up_below`: stop as soon as the SLO attainment is certainly below this fraction.
+    `check_invariants`: cross-check the state after every event and require every page free at the end (tests).
+    """
+    wall_start = time.perf_counter()
+    label = policy.label if isinstance(policy, PolicySpec) else getattr(policy, "name", type(policy).__name__)
+    if isinstance(policy, PolicySpec):
+        policy = policy.build()
+    state: EngineState = make_state_for(cost_model, num_instances)
+    output_lengths = {r.request_id: r.output_len for r in requests}
+    executor = SimExecutor(cost_model, state, output_lengths)
+    if isolated is None:
+        isolated = isolated_latencies(requests, cost_model, num_instances)
+    slo_of = {r.request_id: slo_scale * isolated[i] for i, r in enumerate(requests)}
+    watch = _SloWatch({r.request_id: r.arrival_time + slo_of[r.request_id] for r in requests})
+    allowed_misses = math.inf if give_up_below is None else (1 - give_up_below) * len(requests)
+    pending = sorted(requests, key=lambda r: (r.arrival_time, r.request_id))
+    records = {r.request_id: RequestRecord(r.request_id, r.arrival_time, r.input_len, r.output_len) for r in requests}
+    next_arrival = 0
+    schedule_seconds: list[float] = []
+    complete = True
+    plans_at_this_time, last_time = 0, -1.0
+
+    while True:
+        plans_at_this_time = plans_at_this_time + 1 if executor.now == last_time else 0
+        last_time = executor.now
+        if plans_at_this_time > MAX_PLANS_AT_ONE_TIME:
+            raise SchedulerStalled(f"{MAX_PLANS_AT_ONE_TIME} plans at t={executor.now} without time moving: "
+                                   + _stall_report(state, label, executor.now))
+        while next_arrival < len(pending) and pending[next_arrival].arrival_time <= executor.now:
+            spec = pending[next_arrival]
+            next_arrival += 1
+            try:
+                state.add_request(spec.request_id, spec.input_len,
+                                  spec.output_len if reveal_output_lengths else None, arrival=spec.arrival_time)
+            except ValueError:
+                records[spec.request_id].rejected = True
+                watch.rejected += 1
+        if state.has_unfinished():
+            started = time.perf_counter()
+            plan = policy.schedule(state.view(cost_model, now=executor.now))
+            schedule_seconds.append(time.perf_counter() - started)
+            if not plan.is_empty:
+                state.on_dispatched(plan, executor.now)
+                executor.submit(plan)
+                watch.rejected += sum(1 for r in plan.rejections)
+        if watch.missed_by(executor.now) > allowed_misses:
+            complete = False
+            break
+        upcoming_finish = executor.next_finish_time()
+        upcoming_arrival = pending[next_arrival].arrival_time if next_arrival < len(pending) else None
+        if upcoming_finish is None:
+            if upcoming_arrival is None:
+                if state.has_unfinished():
+                    raise SchedulerStalled(_stall_report(state, label, executor.now))
+                break
+            executor.advance_to(upcoming_arrival)
+            continue
+        if upcoming_arrival is not None and upcoming_arrival < upcoming_finish:
+            executor.advance_to(upcoming_arrival)
+            continue
+        for result in executor.wait_next():
+            for request in state.apply(result):
+                watch.finished(request.request_id, request.finish_time)
+        if check_invariants:
+            state.check_invariants()
+
+    if check_invariants and complete:
+        state.allocator.assert_all_free()
+    for request_id, request in state.requests.items():
+        record = records[request_id]
+        record.first_token_time = request.first_token_time
+        record.preemptions = request.num_preemptions
+        if request.finish_reason == "finished":
+            record.finish_time = request.finish_time
+        elif request.finish_reason == "rejected":
+            record.rejected = True
+    ordered = [records[r.request_id] for r in requests]
+    metrics = summarize(ordered, isolated, request_rate, slo_scale)
+    makespan = metrics.makespan
+    return RatePoint(
+        policy=label,
+        metrics=metrics,
+        complete=complete,
+        counters=dict(state.counters),
+        prefill_dops=dict(executor.prefill_dops),
+        decode_dops=dict(executor.decode_dops),
+        units=dict(executor.units_run),
+        utilization=sum(executor.busy_seconds) / (num_instances * makespan) if makespan > 0 else math.nan,
+        scheduler_ms_median=1e3 * float(np.median(schedule_seconds)) if schedule_seconds else math.nan,
+        virtual_seconds=executor.now,
+        wall_seconds=time.perf_counter() - wall_start,
+    )
+
+
+def _stall_report(state: EngineState, label: str, now: float) -> str:
+    waiting = [(r.request_id, r.prefill_target) for r in state.waiting[:5]]
+    free = [state.allocator.pages_free(i) for i in range(state.num_instances)]
+    return (
+        f"policy {label} planned nothing at t={now:.3f}s with nothing running and no arrival to come: "
+        f"{len(state.waiting)} waiting (first: id, tokens = {waiting}), {len(state.prefilling)} prefilling, "
+        f"{len(state.decoding)} decoding; free pages per instance {free}"
+    )
+
+
+def search_max_rate(
+    evaluate: Callable[[float], float],
+    initial_rate: float,
+    target: float = DEFAULT_ATTAINMENT_TARGET,
+    relative_precision: float = 0.05,
+    max_evaluations: int = 20,
+) -> float:
+    """Highest rate with evaluate(rate) >= target: doubling/halving to a bracket, then geometric bisection.
+
+    `evaluate(rate)` returns the SLO attainment at that rate. Returns 0.0 when even initial_rate / 2^10 fails.
+    """
+    if initial_rate <= 0:
+        raise ValueError(f"initial_rate must be positive, got {initial_rate}")
+    evaluations = 0
+
+    def passes(rate: float) -> bool:
+        nonlocal evaluations
+        evaluations += 1
+        return evaluate(rate) >= target
+
+    rate = initial_rate
+    if passes(rate):
+        low = rate
+        high = rate * 2
+        while passes(high):
+            low, high = high, high * 2
+            if evaluations >= max_evaluations:
+                return low
+    else:
+        high = rate
+        low = rate / 2
+        while not passes(low):
+            high, low = low, low / 2
+            if high < initial_rate / 2**10 or evaluations >= max_evaluations:
+                return 0.0
+    while high / low > 1 + relative_precision and evaluations < max_evaluations:
+        middle = math.sqrt(low * high)
+        if passes(middle):
+            low = middle
+        else:
+            high = middle
+    return low
+
+
+def initial_rate_guess(requests: Sequence[RequestSpec], isolated: np.ndarray, num_instances: int) -> float:
+    """Rate at which the cluster would be busy if every request ran alone at its isolated latency (a start)."""
+    return num_instances / float(np.mean(isolated))

@@ -1,0 +1,142 @@
+"""SimExecutor: runs a plan on a virtual clock, with step times from the cost model instead of devices.
+
+It implements the executor half of the engine loop (`submit(plan)`, `wait_next()`), so the unchanged
+`EngineState` and policies drive it exactly as they drive the JAX executor.
+
+Data flow:
+  1. `submit(plan)` (after `state.on_dispatched(plan)`): every work unit of the plan (disjoint instance sets)
+     gets a duration from the cost model and goes on a heap keyed by its finish time = now + duration:
+       - PrefillBatch on d instances: prefill_time_from_sums(d, Σ length, Σ((start+length)² − start²)) — a chunk
+         attends to everything before it, which the quadratic term prices exactly;
+       - DecodeBatch on d instances: decode_time(d, batch, Σ context); a fused chunked-prefill part adds its
+         prefill time minus min(A_d, a_d), because one fused forward pass streams the weights once;
+       - MigrationBatch: migration_time(tokens moved).
+     At the same time it decides what the unit will report: one token (id 0) for each decode request and for
+     each prefill request whose chunk ends its prompt, and `finished` for requests reaching their output length.
+  2. `next_finish_time()` lets the loop inject arrivals that come first (`advance_to(t)`).
+  3. `wait_next()` pops every unit finishing at the earliest time, moves the clock there and returns their
+     `BatchResult`s for `state.apply`.
+  4. `busy_seconds` (per instance) and `prefill_dops` (a histogram) are kept for reports.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+from collections import Counter
+from typing import Hashable, Mapping
+
+from loong_jax.engine_state import BatchResult, EngineState
+from loong_jax.scheduler.cost_model import CostModel
+from loong_jax.scheduler.plan import DecodeBatch, MigrationBatch, Plan, PrefillBatch, WorkUnit
+
+NEW_TOKEN_ID = 0  # the simulator produces no real tokens; every generated token is id 0
+
+
+class SimExecutor:
+    def __init__(self, cost_model: CostModel, state: EngineState, output_lengths: Mapping[Hashable, int]):
+        self.cost_model = cost_model
+        self.state = state
+        self.output_lengths = output_lengths  # request id -> tokens it generates in total
+        self.now = 0.0
+        self._heap: list[tuple[float, int, BatchResult]] = []
+        self._order = itertools.count()  # FIFO among equal finish times
+        self.busy_seconds = [0.0] * state.num_instances
+        self.prefill_dops: Counter[int] = Counter()
+        self.decode_dops: Counter[int] = Counter()
+        self.units_run: Counter[str] = Counter()
+
+    # -- timing -------------------------------------------------------------------------------------------------
+    def prefill_seconds(self, batch: PrefillBatch) -> float:
+        sum_lengths = sum(length for _, length in batch.chunks)
+        sum_squares = sum((start + length) ** 2 - start**2 for start, length in batch.chunks)
+        return self.cost_model.prefill_time_from_sums(len(batch.group), sum_lengths, sum_squares)
+
+    def decode_seconds(self, batch: DecodeBatch) -> float:
+        dop = len(batch.group)
+        seconds = 0.0
+        if batch.request_ids:
+            total_context = sum(self.state.requests[r].context_len for r in batch.request_ids)
+            seconds = self.cost_model.decode_time(dop, len(batch.request_ids), total_context)
+        if batch.fused_prefill is not None:
+            seconds += self.prefill_seconds(batch.fused_prefill)
+            if batch.request_ids:
+                shared = min(self.cost_model.prefill[dop].constant, self.cost_model.decode[dop].constant)
+                seconds -= shared
+        return seconds
+
+    def unit_seconds(self, unit: WorkUnit) -> float:
+        if isinstance(unit, PrefillBatch):
+            return self.prefill_seconds(unit)
+        if isinstance(unit, DecodeBatch):
+            return self.decode_seconds(unit)
+        if isinstance(unit, MigrationBatch):
+            return self.cost_model.migration_time(unit.num_tokens)
+        raise TypeError(f"unknown work unit {type(unit).__name__}")
+
+    # -- what a unit reports --------------------------------------------------------------------------------------
+    def _outcome(self, unit: WorkUnit) -> tuple[dict, frozenset]:
+        producing: list[Hashable] = []
+        prefill = unit if isinstance(unit, PrefillBatch) else getattr(unit, "fused_prefill", None)
+        if prefill is not None:
+            for request_id, (start, length) in zip(prefill.request_ids, prefill.chunks):
+                if start + length == self.state.requests[request_id].prefill_target:
+                    producing.append(request_id)
+        if isinstance(unit, DecodeBatch):
+            producing.extend(unit.request_ids)
+        finished = frozenset(
+            r for r in producing if self.state.requests[r].num_generated + 1 >= self.output_lengths[r]
+        )
+        return {r: NEW_TOKEN_ID for r in producing}, finished
+
+    # -- the executor interface -----------------------------------------------------------------------------------
+    def submit(self, plan: Plan) -> None:
+        """Start every unit of an already dispatched plan at the current virtual time."""
+        for unit in plan.work_units():
+            seconds = self.unit_seconds(unit)
+            if seconds < 0:
+                raise ValueError(f"cost model gave a negative time {seconds} for {unit}")
+            new_tokens, finished = self._outcome(unit)
+            finish_time = self.now + seconds
+            result = BatchResult(batch=unit, new_tokens=new_tokens, finished=finished, finish_time=finish_time)
+            heapq.heappush(self._heap, (finish_time, next(self._order), result))
+            for instance in unit.group:
+                self.busy_seconds[instance] += seconds
+            self._count(unit)
+
+    def _count(self, unit: WorkUnit) -> None:
+        if isinstance(unit, PrefillBatch):
+            self.prefill_dops[len(unit.group)] += 1
+            self.units_run["prefill"] += 1
+        elif isinstance(unit, DecodeBatch):
+            self.decode_dops[len(unit.group)] += 1
+            self.units_run["decode"] += 1
+            if unit.fused_prefill is not None:
+                self.units_run["fused_prefill"] += 1
+        else:
+            self.units_run["migration"] += 1
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._heap)
+
+    def next_finish_time(self) -> float | None:
+        return self._heap[0][0] if self._heap else None
+
+    def advance_to(self, time: float) -> None:
+        """Move the clock forward (to an arrival) without passing a pending completion."""
+        upcoming = self.next_finish_time()
+        if upcoming is not None and time > upcoming:
+            raise ValueError(f"cannot advance to {time}: a unit finishes at {upcoming}")
+        self.now = max(self.now, time)
+
+    def wait_next(self) -> list[BatchResult]:
+        """Results of every unit finishing at the earliest pending time; the clock moves there."""
+        if not self._heap:
+            return []
+        first_time = self._heap[0][0]
+        results = []
+        while self._heap and self._heap[0][0] == first_time:
+            results.append(heapq.heappop(self._heap)[2])
+        self.now = max(self.now, first_time)
+        return results

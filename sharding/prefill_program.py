@@ -1,0 +1,112 @@
+"""Whole-model prefill of a packed batch on a group: "prefill this batch on
+this group with this placement".
+
+Data flow:
+  1. Host: `stripe_layout` lays the prompts out in rows (member m owns rows
+     [m * T_local, (m + 1) * T_local)) and turns the placement into per-row
+     (member, slot); `make_prefill_batch` puts those arrays on the group mesh,
+     sharded P(SEQ) over rows.
+  2. Device, one jitted program (`jit_prefill`), pool donated:
+     a. the model's dense layers (embedding, projections, MLP, norms) run under
+        GSPMD: rows over SEQ, weights over TENSOR per the logical-axis table,
+        on the weights' zero-copy group view (`topology.group_params`);
+     b. at each layer the model calls the attention hook, which runs the ring
+        (`ring_prefill.ring_attention`: shard_map + ppermute, heads over
+        TENSOR) and writes each placed token's k, v into its keeper's pool;
+     c. the LM head runs only for the rows in `logits_indices` (each prompt's
+        last token), giving float32 logits to sample the first new token.
+  3. Host: `split_group_pool` hands each instance its updated pool back; the
+     KV now sits exactly where the placement put it, ready for decode.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from loong_jax.sharding.kv_pool import POOL_SPEC
+from loong_jax.sharding.ring_prefill import ROWS_SPEC, RingPrefillCache, ring_attention
+from loong_jax.sharding.stripe_layout import PackedLayout, Placement
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class PrefillBatch:
+    """Per-row inputs of a prefill program, on the group mesh."""
+
+    tokens: jax.Array  # [rows] int32, sharded P(SEQ); 0 on padding rows
+    positions: jax.Array  # [rows] int32, global position within the prompt
+    segment_ids: jax.Array  # [rows] int32, prompt index within the batch, -1 = padding
+    placement_member: jax.Array  # [rows] int32, member keeping the token's KV, -1 = nowhere
+    placement_slot: jax.Array  # [rows] int32, flat slot in the keeper's pool
+    logits_indices: jax.Array  # [num_logits] int32, replicated: rows to score
+
+
+def make_prefill_batch(layout: PackedLayout, stream_tokens: np.ndarray, placement: Placement, mesh: Mesh,
+                       num_logits: int | None = None) -> PrefillBatch:
+    """Host arrays in stream order -> a PrefillBatch on `mesh`.
+
+    stream_tokens: [total] token ids of the packed prompts. num_logits pads
+    the scored rows to a bucket (extra entries repeat the first prompt's last
+    row and are to be ignored); default: one per prompt.
+    """
+    last_rows = layout.last_token_rows()
+    num_logits = len(last_rows) if num_logits is None else num_logits
+    if num_logits < len(last_rows):
+        raise ValueError(f"num_logits={num_logits} is less than the {len(last_rows)} prompts")
+    logits_indices = np.concatenate([last_rows, np.full(num_logits - len(last_rows), last_rows[0])])
+    member_rows, slot_rows = placement.rows(layout)
+    rows = NamedSharding(mesh, ROWS_SPEC)
+    return PrefillBatch(
+        tokens=jax.device_put(layout.to_rows(np.asarray(stream_tokens, np.int32), fill=0), rows),
+        positions=jax.device_put(layout.positions, rows),
+        segment_ids=jax.device_put(layout.segment_ids, rows),
+        placement_member=jax.device_put(member_rows.astype(np.int32), rows),
+        placement_slot=jax.device_put(slot_rows.astype(np.int32), rows),
+        logits_indices=jax.device_put(logits_indices.astype(np.int32), NamedSharding(mesh, P())))
+
+
+def prefill_forward(graphdef: nnx.GraphDef, params: Any, pool: jax.Array, batch: PrefillBatch, *,
+                    mesh: Mesh) -> tuple[jax.Array, jax.Array]:
+    """Traceable whole-model ring prefill.
+
+    graphdef, params: `nnx.split(model)` of a LlamaForCausalLM, params as the
+      group view from `topology.group_params` (replicated over SEQ, TENSOR-sharded).
+    pool: group pool [d, layers, 2, pages, page_size, kv_heads, head_dim] with POOL_SPEC
+      (`kv_pool.assemble_group_pool`).
+    batch: the rows of the packed prompts (`make_prefill_batch`).
+    mesh: the group mesh (static).
+
+    Returns logits [num_logits, vocab] float32 for `batch.logits_indices` and
+    the pool with every placed token's k, v (RoPE applied) written to its slot.
+    """
+    model = nnx.merge(graphdef, params)
+
+    def ring_hook(layer, q, k, v, positions, segment_ids, cache: RingPrefillCache):
+        out, _, pool = ring_attention(mesh, layer, q, k, v, positions, segment_ids,
+                                      cache.placement_member, cache.placement_slot, cache.pool)
+        return out.astype(q.dtype), dataclasses.replace(cache, pool=pool)
+
+    cache = RingPrefillCache(pool=pool, placement_member=batch.placement_member,
+                             placement_slot=batch.placement_slot)
+    logits, cache = model(batch.tokens, batch.positions, batch.segment_ids, attention=ring_hook,
+                          kv_cache=cache, logits_indices=batch.logits_indices)
+    return logits, cache.pool
+
+
+def jit_prefill(graphdef: nnx.GraphDef, mesh: Mesh):
+    """`prefill_forward` compiled for one group: call as
+    `logits, pool = program(params, pool, batch)`. The pool is donated (updated
+    in place). Shapes are static per (group, rows bucket, num_logits bucket),
+    so one wrapper per group compiles once per bucket; keep and reuse it."""
+
+    def program(params, pool, batch):
+        return prefill_forward(graphdef, params, pool, batch, mesh=mesh)
+
+    return jax.jit(program, donate_argnames=("pool",),
+                   out_shardings=(NamedSharding(mesh, P()), NamedSharding(mesh, POOL_SPEC)))
