@@ -95,7 +95,7 @@ def load_hf_checkpoint(path: str | Path, dtype: str | None = None) -> tuple[Llam
         array = read_tensor(found[name])  # [HF layout], memory-mapped
         if transpose:
             array = array.T
-        values[param_path] = jnp.asarray(np.asarray(array).astype(target_dtype))
+        values[param_path] = jnp.asarray(np.asarray(array).astype(target_dtype, copy=False))
     values[("inv_freq",)] = jnp.asarray(inverse_frequencies(config))  # [head_dim / 2]
     nnx.update(model, nnx.from_flat_state(values))
     return model, config

@@ -98,6 +98,10 @@ def layout_decode_batch(requests: Sequence[DecodeRow], members: int, batch_local
             raise ValueError(f"master {request.master} is not a member of a group of {members}")
         if used[request.master] == batch_local:
             raise ValueError(f"member {request.master} is master of more than {batch_local} requests")
+        if request.append_slot < 0 or request.kv_lens.get(request.master, 0) < 1:
+            raise ValueError("a request's master needs an append slot and counts the new token in kv_lens")
+        if not set(request.pages) | set(request.kv_lens) <= set(range(members)):
+            raise ValueError(f"page tables name members outside a group of {members}")
         row = request.master * batch_local + used[request.master]
         used[request.master] += 1
         rows.append(row)

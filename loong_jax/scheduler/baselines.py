@@ -29,6 +29,23 @@ def growth_tokens(view: SchedulerView, request: RequestView, horizon: int) -> in
     return min(request.remaining_new_tokens(view.default_output_tokens), horizon)
 
 
+def peak_tokens(request: RequestView) -> int:
+    """KV tokens the request holds at its end (every token but the last output); with no known cap, the
+    prompt plus one."""
+    extra = request.max_new_tokens - request.num_generated if request.max_new_tokens is not None else 1
+    return request.prefill_target + max(1, extra) - 1
+
+
+def split_never_fitting(view: SchedulerView, members: int, slack_pages: int = 0):
+    """(rejected ids, the other waiting requests): a request whose peak KV exceeds a whole group of
+    `members` instances can never run under a fixed-degree policy."""
+    pages = members * min(i.pages_total for i in view.instances) - slack_pages
+    rejected, kept = [], []
+    for request in view.waiting:
+        (rejected if ceil_div(peak_tokens(request), view.page_size) > pages else kept).append(request)
+    return tuple(r.request_id for r in rejected), kept
+
+
 def fixed_groups(num_instances: int, degree: int) -> list[tuple[int, ...]]:
     if degree < 1 or degree & (degree - 1) or num_instances % degree:
         raise ValueError(f"degree must be a power of two dividing the {num_instances} instances, got {degree}")
@@ -101,9 +118,7 @@ class StaticSpPolicy:
         idle = set(view.idle_instances)
         pages_free = [i.pages_free for i in view.instances]
         reserve = reserve_for_decodes(view, self.growth_horizon)
-        group_capacity = self._degree(view) * view.instances[0].pages_total * view.page_size
-        rejections = tuple(r.request_id for r in view.waiting if r.prefill_target + 1 > group_capacity)
-        waiting = [r for r in view.waiting if r.prefill_target + 1 <= group_capacity]
+        rejections, waiting = split_never_fitting(view, self._degree(view))
         prefills, decodes, preemptions = [], [], []
         for group in groups:
             if not idle.issuperset(group):
@@ -131,7 +146,7 @@ class StaticSpPolicy:
         chosen, placements = [], []
         for request in waiting[: self.max_admit]:
             growth = growth_tokens(view, request, self.growth_horizon)
-            if ceil_div(request.prefill_target + growth, view.page_size) + len(group) > budget:
+            if ceil_div(request.prefill_target + growth, view.page_size) > budget:
                 break
             trial = list(usable)
             segments = spread_tokens(request.prefill_target, group, trial, view.page_size, keep_free=growth)

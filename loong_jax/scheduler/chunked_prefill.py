@@ -14,7 +14,8 @@ Data flow of `schedule`, per idle fixed group of `degree` instances (default: al
 from __future__ import annotations
 
 from loong_jax.scheduler.baselines import (
-    ceil_div, fixed_groups, growth_tokens, merge_decode_batches, reserve_for_decodes, spread_tokens,
+    ceil_div, fixed_groups, growth_tokens, merge_decode_batches, reserve_for_decodes, split_never_fitting,
+    spread_tokens,
 )
 from loong_jax.scheduler.decode_planner import home_group, plan_decodes
 from loong_jax.scheduler.estimates import prefill_chunks_seconds
@@ -40,9 +41,7 @@ class ChunkedPrefillPolicy:
         idle = set(view.idle_instances)
         pages_free = [i.pages_free for i in view.instances]
         reserve = reserve_for_decodes(view, self.growth_horizon)
-        group_capacity = degree * view.instances[0].pages_total * view.page_size
-        rejections = tuple(r.request_id for r in view.waiting if r.prefill_target + 1 > group_capacity)
-        waiting = [r for r in view.waiting if r.prefill_target + 1 <= group_capacity]
+        rejections, waiting = split_never_fitting(view, degree, slack_pages=degree)
         prefills, decodes, preemptions = [], [], []
         for group in groups:
             if not idle.issuperset(group):

@@ -26,6 +26,7 @@ _POLICY_CLASSES = MappingProxyType({
     "replicas": ("loong_jax.scheduler.baselines", "ReplicasPolicy"),
     "chunked-prefill": ("loong_jax.scheduler.chunked_prefill", "ChunkedPrefillPolicy"),
     "pd-disagg": ("loong_jax.scheduler.pd_disagg", "PdDisaggPolicy"),
+    "fixed": ("loong_jax.scheduler.fixed", "FixedPolicy"),
 })
 
 

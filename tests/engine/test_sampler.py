@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from loong_jax.sampler import (apply_min_p, apply_penalties, apply_top_k_top_p, sample,
-                               sample_rows)
+from loong_jax.sampler import (TOP_CANDIDATES, apply_min_p, apply_penalties, apply_top_k_top_p,
+                               sample, sample_rows)
 from loong_jax.sampling_batch import (SamplingRow, bucket_size, num_logprobs_columns,
                                       pack_sampling_batch, unpack_sampler_output)
 from loong_jax.sampling_params import MAX_LOGPROBS, SamplingParams
@@ -94,6 +94,23 @@ def test_filters_match_numpy_reference():
         np.testing.assert_array_equal(filtered[r][list(kept)], logits[r][list(kept)])
 
 
+def test_candidate_path_and_full_sort_agree_with_numpy_reference():
+    vocab = 1024  # > TOP_CANDIDATES: peaked rows settle among the candidates, flat rows need the sort
+    rng = np.random.default_rng(11)
+    scales = np.array([4.0, 0.1, 0.1, 3.0, 0.05, 2.0, 1.0, 4.0], np.float32)[:, None]
+    logits = (rng.normal(0, 1, (8, vocab)) * scales).astype(np.float32)
+    top_k = np.array([0, 0, 300, 50, TOP_CANDIDATES, 0, 700, 0], np.int32)
+    top_p = np.array([0.9, 0.9, 0.95, 1.0, 0.99, 1.0, 0.97, 0.5], np.float32)
+    filtered = np.asarray(jax.jit(apply_top_k_top_p)(logits, jnp.asarray(top_k), jnp.asarray(top_p)))
+    sizes = []
+    for r in range(8):
+        want = allowed_reference(logits[r], top_k[r], top_p[r], 0.0)
+        assert set(np.flatnonzero(np.isfinite(filtered[r])).tolist()) == want, r
+        sizes.append(len(want))
+    assert sizes[0] < TOP_CANDIDATES < min(sizes[1], sizes[2], sizes[6])  # both paths ran
+    assert sizes[5] == vocab and sizes[3] == 50 and 200 < sizes[4] <= TOP_CANDIDATES
+
+
 def test_top_k_1_and_tiny_top_p_are_greedy():
     rng = np.random.default_rng(2)
     logits = rng.normal(0, 1, (32, VOCAB)).astype(np.float32)
@@ -154,7 +171,8 @@ def test_min_tokens_blocks_eos_and_stop_ids():
     for step in range(4):
         rows = [SamplingRow(SamplingParams(temperature=t, min_tokens=3, stop_token_ids=[7], seed=s),
                             [5], [9] * step) for s, t in enumerate([0.0, 1.0, 0.0, 2.0])]
-        rows.append(SamplingRow(SamplingParams(temperature=0.0, min_tokens=3, ignore_eos=True), [5], [9] * step))
+        rows.append(SamplingRow(SamplingParams(temperature=0.0, min_tokens=3, ignore_eos=True),
+                                [5], [9] * step))
         tokens = sample_rows(logits, rows, [EOS]).token_ids
         if step < 3:
             assert EOS not in tokens[:4] and 7 not in tokens[:4]
@@ -189,33 +207,38 @@ def test_logprobs_match_numpy_and_travel_in_one_matrix():
         unpack_sampler_output(np.zeros((4, 3), np.float32), rows)
 
 
-TARGET = SamplingParams(temperature=0.8, top_p=0.9, top_k=20, min_p=0.02, repetition_penalty=1.2,
+TARGET = SamplingParams(temperature=0.8, top_p=0.9, top_k=300, min_p=0.001, repetition_penalty=1.2,
                         presence_penalty=0.3, frequency_penalty=0.2, seed=1234, min_tokens=2, logprobs=2)
+TARGET_VOCAB = 512  # > TOP_CANDIDATES, so neighbours exercise both top_k / top_p paths
 
 
 def target_logits(step: int) -> np.ndarray:
-    return np.random.default_rng(1000 + step).normal(0, 1.5, VOCAB).astype(np.float32)
+    return np.random.default_rng(1000 + step).normal(0, 1.5, TARGET_VOCAB).astype(np.float32)
 
 
 def run_target(batch_size: int, position: int, params: SamplingParams = TARGET, sample_index: int = 0,
-               steps: int = 6, history_bucket: int = 16, shard: bool = False) -> list[int]:
-    """The target request decoded for `steps` steps, always at `position` among random neighbours."""
+               steps: int = 5, history_bucket: int = 16, shard: bool = False) -> list[int]:
+    """The target request decoded for `steps` steps, always at `position` among random neighbours
+    (greedy, seeded, unseeded; peaked and flat logits; with and without filters and penalties)."""
     neighbours = np.random.default_rng(batch_size * 100 + position)
     prompt, output = [3, 4, 5, 4], []
     for step in range(steps):
-        rows, logits = [], neighbours.normal(0, 2, (bucket_size(batch_size), VOCAB)).astype(np.float32)
+        scale = neighbours.choice([0.05, 2.0], (bucket_size(batch_size), 1))
+        logits = (neighbours.normal(0, 1, (bucket_size(batch_size), TARGET_VOCAB)) * scale).astype(np.float32)
+        rows = []
         for r in range(batch_size):
             if r == position:
                 rows.append(SamplingRow(params, prompt, list(output), sample_index))
                 logits[r] = target_logits(step)
                 continue
             other = SamplingParams(temperature=float(neighbours.choice([0.0, 0.5, 1.3])),
-                                   top_k=int(neighbours.integers(0, 10)), frequency_penalty=0.5,
+                                   top_k=int(neighbours.choice([0, 5, 400])),
+                                   top_p=float(neighbours.choice([1.0, 0.9])), frequency_penalty=0.5,
                                    seed=int(neighbours.integers(0, 2**63)) if r % 3 else None,
                                    logprobs=int(neighbours.integers(0, 4)) if r % 2 else None)
-            rows.append(SamplingRow(other, neighbours.integers(0, VOCAB, 7).tolist(),
-                                    neighbours.integers(0, VOCAB, 5).tolist()))
-        batch = pack_sampling_batch(rows, VOCAB, [EOS], min_history_bucket=history_bucket)
+            rows.append(SamplingRow(other, neighbours.integers(0, TARGET_VOCAB, 7).tolist(),
+                                    neighbours.integers(0, TARGET_VOCAB, 5).tolist()))
+        batch = pack_sampling_batch(rows, TARGET_VOCAB, [EOS], min_history_bucket=history_bucket)
         if shard:  # rows split over 8 devices, as a decode group of degree 8 would hold them
             mesh = jax.make_mesh((8,), ("batch",))
             place = lambda x: jax.device_put(x, NamedSharding(mesh, PartitionSpec("batch")))
@@ -229,8 +252,7 @@ def run_target(batch_size: int, position: int, params: SamplingParams = TARGET, 
 def test_seeded_request_ignores_batch_composition_and_position():
     alone = run_target(1, 0)
     assert run_target(5, 3) == alone
-    assert run_target(17, 11) == alone
-    assert run_target(17, 0, history_bucket=64) == alone
+    assert run_target(17, 11, history_bucket=64) == alone  # other padding of the histories too
     assert run_target(32, 29, shard=True) == alone
     # The check can fail: another seed or another sample index draws another stream.
     assert run_target(1, 0, dataclass_replace(TARGET, seed=1235)) != alone

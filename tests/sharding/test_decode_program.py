@@ -23,7 +23,7 @@ from loong_jax.models.attention import dense_attention
 from loong_jax.models.config import ModelConfig
 from loong_jax.models.generate import generate
 from loong_jax.models.llama import init_model
-from loong_jax.sharding.decode_program import jit_decode, layout_decode_batch
+from loong_jax.sharding.decode_program import DecodeRow, jit_decode, layout_decode_batch
 from loong_jax.sharding.kv_pool import POOL_SPEC, PoolShape, assemble_group_pool, create_pool, split_group_pool
 from loong_jax.sharding.migration import PageTransfer, jit_migrate, layout_migration
 from loong_jax.sharding.prefill_program import jit_prefill, make_prefill_batch
@@ -234,3 +234,22 @@ def test_ring_prefill_then_distributed_decode(model, prompts, reference):
                          first_tokens, PROMPT_LENGTHS)
     assert_matches_reference(run, reference)
     assert_spread_and_reuse(run, book)
+
+
+def test_layout_decode_batch_puts_requests_in_their_masters_blocks_and_rejects_misfits():
+    row = DecodeRow(token=7, position=30, master=1, append_slot=9, pages={1: [2], 0: [4, 5]},
+                    kv_lens={1: 2, 0: 5})
+    batch = layout_decode_batch([row, dataclasses.replace(row, token=8)], members=2, batch_local=2,
+                                max_pages=3)
+    assert batch.rows == (2, 3)
+    assert batch.tokens.tolist() == [0, 0, 7, 8] and batch.append_slots.tolist() == [-1, -1, 9, 9]
+    assert batch.page_tables[0, 2].tolist() == [4, 5, 0] and batch.kv_lens[:, 2].tolist() == [5, 2]
+    assert batch.kv_lens[:, :2].sum() == 0  # padding rows hold nothing
+    with pytest.raises(ValueError, match="more than 1"):
+        layout_decode_batch([row, row], members=2, batch_local=1, max_pages=3)
+    with pytest.raises(ValueError, match="bucket"):
+        layout_decode_batch([row], members=2, batch_local=1, max_pages=1)
+    with pytest.raises(ValueError, match="outside"):
+        layout_decode_batch([dataclasses.replace(row, kv_lens={1: 1, 2: 3})], 2, 1, 3)
+    with pytest.raises(ValueError, match="append slot"):
+        layout_decode_batch([dataclasses.replace(row, kv_lens={0: 5})], 2, 1, 3)

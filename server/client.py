@@ -1,0 +1,268 @@
+"""Python clients of the loong_jax gRPC service: `LoongClient` (blocking) and `AsyncLoongClient` (asyncio).
+
+Data flow:
+  1. The client opens one channel (plaintext, TLS or mutual TLS) and attaches the API key, when it
+     has one, as `authorization: Bearer <key>` metadata on every call.
+  2. `generate(prompt, max_tokens=..., temperature=...)` sends one `GenerateRequest` (the prompt's
+     type picks text, token ids or chat messages) and returns a stream object: iterating it yields
+     `Delta`s (new token ids, text, logprobs); when the iteration ends `stream.completion` holds the
+     whole answer (`text`, `token_ids`, `finish_reason`, usage, timings). `stream.cancel()` cancels
+     the call, which aborts the request on the server and frees its pages.
+  3. `complete(...)` is generate + fold in one call; `abort`, `tokenize`, `detokenize`,
+     `model_info`, `server_info` and `health` are plain unary calls.
+  4. Errors arrive as `grpc.RpcError` (sync) / `grpc.aio.AioRpcError` (async) with the server's code.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, AsyncIterator, Iterator, Mapping, Sequence
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from loong_jax.server.generated import generation_pb2 as pb
+from loong_jax.server.generated import generation_pb2_grpc as pb_grpc
+from loong_jax.server.tls import client_channel_credentials
+from loong_jax.server.wire import (Completion, CompletionBuilder, Delta, chat_messages_to_proto,
+                                   prompt_to_request, sampling_to_proto)
+
+DEFAULT_TARGET = "127.0.0.1:50051"
+DEFAULT_MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+SERVICE_NAME = "loong_jax.v1.Generation"
+Prompt = str | Sequence[int] | Sequence[Mapping[str, str]]
+
+
+def _channel_options(max_message_bytes: int, extra: Sequence[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    return [("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.max_receive_message_length", max_message_bytes), *extra]
+
+
+def _credentials(root_ca, client_cert, client_key, tls: bool) -> grpc.ChannelCredentials | None:
+    if not (tls or root_ca is not None or client_cert is not None):
+        return None
+    return client_channel_credentials(root_ca, client_cert, client_key)
+
+
+def _tokenize_request(text_or_messages: str | Sequence[Mapping[str, str]],
+                      add_special_tokens: bool | None) -> pb.TokenizeRequest:
+    request = pb.TokenizeRequest()
+    if isinstance(text_or_messages, str):
+        request.text = text_or_messages
+    else:
+        request.messages.CopyFrom(chat_messages_to_proto(text_or_messages))
+    if add_special_tokens is not None:
+        request.add_special_tokens = add_special_tokens
+    return request
+
+
+def _detokenize_request(token_ids: Sequence[int], skip_special_tokens: bool | None) -> pb.DetokenizeRequest:
+    request = pb.DetokenizeRequest(token_ids=list(token_ids))
+    if skip_special_tokens is not None:
+        request.skip_special_tokens = skip_special_tokens
+    return request
+
+
+def _generate_request(prompt: Prompt, request_id: str | None, sampling: Mapping[str, Any] | None,
+                      sampling_kwargs: Mapping[str, Any]) -> pb.GenerateRequest:
+    values = {**(sampling or {}), **sampling_kwargs}
+    return prompt_to_request(prompt, sampling=sampling_to_proto(values), request_id=request_id)
+
+
+class _ClientBase:
+    def __init__(self, api_key: str | None):
+        self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
+
+    def _call_metadata(self, extra: Sequence[tuple[str, str]] | None) -> tuple[tuple[str, str], ...]:
+        return self._metadata + tuple(extra or ())
+
+
+# ====================================================================== blocking client
+class GenerateStream:
+    """Iterate for `Delta`s; afterwards `completion` holds the whole answer."""
+
+    def __init__(self, call):
+        self._call = call
+        self._builder = CompletionBuilder()
+
+    @property
+    def request_id(self) -> str | None:
+        return self._builder.request_id
+
+    @property
+    def prompt_tokens(self) -> int | None:
+        return self._builder.prompt_tokens
+
+    @property
+    def completion(self) -> Completion | None:
+        return self._builder.completion
+
+    def __iter__(self) -> Iterator[Delta]:
+        for message in self._call:
+            delta = self._builder.feed(message)
+            if delta is not None:
+                yield delta
+
+    def cancel(self) -> None:
+        self._call.cancel()
+
+
+class LoongClient(_ClientBase):
+    """Blocking client. `tls=True` or a `root_ca` switches to TLS; `client_cert` + `client_key` to mTLS."""
+
+    def __init__(self, target: str = DEFAULT_TARGET, *, api_key: str | None = None, tls: bool = False,
+                 root_ca: bytes | str | Path | None = None, client_cert: bytes | str | Path | None = None,
+                 client_key: bytes | str | Path | None = None,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, options: Sequence[tuple[str, Any]] = ()):
+        super().__init__(api_key)
+        credentials = _credentials(root_ca, client_cert, client_key, tls)
+        channel_options = _channel_options(max_message_bytes, options)
+        self.channel = (grpc.secure_channel(target, credentials, options=channel_options) if credentials
+                        else grpc.insecure_channel(target, options=channel_options))
+        self.stub = pb_grpc.GenerationStub(self.channel)
+        self._health = health_pb2_grpc.HealthStub(self.channel)
+
+    def generate(self, prompt: Prompt, *, request_id: str | None = None, timeout: float | None = None,
+                 sampling: Mapping[str, Any] | None = None, metadata=None, **sampling_kwargs) -> GenerateStream:
+        request = _generate_request(prompt, request_id, sampling, sampling_kwargs)
+        return GenerateStream(self.stub.Generate(request, timeout=timeout,
+                                                 metadata=self._call_metadata(metadata)))
+
+    def complete(self, prompt: Prompt, **kwargs) -> Completion:
+        stream = self.generate(prompt, **kwargs)
+        for _ in stream:
+            pass
+        return stream.completion
+
+    def abort(self, request_id: str, timeout: float | None = None) -> bool:
+        response = self.stub.Abort(pb.AbortRequest(request_id=request_id), timeout=timeout,
+                                   metadata=self._metadata)
+        return response.found
+
+    def tokenize(self, text_or_messages: str | Sequence[Mapping[str, str]], *,
+                 add_special_tokens: bool | None = None, timeout: float | None = None) -> list[int]:
+        response = self.stub.Tokenize(_tokenize_request(text_or_messages, add_special_tokens), timeout=timeout,
+                                      metadata=self._metadata)
+        return list(response.token_ids)
+
+    def detokenize(self, token_ids: Sequence[int], *, skip_special_tokens: bool | None = None,
+                   timeout: float | None = None) -> str:
+        response = self.stub.Detokenize(_detokenize_request(token_ids, skip_special_tokens), timeout=timeout,
+                                        metadata=self._metadata)
+        return response.text
+
+    def model_info(self, timeout: float | None = None) -> pb.ModelInfo:
+        return self.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=timeout, metadata=self._metadata)
+
+    def server_info(self, timeout: float | None = None) -> pb.ServerInfo:
+        return self.stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=timeout, metadata=self._metadata)
+
+    def health(self, service: str = "", timeout: float | None = None) -> str:
+        """"SERVING", "NOT_SERVING", ...; service "" = live, SERVICE_NAME = ready."""
+        response = self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> "LoongClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# ====================================================================== asyncio client
+class AsyncGenerateStream:
+    """`async for` yields `Delta`s; afterwards `completion` holds the whole answer."""
+
+    def __init__(self, call):
+        self._call = call
+        self._builder = CompletionBuilder()
+
+    @property
+    def request_id(self) -> str | None:
+        return self._builder.request_id
+
+    @property
+    def prompt_tokens(self) -> int | None:
+        return self._builder.prompt_tokens
+
+    @property
+    def completion(self) -> Completion | None:
+        return self._builder.completion
+
+    async def __aiter__(self) -> AsyncIterator[Delta]:
+        async for message in self._call:
+            delta = self._builder.feed(message)
+            if delta is not None:
+                yield delta
+
+    def cancel(self) -> bool:
+        return self._call.cancel()
+
+
+class AsyncLoongClient(_ClientBase):
+    """asyncio client; create and use it inside one running event loop."""
+
+    def __init__(self, target: str = DEFAULT_TARGET, *, api_key: str | None = None, tls: bool = False,
+                 root_ca: bytes | str | Path | None = None, client_cert: bytes | str | Path | None = None,
+                 client_key: bytes | str | Path | None = None,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, options: Sequence[tuple[str, Any]] = ()):
+        super().__init__(api_key)
+        credentials = _credentials(root_ca, client_cert, client_key, tls)
+        channel_options = _channel_options(max_message_bytes, options)
+        self.channel = (grpc.aio.secure_channel(target, credentials, options=channel_options) if credentials
+                        else grpc.aio.insecure_channel(target, options=channel_options))
+        self.stub = pb_grpc.GenerationStub(self.channel)
+        self._health = health_pb2_grpc.HealthStub(self.channel)
+
+    def generate(self, prompt: Prompt, *, request_id: str | None = None, timeout: float | None = None,
+                 sampling: Mapping[str, Any] | None = None, metadata=None,
+                 **sampling_kwargs) -> AsyncGenerateStream:
+        request = _generate_request(prompt, request_id, sampling, sampling_kwargs)
+        return AsyncGenerateStream(self.stub.Generate(request, timeout=timeout,
+                                                      metadata=self._call_metadata(metadata)))
+
+    async def complete(self, prompt: Prompt, **kwargs) -> Completion:
+        stream = self.generate(prompt, **kwargs)
+        async for _ in stream:
+            pass
+        return stream.completion
+
+    async def abort(self, request_id: str, timeout: float | None = None) -> bool:
+        response = await self.stub.Abort(pb.AbortRequest(request_id=request_id), timeout=timeout,
+                                         metadata=self._metadata)
+        return response.found
+
+    async def tokenize(self, text_or_messages: str | Sequence[Mapping[str, str]], *,
+                       add_special_tokens: bool | None = None, timeout: float | None = None) -> list[int]:
+        response = await self.stub.Tokenize(_tokenize_request(text_or_messages, add_special_tokens),
+                                            timeout=timeout, metadata=self._metadata)
+        return list(response.token_ids)
+
+    async def detokenize(self, token_ids: Sequence[int], *, skip_special_tokens: bool | None = None,
+                         timeout: float | None = None) -> str:
+        response = await self.stub.Detokenize(_detokenize_request(token_ids, skip_special_tokens),
+                                              timeout=timeout, metadata=self._metadata)
+        return response.text
+
+    async def model_info(self, timeout: float | None = None) -> pb.ModelInfo:
+        return await self.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=timeout, metadata=self._metadata)
+
+    async def server_info(self, timeout: float | None = None) -> pb.ServerInfo:
+        return await self.stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=timeout,
+                                             metadata=self._metadata)
+
+    async def health(self, service: str = "", timeout: float | None = None) -> str:
+        response = await self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+    async def close(self) -> None:
+        await self.channel.close()
+
+    async def __aenter__(self) -> "AsyncLoongClient":
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
