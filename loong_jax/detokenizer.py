@@ -134,12 +134,14 @@ class SequenceDetokenizer:
         if self.finished:
             raise RuntimeError(f"sequence {self.index} already finished ({self.finish_reason}); "
                                "it takes no more tokens")
-        if new_logprobs is not None and len(new_logprobs) != len(new_token_ids):
-            raise ValueError(f"got {len(new_logprobs)} logprobs for {len(new_token_ids)} tokens")
+        if self._logprobs is not None and (new_logprobs is None or len(new_logprobs) != len(new_token_ids)):
+            got = "no" if new_logprobs is None else len(new_logprobs)
+            raise ValueError(f"this request asked for logprobs: got {got} logprobs for "
+                             f"{len(new_token_ids)} tokens")
         for position, token_id in enumerate(new_token_ids):
             token_id = int(token_id)
             self._token_ids.append(token_id)
-            if self._logprobs is not None and new_logprobs is not None:
+            if self._logprobs is not None:
                 self._logprobs.append(new_logprobs[position])
             self._consume(token_id)
             if self.finished:
@@ -156,8 +158,8 @@ class SequenceDetokenizer:
         stops_allowed = len(self._token_ids) > self._params.min_tokens
         if stops_allowed and token_id in self._stop_token_ids:
             # vLLM semantics: the stop token is part of token_ids, not of the text.
-            reason = None if token_id in self._eos_token_ids and token_id not in \
-                self._params.stop_token_ids else token_id
+            plain_eos = token_id in self._eos_token_ids and token_id not in self._params.stop_token_ids
+            reason = None if plain_eos else token_id
             self._finish("stop", reason, stops_allowed)
             return
         self._append_text(self._text_decoder.add_token(token_id), stops_allowed)

@@ -107,10 +107,15 @@ def make_optimizer(settings: TrainSettings) -> optax.GradientTransformation:
     )
 
 
-def make_train_step(graphdef, rest, optimizer: optax.GradientTransformation):
-    """A jitted step over a batch of packed rows; donates params and opt_state."""
+def make_train_step(graphdef, rest, optimizer: optax.GradientTransformation, compute_dtype=None):
+    """A jitted step over a batch of packed rows; donates params and opt_state.
+
+    compute_dtype (e.g. bfloat16): the forward pass runs on a copy of the
+    float32 master parameters cast to it (graphdef must be built for it)."""
 
     def loss_fn(params, batch):
+        if compute_dtype is not None:
+            params = jax.tree.map(lambda p: p.astype(compute_dtype), params)
         model = nnx.merge(graphdef, params, rest)
 
         def row_logits(tokens, positions, segment_ids):  # one packed row [seq_len]

@@ -216,12 +216,18 @@ class CostModel:
 
     @classmethod
     def load_json(cls, path: str | Path | None = None, tp: int | None = None) -> "CostModel":
-        """Load the section for `tp` (or the only section) of a cost-model file (default: the shipped H200 file)."""
-        sections = load_cost_models(path if path is not None else DEFAULT_COST_MODEL_PATH)
+        """Load the section for `tp` of a cost-model file (default: the shipped H200 file).
+
+        Without `tp`: the only section of the file, or else the tp=1 section.
+        """
+        path = Path(path) if path is not None else DEFAULT_COST_MODEL_PATH
+        sections = load_cost_models(path)
         if tp is None:
-            if len(sections) != 1:
+            if len(sections) == 1:
+                return next(iter(sections.values()))
+            if 1 not in sections:
                 raise ValueError(f"{path} holds tp sections {sorted(sections)}; pass tp=")
-            return next(iter(sections.values()))
+            tp = 1
         if tp not in sections:
             raise ValueError(f"{path} has no section for tp={tp}; it has {sorted(sections)}")
         return sections[tp]

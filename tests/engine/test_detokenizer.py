@@ -208,8 +208,9 @@ def test_length_abort_logprobs_and_finished_guard():
     last = sequence.abort()
     assert last.finish_reason == "abort" and last.token_ids == [] and last.logprobs == []
     assert sequence.output().text == TOKENIZER.decode(ids[:2])
-    with pytest.raises(ValueError, match="logprobs"):
-        SequenceDetokenizer(TOKENIZER, SamplingParams()).update([1, 2], entries[:1])
+    for given in (entries[:1], None):
+        with pytest.raises(ValueError, match="asked for logprobs"):
+            SequenceDetokenizer(TOKENIZER, SamplingParams(logprobs=2)).update([1, 2], given)
 
 
 def test_request_output_merges_deltas_into_the_cumulative_form():

@@ -129,8 +129,13 @@ def test_json_round_trip_with_several_tp_sections(tmp_path):
     assert CostModel.load_json(path, tp=1) == model
     assert CostModel.load_json(path, tp=2) == other
     assert CostModel.load_json(path, tp=1).metadata == {"k": 1}
+    assert CostModel.load_json(path) == model  # several sections: tp=1 by default
+    save_cost_models(path, [other])
+    assert CostModel.load_json(path) == other  # one section: that one
+    save_cost_models(path, [other, CostModel(**{**other.__dict__, "tp": 4})])
     with pytest.raises(ValueError, match="pass tp="):
         CostModel.load_json(path)
+    save_cost_models(path, [model, other])
     with pytest.raises(ValueError, match="no section for tp=4"):
         CostModel.load_json(path, tp=4)
     single = tmp_path / "single.json"
