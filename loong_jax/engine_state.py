@@ -127,6 +127,15 @@ class EngineState:
         self._finish(request, "abort", now)
         return True
 
+    def forget(self, request_id: RequestId) -> None:
+        """Drop a finished request's record (a long-running engine would otherwise keep every one)."""
+        request = self.requests.get(request_id)
+        if request is None or request.status != FINISHED:
+            raise ValueError(f"only finished requests can be forgotten, {request_id!r} is "
+                             f"{'unknown' if request is None else request.status}")
+        del self.requests[request_id]
+        self.finished.pop(request_id, None)
+
     # -- what the policy sees -----------------------------------------------------------------------------------
     def view(self, cost_model, now: float = 0.0, **options) -> SchedulerView:
         instances = tuple(

@@ -11,9 +11,10 @@ Data flow:
   2. `module_docstrings(source, module_name)` parses one file with `ast` and
      yields (kind, qualified name, docstring) for the module, its classes and
      functions in source order.
-  3. `normalise_docstring(text)` dedents, strips trailing spaces, collapses
-     runs of blank lines and drops docstrings that are too short or mostly
-     non-text (doctest sessions, ASCII tables).
+  3. `normalise_docstring(text, max_paragraphs)` dedents, strips trailing
+     spaces, collapses runs of blank lines, keeps the opening paragraphs and
+     drops docstrings that are too short or mostly non-text (doctest
+     sessions, ASCII tables).
   4. `collect_documents()` returns the distinct documents (one docstring
      each, with the name it documents) in a deterministic order;
      `corpus_stats` summarises them.
@@ -90,8 +91,9 @@ def module_name_of(path: Path, root: Path) -> str:
     return ".".join(parts)
 
 
-def normalise_docstring(doc: str) -> str | None:
-    """Cleaned text of one docstring, or None when it is not useful prose."""
+def normalise_docstring(doc: str, max_paragraphs: int | None = None) -> str | None:
+    """Cleaned text of one docstring (its first `max_paragraphs` paragraphs when
+    given), or None when it is not useful prose."""
     text = inspect.cleandoc(doc)
     lines = [line.rstrip() for line in text.splitlines()]
     # Doctest sessions are code, not prose; keep the prose around them.
@@ -99,6 +101,8 @@ def normalise_docstring(doc: str) -> str | None:
     text = "\n".join(lines)
     text = re.sub(r"\n{3,}", "\n\n", text).strip()
     text = text.replace("\t", "    ")
+    if max_paragraphs is not None:
+        text = "\n\n".join(text.split("\n\n")[:max_paragraphs])
     if not (MIN_DOC_CHARS <= len(text) <= MAX_DOC_CHARS):
         return None
     if not text.isascii():
@@ -116,8 +120,11 @@ class Document:
     text: str  # the normalised docstring
 
 
-def collect_documents(root: Path | None = None) -> list[Document]:
-    """Distinct normalised docstrings of the standard library, deterministic order."""
+def collect_documents(root: Path | None = None, max_paragraphs: int | None = None) -> list[Document]:
+    """Distinct normalised docstrings of the standard library, deterministic order.
+
+    max_paragraphs keeps the opening paragraphs only: they are the prose
+    (summary and description); later ones lean to argument tables and examples."""
     root = root or stdlib_root()
     seen: set[str] = set()
     documents = []
@@ -128,7 +135,7 @@ def collect_documents(root: Path | None = None) -> list[Document]:
         except (SyntaxError, UnicodeDecodeError, ValueError):
             continue  # a few stdlib files are templates or Python 2 fixtures
         for kind, name, doc in docstrings:
-            text = normalise_docstring(doc)
+            text = normalise_docstring(doc, max_paragraphs)
             if text is not None and text not in seen:
                 seen.add(text)
                 documents.append(Document(kind, name, text))

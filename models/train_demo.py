@@ -53,6 +53,7 @@ SAMPLE_PROMPTS = ("Return the number of", "This module provides", "Create a new"
 
 @dataclasses.dataclass(frozen=True)
 class TrainSettings:
+    max_paragraphs: int = 2  # opening paragraphs kept of each docstring
     vocab_size: int = 4096
     hidden_size: int = 256
     intermediate_size: int = 704
@@ -205,7 +206,7 @@ def parse_args(argv: list[str] | None) -> tuple[Path, TrainSettings]:
 
 def main(argv: list[str] | None = None) -> int:
     out_dir, settings = parse_args(argv)
-    documents = collect_documents()
+    documents = collect_documents(max_paragraphs=settings.max_paragraphs)
     print(f"corpus: {corpus_stats(documents)}")
     tokenizer = train_tokenizer(documents, settings.vocab_size)
     token_lists = encode_texts(tokenizer, format_documents(documents))

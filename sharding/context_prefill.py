@@ -19,7 +19,7 @@ Data flow:
         every query over the prefix tokens it holds of the query's request.
         No causal mask is needed there: the whole prefix precedes the whole
         chunk. The (request, page) entries that hold tokens are packed first
-        and visited `pages_per_chunk` at a time, masked by segment and merged
+        and visited `pages_per_visit` at a time, masked by segment and merged
         online, so the work follows the prefix actually held;
      c. `all_to_all` returns each row's d partials to the member that owns
         the row, which merges them, then the ring's partial, exactly by
@@ -43,7 +43,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from loong_jax.models.attention import NEG_INF, merge_partials, partial_attention
-from loong_jax.sharding.decode_attention import MEMBER_SPEC, PAGES_PER_CHUNK
+from loong_jax.sharding.decode_attention import MEMBER_SPEC
 from loong_jax.sharding.kv_pool import POOL_SPEC
 from loong_jax.sharding.prefill_program import PrefillBatch
 from loong_jax.sharding.ring_prefill import (
@@ -51,6 +51,11 @@ from loong_jax.sharding.ring_prefill import (
 from loong_jax.sharding.stripe_layout import (
     PackedLayout, Placement, stream_positions, stream_segments, striped_layout)
 from loong_jax.sharding.topology import SEQ
+
+# Attention scores one member holds at once while visiting prefix pages
+# ([q_heads, rows, keys] float32, 256 MiB): with pages_per_visit=None the
+# pages per visit follow from it, so a long chunk visits fewer pages at a time.
+SCORE_BUDGET = 1 << 26
 
 
 # ---------------------------------------------------------------- host side
@@ -153,8 +158,14 @@ def layout_context(starts: Sequence[int], prefix_pages: Sequence[Mapping[int, Se
 
 
 # ---------------------------------------------------------------- device side
+def _visit_size(rows: int, heads: int, page_size: int, pages_per_visit: int | None) -> int:
+    if pages_per_visit is not None:
+        return pages_per_visit
+    return max(1, SCORE_BUDGET // (rows * heads * page_size))
+
+
 def _held_prefix_partials(q_all, segments_all, pool, layer: int, page_tables, kv_lens, scale: float,
-                          pages_per_chunk: int):
+                          pages_per_visit: int | None):
     """Partial attention of every query over this member's prefix tokens of its request.
 
     q_all: [R, hq, hd]; segments_all: [R] (-1 = padding); pool: [1, L, 2, pages, page_size, kvh, hd];
@@ -164,25 +175,26 @@ def _held_prefix_partials(q_all, segments_all, pool, layer: int, page_tables, kv
     num_pages, page_size = pool.shape[3], pool.shape[4]
     requests, max_pages = page_tables.shape
     entries = requests * max_pages
-    chunk_pages = min(pages_per_chunk, entries)
-    padded_entries = -(-entries // chunk_pages) * chunk_pages
+    visit_pages = min(_visit_size(*q_all.shape[:2], page_size, pages_per_visit), entries)
+    padded_entries = -(-entries // visit_pages) * visit_pages
     pad = padded_entries - entries
     # One entry per (request, table position); padding entries hold nothing.
     tokens_in_entry = jnp.clip(kv_lens[:, None] - jnp.arange(max_pages)[None, :] * page_size, 0, page_size)
     tokens_in_entry = jnp.pad(tokens_in_entry.reshape(-1), (0, pad))  # [E]
     page_of_entry = jnp.pad(jnp.clip(page_tables, 0, num_pages - 1).reshape(-1), (0, pad))  # [E]
     request_of_entry = jnp.asarray(np.pad(np.repeat(np.arange(requests, dtype=np.int32), max_pages), (0, pad)))
-    # Entries holding tokens first, so only ceil(held / chunk_pages) chunks are visited.
+    # Entries holding tokens first, so only ceil(held / visit_pages) visits are needed.
     order = jnp.argsort(tokens_in_entry == 0, stable=True)  # [E]
-    held_chunks = -(-jnp.sum(tokens_in_entry > 0) // chunk_pages)
+    visits = -(-jnp.sum(tokens_in_entry > 0) // visit_pages)
 
-    def visit_chunk(index, carry):
-        chunk = jax.lax.dynamic_slice_in_dim(order, index * chunk_pages, chunk_pages)  # [C]
-        pages = page_of_entry[chunk]
-        k = pool[0, layer, 0][pages].reshape(chunk_pages * page_size, *pool.shape[5:])  # [C*S, kvh, hd]
-        v = pool[0, layer, 1][pages].reshape(chunk_pages * page_size, *pool.shape[5:])
-        key_held = (jnp.arange(page_size)[None, :] < tokens_in_entry[chunk][:, None]).reshape(-1)  # [C*S]
-        key_request = jnp.repeat(request_of_entry[chunk], page_size)  # [C*S]
+    def visit(index, carry):
+        # [C] the entries of this visit (C = visit_pages, S = page_size)
+        entries_now = jax.lax.dynamic_slice_in_dim(order, index * visit_pages, visit_pages)
+        pages = page_of_entry[entries_now]
+        k = pool[0, layer, 0][pages].reshape(visit_pages * page_size, *pool.shape[5:])  # [C*S, kvh, hd]
+        v = pool[0, layer, 1][pages].reshape(visit_pages * page_size, *pool.shape[5:])
+        key_held = (jnp.arange(page_size)[None, :] < tokens_in_entry[entries_now][:, None]).reshape(-1)  # [C*S]
+        key_request = jnp.repeat(request_of_entry[entries_now], page_size)  # [C*S]
         # Slots past a request's count may hold stale values; zero them so that
         # even a non-finite leftover cannot leak through a zero weight.
         v = jnp.where(key_held[:, None, None], v, 0)
@@ -192,22 +204,22 @@ def _held_prefix_partials(q_all, segments_all, pool, layer: int, page_tables, kv
 
     # *_like keeps q's per-member variance, as a shard_map loop carry must.
     start = (jnp.zeros_like(q_all, dtype=jnp.float32), jnp.full_like(q_all[..., 0], NEG_INF, dtype=jnp.float32))
-    return jax.lax.fori_loop(0, held_chunks, visit_chunk, start)
+    return jax.lax.fori_loop(0, visits, visit, start)
 
 
 def _member_context_attention(q, segment_ids, pool, page_tables, kv_lens, *, layer: int, members: int,
-                              scale: float, pages_per_chunk: int):
+                              scale: float, pages_per_visit: int | None):
     """Per (member, tensor shard): q [T, hq_local, hd]; segment_ids [T];
     pool [1, L, 2, pages, page_size, kvh_local, hd]; page_tables [1, requests, max_pages];
     kv_lens [1, requests]. Returns the merged context partial of the member's own rows."""
     if members == 1:
         return _held_prefix_partials(q, segment_ids, pool, layer, page_tables[0], kv_lens[0], scale,
-                                     pages_per_chunk)
+                                     pages_per_visit)
     rows_local = q.shape[0]
     q_all = jax.lax.all_gather(q, SEQ, axis=0, tiled=True)  # [d*T, hq_local, hd]
     segments_all = jax.lax.all_gather(segment_ids, SEQ, axis=0, tiled=True)  # [d*T]
     out, lse = _held_prefix_partials(q_all, segments_all, pool, layer, page_tables[0], kv_lens[0], scale,
-                                     pages_per_chunk)
+                                     pages_per_visit)
     # Row block j of the partials belongs to member j; afterwards block i holds
     # what member i computed for my rows.
     out = jax.lax.all_to_all(out, SEQ, split_axis=0, concat_axis=0, tiled=True)
@@ -221,15 +233,16 @@ def _member_context_attention(q, segment_ids, pool, page_tables, kv_lens, *, lay
 
 
 def context_attention(mesh: Mesh, layer: int, q, segment_ids, pool, context: ContextInputs,
-                      pages_per_chunk: int = PAGES_PER_CHUNK):
+                      pages_per_visit: int | None = None):
     """Attention of the chunk's queries over their requests' prefixes, wherever in the group they sit.
 
     q: [rows, q_heads, head_dim] (HEADS_SPEC); segment_ids: [rows] (ROWS_SPEC);
-    pool: group pool with POOL_SPEC (read only); context: `ContextInputs`.
+    pool: group pool with POOL_SPEC (read only); context: `ContextInputs`;
+    pages_per_visit: prefix pages attended at once (None: from SCORE_BUDGET).
     Returns out [rows, q_heads, head_dim] float32 and lse [rows, q_heads] float32.
     """
     body = functools.partial(_member_context_attention, layer=layer, members=mesh.shape[SEQ],
-                             scale=q.shape[-1] ** -0.5, pages_per_chunk=pages_per_chunk)
+                             scale=q.shape[-1] ** -0.5, pages_per_visit=pages_per_visit)
     return jax.shard_map(
         body, mesh=mesh,
         in_specs=(HEADS_SPEC, ROWS_SPEC, POOL_SPEC, MEMBER_SPEC, MEMBER_SPEC),
@@ -248,13 +261,14 @@ class ContextPrefillCache:
 
 def context_prefill_forward(graphdef: nnx.GraphDef, params: Any, pool: jax.Array, batch: PrefillBatch,
                             context: ContextInputs, *, mesh: Mesh,
-                            pages_per_chunk: int = PAGES_PER_CHUNK) -> tuple[jax.Array, jax.Array]:
+                            pages_per_visit: int | None = None) -> tuple[jax.Array, jax.Array]:
     """Traceable whole-model prefill of chunks that continue earlier ones.
 
     graphdef, params: `nnx.split(model)`, params as `topology.group_params(...)`;
     pool: group pool [d, layers, 2, pages, page_size, kv_heads, head_dim] with POOL_SPEC;
     batch: `prefill_program.make_prefill_batch(chunk_layout(...), chunk_tokens, placement, mesh)`;
-    context: `layout_context(...).to_device(mesh)`, segment r = request r of the batch.
+    context: `layout_context(...).to_device(mesh)`, segment r = request r of the batch;
+    pages_per_visit: prefix pages attended at once per member (None: from SCORE_BUDGET).
     Returns logits [num_logits, vocab] float32 for `batch.logits_indices` and the
     pool with every placed chunk token's k, v written to its slot.
     """
@@ -266,7 +280,7 @@ def context_prefill_forward(graphdef: nnx.GraphDef, params: Any, pool: jax.Array
                                         ring.placement_member, ring.placement_slot, ring.pool)
         # Reads only prefix slots, which the ring's writes (new slots) never touch.
         prefix_out, prefix_lse = context_attention(mesh, layer, q, segment_ids, pool, cache.context,
-                                                   pages_per_chunk)
+                                                   pages_per_visit)
         out, _ = merge_partials(out, lse, prefix_out, prefix_lse)
         return out.astype(q.dtype), dataclasses.replace(cache, ring=dataclasses.replace(ring, pool=pool))
 
@@ -279,7 +293,7 @@ def context_prefill_forward(graphdef: nnx.GraphDef, params: Any, pool: jax.Array
     return logits, cache.ring.pool
 
 
-def jit_context_prefill(graphdef: nnx.GraphDef, mesh: Mesh, pages_per_chunk: int = PAGES_PER_CHUNK):
+def jit_context_prefill(graphdef: nnx.GraphDef, mesh: Mesh, pages_per_visit: int | None = None):
     """`context_prefill_forward` compiled for one group: call as
     `logits, pool = program(params, pool, batch, context)`. The pool is donated.
     Shapes are static per (group, rows bucket, num_logits, requests, max_pages),
@@ -287,7 +301,7 @@ def jit_context_prefill(graphdef: nnx.GraphDef, mesh: Mesh, pages_per_chunk: int
 
     def context_prefill(params, pool, batch, context):
         return context_prefill_forward(graphdef, params, pool, batch, context, mesh=mesh,
-                                       pages_per_chunk=pages_per_chunk)
+                                       pages_per_visit=pages_per_visit)
 
     return jax.jit(context_prefill, donate_argnames=("pool",),
                    out_shardings=(NamedSharding(mesh, P()), NamedSharding(mesh, POOL_SPEC)))

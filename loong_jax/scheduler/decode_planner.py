@@ -74,7 +74,7 @@ def plan_decodes(
             continue
         while True:
             master, new_home = _find_slot(request, home, allowed, pages_free, page_size, n, scope_of)
-            if master is not None:
+            if master is not None or new_home == "wait":
                 break
             victim = _newest_in_reach(candidates[index:], preempted, request, home, allowed, n, scope_of)
             preempted.add(victim.request_id)
@@ -84,6 +84,9 @@ def plan_decodes(
             if victim is request:
                 break
         if request.request_id in preempted:
+            continue
+        if master is None:
+            plan.waiting_requests.append(request)
             continue
         if master != request.master:
             plan.scale_ups += 1
@@ -97,7 +100,11 @@ def _has_tail_slot(request: RequestView, instance: int, page_size: int) -> bool:
 
 
 def _find_slot(request, home, allowed, pages_free, page_size, n, scope_of):
-    """(master, home after the step) for one more token, taking a page from `pages_free` if needed."""
+    """(master, home after the step) for one more token, taking a page from `pages_free` if needed.
+
+    Returns (None, "wait") when the nearest room is on an instance that is not allowed now (busy or lent to
+    prefill: the request waits a step) and (None, "full") when nothing in reach has room (preempt).
+    """
     master = request.master
     if master is not None:
         if _has_tail_slot(request, master, page_size):
@@ -105,17 +112,19 @@ def _find_slot(request, home, allowed, pages_free, page_size, n, scope_of):
         if pages_free[master] > 0:
             pages_free[master] -= 1
             return master, home
-    limit = scope_of(request, home) if scope_of else tuple(range(n))
+    limit = set(scope_of(request, home) if scope_of else range(n))
     search: tuple[int, ...] | None = home
-    while search is not None and set(search) <= set(limit):
-        options = [i for i in search if i in allowed and (pages_free[i] > 0 or _has_tail_slot(request, i, page_size))]
-        if options:
-            best = max(options, key=lambda i: (_has_tail_slot(request, i, page_size), pages_free[i], -i))
+    while search is not None and set(search) <= limit:
+        with_room = [i for i in search if pages_free[i] > 0 or _has_tail_slot(request, i, page_size)]
+        if with_room:
+            if not allowed.issuperset(search):
+                return None, "wait"  # the decode group would include an instance not available now
+            best = max(with_room, key=lambda i: (_has_tail_slot(request, i, page_size), pages_free[i], -i))
             if not _has_tail_slot(request, best, page_size):
                 pages_free[best] -= 1
             return best, covering_group(set(home) | {best}, n)
         search = parent_group(search, n)
-    return None, home
+    return None, "full"
 
 
 def _newest_in_reach(remaining, preempted, request, home, allowed, n, scope_of):

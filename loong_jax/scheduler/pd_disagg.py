@@ -20,7 +20,7 @@ from loong_jax.scheduler.baselines import (
 from loong_jax.scheduler.decode_planner import plan_decodes
 from loong_jax.scheduler.estimates import prefill_chunks_seconds
 from loong_jax.scheduler.groups import free_blocks, power_of_two_sizes
-from loong_jax.scheduler.plan import Migration, Plan, PrefillBatch
+from loong_jax.scheduler.plan import Migration, Plan, Preemption, PrefillBatch
 from loong_jax.scheduler.view import SchedulerView
 
 
@@ -68,8 +68,16 @@ class PdDisaggPolicy:
                           and set(decode_pool).issuperset(r.kv)]
         decode_plan = plan_decodes(view, on_decode_side, allowed, pages_free,
                                    scope_of=lambda r, h: next(b for b in decode_blocks if set(h) <= set(b)))
+        preemptions = list(decode_plan.preemptions)
+        if not migrations and not decode_plan.batches and idle.issuperset(decode_pool):
+            # Nothing can move or decode: a request split across both sides holds decode pages it cannot use
+            # yet. Recompute the newest such request so the others can finish (never a deadlock).
+            stranded = [r for r in view.decoding if not r.in_flight and set(r.kv) & set(prefill_pool)
+                        and set(r.kv) & set(decode_pool)]
+            if stranded:
+                preemptions.append(Preemption(max(stranded, key=lambda r: r.seq).request_id))
         return Plan(prefills=tuple(prefills), decodes=tuple(decode_plan.batches), migrations=tuple(migrations),
-                    preemptions=tuple(decode_plan.preemptions), rejections=rejections)
+                    preemptions=tuple(preemptions), rejections=rejections)
 
     def _migrations(self, view, prefill_pool, decode_blocks, idle, pages_free, reserve) -> list[Migration]:
         page_size, cost = view.page_size, view.cost_model
@@ -89,24 +97,41 @@ class PdDisaggPolicy:
             growth = growth_tokens(view, request, self.growth_horizon) if len(shares) == 1 else 0
             held = [i for i in request.kv if i not in prefill_pool]
             block = next((b for b in decode_blocks if held and held[0] in b), None)
+            if not held:  # start moving a request only if all of it fits one decode block now
+                total = sum(request.kv[i] for i in shares)
+                if not any(sum(pages_free[i] - reserve[i] for i in b) * page_size >= total for b in decode_blocks):
+                    continue
             candidates = held + sorted((i for b in ([block] if block else decode_blocks) for i in b if i not in held),
                                        key=lambda i: -(pages_free[i] - reserve[i]))
-            for dst in candidates:
-                if dst not in idle:
-                    continue
-                if src in pair_of_src and pair_of_src[src] != dst:
-                    continue
-                if src not in pair_of_src and dst in used_dst:
-                    continue
-                need = ceil_div(request.kv.get(dst, 0) + tokens + growth, page_size) - ceil_div(request.kv.get(dst, 0), page_size)
-                if need > pages_free[dst] - reserve[dst]:
-                    continue
-                pages_free[dst] -= need
-                pair_of_src[src] = dst
-                used_dst.add(dst)
-                moves.append(Migration(request.request_id, src, dst, tokens, estimated_s=cost.migration_time(tokens)))
-                break
+            # Prefer a destination with room for the decode growth too; accept one without it (scale-up
+            # will find the growth a page elsewhere) rather than leave the share stranded.
+            for with_growth in (growth, 0):
+                dst = self._destination(candidates, src, tokens + with_growth, request, idle, pair_of_src,
+                                        used_dst, pages_free, reserve, page_size)
+                if dst is not None:
+                    break
+            if dst is None:
+                continue
+            pages_free[dst] -= ceil_div(request.kv.get(dst, 0) + tokens, page_size) - ceil_div(request.kv.get(dst, 0), page_size)
+            pair_of_src[src] = dst
+            used_dst.add(dst)
+            moves.append(Migration(request.request_id, src, dst, tokens, estimated_s=cost.migration_time(tokens)))
         return moves
+
+    @staticmethod
+    def _destination(candidates, src, tokens, request, idle, pair_of_src, used_dst, pages_free, reserve, page_size):
+        for dst in candidates:
+            if dst not in idle:
+                continue
+            if src in pair_of_src and pair_of_src[src] != dst:
+                continue
+            if src not in pair_of_src and dst in used_dst:
+                continue
+            held = request.kv.get(dst, 0)
+            need = ceil_div(held + tokens, page_size) - ceil_div(held, page_size)
+            if need <= pages_free[dst] - reserve[dst]:
+                return dst
+        return None
 
     def _prefill(self, view: SchedulerView, group, waiting, pages_free) -> PrefillBatch | None:
         page_size = view.page_size

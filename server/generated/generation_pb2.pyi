@@ -300,14 +300,13 @@ class InstanceInfo(_message.Message):
     def __init__(self, index: _Optional[int] = ..., kv_pages_total: _Optional[int] = ..., kv_pages_free: _Optional[int] = ..., kv_pages_used: _Optional[int] = ...) -> None: ...
 
 class ServerInfo(_message.Message):
-    __slots__ = ("version", "num_instances", "tp", "page_size", "instances", "programs_ready", "programs_compiling", "queue_length", "queued_tokens", "running", "policy", "ready", "draining", "max_queued_requests", "max_queued_tokens")
+    __slots__ = ("version", "num_instances", "tp", "page_size", "instances", "programs_ready", "queue_length", "queued_tokens", "running", "policy", "ready", "draining", "max_queued_requests", "max_queued_tokens", "open_streams")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     NUM_INSTANCES_FIELD_NUMBER: _ClassVar[int]
     TP_FIELD_NUMBER: _ClassVar[int]
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     INSTANCES_FIELD_NUMBER: _ClassVar[int]
     PROGRAMS_READY_FIELD_NUMBER: _ClassVar[int]
-    PROGRAMS_COMPILING_FIELD_NUMBER: _ClassVar[int]
     QUEUE_LENGTH_FIELD_NUMBER: _ClassVar[int]
     QUEUED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     RUNNING_FIELD_NUMBER: _ClassVar[int]
@@ -316,13 +315,13 @@ class ServerInfo(_message.Message):
     DRAINING_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    OPEN_STREAMS_FIELD_NUMBER: _ClassVar[int]
     version: str
     num_instances: int
     tp: int
     page_size: int
     instances: _containers.RepeatedCompositeFieldContainer[InstanceInfo]
     programs_ready: int
-    programs_compiling: int
     queue_length: int
     queued_tokens: int
     running: int
@@ -331,4 +330,5 @@ class ServerInfo(_message.Message):
     draining: bool
     max_queued_requests: int
     max_queued_tokens: int
-    def __init__(self, version: _Optional[str] = ..., num_instances: _Optional[int] = ..., tp: _Optional[int] = ..., page_size: _Optional[int] = ..., instances: _Optional[_Iterable[_Union[InstanceInfo, _Mapping]]] = ..., programs_ready: _Optional[int] = ..., programs_compiling: _Optional[int] = ..., queue_length: _Optional[int] = ..., queued_tokens: _Optional[int] = ..., running: _Optional[int] = ..., policy: _Optional[str] = ..., ready: _Optional[bool] = ..., draining: _Optional[bool] = ..., max_queued_requests: _Optional[int] = ..., max_queued_tokens: _Optional[int] = ...) -> None: ...
+    open_streams: int
+    def __init__(self, version: _Optional[str] = ..., num_instances: _Optional[int] = ..., tp: _Optional[int] = ..., page_size: _Optional[int] = ..., instances: _Optional[_Iterable[_Union[InstanceInfo, _Mapping]]] = ..., programs_ready: _Optional[int] = ..., queue_length: _Optional[int] = ..., queued_tokens: _Optional[int] = ..., running: _Optional[int] = ..., policy: _Optional[str] = ..., ready: _Optional[bool] = ..., draining: _Optional[bool] = ..., max_queued_requests: _Optional[int] = ..., max_queued_tokens: _Optional[int] = ..., open_streams: _Optional[int] = ...) -> None: ...

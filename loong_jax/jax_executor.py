@@ -1,0 +1,463 @@
+"""JaxExecutor: runs a scheduler plan on devices (the real twin of `simulator.SimExecutor`).
+
+It holds the topology, one KV pool per instance, and the weights placed once on every instance. The engine
+loop calls `submit(plan)` right after `state.on_dispatched(plan)` (so the allocator already holds the pages the
+plan takes), then `wait_next()` for the units that finish first.
+
+Data flow of one work unit:
+  1. Host (numpy only): the unit and the allocator's page tables become the arrays of its
+     program, padded to power-of-two buckets:
+       - PrefillBatch: the prompts striped over the group (`stripe_layout`), and a placement per token:
+         the member keeping it (from the plan's segments) and its flat slot (from the allocator's pages);
+       - DecodeBatch: one row per request in its master's block, the slot of the new token on the master,
+         and every member's pages and token counts of the request (`layout_decode_batch`);
+       - MigrationBatch: source and destination slots of every moved token (from the allocator's tickets).
+     Each request's sampling parameters become a `SamplingBatch` in the same row order.
+  2. Device: ONE jitted program per unit, forward and sampling fused (prefill / decode) or the page move
+     (migration), taken from the `ProgramCache` by (kind, group, bucket). The group's pool is assembled from
+     the members' pools without a copy and donated, so KV is updated in place; the members get their
+     buffers back (`split_group_pool`) at once. Dispatch is asynchronous: programs on disjoint groups run
+     side by side, and a unit whose program is still compiling waits in the background while the others
+     run.
+  3. `wait_next()` returns the units that finished first, each with ONE small device->host transfer: the
+     int32 matrix of sampled tokens and logprobs (`sampler.sample_logits`'s packed output).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import functools
+import time
+from collections import Counter
+from typing import Any, Hashable, Protocol, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from loong_jax.engine_state import EngineState
+from loong_jax.models.llama import LlamaForCausalLM
+from loong_jax.outputs import TokenLogprobs
+from loong_jax.program_cache import ProgramCache, ProgramKey
+from loong_jax.sampler import apply_min_tokens, sample_logits
+from loong_jax.sampling_batch import (SamplingBatch, SamplingRow, num_logprobs_columns, pack_sampling_batch,
+                                      unpack_sampler_output)
+from loong_jax.sampling_params import SamplingParams
+from loong_jax.scheduler.plan import DecodeBatch, MigrationBatch, Plan, PrefillBatch, WorkUnit
+from loong_jax.sharding.decode_attention import MEMBER_SPEC, ROW_SPEC
+from loong_jax.sharding.decode_program import DecodeInputs, DecodeRow, decode_forward, layout_decode_batch
+from loong_jax.sharding.kv_pool import POOL_SPEC, PoolShape, assemble_group_pool, create_pool, split_group_pool
+from loong_jax.sharding.migration import migrate_pages
+from loong_jax.sharding.prefill_program import PrefillBatch as PrefillInputs
+from loong_jax.sharding.prefill_program import prefill_forward
+from loong_jax.sharding.ring_prefill import ROWS_SPEC
+from loong_jax.sharding.stripe_layout import Placement, build_layout, rows_needed, striped_members
+from loong_jax.sharding.topology import Topology, group_params, place_params
+
+RequestId = Hashable
+# Rows that pad a sampling batch: greedy, never read back.
+PADDING_PARAMS = SamplingParams(temperature=0.0, max_tokens=1, seed=0)
+PADDING_ROW = SamplingRow(PADDING_PARAMS, (), ())
+
+
+class ChunkedPrefillUnsupported(NotImplementedError):
+    """A plan asked for a prefill chunk that attends to KV already in the pools."""
+
+
+class RequestSource(Protocol):
+    """What the executor needs to know about a request beyond the allocator (the engine implements it)."""
+
+    def token_ids(self, request_id: RequestId) -> Sequence[int]:
+        """Prompt followed by every token generated so far."""
+
+    def sampling_row(self, request_id: RequestId) -> SamplingRow:
+        """The request's sampling parameters and histories for its next token."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Buckets:
+    """Smallest shape of each program dimension; larger needs round up to the next power of two."""
+
+    prefill_rows: int = 16  # token rows per group member
+    prefill_requests: int = 8  # prompts (sampled rows) per prefill batch
+    decode_batch: int = 8  # requests per master (rows per member)
+    decode_pages: int = 8  # pages of one request on one member
+    migration_slots: int = 64  # token slots moved by one migration unit
+
+    def round(self, need: int, minimum: int) -> int:
+        return 1 << (max(need, minimum, 1) - 1).bit_length()
+
+
+@dataclasses.dataclass(frozen=True)
+class UnitResult:
+    """What a finished unit produced: one token (and logprobs when asked) per request that sampled."""
+
+    unit: WorkUnit
+    new_tokens: dict[RequestId, int]
+    logprobs: dict[RequestId, TokenLogprobs | None]
+    finish_time: float
+
+
+@dataclasses.dataclass
+class _Launch:
+    """A unit ready to run: its program key and host inputs (built at submit time)."""
+
+    unit: WorkUnit
+    key: ProgramKey
+    inputs: tuple  # positional inputs after (params, pool), numpy pytrees
+    sampled: list[tuple[RequestId, int]]  # (request, row of the sampler output)
+    sampling_rows: list[SamplingRow]  # one per sampler output row, padding included
+
+
+@dataclasses.dataclass
+class _Running:
+    launch: _Launch
+    output: jax.Array  # the packed sampler output (or the migrated pool)
+    fetch: concurrent.futures.Future | None = None
+
+
+def sampling_signature(rows: Sequence[SamplingRow], batch: SamplingBatch) -> tuple:
+    """The static part of a sampling batch: history widths, logprobs columns, and whether every row is
+    plain greedy (then the program's sampler is an argmax and skips compiling the random path)."""
+    greedy = all(row.params.temperature == 0.0 and not row.params.uses_penalties and row.params.logprobs is None
+                 for row in rows)
+    return (batch.stop_token_ids.shape[1], batch.prompt_token_ids.shape[1], batch.output_token_ids.shape[1],
+            num_logprobs_columns(rows), greedy)
+
+
+PLAIN_GREEDY = (1, 1, 1, None, True)  # greedy, no penalties, no logprobs: what start-up compiles
+
+
+def sample_tokens(logits: jax.Array, batch: SamplingBatch, signature: tuple) -> jax.Array:
+    """The sampler of a program: int32 [rows, 1 (+ logprobs columns)] (see `sampler.sample_logits`)."""
+    if signature[4]:  # plain greedy rows: exactly sample_logits' greedy path (argmax after min_tokens)
+        return jnp.argmax(apply_min_tokens(logits.astype(jnp.float32), batch), axis=-1).astype(jnp.int32)[:, None]
+    return sample_logits(logits, batch, signature[3])
+
+
+def abstract_sampling(rows: int, signature: tuple, sharding) -> SamplingBatch:
+    stops, prompt_width, output_width = signature[:3]
+    s = functools.partial(jax.ShapeDtypeStruct, sharding=sharding)
+    return SamplingBatch(
+        temperature=s((rows,), np.float32), top_p=s((rows,), np.float32), top_k=s((rows,), np.int32),
+        min_p=s((rows,), np.float32), repetition_penalty=s((rows,), np.float32),
+        presence_penalty=s((rows,), np.float32), frequency_penalty=s((rows,), np.float32),
+        seed_words=s((rows, 2), np.uint32), sample_index=s((rows,), np.int32), step=s((rows,), np.int32),
+        min_tokens=s((rows,), np.int32), stop_token_ids=s((rows, stops), np.int32),
+        prompt_token_ids=s((rows, prompt_width), np.int32), output_token_ids=s((rows, output_width), np.int32))
+
+
+class JaxExecutor:
+    def __init__(self, model: LlamaForCausalLM, topology: Topology, pages_per_instance: int, page_size: int,
+                 *, eos_token_ids: Sequence[int] = (), buckets: Buckets = Buckets(),
+                 program_cache: ProgramCache | None = None, clock=time.monotonic):
+        self.config = model.config
+        self.topology = topology
+        self.buckets = buckets
+        self.eos_token_ids = tuple(eos_token_ids)
+        self.page_size = page_size
+        self.clock = clock
+        graphdef, weights = nnx.split(model)
+        self.graphdef = graphdef
+        self.params = place_params(weights, topology)  # one copy per instance, TENSOR-sharded inside
+        self.pool_shape = PoolShape.for_model(self.config, pages_per_instance, page_size)
+        self.pools = [create_pool(self.pool_shape, topology, i) for i in range(topology.num_instances)]
+        self.programs = program_cache or ProgramCache(self._lower)
+        self._group_params: dict[tuple[int, ...], Any] = {}
+        self._running: list[_Running] = []
+        self._compiling: list[tuple[_Launch, concurrent.futures.Future]] = []
+        self._fetchers = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="loong-jax-fetch")
+        self.state: EngineState | None = None
+        self.source: RequestSource | None = None
+        self.counters = Counter()
+
+    def bind(self, state: EngineState, source: RequestSource) -> None:
+        """Attach the engine state (page tables) and the request source (tokens, sampling) of an engine."""
+        if state.num_instances != self.topology.num_instances or state.page_size != self.page_size:
+            raise ValueError("engine state and executor disagree on instances or page size")
+        if self._running or self._compiling:
+            raise RuntimeError("cannot rebind an executor with units in flight")
+        self.state, self.source = state, source
+
+    @property
+    def num_instances(self) -> int:
+        return self.topology.num_instances
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._running) + len(self._compiling)
+
+    # -- the executor interface -----------------------------------------------------------------------------------
+    def submit(self, plan: Plan) -> None:
+        """Dispatch every unit of an already dispatched plan (`state.on_dispatched(plan)` came first)."""
+        for unit in plan.work_units():
+            launch = self._prepare(unit)
+            if self.programs.is_ready(launch.key):
+                self._dispatch(launch, self.programs.get(launch.key))
+            else:  # compile in the background; other groups keep running meanwhile
+                self._compiling.append((launch, self.programs.request(launch.key)))
+
+    def wait_next(self) -> list[UnitResult]:
+        """Results of the unit(s) that finish first; [] when nothing is in flight."""
+        while self._running or self._compiling:
+            self._dispatch_compiled()
+            finished = [run for run in self._running if run.fetch is not None and run.fetch.done()]
+            if finished:
+                return [self._finish(run) for run in finished]
+            if len(self._running) == 1 and not self._compiling:
+                return [self._finish(self._running[0])]  # one unit: block here, no thread hop
+            for run in self._running:
+                if run.fetch is None:  # block in a helper thread, so that whichever finishes first wakes us
+                    fetch = jax.block_until_ready if run.launch.key.kind == "migrate" else np.asarray
+                    run.fetch = self._fetchers.submit(fetch, run.output)
+            waiting = [run.fetch for run in self._running] + [future for _, future in self._compiling]
+            concurrent.futures.wait(waiting, return_when=concurrent.futures.FIRST_COMPLETED)
+        return []
+
+    def close(self) -> None:
+        self._fetchers.shutdown(wait=True)
+        self.programs.close()
+
+    # -- programs ----------------------------------------------------------------------------------------------
+    def ready_programs(self) -> frozenset:
+        """Scheduler keys (kind, group, token/batch bucket) that a compiled program serves."""
+        ready = set()
+        for key in self.programs.ready_keys():
+            if key.kind == "prefill":
+                capacity = key.bucket[0] * len(key.group) // 2  # striping leaves some rows empty
+            elif key.kind == "decode":
+                capacity = key.bucket[0]
+            else:
+                capacity = key.bucket[0]
+            bucket = 16
+            while bucket <= max(capacity, 16):
+                ready.add((key.kind, key.group, bucket))
+                bucket *= 2
+        return frozenset(ready)
+
+    def common_keys(self, prefill_groups: Sequence[tuple[int, ...]], decode_groups: Sequence[tuple[int, ...]]):
+        """The smallest-bucket, plain-sampling programs of these groups (what start-up compiles)."""
+        b = self.buckets
+        keys = [ProgramKey("prefill", tuple(g), (b.round(0, b.prefill_rows), b.round(0, b.prefill_requests),
+                                                 PLAIN_GREEDY)) for g in prefill_groups]
+        keys += [ProgramKey("decode", tuple(g), (b.round(0, b.decode_batch), b.round(0, b.decode_pages),
+                                                 PLAIN_GREEDY)) for g in decode_groups]
+        return keys
+
+    def _params_for(self, group: tuple[int, ...]):
+        params = self._group_params.get(group)
+        if params is None:  # a zero-copy view of the placed weights over this group's mesh
+            params = group_params(self.params, self.topology, group)
+            self._group_params[group] = params
+        return params
+
+    def _lower(self, key: ProgramKey):
+        """`jax.jit(program).lower(abstract inputs)` for one key (nothing runs)."""
+        group, mesh = key.group, self.topology.group_mesh(key.group)
+        members = len(group)
+        pool = jax.ShapeDtypeStruct(self.pool_shape.group_shape(members), np.dtype(self.pool_shape.dtype),
+                                    sharding=NamedSharding(mesh, POOL_SPEC))
+        if key.kind == "migrate":
+            (slots,) = key.bucket
+            tables = jax.ShapeDtypeStruct((members, slots), np.int32, sharding=NamedSharding(mesh, MEMBER_SPEC))
+            return jax.jit(functools.partial(self._migrate_program, mesh=mesh), donate_argnames=("pool",),
+                           out_shardings=NamedSharding(mesh, POOL_SPEC)).lower(pool, tables, tables)
+        params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
+                              self._params_for(group))
+        replicated, out = NamedSharding(mesh, P()), (NamedSharding(mesh, P()), NamedSharding(mesh, POOL_SPEC))
+        if key.kind == "prefill":
+            rows_per_member, requests, signature = key.bucket
+            rows = jax.ShapeDtypeStruct((members * rows_per_member,), np.int32,
+                                        sharding=NamedSharding(mesh, ROWS_SPEC))
+            inputs = PrefillInputs(tokens=rows, positions=rows, segment_ids=rows, placement_member=rows,
+                                   placement_slot=rows,
+                                   logits_indices=jax.ShapeDtypeStruct((requests,), np.int32, sharding=replicated))
+            sampling = abstract_sampling(requests, signature, replicated)
+            program = functools.partial(self._prefill_program, mesh=mesh, signature=signature)
+        elif key.kind == "decode":
+            batch_local, max_pages, signature = key.bucket
+            batch_rows = members * batch_local
+            row = NamedSharding(mesh, ROW_SPEC)
+            per_member = NamedSharding(mesh, MEMBER_SPEC)
+            inputs = DecodeInputs(
+                tokens=jax.ShapeDtypeStruct((batch_rows,), np.int32, sharding=row),
+                positions=jax.ShapeDtypeStruct((batch_rows,), np.int32, sharding=row),
+                append_slots=jax.ShapeDtypeStruct((batch_rows,), np.int32, sharding=row),
+                page_tables=jax.ShapeDtypeStruct((members, batch_rows, max_pages), np.int32, sharding=per_member),
+                kv_lens=jax.ShapeDtypeStruct((members, batch_rows), np.int32, sharding=per_member))
+            sampling = abstract_sampling(batch_rows, signature, row)
+            program = functools.partial(self._decode_program, mesh=mesh, signature=signature)
+        else:
+            raise ValueError(f"unknown program kind {key.kind!r}")
+        return jax.jit(program, donate_argnames=("pool",), out_shardings=out).lower(params, pool, inputs, sampling)
+
+    def _prefill_program(self, params, pool, inputs, sampling, *, mesh, signature):
+        logits, pool = prefill_forward(self.graphdef, params, pool, inputs, mesh=mesh)  # [requests, vocab]
+        return sample_tokens(logits, sampling, signature), pool
+
+    def _decode_program(self, params, pool, inputs, sampling, *, mesh, signature):
+        logits, pool = decode_forward(self.graphdef, params, pool, inputs, mesh=mesh)  # [rows, vocab]
+        return sample_tokens(logits, sampling, signature), pool
+
+    @staticmethod
+    def _migrate_program(pool, send_slots, receive_slots, *, mesh):
+        # Token slots, not pages: a share appended to a partly filled page on the destination lands at an
+        # offset, so the move is expressed on the pool viewed with pages of one slot.
+        members, layers, kv, pages, page_size, heads, head_dim = pool.shape
+        slots_view = pool.reshape(members, layers, kv, pages * page_size, 1, heads, head_dim)
+        moved = migrate_pages(slots_view, send_slots, receive_slots, mesh=mesh, moves=((0, 1),))
+        return moved.reshape(pool.shape)
+
+    # -- host side: plan units -> program inputs --------------------------------------------------------------
+    def _prepare(self, unit: WorkUnit) -> _Launch:
+        if isinstance(unit, PrefillBatch):
+            return self._prepare_prefill(unit)
+        if isinstance(unit, DecodeBatch):
+            if unit.fused_prefill is not None:
+                raise ChunkedPrefillUnsupported(
+                    "the JAX executor does not run prefill chunks fused into decode steps (chunked prefill); "
+                    "use policy 'esp', 'fixed', 'static-sp', 'replicas' or 'pd-disagg'")
+            return self._prepare_decode(unit)
+        if isinstance(unit, MigrationBatch):
+            return self._prepare_migration(unit)
+        raise TypeError(f"unknown work unit {type(unit).__name__}")
+
+    def _slots(self, request_id: RequestId, instance: int, first: int, count: int) -> np.ndarray:
+        """[count] flat slots of the request's tokens first..first+count-1 on `instance` (dense per share)."""
+        pages = np.asarray(self.state.allocator.page_table(request_id, instance), dtype=np.int64)
+        index = first + np.arange(count)
+        return (pages[index // self.page_size] * self.page_size + index % self.page_size).astype(np.int32)
+
+    def _prepare_prefill(self, batch: PrefillBatch) -> _Launch:
+        allocator, group = self.state.allocator, batch.group
+        member_of = {instance: m for m, instance in enumerate(group)}
+        lengths, tokens, keep_member, keep_slot = [], [], [], []
+        for request_id, (start, length), segments in zip(batch.request_ids, batch.chunks, batch.placement):
+            if start != 0:
+                raise ChunkedPrefillUnsupported(
+                    f"prefill of {request_id!r} starts at token {start}: chunked prefill needs a program that "
+                    "attends to KV already in the pools, which this executor does not run")
+            request_tokens = self.source.token_ids(request_id)
+            if len(request_tokens) != length:
+                raise ValueError(f"prefill of {request_id!r} covers {length} tokens, request has {len(request_tokens)}")
+            lengths.append(length)
+            tokens.append(np.asarray(request_tokens, np.int32))
+            # The chunk's tokens kept on an instance follow whatever the request held there before.
+            placed_here = Counter()
+            for instance, n_tokens in segments:
+                placed_here[instance] += n_tokens
+            next_index = {i: allocator.tokens_on(request_id, i) - n for i, n in placed_here.items()}
+            for instance, n_tokens in segments:
+                keep_member.append(np.full(n_tokens, member_of[instance], np.int32))
+                keep_slot.append(self._slots(request_id, instance, next_index[instance], n_tokens))
+                next_index[instance] += n_tokens
+        b, members = self.buckets, len(group)
+        token_members = striped_members(lengths, members)
+        rows_per_member = b.round(rows_needed(token_members, members), b.prefill_rows)
+        layout = build_layout(lengths, token_members, members, rows_per_member)
+        member_rows, slot_rows = Placement(np.concatenate(keep_member), np.concatenate(keep_slot)).rows(layout)
+        requests = b.round(len(lengths), b.prefill_requests)
+        last_rows = layout.last_token_rows()
+        logits_indices = np.concatenate([last_rows, np.full(requests - len(last_rows), last_rows[0])])
+        inputs = PrefillInputs(
+            tokens=layout.to_rows(np.concatenate(tokens), fill=0), positions=layout.positions,
+            segment_ids=layout.segment_ids, placement_member=member_rows.astype(np.int32),
+            placement_slot=slot_rows.astype(np.int32), logits_indices=logits_indices.astype(np.int32))
+        rows = [self.source.sampling_row(r) for r in batch.request_ids]
+        sampling, signature = self._sampling(rows, requests)
+        key = ProgramKey("prefill", group, (rows_per_member, requests, signature))
+        sampled = list(zip(batch.request_ids, range(len(rows))))
+        return _Launch(batch, key, (inputs, sampling), sampled, rows)
+
+    def _prepare_decode(self, batch: DecodeBatch) -> _Launch:
+        allocator, group = self.state.allocator, batch.group
+        member_of = {instance: m for m, instance in enumerate(group)}
+        rows = []
+        for request_id, master in zip(batch.request_ids, batch.masters):
+            request_tokens = self.source.token_ids(request_id)
+            held = allocator.kv_layout(request_id)  # instance -> tokens, this step's append included
+            append_slot = int(self._slots(request_id, master, held[master] - 1, 1)[0])
+            rows.append(DecodeRow(
+                token=int(request_tokens[-1]), position=len(request_tokens) - 1, master=member_of[master],
+                append_slot=append_slot,
+                pages={member_of[i]: allocator.page_table(request_id, i) for i in held},
+                kv_lens={member_of[i]: n for i, n in held.items()}))
+        b, members = self.buckets, len(group)
+        busiest_master = max(Counter(row.master for row in rows).values())
+        most_pages = max(len(pages) for row in rows for pages in row.pages.values())
+        batch_local = b.round(busiest_master, b.decode_batch)
+        max_pages = b.round(most_pages, b.decode_pages)
+        host = layout_decode_batch(rows, members, batch_local, max_pages)
+        inputs = DecodeInputs(tokens=host.tokens, positions=host.positions, append_slots=host.append_slots,
+                              page_tables=host.page_tables, kv_lens=host.kv_lens)
+        sampling_rows = [PADDING_ROW] * (members * batch_local)
+        for request_id, row in zip(batch.request_ids, host.rows):
+            sampling_rows[row] = self.source.sampling_row(request_id)
+        sampling, signature = self._sampling(sampling_rows, members * batch_local)
+        key = ProgramKey("decode", group, (batch_local, max_pages, signature))
+        if 4 * most_pages > 3 * max_pages:  # requests grow: have the next page bucket ready in time
+            self.programs.request(ProgramKey("decode", group, (batch_local, 2 * max_pages, signature)))
+        return _Launch(batch, key, (inputs, sampling), list(zip(batch.request_ids, host.rows)), sampling_rows)
+
+    def _prepare_migration(self, batch: MigrationBatch) -> _Launch:
+        sources, destinations = [], []
+        for ticket in self.state.migration_tickets(batch):
+            sources.append(self._ticket_slots(ticket.src_pages, 0, ticket.n_tokens))
+            destinations.append(self._ticket_slots(ticket.dst_pages, ticket.dst_first_slot, ticket.n_tokens))
+        send, receive = np.concatenate(sources), np.concatenate(destinations)
+        slots = self.buckets.round(len(send), self.buckets.migration_slots)
+        send_slots = np.full((2, slots), -1, np.int32)
+        receive_slots = np.full((2, slots), -1, np.int32)
+        send_slots[0, :len(send)] = send  # member 0 = source
+        receive_slots[1, :len(receive)] = receive  # member 1 = destination
+        key = ProgramKey("migrate", (batch.src_instance, batch.dst_instance), (slots,))
+        return _Launch(batch, key, (send_slots, receive_slots), [], [])
+
+    def _ticket_slots(self, pages: Sequence[int], first: int, count: int) -> np.ndarray:
+        pages_array = np.asarray(pages, dtype=np.int64)
+        index = first + np.arange(count)
+        return (pages_array[index // self.page_size] * self.page_size + index % self.page_size).astype(np.int32)
+
+    def _sampling(self, rows: list[SamplingRow], batch_rows: int) -> tuple[SamplingBatch, tuple]:
+        batch = pack_sampling_batch(rows, self.config.vocab_size, self.eos_token_ids, batch_bucket=batch_rows)
+        return batch, sampling_signature(rows, batch)
+
+    # -- device side ----------------------------------------------------------------------------------------
+    def _dispatch(self, launch: _Launch, program) -> None:
+        group = launch.key.group
+        mesh = self.topology.group_mesh(group)
+        pool = assemble_group_pool([self.pools[i] for i in group], mesh)
+        if launch.key.kind == "migrate":
+            pool = program(pool, *launch.inputs)
+            output = pool
+        else:
+            output, pool = program(self._params_for(group), pool, *launch.inputs)
+            output.copy_to_host_async()  # the unit's one device->host transfer starts as soon as it can
+        for instance, member_pool in zip(group, split_group_pool(pool, self.topology, group)):
+            self.pools[instance] = member_pool
+        self.counters[launch.key.kind] += 1
+        self._running.append(_Running(launch, output))
+
+    def _dispatch_compiled(self) -> None:
+        still_compiling = []
+        for launch, future in self._compiling:
+            if future.done():
+                self._dispatch(launch, future.result())
+            else:
+                still_compiling.append((launch, future))
+        self._compiling = still_compiling
+
+    def _finish(self, run: _Running) -> UnitResult:
+        self._running.remove(run)
+        launch = run.launch
+        if launch.key.kind == "migrate":
+            jax.block_until_ready(run.output)
+            return UnitResult(launch.unit, {}, {}, self.clock())
+        packed = run.fetch.result() if run.fetch is not None else np.asarray(run.output)
+        sampled = unpack_sampler_output(packed, launch.sampling_rows)
+        tokens = {request_id: int(sampled.token_ids[row]) for request_id, row in launch.sampled}
+        logprobs = {request_id: sampled.logprobs[row] for request_id, row in launch.sampled}
+        return UnitResult(launch.unit, tokens, logprobs, self.clock())

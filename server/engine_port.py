@@ -1,0 +1,213 @@
+"""The engine as the server sees it: the one module that knows `AsyncLLM`'s insides.
+
+Data flow:
+  1. `EnginePort.create(**llm_kwargs)` returns at once; `await port.load()` builds the `AsyncLLM`
+     (weights, KV pools, ahead-of-time compilation) in a worker thread, so the server can listen —
+     and answer health checks with NOT_SERVING — while the model loads and warms up.
+     `EnginePort.wrap(async_llm)` serves an engine that already exists (tests share one engine
+     between several servers).
+  2. Requests: `generate(token_ids, params, request_id)` is `AsyncLLM.generate`; leaving it early
+     aborts the request (pages freed within one step); `abort(request_id)` returns once pages are free.
+  3. Lifecycle: `is_ready` / `wait_ready` (engine built and warmed up), `dead_reason` / `wait_dead`
+     (the engine thread died, or loading failed).
+  4. Introspection, read from the engine thread's state without stopping it (plain integer reads,
+     and the program cache's own lock): `metrics_snapshot()` for Prometheus, `server_info()` and
+     `model_info()` for the RPCs of the same names.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable, Sequence
+
+from loong_jax.async_llm import AsyncLLM, EngineDeadError
+from loong_jax.outputs import RequestOutput
+from loong_jax.sampling_params import SamplingParams
+from loong_jax.server.generated import generation_pb2 as pb
+from loong_jax.server.metrics import EngineSnapshot
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["EngineDeadError", "EnginePort"]
+DEATH_POLL_S = 0.1
+
+
+def _package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("loong-jax")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+class EnginePort:
+    def __init__(self, loader: Callable[[], AsyncLLM] | None = None, *, engine: AsyncLLM | None = None,
+                 model_path: str | Path | None = None, owns_engine: bool = True):
+        if (loader is None) == (engine is None):
+            raise ValueError("an EnginePort needs exactly one of loader or engine")
+        self._loader = loader
+        self._engine = engine
+        self._owns_engine = owns_engine
+        self._model_path = None if model_path is None else Path(model_path)
+        self._load_error: str | None = None
+        self._version = _package_version()
+
+    @classmethod
+    def create(cls, **llm_kwargs: Any) -> "EnginePort":
+        """A port whose AsyncLLM(**llm_kwargs) is built by `load()`."""
+        from loong_jax.models.demo import resolve_model_path
+
+        model_path = resolve_model_path(llm_kwargs.get("model"))  # a wrong folder fails now, not later
+        llm_kwargs = {**llm_kwargs, "model": str(model_path)}
+        llm_kwargs.setdefault("progress", False)  # the server logs instead of drawing progress bars
+        return cls(lambda: AsyncLLM(**llm_kwargs), model_path=model_path)
+
+    @classmethod
+    def wrap(cls, engine: AsyncLLM, model_path: str | Path | None = None) -> "EnginePort":
+        """A port over an engine someone else built (and will shut down)."""
+        return cls(engine=engine, model_path=model_path, owns_engine=False)
+
+    # ------------------------------------------------------------------ lifecycle
+    async def load(self) -> None:
+        """Builds the engine (if this port has a loader); a failure makes the port dead, not the server."""
+        if self._engine is not None or self._load_error is not None:
+            return
+        try:
+            self._engine = await asyncio.to_thread(self._loader)
+        except Exception as error:  # reported through health and logs; the process decides what to do
+            logger.exception("engine failed to load")
+            self._load_error = f"loading failed: {type(error).__name__}: {error}"
+
+    def is_ready(self) -> bool:
+        return self._engine is not None and self.dead_reason() is None
+
+    async def wait_ready(self) -> None:
+        await self.load()
+        if self._engine is None:
+            await asyncio.Event().wait()  # never ready: the death watcher reports the load error
+
+    def dead_reason(self) -> str | None:
+        if self._load_error is not None:
+            return self._load_error
+        error = None if self._engine is None else self._engine.dead_error
+        return None if error is None else f"{type(error).__name__}: {error}"
+
+    async def wait_dead(self) -> str:
+        # AsyncLLM reports death by a flag only; a 0.1 s poll is cheap and bounds the delay.
+        while (reason := self.dead_reason()) is None:
+            await asyncio.sleep(DEATH_POLL_S)
+        return reason
+
+    async def close(self) -> None:
+        if self._owns_engine and self._engine is not None:
+            await asyncio.to_thread(self._engine.shutdown)
+
+    # ------------------------------------------------------------------ requests
+    @property
+    def engine(self) -> AsyncLLM:
+        if self._engine is None:
+            raise RuntimeError("the engine is not loaded yet")
+        return self._engine
+
+    def generate(self, prompt_token_ids: Sequence[int], params: SamplingParams,
+                 request_id: str) -> AsyncIterator[RequestOutput]:
+        return self.engine.generate(list(prompt_token_ids), params, request_id)
+
+    async def abort(self, request_id: str) -> bool:
+        if self.dead_reason() is not None:
+            return False
+        return await self.engine.abort(request_id)
+
+    # ------------------------------------------------------------------ model facts
+    @property
+    def tokenizer(self):
+        return self.engine.llm.tokenizer
+
+    @property
+    def config(self):
+        return self.engine.llm.config
+
+    @property
+    def context_length(self) -> int:
+        return self.config.max_context
+
+    @property
+    def vocab_size(self) -> int:
+        return self.config.vocab_size
+
+    def token_limits(self) -> tuple[int, int]:
+        """(longest prompt, largest prompt + max_tokens - 1) that can ever fit this cluster's KV."""
+        return self.engine.llm.engine.token_limits()
+
+    def model_info(self, max_prompt_tokens: int) -> pb.ModelInfo:
+        config, tokenizer = self.config, self.tokenizer
+        architecture = ""
+        if self._model_path is not None and (self._model_path / "config.json").exists():
+            architectures = json.loads((self._model_path / "config.json").read_text()).get("architectures") or []
+            architecture = architectures[0] if architectures else ""
+        specials = tokenizer.special_tokens
+        special_tokens = pb.SpecialTokens(eos_token_ids=list(tokenizer.eos_token_ids))
+        for key in ("bos_token", "eos_token", "unk_token", "pad_token"):
+            if specials.get(key) is not None:
+                setattr(special_tokens, key, specials[key])
+        if tokenizer.bos_token_id is not None:
+            special_tokens.bos_token_id = tokenizer.bos_token_id
+        if tokenizer.pad_token_id is not None:
+            special_tokens.pad_token_id = tokenizer.pad_token_id
+        return pb.ModelInfo(
+            model=str(self._model_path or ""), architecture=architecture, model_type=config.model_type,
+            context_length=self.context_length, max_prompt_tokens=max_prompt_tokens,
+            vocab_size=config.vocab_size, num_layers=config.num_layers, hidden_size=config.hidden_size,
+            num_heads=config.num_heads, num_kv_heads=config.num_kv_heads, dtype=config.dtype,
+            special_tokens=special_tokens, has_chat_template=tokenizer.chat_template is not None)
+
+    # ------------------------------------------------------------------ live state
+    def _pages(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        allocator = self.engine.llm.engine.state.allocator
+        instances = range(allocator.num_instances)
+        return (tuple(allocator.num_pages(i) for i in instances),
+                tuple(allocator.num_pages(i) - allocator.pages_free(i) for i in instances))
+
+    def metrics_snapshot(self) -> EngineSnapshot:
+        if self._engine is None:
+            return EngineSnapshot()
+        engine = self._engine.llm.engine
+        state, stats = engine.state, engine.executor.programs.stats
+        counters = dict(state.counters)
+        total, used = self._pages()
+        return EngineSnapshot(
+            running=len(state.prefilling) + len(state.decoding), waiting=len(state.waiting),
+            kv_pages_total=total, kv_pages_used=used,
+            prefill_dop_counts=dict(engine.dop_counts["prefill"]), decode_dop_counts=dict(engine.dop_counts["decode"]),
+            scale_downs=counters.get("scale_downs", 0), scale_ups=counters.get("scale_ups", 0),
+            migrations=counters.get("migrations", 0), preemptions=counters.get("preemptions", 0),
+            compiles=stats.compiles, compile_seconds=stats.compile_seconds,
+            programs_ready=len(engine.executor.programs.ready_keys()))
+
+    def server_info(self) -> pb.ServerInfo:
+        info = pb.ServerInfo(version=self._version)
+        if self._engine is None:
+            return info
+        llm = self._engine.llm
+        state = llm.engine.state
+        total, used = self._pages()
+        waiting = state.waiting
+        info.num_instances = llm.topology.num_instances
+        info.tp = llm.topology.tp
+        info.page_size = llm.executor.page_size
+        info.instances.extend(pb.InstanceInfo(index=i, kv_pages_total=t, kv_pages_used=u, kv_pages_free=t - u)
+                              for i, (t, u) in enumerate(zip(total, used)))
+        info.programs_ready = len(llm.executor.programs.ready_keys())
+        info.queue_length = len(waiting)
+        info.queued_tokens = sum(request.prompt_len for request in waiting)
+        info.running = len(state.prefilling) + len(state.decoding)
+        info.policy = getattr(llm.engine.policy, "name", type(llm.engine.policy).__name__)
+        return info
+
+    def pages_used(self) -> int:
+        """KV pages in use over all instances (0 when every request has released its pages)."""
+        return sum(self._pages()[1]) if self._engine is not None else 0
