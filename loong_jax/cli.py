@@ -24,6 +24,8 @@ DELEGATED = {
     "serve": ("loong_jax.server.cli", "serve_main", "run the gRPC server"),
     "simulate": ("loong_jax.simulator.cli", "simulate_main", "compare scheduling policies on a simulated cluster"),
     "train-demo": ("loong_jax.models.train_demo", "main", "train the shipped demo model"),
+    "bench": ("loong_jax.bench.cli", "bench_main", "benchmark a running server over gRPC (load generator)"),
+    "eval": ("loong_jax.evaluate", "eval_main", "batch evaluation: JSONL of prompts -> JSONL of answers"),
 }
 
 

@@ -37,6 +37,18 @@ from loong_jax.scheduler.view import FINISHED
 logger = logging.getLogger(__name__)
 
 
+class LogicalClock:
+    """A clock that advances one millisecond per reading: with an executor returning units in dispatch
+    order, every scheduling decision (and so the whole run) is reproducible. Timings become step counts."""
+
+    def __init__(self, tick: float = 1e-3):
+        self._tick = tick
+        self._readings = itertools.count(1)
+
+    def __call__(self) -> float:
+        return next(self._readings) * self._tick
+
+
 class SchedulerStalled(RuntimeError):
     """Requests wait, nothing runs and the policy plans nothing: a policy bug, reported instead of hanging."""
 
@@ -174,6 +186,16 @@ class Engine:
     def is_running(self, request_id: str) -> bool:
         """Queued or running (not finished, not aborted to the end)."""
         return request_id in self._requests
+
+    def pages_held(self, request_id: str) -> int:
+        """KV pages the request holds right now, over all instances and samples (0 once it is finished)."""
+        record = self._requests.get(request_id)
+        if record is None:
+            return 0
+        allocator = self.state.allocator
+        return sum(len(allocator.page_table(sequence.engine_id, instance))
+                   for sequence in record.sequences if allocator.has_request(sequence.engine_id)
+                   for instance in allocator.kv_layout(sequence.engine_id))
 
     def has_unfinished(self) -> bool:
         return bool(self._requests) or bool(self._deltas)

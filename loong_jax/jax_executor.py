@@ -153,13 +153,16 @@ def abstract_sampling(rows: int, signature: tuple, sharding) -> SamplingBatch:
 class JaxExecutor:
     def __init__(self, model: LlamaForCausalLM, topology: Topology, pages_per_instance: int, page_size: int,
                  *, eos_token_ids: Sequence[int] = (), buckets: Buckets = Buckets(),
-                 program_cache: ProgramCache | None = None, clock=time.monotonic):
+                 program_cache: ProgramCache | None = None, clock=time.monotonic, in_dispatch_order: bool = False):
+        """in_dispatch_order: `wait_next` returns units in the order they were dispatched instead of as they
+        finish (with a logical clock this makes a whole run reproducible, scheduling decisions included)."""
         self.config = model.config
         self.topology = topology
         self.buckets = buckets
         self.eos_token_ids = tuple(eos_token_ids)
         self.page_size = page_size
         self.clock = clock
+        self.in_dispatch_order = in_dispatch_order
         graphdef, weights = nnx.split(model)
         self.graphdef = graphdef
         self.params = place_params(weights, topology)  # one copy per instance, TENSOR-sharded inside
@@ -204,6 +207,11 @@ class JaxExecutor:
         """Results of the unit(s) that finish first; [] when nothing is in flight."""
         while self._running or self._compiling:
             self._dispatch_compiled()
+            if self.in_dispatch_order:
+                if self._compiling:
+                    concurrent.futures.wait([future for _, future in self._compiling])
+                    continue
+                return [self._finish(self._running[0])]
             finished = [run for run in self._running if run.fetch is not None and run.fetch.done()]
             if finished:
                 return [self._finish(run) for run in finished]

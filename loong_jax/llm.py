@@ -17,13 +17,14 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import time
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import jax
 import numpy as np
 
-from loong_jax.engine import Engine, PreparedRequest
+from loong_jax.engine import Engine, LogicalClock, PreparedRequest
 from loong_jax.jax_executor import Buckets, JaxExecutor
 from loong_jax.models.demo import resolve_model_path
 from loong_jax.models.llama import LlamaForCausalLM
@@ -113,7 +114,10 @@ class LLM:
                  devices: Sequence[jax.Device] | None = None, policy_options: dict | None = None,
                  cost_model: CostModel | str | Path | None = None, buckets: Buckets = Buckets(),
                  warmup: bool = True, compilation_cache_dir: str | Path | None = DEFAULT_CACHE_DIR,
-                 kv_memory_fraction: float = 0.5, progress: bool = True):
+                 kv_memory_fraction: float = 0.5, progress: bool = True, deterministic: bool = False):
+        """deterministic: units complete in dispatch order and the engine runs on a logical clock, so a run
+        (scheduling decisions included) repeats exactly; for debugging and tests (timings become step counts,
+        groups no longer overlap in time)."""
         if page_size < 1:
             raise ValueError(f"page_size must be >= 1, got {page_size}")
         if kv_pages is not None and kv_pages < 1:
@@ -129,8 +133,10 @@ class LLM:
             raise ValueError(f"{instances} instances of tp={tp} need {instances * tp} devices, {len(devices)} available")
         self.topology = Topology(devices[:instances * tp], tp)
         pages = kv_pages or default_kv_pages(self.config, self.topology, page_size, kv_memory_fraction)
+        self._clock = LogicalClock() if deterministic else time.monotonic
         self.executor = JaxExecutor(self.model, self.topology, pages, page_size,
-                                    eos_token_ids=self.tokenizer.eos_token_ids, buckets=buckets)
+                                    eos_token_ids=self.tokenizer.eos_token_ids, buckets=buckets,
+                                    clock=self._clock, in_dispatch_order=deterministic)
         if isinstance(cost_model, (str, Path)):
             cost_model = CostModel.load_json(cost_model, tp=tp)
         self.cost_model = cost_model or engine_cost_model(self.config, tp, instances, pages, page_size)
@@ -149,7 +155,8 @@ class LLM:
         built = build_policy(policy, n, prefill_degree, decode_degree, policy_options)
         self.engine = Engine(self.executor, self.tokenizer, built, self.cost_model,
                              max_context=self.config.max_context,
-                             request_token_limit=policy_token_limit(built, n, self.executor.page_size))
+                             request_token_limit=policy_token_limit(built, n, self.executor.page_size),
+                             clock=self._clock)
         if warmup:
             self.warm_up()
 

@@ -158,6 +158,12 @@ class ProgramCache:
             if bar is not None:
                 bar.close()
 
+    def wait_background(self) -> None:
+        """Block until every compilation under way has finished (successfully or not)."""
+        with self._lock:
+            pending = list(self._compiling.values())
+        concurrent.futures.wait(pending)
+
     def close(self) -> None:
         self._background.shutdown(wait=True, cancel_futures=True)
 

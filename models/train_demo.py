@@ -2,9 +2,9 @@
 model wherever none is named).
 
 Data flow:
-  1. Text: the standard library's docstrings (`demo_corpus.collect_documents`),
-     formatted as plain documents and a few one-turn chats
-     (`demo_tokenizer.format_documents`).
+  1. Text: the opening paragraph of every standard-library docstring
+     (`demo_corpus.collect_documents`), formatted as plain documents and a
+     few one-turn chats (`demo_tokenizer.format_documents`).
   2. Tokenizer: a byte-level BPE trained on that text with `tokenizers`.
   3. Data: each epoch the documents are shuffled and packed into rows of
      `seq_len` tokens with positions and segment ids (no attention across
@@ -53,7 +53,7 @@ SAMPLE_PROMPTS = ("Return the number of", "This module provides", "Create a new"
 
 @dataclasses.dataclass(frozen=True)
 class TrainSettings:
-    max_paragraphs: int = 2  # opening paragraphs kept of each docstring
+    max_paragraphs: int = 1  # opening paragraphs kept: the summary prose of each docstring
     vocab_size: int = 4096
     hidden_size: int = 256
     intermediate_size: int = 704
@@ -62,9 +62,9 @@ class TrainSettings:
     num_kv_heads: int = 2
     head_dim: int = 32
     max_position_embeddings: int = 8192
-    seq_len: int = 512
-    batch_size: int = 8  # rows of seq_len tokens per step
-    steps: int = 1200
+    seq_len: int = 256
+    batch_size: int = 4  # rows of seq_len tokens per step
+    steps: int = 700
     peak_lr: float = 3e-3
     final_lr_fraction: float = 0.05
     warmup_steps: int = 60
@@ -108,15 +108,10 @@ def make_optimizer(settings: TrainSettings) -> optax.GradientTransformation:
     )
 
 
-def make_train_step(graphdef, rest, optimizer: optax.GradientTransformation, compute_dtype=None):
-    """A jitted step over a batch of packed rows; donates params and opt_state.
-
-    compute_dtype (e.g. bfloat16): the forward pass runs on a copy of the
-    float32 master parameters cast to it (graphdef must be built for it)."""
+def make_train_step(graphdef, rest, optimizer: optax.GradientTransformation):
+    """A jitted step over a batch of packed rows; donates params and opt_state."""
 
     def loss_fn(params, batch):
-        if compute_dtype is not None:
-            params = jax.tree.map(lambda p: p.astype(compute_dtype), params)
         model = nnx.merge(graphdef, params, rest)
 
         def row_logits(tokens, positions, segment_ids):  # one packed row [seq_len]
@@ -133,7 +128,7 @@ def make_train_step(graphdef, rest, optimizer: optax.GradientTransformation, com
         loss, grads = jax.value_and_grad(loss_fn)(params, batch)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        return params, opt_state, loss, optax.global_norm(grads)
+        return params, opt_state, loss, optax.tree.norm(grads)
 
     return train_step
 
@@ -201,6 +196,8 @@ def parse_args(argv: list[str] | None) -> tuple[Path, TrainSettings]:
                             default=getattr(defaults, field.name))
     args = parser.parse_args(argv)
     settings = TrainSettings(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainSettings)})
+    if not 0 <= settings.warmup_steps < settings.steps:
+        parser.error(f"--warmup-steps ({settings.warmup_steps}) must be below --steps ({settings.steps})")
     return args.out, settings
 
 

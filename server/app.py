@@ -1,19 +1,21 @@
 """Server assembly: a grpc.aio server around one engine, with health, reflection, auth, TLS, metrics, drain.
 
 Data flow:
-  1. `GenerationServer(engine, options)`; `await start()` builds the grpc.aio server (message-size
+  1. `GenerationServer(engine_port, options)`; `await start()` builds the grpc.aio server (message-size
      limits; the API-key interceptor when keys are given), registers the Generation servicer, the
      standard health service and reflection, binds `host:port` (TLS when configured; port 0 picks a
      free one), starts the Prometheus endpoint, and starts two watchers:
-       - warm-up: health of "loong_jax.v1.Generation" turns SERVING once the engine's ahead-of-time
-         compilation is done ("" = liveness is SERVING from the start);
+       - warm-up: the port loads the engine (weights, KV pools, ahead-of-time compilation) in a
+         worker thread; health of "loong_jax.v1.Generation" turns SERVING when that is done
+         ("" = liveness is SERVING from the start; calls before then get UNAVAILABLE);
        - death: if the engine loop dies, every health status turns NOT_SERVING and every open
          Generate ends with INTERNAL (the servicer waits on the same event).
   2. `await drain(timeout)`: health NOT_SERVING, new calls UNAVAILABLE, open requests run to the end;
      at the deadline the rest are aborted (their calls end UNAVAILABLE).
   3. `await stop()`: the gRPC server and the metrics endpoint close.
   4. `serve_until_signal(server)` is what `loong-jax serve` runs: start, wait for SIGTERM / SIGINT,
-     drain, stop, return exit code 0.
+     drain, stop, return exit code 0. If the engine dies instead, the server stays up answering
+     NOT_SERVING for `drain_timeout` seconds (so probes see it), then exits with code 1.
 """
 
 from __future__ import annotations
@@ -134,9 +136,8 @@ class GenerationServer:
     def __init__(self, engine: EnginePort, options: ServerOptions = ServerOptions()):
         self.engine = engine
         self.options = options
-        context_limit = engine.context_length - 1  # room for at least one generated token
-        max_prompt = min(options.max_prompt_tokens or context_limit, context_limit)
-        self.limits = ServingLimits(max_prompt_tokens=max_prompt, max_queued_requests=options.max_queued_requests,
+        self.limits = ServingLimits(max_prompt_tokens=options.max_prompt_tokens,
+                                    max_queued_requests=options.max_queued_requests,
                                     max_queued_tokens=options.max_queued_tokens)
         self.metrics = ServerMetrics(engine.metrics_snapshot)
         self.state: ServingState | None = None
@@ -217,7 +218,7 @@ class GenerationServer:
             await asyncio.sleep(0.05)
         drained = self.servicer.open_requests == 0
         if not drained:
-            aborted = self.servicer.abort_all_for_shutdown()
+            aborted = await self.servicer.abort_all_for_shutdown()
             logger.warning("drain timeout: aborted %d requests", aborted,
                            extra={"fields": {"event": "drain_timeout", "aborted": aborted}})
             grace_deadline = loop.time() + 5.0  # aborted requests end within a step or two
@@ -256,10 +257,10 @@ async def serve_until_signal(server: GenerationServer, on_started=None) -> int:
         signalled = asyncio.create_task(stop_requested.wait())
         await asyncio.wait({dead, signalled}, return_when=asyncio.FIRST_COMPLETED)
         dead.cancel()
-        signalled.cancel()
         if server.state.dead_reason is not None and not stop_requested.is_set():
-            await asyncio.sleep(0.5)  # let the open calls receive their INTERNAL status
+            await asyncio.wait({signalled}, timeout=server.options.drain_timeout)
             return 1
+        signalled.cancel()
         await server.drain()
         return 0
     finally:

@@ -5,9 +5,10 @@ scheduling idea only. The helpers at the top are shared with `chunked_prefill` a
 
 Data flow of `StaticSpPolicy.schedule`:
   1. The instances are cut into fixed aligned groups of `degree` instances.
-  2. For each idle group, prefill first (as vLLM does): the FIFO head requests whose prompt plus expected
-     growth fits the group's free pages form one batch on the whole group, their KV spread evenly over every
-     member (no scale-down: a static system keeps what it computed where it computed it).
+  2. Prefill first (as vLLM does): the FIFO head requests go, one by one, to the idle group with the fewest
+     tokens assigned this step whose free pages hold the prompt plus its expected growth; each group's
+     requests form one batch on the whole group, their KV spread evenly over every member (no scale-down:
+     a static system keeps what it computed where it computed it).
   3. Otherwise the group runs one decode step of all its decoding requests: masters with room, scale-up only
      inside the group, newest-first recompute preemption when the group is out of pages.
   4. A request larger than one group's whole pool can never run: it is rejected, not queued forever.
@@ -78,6 +79,13 @@ def spread_tokens(n_tokens: int, members, pages_free: list[int], page_size: int,
     return tuple(segments)
 
 
+def capped_growth(view: SchedulerView, request: RequestView, horizon: int, members: int, slack_pages: int = 0) -> int:
+    """Growth to reserve, never more than an empty group of `members` instances has beside the prompt (so a
+    request that fits an empty group is always admissible there)."""
+    room = (members * min(i.pages_total for i in view.instances) - slack_pages) * view.page_size
+    return max(0, min(growth_tokens(view, request, horizon), room - request.prefill_target))
+
+
 def reserve_for_decodes(view: SchedulerView, horizon: int) -> list[int]:
     """Pages per instance kept for the expected growth of the decoding requests it masters."""
     reserve = [0] * view.num_instances
@@ -119,16 +127,13 @@ class StaticSpPolicy:
         pages_free = [i.pages_free for i in view.instances]
         reserve = reserve_for_decodes(view, self.growth_horizon)
         rejections, waiting = split_never_fitting(view, self._degree(view))
-        prefills, decodes, preemptions = [], [], []
-        for group in groups:
-            if not idle.issuperset(group):
-                continue
-            batch = self._prefill(view, group, waiting, pages_free, reserve)
-            if batch is not None:
-                prefills.append(batch)
-                taken = set(batch.request_ids)
-                waiting = [r for r in waiting if r.request_id not in taken]
-                continue
+        idle_groups = [g for g in groups if idle.issuperset(g)]
+        prefills = self._prefills(view, idle_groups, waiting, pages_free, reserve)
+        prefilling = {g for b in prefills for g in [b.group]}
+        decodes, preemptions = [], []
+        for group in idle_groups:
+            if group in prefilling:
+                continue  # prefill first: this group's decodes wait a step
             members = set(group)
             requests = [r for r in view.decoding if not r.in_flight and members.issuperset(home_group(r, view.num_instances))]
             decode_plan = plan_decodes(view, requests, members, pages_free, scope_of=lambda r, h, g=group: g)
@@ -139,33 +144,42 @@ class StaticSpPolicy:
         return Plan(prefills=tuple(prefills), decodes=tuple(decodes), preemptions=tuple(preemptions),
                     rejections=rejections)
 
-    def _prefill(self, view, group, waiting, pages_free, reserve) -> PrefillBatch | None:
-        """FIFO head requests that fit the group now, KV spread over all members."""
+    def _prefills(self, view, idle_groups, waiting, pages_free, reserve) -> list[PrefillBatch]:
+        """FIFO head requests, each to the idle group with the fewest tokens assigned so far that holds it
+        (spread over all its members); stops at the first request no idle group holds now."""
+        page_size = view.page_size
         usable = [max(0, pages_free[i] - reserve[i]) for i in range(view.num_instances)]
-        budget = sum(usable[i] for i in group)
-        chosen, placements = [], []
+        assigned: dict[tuple, list] = {g: [] for g in idle_groups}
+        load = {g: 0 for g in idle_groups}
         for request in waiting[: self.max_admit]:
-            growth = growth_tokens(view, request, self.growth_horizon)
-            if ceil_div(request.prefill_target + growth, view.page_size) > budget:
+            placed = False
+            for group in sorted(idle_groups, key=lambda g: (load[g], -sum(usable[i] for i in g))):
+                growth = capped_growth(view, request, self.growth_horizon, len(group))
+                if ceil_div(request.prefill_target + growth, page_size) > sum(usable[i] for i in group):
+                    continue
+                trial = list(usable)
+                segments = spread_tokens(request.prefill_target, group, trial, page_size, keep_free=growth)
+                if segments is None:
+                    continue
+                usable = trial
+                for instance, n_tokens in segments:
+                    pages_free[instance] -= ceil_div(n_tokens, page_size)
+                assigned[group].append((request, segments))
+                load[group] += request.prefill_target
+                placed = True
                 break
-            trial = list(usable)
-            segments = spread_tokens(request.prefill_target, group, trial, view.page_size, keep_free=growth)
-            if segments is None:
+            if not placed:
                 break
-            usable = trial
-            budget = sum(usable[i] for i in group)
-            chosen.append(request)
-            placements.append(segments)
-        if not chosen:
-            return None
-        for segments in placements:
-            for instance, n_tokens in segments:
-                pages_free[instance] -= ceil_div(n_tokens, view.page_size)
-        chunks = tuple((0, r.prefill_target) for r in chosen)
-        estimate = prefill_chunks_seconds(view.cost_model, len(group), chunks)
-        estimate += view.compile_penalty_s("prefill", group, sum(length for _, length in chunks))
-        return PrefillBatch(tuple(group), tuple(r.request_id for r in chosen), chunks, tuple(placements),
-                            estimated_s=estimate)
+        batches = []
+        for group, items in assigned.items():
+            if not items:
+                continue
+            chunks = tuple((0, r.prefill_target) for r, _ in items)
+            estimate = prefill_chunks_seconds(view.cost_model, len(group), chunks)
+            estimate += view.compile_penalty_s("prefill", group, sum(length for _, length in chunks))
+            batches.append(PrefillBatch(tuple(group), tuple(r.request_id for r, _ in items), chunks,
+                                        tuple(seg for _, seg in items), estimated_s=estimate))
+        return batches
 
 
 class ReplicasPolicy(StaticSpPolicy):

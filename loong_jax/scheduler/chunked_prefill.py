@@ -14,7 +14,7 @@ Data flow of `schedule`, per idle fixed group of `degree` instances (default: al
 from __future__ import annotations
 
 from loong_jax.scheduler.baselines import (
-    ceil_div, fixed_groups, growth_tokens, merge_decode_batches, reserve_for_decodes, split_never_fitting,
+    capped_growth, ceil_div, fixed_groups, merge_decode_batches, reserve_for_decodes, split_never_fitting,
     spread_tokens,
 )
 from loong_jax.scheduler.decode_planner import home_group, plan_decodes
@@ -69,13 +69,15 @@ class ChunkedPrefillPolicy:
                          key=lambda r: r.seq)
         all_partial = [r for r in view.prefilling if members.issuperset(r.kv)]
         # Pages the part-way prompts still need (with growth): new prompts may only use what is left.
-        owed = sum(ceil_div(r.prefill_target - r.num_computed + growth_tokens(view, r, self.growth_horizon), page_size)
-                   for r in all_partial)
+        growth = {r.request_id: capped_growth(view, r, self.growth_horizon, len(group), len(group))
+                  for r in all_partial}
+        owed = sum(ceil_div(r.prefill_target - r.num_computed + growth[r.request_id], page_size) for r in all_partial)
         spare = sum(max(0, pages_free[i] - reserve[i]) for i in group) - owed
         chosen, admitted = list(partial), []
         unclaimed = budget - sum(r.prefill_target - r.num_computed for r in partial)
         for request in waiting[: self.max_admit]:
-            need = ceil_div(request.prefill_target + growth_tokens(view, request, self.growth_horizon), page_size)
+            need = ceil_div(request.prefill_target + capped_growth(view, request, self.growth_horizon, len(group),
+                                                                   len(group)), page_size)
             need += len(group)  # one partly filled page per member
             if unclaimed <= 0 or need > spare:
                 break

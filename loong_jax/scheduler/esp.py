@@ -75,8 +75,8 @@ class EspPolicy:
         choices = list(option.batching.batches)
         groups = pack_sizes([c.dop for c in choices], free_blocks(option.instances, view.num_instances))
         if groups is None:
-            return [], used
-        groups = self._match_groups(snapshot, choices, groups, option.admitted)
+            return [], set()
+        groups = self._match_groups(snapshot, choices, groups, option.admitted, option.instances)
         prefills = []
         for choice, group in zip(choices, groups):
             requests = [option.admitted[i] for i in choice.indices]
@@ -94,21 +94,21 @@ class EspPolicy:
                 placement=tuple(segments for _, segments in placed),
                 estimated_s=estimate,
             ))
+        if not prefills:  # nothing prefills after all: lent decode groups keep decoding
+            return [], set()
         return prefills, used
 
     @staticmethod
-    def _match_groups(snapshot: ClusterSnapshot, choices, groups, admitted):
-        """Among groups of one size, give ready groups first, then bigger batches the roomier groups."""
+    def _match_groups(snapshot: ClusterSnapshot, choices, groups, admitted, instances):
+        """Move each batch (largest DoP, then most tokens first) to the best family group of its size that is
+        free of the others: a ready program first, then the most free pages."""
         view = snapshot.view
+        family = [g for g in view.group_family if set(g) <= instances]
+        tokens = [sum(admitted[i].prefill_target for i in c.indices) for c in choices]
         result = list(groups)
-        for size in {len(g) for g in groups}:
-            slots = [k for k, g in enumerate(groups) if len(g) == size]
-            if len(slots) < 2:
-                continue
-            demand = sorted(slots, key=lambda k: -sum(admitted[i].prefill_target for i in choices[k].indices))
-            tokens = {k: sum(admitted[i].prefill_target for i in choices[k].indices) for k in slots}
-            pool = [groups[k] for k in slots]
-            for k in demand:
-                pool.sort(key=lambda g: (not view.program_ready("prefill", g, tokens[k]), -group_pages(snapshot, g)))
-                result[k] = pool.pop(0)
+        for k in sorted(range(len(result)), key=lambda k: (-len(result[k]), -tokens[k])):
+            taken = {i for j, g in enumerate(result) if j != k for i in g}
+            options = [g for g in family if len(g) == len(result[k]) and not taken.intersection(g)]
+            result[k] = min(options, key=lambda g: (not view.program_ready("prefill", g, tokens[k]),
+                                                    -group_pages(snapshot, g), g))
         return result

@@ -27,7 +27,7 @@ class PolicyResult:
 
     def to_dict(self) -> dict:
         ordered = sorted(self.points, key=lambda p: p.metrics.request_rate)
-        return {"max_throughput": self.max_rate, "points": [p.to_dict() for p in ordered]}
+        return {"max_throughput": _json_safe(self.max_rate), "points": [p.to_dict() for p in ordered]}
 
 
 @dataclass
@@ -42,13 +42,13 @@ class ExperimentResult:
         summary: dict = {"max_throughput": {label: r.max_rate for label, r in self.policies.items()}}
         if esp is not None and baselines:
             best_label = max(baselines, key=lambda label: baselines[label].max_rate or 0.0)
-            best = baselines[best_label].max_rate or 0.0
+            esp_rate = esp.max_rate or 0.0
             summary["best_baseline"] = best_label
-            summary["esp_over_best_baseline"] = (esp.max_rate or 0.0) / best if best > 0 else math.inf
-            summary["esp_over_each_baseline"] = {
-                label: ((esp.max_rate or 0.0) / r.max_rate if r.max_rate else math.inf) for label, r in baselines.items()
-            }
-            summary["esp_beats_every_baseline"] = all((esp.max_rate or 0.0) > (r.max_rate or 0.0) for r in baselines.values())
+            summary["esp_over_best_baseline"] = _ratio(esp_rate, baselines[best_label].max_rate or 0.0)
+            summary["esp_over_each_baseline"] = {label: _ratio(esp_rate, r.max_rate or 0.0) for label, r in baselines.items()}
+            summary["esp_beats_every_baseline"] = all(
+                esp_rate > (r.max_rate or 0.0) and not math.isinf(esp_rate) for r in baselines.values()
+            )
         return summary
 
     def to_dict(self) -> dict:
@@ -58,6 +58,15 @@ class ExperimentResult:
             "summary": _json_safe(self.summary()),
             "policies": {label: result.to_dict() for label, result in self.policies.items()},
         }
+
+
+def _ratio(numerator: float, denominator: float) -> float | None:
+    """ESP / baseline; None when undefined (both unbounded, or both zero)."""
+    if math.isinf(numerator) and math.isinf(denominator) or numerator == denominator == 0:
+        return None
+    if denominator == 0:
+        return math.inf
+    return numerator / denominator
 
 
 def _json_safe(value):
@@ -70,15 +79,28 @@ def _json_safe(value):
 
 def format_table(result: ExperimentResult) -> str:
     summary = result.summary()
-    esp_rate = summary["max_throughput"].get(ESP)
+    ratios = summary.get("esp_over_each_baseline", {})
     lines = [f"{'policy':<28} {'max rate under SLO (req/s)':>27} {'ESP / policy':>13}"]
     for label, rate in summary["max_throughput"].items():
-        ratio = "" if label == ESP or not rate or esp_rate is None else f"{esp_rate / rate:.2f}x"
-        shown = "none" if rate is None else f"{rate:.3f}"
-        lines.append(f"{label:<28} {shown:>27} {ratio:>13}")
+        lines.append(f"{label:<28} {_rate_text(rate):>27} {_ratio_text(ratios.get(label)) if label in ratios else '':>13}")
     if "best_baseline" in summary:
-        lines.append(f"ESP / best baseline ({summary['best_baseline']}): {summary['esp_over_best_baseline']:.2f}x")
+        best = summary["esp_over_best_baseline"]
+        lines.append(f"ESP / best baseline ({summary['best_baseline']}): {_ratio_text(best)}")
+    if any(rate is not None and math.isinf(rate) for rate in summary["max_throughput"].values()):
+        lines.append("unbounded: the run's N requests all meet the SLO however fast they arrive (raise --num-requests)")
     return "\n".join(lines)
+
+
+def _rate_text(rate: float | None) -> str:
+    if rate is None:
+        return "none"
+    return "unbounded" if math.isinf(rate) else f"{rate:.3f}"
+
+
+def _ratio_text(ratio: float | None) -> str:
+    if ratio is None:
+        return "undefined"
+    return "inf" if math.isinf(ratio) else f"{ratio:.2f}x"
 
 
 PANELS = (

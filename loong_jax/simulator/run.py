@@ -262,7 +262,9 @@ def search_max_rate(
 ) -> float:
     """Highest rate with evaluate(rate) >= target: doubling/halving to a bracket, then geometric bisection.
 
-    `evaluate(rate)` returns the SLO attainment at that rate. Returns 0.0 when even initial_rate / 2^10 fails.
+    `evaluate(rate)` returns the SLO attainment at that rate. Returns 0.0 when even initial_rate / 2^10 fails, and
+    math.inf when no rate up to the evaluation budget fails (a finite run of N requests can drain within the SLO
+    however fast they arrive: the SLO is longer than the time to serve all N).
     """
     if initial_rate <= 0:
         raise ValueError(f"initial_rate must be positive, got {initial_rate}")
@@ -280,7 +282,7 @@ def search_max_rate(
         while passes(high):
             low, high = high, high * 2
             if evaluations >= max_evaluations:
-                return low
+                return math.inf
     else:
         high = rate
         low = rate / 2

@@ -35,7 +35,6 @@ def check_against_reference(llm, reference, prompts, outputs):
         completion = output.outputs[0]
         assert completion.token_ids == tokens, f"prompt of {len(prompt)} tokens"
         assert completion.finish_reason == ("stop" if reason == "stop" else "length")
-        assert completion.text == llm.tokenizer.decode(tokens)
         assert output.finished and output.prompt_token_ids == prompt
     llm.engine.check_all_free()
 

@@ -29,6 +29,7 @@ from loong_jax.models.tokenizer import Tokenizer
 from loong_jax.models.train_demo import TrainSettings, demo_config, train
 
 PROMPT = "Return the number of"
+TEXT_PROMPTS = ("Return the number of", "This module provides", "Create a new", "Raise an exception if")
 NEW_TOKENS = 24
 MAX_FOLDER_BYTES = 20 * 1024 * 1024
 
@@ -66,7 +67,7 @@ def test_demo_folder_is_complete_and_small():
     assert (config.model_type, config.tie_word_embeddings, config.dtype) == ("llama", True, "float32")
     assert config.num_heads > config.num_kv_heads  # grouped-query attention
     with pytest.raises(FileNotFoundError, match="no_such_model"):
-        resolve_model_path(DEMO_MODEL_DIR / "no_such_model")
+        resolve_model_path(DEMO_MODEL_DIR.parent / "no_such_model")
 
 
 def test_tokenizers_agree(ours, hf):
@@ -102,14 +103,16 @@ def test_ours_and_transformers_agree_on_the_demo_model(ours, hf):
 
 def test_continuation_looks_like_text(ours):
     model, config, tokenizer = ours
-    result = generate(model, tokenizer.encode(PROMPT), 32, eos_token_ids=config.eos_token_ids)
-    text = tokenizer.decode(result.tokens)
-    assert len(text) >= 20, text
+    text = ""
+    for prompt in TEXT_PROMPTS:  # each continues until its end-of-text token
+        result = generate(model, tokenizer.encode(prompt), 32, eos_token_ids=config.eos_token_ids)
+        text += tokenizer.decode(result.tokens) + "\n"
+    assert len(text) >= 40, text
     texty = sum(ch.isalpha() or ch.isspace() or ch in ".,;:'\"()-`" for ch in text)
     assert texty / len(text) > 0.8, text
     corpus_words = {w.lower() for d in collect_documents() for w in re.findall(r"[A-Za-z]{3,}", d.text)}
     words = {w.lower() for w in re.findall(r"[A-Za-z]{3,}", text)}
-    assert len(words & corpus_words) >= 4, text
+    assert len(words & corpus_words) >= 6, text
 
 
 def test_docstring_normalisation():

@@ -26,8 +26,9 @@ class DriveReport:
 
 
 def drive(state: EngineState, policy, cost, arrivals, max_steps: int = 100_000, view_options=None,
-          check_every_step: bool = True) -> DriveReport:
-    """arrivals: list of (time, request_id, prompt_len, output_len)."""
+          check_every: int = 1, tell_max_tokens: bool = True) -> DriveReport:
+    """arrivals: list of (time, request_id, prompt_len, output_len). With `tell_max_tokens=False` the state
+    does not learn the output lengths (the scheduler must guess growth, so scale-up and preemption happen)."""
     view_options = view_options or {}
     output_len = {rid: out for _, rid, _, out in arrivals}
     pending = sorted(arrivals, key=lambda a: a[0])
@@ -38,7 +39,7 @@ def drive(state: EngineState, policy, cost, arrivals, max_steps: int = 100_000, 
     while True:
         while arrival_index < len(pending) and pending[arrival_index][0] <= now:
             t, rid, prompt_len, out = pending[arrival_index]
-            state.add_request(rid, prompt_len, max_new_tokens=out, arrival=t)
+            state.add_request(rid, prompt_len, max_new_tokens=out if tell_max_tokens else None, arrival=t)
             arrival_index += 1
         plan = policy.schedule(state.view(cost, now=now, **view_options))
         if not plan.is_empty:
@@ -47,7 +48,7 @@ def drive(state: EngineState, policy, cost, arrivals, max_steps: int = 100_000, 
                 seconds = unit_seconds(cost, unit, lambda r: state.requests[r].context_len)
                 report.units.append((now, unit))
                 heapq.heappush(events, (now + max(seconds, 1e-9), next(counter), unit))
-        if check_every_step:
+        if check_every and steps % check_every == 0:
             state.check_invariants()
         steps += 1
         if steps > max_steps:
@@ -65,6 +66,7 @@ def drive(state: EngineState, policy, cost, arrivals, max_steps: int = 100_000, 
             continue
         now, _, unit = heapq.heappop(events)
         state.apply(_result(state, unit, now, output_len))
+    state.check_invariants()
     report.finish_time, report.steps = now, steps
     return report
 

@@ -170,5 +170,6 @@ def test_search_finds_the_threshold_rate():
     assert threshold / 1.02 <= found <= threshold
     assert len(seen) < 20
     assert search_max_rate(lambda rate: 0.0, initial_rate=1.0) == 0.0
+    assert search_max_rate(lambda rate: 1.0, initial_rate=1.0) == math.inf
     assert math.isclose(search_max_rate(lambda rate: 1.0 if rate <= 0.3 else 0.0, 5.0, relative_precision=0.01), 0.3,
                         rel_tol=0.011)

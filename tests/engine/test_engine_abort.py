@@ -1,0 +1,122 @@
+"""Abort mid-stream frees the request's pages within one step (at once when it is between units, when its
+unit returns when it is running), ends its stream with finish_reason "abort", and leaves the other
+requests' tokens exactly as the reference's. Also through `AsyncLLM`, from another thread."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from loong_jax.outputs import RequestOutput
+from loong_jax.sampling_params import SamplingParams
+from tests.engine.conftest import KV_PAGES, PAGE_SIZE, TEST_BUCKETS, mixed_prompts
+
+LONG = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
+
+
+def test_abort_frees_pages_within_one_step(shared_llm, reference):
+    shared_llm.set_policy("fixed", 1, 1, warmup=False)
+    engine = shared_llm.engine
+    prompts = mixed_prompts(shared_llm.config.vocab_size, count=4, seed=9)
+    requests = [shared_llm.prepare(prompt, LONG) for prompt in prompts]
+    results = {r.request_id: RequestOutput(r.request_id, None, list(r.prompt_token_ids), [], False) for r in requests}
+    between, running = requests[1].request_id, requests[2].request_id
+    for request in requests:
+        engine.add_request(request)
+
+    def step():
+        for delta in engine.step():
+            results[delta.request_id] = results[delta.request_id].merged(delta)
+
+    while len(results[between].outputs[0].token_ids if results[between].outputs else ()) < 3:
+        step()
+    # Between units: the pages are free before the next step even starts.
+    assert engine.pages_held(between) > 0 and engine.abort(between)
+    assert engine.pages_held(between) == 0 and not engine.is_running(between)
+
+    # While its unit runs: the pages are free when that unit returns, inside the same step.
+    submit = engine.executor.submit
+
+    def submit_then_abort(plan):
+        submit(plan)
+        if engine.is_running(running) and engine.pages_held(running) > 0:
+            engine.abort(running)
+
+    engine.executor.submit = submit_then_abort
+    try:
+        step()
+    finally:
+        engine.executor.submit = submit
+    assert engine.pages_held(running) == 0 and not engine.is_running(running)
+    while engine.has_unfinished():
+        step()
+    for request_id in (between, running):
+        completion = results[request_id].outputs[0]
+        assert completion.finish_reason == "abort" and results[request_id].finished
+        assert 3 <= len(completion.token_ids) < LONG.max_tokens
+    for prompt, request in zip(prompts, requests):
+        if request.request_id not in (between, running):
+            tokens, _ = reference(prompt, LONG.max_tokens, eos_token_ids=())
+            assert results[request.request_id].outputs[0].token_ids == tokens
+    engine.check_all_free()
+
+
+@pytest.fixture(scope="module")
+def async_llm(checkpoint_dir, compile_cache_dir):
+    from loong_jax.async_llm import AsyncLLM
+
+    engine = AsyncLLM(checkpoint_dir, instances=1, page_size=PAGE_SIZE, kv_pages=KV_PAGES, policy="fixed",
+                      prefill_degree=1, decode_degree=1, buckets=TEST_BUCKETS, warmup=False,
+                      compilation_cache_dir=compile_cache_dir, progress=False)
+    yield engine
+    engine.shutdown()
+
+
+def test_async_streams_and_aborts(async_llm, reference):
+    prompts = mixed_prompts(async_llm.llm.config.vocab_size, count=3, seed=10)
+    short = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
+    long = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)
+
+    async def collect(prompt, params, request_id, stop_after=None):
+        merged, deltas = None, 0
+        async for delta in async_llm.generate(prompt, params, request_id):
+            assert delta.delta and delta.request_id == request_id
+            merged = delta if merged is None else merged.merged(delta)
+            deltas += 1
+            if stop_after is not None and deltas == stop_after:
+                aborted = await async_llm.abort(request_id)
+                assert aborted
+                assert not async_llm.llm.engine.is_running(request_id)  # pages freed when abort returns
+        return merged, deltas
+
+    async def main():
+        left = asyncio.ensure_future(collect(prompts[0], short, "a"))
+        right = asyncio.ensure_future(collect(prompts[1], short, "b"))
+        cut = asyncio.ensure_future(collect(prompts[2], long, "c", stop_after=2))
+        return await asyncio.gather(left, right, cut)
+
+    (a, a_deltas), (b, _), (c, _) = asyncio.run(main())
+    assert a_deltas > 1  # streamed, not delivered at the end
+    for output, prompt in ((a, prompts[0]), (b, prompts[1])):
+        assert output.finished and output.outputs[0].finish_reason == "length"
+        assert output.outputs[0].token_ids == reference(prompt, short.max_tokens, eos_token_ids=())[0]
+    assert c.finished and c.outputs[0].finish_reason == "abort" and len(c.outputs[0].token_ids) < 200
+
+    async def leave_early():
+        async for _ in async_llm.generate(prompts[2], long, "d"):
+            break  # the consumer goes away: the request is aborted
+
+    asyncio.run(leave_early())
+    with pytest.raises(ValueError, match="empty"):
+        asyncio.run(anext(async_llm.generate([], short)))
+    asyncio.run(_until_idle(async_llm))
+    async_llm.llm.engine.check_all_free()
+
+
+async def _until_idle(async_llm, timeout_s: float = 30.0):
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while async_llm.llm.engine.has_unfinished() or async_llm.llm.executor.in_flight:
+        assert loop.time() < deadline, "engine did not become idle"
+        await asyncio.sleep(0.01)

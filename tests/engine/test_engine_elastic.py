@@ -1,0 +1,61 @@
+"""Pages made scarce: the `esp` policy preempts (recompute), scales decode up onto new masters and migrates
+KV between instances during one run, and the greedy tokens are still exactly the reference's. The run is
+deterministic (units complete in dispatch order, logical clock), so each move happens on every run.
+Also: requests that can never fit this small cluster are refused before anything is queued."""
+
+from __future__ import annotations
+
+import pytest
+
+from loong_jax.outputs import RequestOutput
+from loong_jax.sampling_params import SamplingParams
+from tests.engine.conftest import PAGE_SIZE, TEST_BUCKETS, mixed_prompts
+
+SCARCE_PAGES = 16  # 64 token slots per instance, 128 in the cluster, for ~10 requests of up to ~54 tokens
+MAX_TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def scarce_llm(checkpoint_dir, compile_cache_dir):
+    from loong_jax.llm import LLM
+
+    # A small growth horizon admits optimistically, so decodes outgrow their masters (scale-up) and the
+    # pages (preemption), and the queue makes consolidating a decode group worth a migration.
+    llm = LLM(checkpoint_dir, instances=2, page_size=PAGE_SIZE, kv_pages=SCARCE_PAGES, policy="esp",
+              policy_options={"growth_horizon": 2}, buckets=TEST_BUCKETS, warmup=False,
+              compilation_cache_dir=compile_cache_dir, progress=False, deterministic=True)
+    yield llm
+    llm.close()
+
+
+def test_preemption_scale_up_and_migration_keep_tokens_exact(scarce_llm, reference):
+    engine = scarce_llm.engine
+    prompts = mixed_prompts(scarce_llm.config.vocab_size, count=10, seed=3, low=5, high=30)
+    params = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    requests = [scarce_llm.prepare(prompt, params) for prompt in prompts]
+    results = {r.request_id: RequestOutput(r.request_id, None, list(r.prompt_token_ids), [], False) for r in requests}
+    for request in requests:
+        engine.add_request(request)
+    while engine.has_unfinished():
+        for delta in engine.step():
+            results[delta.request_id] = results[delta.request_id].merged(delta)
+        engine.state.check_invariants()  # page accounting agrees with the requests after every event
+    stats = engine.stats()
+    assert stats["preemptions"] > 0 and stats["scale_ups"] > 0 and stats["migrations"] > 0, stats
+    assert stats["units_migrate"] > 0
+    for prompt, request in zip(prompts, requests):
+        tokens, _ = reference(prompt, MAX_TOKENS, eos_token_ids=())
+        assert results[request.request_id].outputs[0].token_ids == tokens
+        assert results[request.request_id].outputs[0].finish_reason == "length"
+    engine.check_all_free()
+
+
+def test_requests_that_never_fit_are_refused_before_queueing(scarce_llm):
+    fine = [5, 6, 7]
+    too_big = list(range(4, 4 + 100))
+    with pytest.raises(ValueError, match=f"at most {2 * SCARCE_PAGES * PAGE_SIZE} fit"):
+        scarce_llm.generate([fine, too_big], SamplingParams(max_tokens=40), use_tqdm=False)
+    with pytest.raises(ValueError, match="context"):
+        scarce_llm.generate([fine, list(range(4, 4 + 256))], SamplingParams(max_tokens=1), use_tqdm=False)
+    assert scarce_llm.engine.num_unfinished == 0  # the good prompt was not queued either
+    scarce_llm.engine.check_all_free()
