@@ -73,6 +73,7 @@ class Settings:
     matmul_sizes: tuple[int, ...]
     copy_bytes: int
     repeats: int
+    warmup: int = 2  # untimed calls per case (the first compiles)
     page_size: int = 16
 
 
@@ -83,9 +84,9 @@ FULL = Settings(
     fit_decode=((1, 1024), (8, 1024), (32, 1024), (8, 4096), (8, 16384), (1, 4096), (32, 4096), (1, 32768)),
     matmul_sizes=(4096, 8192, 16384), copy_bytes=4 << 30, repeats=5)
 TINY_SETTINGS = Settings(
-    config=TINY, prefill_lengths=(64, 128), decode_cases=((1, 64), (4, 64), (1, 128)),
-    fit_prefill=((64,), (128,), (32,) * 4), fit_decode=((1, 64), (4, 64), (1, 128)),
-    matmul_sizes=(64, 128), copy_bytes=1 << 22, repeats=2)
+    config=TINY, prefill_lengths=(64, 128), decode_cases=((1, 64), (4, 64), (1, 100)),
+    fit_prefill=((64,), (128,), (32,) * 4), fit_decode=((1, 64), (4, 64), (1, 100)),
+    matmul_sizes=(64, 128), copy_bytes=1 << 22, repeats=2, warmup=1)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -124,6 +125,12 @@ def decode_bytes(shape: TransformerShape, batch: int, context: int) -> float:
     return weights + batch * (context + 1) * shape.kv_bytes_per_token
 
 
+def decode_fits(shape: TransformerShape, batch: int, context: int, memory: float | None) -> bool:
+    """Weights plus the KV of `batch` requests of `context` tokens within 90% of the device memory."""
+    needed = shape.weight_bytes + batch * (context + 1) * shape.kv_bytes_per_token
+    return memory is None or needed <= 0.9 * memory
+
+
 def device_memory(device) -> float | None:
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
     return float(stats["bytes_limit"]) if stats and "bytes_limit" in stats else None
@@ -148,14 +155,14 @@ def measure_ceilings(settings: Settings, device) -> dict:
     for n in settings.matmul_sizes:
         keys = jax.random.split(jax.random.key(n), 2)
         a, b = (jax.device_put(jax.random.normal(k, (n, n), jnp.bfloat16), device) for k in keys)
-        seconds = median_seconds(lambda: matmul(a, b), settings.repeats)
+        seconds = median_seconds(lambda: matmul(a, b), settings.repeats, settings.warmup)
         per_size[str(n)] = 2 * n**3 / seconds / 1e12
         best = max(best, per_size[str(n)])
         del a, b
     elements = settings.copy_bytes // 2
     source = jax.device_put(jnp.ones((elements,), jnp.bfloat16), device)
     bump = jax.jit(lambda x: x + jnp.asarray(1, x.dtype))  # reads and writes every element once
-    seconds = median_seconds(lambda: bump(source), settings.repeats)
+    seconds = median_seconds(lambda: bump(source), settings.repeats, settings.warmup)
     del source
     return {"matmul_tflops": best, "matmul_tflops_by_size": per_size,
             "copy_bandwidth_gbs": 2 * elements * 2 / seconds / 1e9, "copy_bytes": settings.copy_bytes}
@@ -210,7 +217,8 @@ class ModelBench:
         put = lambda x: jax.device_put(x, self.device)  # noqa: E731
         tokens, positions = put(self.tokens(length)), put(np.arange(length, dtype=np.int32))
         segments, last = put(np.zeros(length, np.int32)), put(np.array([length - 1], np.int32))
-        return median_seconds(lambda: program(self.state, tokens, positions, segments, last), self.settings.repeats)
+        return median_seconds(lambda: program(self.state, tokens, positions, segments, last),
+                              self.settings.repeats, self.settings.warmup)
 
     def ring_prefill(self, lengths: Sequence[int]) -> float:
         """The serving path at d = 1: packed prompts, every token's KV kept densely in the pool."""
@@ -226,7 +234,7 @@ class ModelBench:
             return logits
 
         try:
-            return median_seconds(run, self.settings.repeats)
+            return median_seconds(run, self.settings.repeats, self.settings.warmup)
         finally:
             del state["pool"]
 
@@ -238,8 +246,9 @@ class ModelBench:
                           append_slot=r * pages_per_request * page_size + context,
                           pages={0: list(range(r * pages_per_request, (r + 1) * pages_per_request))},
                           kv_lens={0: context + 1}) for r in range(batch)]
-        inputs = layout_decode_batch(rows, members=1, batch_local=batch,
-                                     max_pages=pages_per_request).to_device(self.mesh)
+        # Page tables padded to a power of two, as the engine's buckets do: nearby contexts share a program.
+        max_pages = 1 << (pages_per_request - 1).bit_length()
+        inputs = layout_decode_batch(rows, members=1, batch_local=batch, max_pages=max_pages).to_device(self.mesh)
         state = {"pool": self.pool(batch * pages_per_request * page_size)}
 
         def run():
@@ -247,7 +256,7 @@ class ModelBench:
             return logits
 
         try:
-            return median_seconds(run, self.settings.repeats)
+            return median_seconds(run, self.settings.repeats, self.settings.warmup)
         finally:
             del state["pool"]
 
@@ -317,9 +326,9 @@ def run(settings: Settings, device) -> tuple[dict, CostModel]:
     decode = []
     for batch, context in settings.decode_cases:
         record = {"kind": "decode", "batch": batch, "context": context}
-        kv_bytes = batch * (context + 1) * shape.kv_bytes_per_token
-        if memory is not None and kv_bytes + shape.weight_bytes > 0.9 * memory:
-            record["skipped"] = f"KV {kv_bytes / 2**30:.0f} GiB + weights exceed 90% of {memory / 2**30:.0f} GiB"
+        if not decode_fits(shape, batch, context, memory):
+            kv_gib = batch * (context + 1) * shape.kv_bytes_per_token / 2**30
+            record["skipped"] = f"KV {kv_gib:.0f} GiB + weights exceed 90% of {memory / 2**30:.0f} GiB"
             print(json.dumps(record), flush=True)
             decode.append(record)
             continue
@@ -341,7 +350,7 @@ def run(settings: Settings, device) -> tuple[dict, CostModel]:
         if "seconds" in row:
             samples.append(PrefillSample(1, tuple(lengths), row["seconds"]))
     for batch, context in settings.fit_decode:
-        if memory is not None and batch * (context + 1) * shape.kv_bytes_per_token + shape.weight_bytes > 0.9 * memory:
+        if not decode_fits(shape, batch, context, memory):
             continue
         row = guarded({"kind": "profile_decode", "batch": batch, "context": context},
                       lambda b=batch, c=context: {"seconds": bench.decode_step(b, c)})

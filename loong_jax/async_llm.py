@@ -68,7 +68,7 @@ class AsyncLLM:
             if request.request_id in self._streams:
                 raise ValueError(f"request id {request.request_id!r} is already running")
             self._streams[request.request_id] = stream
-            self._post(("add", request))
+        self._post(("add", request))  # outside the lock: _post takes it (threading.Lock is not reentrant)
         finished = False
         try:
             while not finished:

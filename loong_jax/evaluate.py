@@ -29,7 +29,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence, TextIO
 
-from loong_jax.cli import add_engine_arguments, add_sampling_arguments, engine_kwargs_from_args, sampling_params_from_args
+from loong_jax.cli import (add_engine_arguments, add_sampling_arguments, engine_kwargs_from_args,
+                           sampling_params_from_args)
 from loong_jax.sampling_params import SamplingParams
 
 PROMPT_KEYS = ("prompt", "messages", "prompt_token_ids")

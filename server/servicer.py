@@ -27,6 +27,7 @@ import uuid
 
 import grpc
 
+from loong_jax.outputs import CompletionOutput
 from loong_jax.server.engine_port import EngineDeadError, EnginePort
 from loong_jax.server.generated import generation_pb2 as pb
 from loong_jax.server.generated import generation_pb2_grpc as pb_grpc
@@ -268,8 +269,10 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             if active.shutdown_aborted:
                 outcome, code, detail = "shutdown", grpc.StatusCode.UNAVAILABLE, "drain timeout passed"
                 await context.abort(code, "server shut down before the request finished (drain timeout)")
-            samples = [sample_finish_to_proto(finish_outputs.get(s.index, s), completion_tokens.get(s.index, 0))
-                       for s in final.outputs]
+            # Samples finish at different steps: each one's finish reason came with its own last delta.
+            samples = [sample_finish_to_proto(finish_outputs.get(index, CompletionOutput(index=index)),
+                                              completion_tokens.get(index, 0))
+                       for index in range(prepared.params.n)]
             n_completion = sum(completion_tokens.values())
             outcome, code = final.finish_reason or "stop", grpc.StatusCode.OK
             yield pb.GenerateResponse(request_id=request_id, finished=pb.GenerateFinished(

@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--num-prompts", type=int, default=100)
     data.add_argument("--length-scale", type=float, default=1.0,
                       help="multiply synthetic input and output lengths (e.g. 0.01 on a CPU)")
+    data.add_argument("--output-length-scale", type=float, default=None,
+                      help="multiply synthetic output lengths by this instead (default: --length-scale)")
     data.add_argument("--max-total-len", type=int, default=None,
                       help="clip prompt + output to this many tokens (default: what the server accepts)")
     data.add_argument("--respect-eos", action="store_true",
@@ -111,6 +113,9 @@ def check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Non
         parser.error("--burstiness must be a positive number")
     if not (args.length_scale > 0 and math.isfinite(args.length_scale)):
         parser.error("--length-scale must be a positive number")
+    if args.output_length_scale is not None and not (args.output_length_scale > 0
+                                                     and math.isfinite(args.output_length_scale)):
+        parser.error("--output-length-scale must be a positive number")
     if args.warmup_requests < 0:
         parser.error("--warmup-requests must be >= 0")
     try:
@@ -153,7 +158,8 @@ def build_requests(args: argparse.Namespace, client):
         [*special.eos_token_ids, special.bos_token_id if special.HasField("bos_token_id") else None,
          special.pad_token_id if special.HasField("pad_token_id") else None]))
     return synthetic_requests(args.workload, args.num_prompts, vocabulary, length_scale=args.length_scale,
-                              max_total_len=max_total, seed=args.seed, zipf_alpha=args.zipf_alpha), max_total
+                              output_scale=args.output_length_scale, max_total_len=max_total, seed=args.seed,
+                              zipf_alpha=args.zipf_alpha), max_total
 
 
 async def _run_rate(args, requests, rate: float) -> tuple[list, float]:
@@ -194,7 +200,9 @@ def bench_main(argv: Sequence[str] | None = None) -> int:
             print(f"loong-jax bench: error: {error}", file=sys.stderr)
             return 2
     dataset = {"source": str(args.dataset_path) if args.dataset_path else args.workload,
-               "length_scale": args.length_scale, "max_total_len": max_total, **length_summary(requests)}
+               "length_scale": args.length_scale,
+               "output_length_scale": args.output_length_scale or args.length_scale, "max_total_len": max_total,
+               **length_summary(requests)}
     config = {"label": args.label, "target": f"{args.host}:{args.port}", "burstiness": args.burstiness,
               "max_concurrency": args.max_concurrency, "num_prompts": len(requests), "seed": args.seed,
               "ignore_eos": not args.respect_eos}

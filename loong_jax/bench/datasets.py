@@ -6,7 +6,8 @@ tokenizing during the run.
 Data flow:
   1. Synthetic (`synthetic_requests`): input and output lengths come from the simulator's generators
      (`loong_jax.simulator.workloads.sample_lengths`: sharegpt, leval, lveval, mixed, zipf), are multiplied
-     by `length_scale` (to shrink a long-context workload for a CPU) and clipped to the server's context;
+     by `length_scale` (outputs by `output_scale`, default the same: to shrink a long-context workload for
+     a CPU) and clipped to the server's context;
      each prompt is `input_len` token ids drawn from the model's vocabulary (`Vocabulary`: every id that is
      not a special token). Output lengths are exact when the run sets `ignore_eos`.
   2. ShareGPT JSON (`sharegpt_requests`): the first human turn of each conversation is the prompt, the token
@@ -64,16 +65,19 @@ class Vocabulary:
 
 
 def scale_lengths(input_lens: np.ndarray, output_lens: np.ndarray, length_scale: float,
-                  max_total_len: int | None) -> tuple[np.ndarray, np.ndarray]:
-    """Lengths × length_scale (at least 1 token each), then clipped so input + output <= max_total_len.
+                  max_total_len: int | None, output_scale: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Input lengths × length_scale, output lengths × output_scale (default: the same), at least 1 token
+    each, then clipped so input + output <= max_total_len.
 
     Clipping keeps the output (at most half the context) and shortens the input: a long-document request
     stays a long-prompt request, only shorter.
     """
-    if not (length_scale > 0 and math.isfinite(length_scale)):
-        raise ValueError(f"length scale must be a positive number, got {length_scale}")
+    output_scale = length_scale if output_scale is None else output_scale
+    for name, scale in (("length scale", length_scale), ("output length scale", output_scale)):
+        if not (scale > 0 and math.isfinite(scale)):
+            raise ValueError(f"{name} must be a positive number, got {scale}")
     inputs = np.maximum(1, np.rint(np.asarray(input_lens) * length_scale)).astype(np.int64)
-    outputs = np.maximum(1, np.rint(np.asarray(output_lens) * length_scale)).astype(np.int64)
+    outputs = np.maximum(1, np.rint(np.asarray(output_lens) * output_scale)).astype(np.int64)
     if max_total_len is not None:
         if max_total_len < 2:
             raise ValueError(f"max_total_len must be >= 2, got {max_total_len}")
@@ -83,7 +87,7 @@ def scale_lengths(input_lens: np.ndarray, output_lens: np.ndarray, length_scale:
 
 
 def synthetic_requests(workload: str, num_prompts: int, vocabulary: Vocabulary, *, length_scale: float = 1.0,
-                       max_total_len: int | None = None, seed: int = 0,
+                       output_scale: float | None = None, max_total_len: int | None = None, seed: int = 0,
                        zipf_alpha: float = 1.0) -> list[BenchRequest]:
     if workload not in WORKLOADS:
         raise ValueError(f"unknown workload {workload!r}; choose one of {', '.join(WORKLOADS)}")
@@ -91,7 +95,7 @@ def synthetic_requests(workload: str, num_prompts: int, vocabulary: Vocabulary, 
         raise ValueError(f"num_prompts must be >= 1, got {num_prompts}")
     length_rng, token_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
     input_lens, output_lens = sample_lengths(workload, num_prompts, length_rng, zipf_alpha)
-    inputs, outputs = scale_lengths(input_lens, output_lens, length_scale, max_total_len)
+    inputs, outputs = scale_lengths(input_lens, output_lens, length_scale, max_total_len, output_scale)
     return [BenchRequest(vocabulary.sample(token_rng, int(n)), int(m)) for n, m in zip(inputs, outputs)]
 
 

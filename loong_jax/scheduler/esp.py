@@ -28,19 +28,20 @@ class EspPolicy:
     name = "esp"
 
     def __init__(self, max_batches: int = 8, max_boundaries: int = 24, max_admit: int = 256,
-                 growth_horizon: int = 512, max_lent_groups: int = 2, migration: bool = True,
-                 max_tokens_per_instance: int | None = None):
+                 growth_horizon: int = 512, max_lent_groups: int = 8, migration: bool = True,
+                 max_tokens_per_instance: int | None = None, slo_scale: float = 25.0):
         if max_batches < 1 or max_boundaries < 2 or max_admit < 1 or growth_horizon < 0 or max_lent_groups < 0:
             raise ValueError("EspPolicy: max_batches, max_admit >= 1, max_boundaries >= 2, others >= 0")
         self.limits = BatchingLimits(max_batches, max_boundaries, max_admit, max_tokens_per_instance)
         self.growth_horizon = growth_horizon
         self.max_lent_groups = max_lent_groups
         self.migration = migration
+        self.slo_scale = slo_scale
 
     def schedule(self, view: SchedulerView) -> Plan:
         if not view.idle_instances:
             return Plan()
-        snapshot = ClusterSnapshot.build(view, self.growth_horizon)
+        snapshot = ClusterSnapshot.build(view, self.growth_horizon, self.slo_scale)
         capacity = sum(i.pages_total for i in view.instances) * view.page_size
         rejections = tuple(r.request_id for r in view.waiting if r.prefill_target > capacity)
         rejected = set(rejections)

@@ -2,16 +2,18 @@
 
 Data flow:
   1. Candidate prefill sets: the free instances, then that set plus the idle decode groups whose requests are
-     cheapest to delay (smallest Σ 1/input length), one more group each time.
-  2. For each candidate: FIFO admission against its pages, then the batching DP. Its cost is the DP's summed
-     normalised latency, plus the delay it inflicts — the lent decode groups' requests wait for the longest
-     batch — plus the admitted-elsewhere requests that it leaves waiting until its first batch ends.
+     cheapest to delay, one more group each time (stopping when one more made it worse).
+  2. For each candidate: FIFO admission against its pages, then the batching DP (which minimises summed
+     normalised latency). Candidates are compared in one currency, urgency-weighted delay (a second costs a
+     request 1 / its isolated latency, as SLOs are multiples of it): the batches' time for their requests,
+     the delay inflicted on the lent decode groups (they wait for the longest batch), and the requests a
+     wider candidate would admit that this one leaves waiting until its first batch ends.
   3. Lending decode instances is the cost/gain test: with no free instance, "do nothing" costs the queue the
      expected wait until an instance frees (plus the same prefill later); a candidate is taken only if
      cheaper.
   4. When nothing is taken, consolidation: moving every share held on one instance x of an idle decode group
-     to another member y frees x for prefill; it is planned when the queue's gain from x, W·(wait − t_mig),
-     exceeds the decode delay t_mig·W_decode it costs.
+     to another member y frees x for prefill; it is planned when the queue's gain from x, U·(wait − t_mig),
+     exceeds the decode delay t_mig·U_decode it costs (U: urgency).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from dataclasses import dataclass
 from loong_jax.scheduler.decode_planner import home_group
 from loong_jax.scheduler.esp_batching import BatchingResult, plan_batches
 from loong_jax.scheduler.esp_dispatch import (
-    ClusterSnapshot, admit_fifo, estimate_wait, group_pages, normalised_weight,
+    ClusterSnapshot, admit_fifo, estimate_wait, group_pages,
 )
 from loong_jax.scheduler.groups import capacity_by_threshold, covering_group, free_blocks, power_of_two_sizes
 from loong_jax.scheduler.plan import Migration
@@ -35,6 +37,7 @@ class BatchingLimits:
     max_boundaries: int = 24
     max_admit: int = 256
     max_tokens_per_instance: int | None = None
+    defer_age_limit: float = 4.0  # a request may be left waiting until it has waited this x its isolated latency
 
 
 @dataclass
@@ -54,8 +57,9 @@ def _groups_inside(blocks, size: int):
 
 
 def evaluate_instances(snapshot: ClusterSnapshot, instances, waiting, limits: BatchingLimits,
-                       force_head: bool) -> tuple[list, BatchingResult | None, list]:
-    """(admitted, batching, blocks) for prefilling the FIFO head of `waiting` on `instances`."""
+                       force_head: bool, wait: float) -> tuple[list, BatchingResult | None, list]:
+    """(admitted, batching, blocks) for prefilling the FIFO head of `waiting` on `instances`; admitted
+    requests the DP defers (see `ClusterSnapshot.defer_seconds`) stay waiting."""
     view = snapshot.view
     n = view.num_instances
     blocks = free_blocks(instances, n)
@@ -66,7 +70,8 @@ def evaluate_instances(snapshot: ClusterSnapshot, instances, waiting, limits: Ba
         sizes.append(len(blocks[0]))
     pages_capacity = {d: max(group_pages(snapshot, g) for g in _groups_inside(blocks, d)) for d in sizes}
     available = sum(snapshot.usable_pages(i) for i in instances)
-    admitted = admit_fifo(snapshot, waiting, available, max(pages_capacity.values()), limits.max_admit, force_head)
+    admitted = admit_fifo(snapshot, waiting, available, max(pages_capacity.values()), limits.max_admit, force_head,
+                          backfill_age=limits.defer_age_limit)
     if not admitted:
         return [], None, blocks
     penalty = None
@@ -75,15 +80,21 @@ def evaluate_instances(snapshot: ClusterSnapshot, instances, waiting, limits: Ba
             ready = any(view.program_ready("prefill", g, tokens) for g in _groups_inside(blocks, d))
             return 0.0 if ready else view.compile_cost_s
     thresholds = capacity_by_threshold(blocks, sizes)
+    largest = max(pages_capacity.values())
     while admitted:
+        defer_costs = None
+        if not force_head:
+            defer_costs = [snapshot.defer_seconds(r, wait, limits.defer_age_limit) / max(1, r.prefill_target)
+                           for r in admitted]
+        # A forced head (nothing else can run) is admitted on its bare prompt: cap its demand to what fits.
         result = plan_batches(
-            [r.prefill_target for r in admitted], [snapshot.pages_for_prompt(r) for r in admitted],
+            [r.prefill_target for r in admitted], [min(snapshot.pages_for_prompt(r), largest) for r in admitted],
             view.cost_model, sizes, thresholds, pages_capacity, max_batches=limits.max_batches,
             max_boundaries=limits.max_boundaries, penalty=penalty,
-            max_tokens_per_instance=limits.max_tokens_per_instance,
+            max_tokens_per_instance=limits.max_tokens_per_instance, defer_costs=defer_costs,
         )
         if result is not None:
-            return admitted, result, blocks
+            return admitted, (result if result.batches else None), blocks
         admitted = admitted[: len(admitted) // 2]
     return [], None, blocks
 
@@ -93,35 +104,52 @@ def choose_prefill(snapshot: ClusterSnapshot, waiting, limits: BatchingLimits, m
     """The cheapest way to prefill now, or None when waiting is cheaper (see module docstring)."""
     if not waiting:
         return None
-    lendable = sorted(snapshot.decode_groups.items(), key=lambda item: normalised_weight(item[1]))
-    candidates: list[tuple[frozenset, tuple]] = []
-    if snapshot.free:
-        candidates.append((frozenset(snapshot.free), ()))
-    pool, lent = set(snapshot.free), []
-    for group, _ in lendable[:max_lent_groups]:
+    group_weight = {g: snapshot.urgency(rs) for g, rs in snapshot.decode_groups.items()}
+    wait = estimate_wait(snapshot)
+
+    def weighed(option: PrefillOption) -> float:
+        """Urgency-weighted seconds of the option's batches and deferrals (the DP itself minimises
+        normalised latency)."""
+        deferred = sum(snapshot.urgency([option.admitted[i]])
+                       * snapshot.defer_seconds(option.admitted[i], wait, limits.defer_age_limit)
+                       for i in option.batching.deferred)
+        return deferred + sum(b.seconds * snapshot.urgency(option.admitted[i] for i in b.indices)
+                              for b in option.batching.batches)
+
+    def left_behind(option: PrefillOption, wider: PrefillOption) -> float:
+        """Requests `wider` admits that `option` leaves waiting (at least until its first batch ends)."""
+        mine = {id(r) for r in option.admitted}
+        extra = [r for r in wider.admitted if id(r) not in mine]
+        return snapshot.urgency(extra) * min(wait, option.batching.shortest_seconds)
+
+    options: list[PrefillOption] = []
+    pool: set[int] = set(snapshot.free)
+    lent: list = []
+    candidates = [(frozenset(pool), ())] if pool else []
+    for group in sorted(snapshot.decode_groups, key=lambda g: group_weight[g])[:max_lent_groups]:
         pool |= set(group)
         lent.append(group)
         candidates.append((frozenset(pool), tuple(lent)))
-    options = []
     for instances, lent_groups in candidates:
-        force = nothing_running and not lent_groups
-        admitted, result, _ = evaluate_instances(snapshot, instances, waiting, limits, force)
-        if result is not None:
-            options.append(PrefillOption(instances, lent_groups, admitted, result))
+        admitted, result, _ = evaluate_instances(snapshot, instances, waiting, limits,
+                                                 nothing_running and not lent_groups, wait)
+        if result is None:
+            continue
+        option = PrefillOption(instances, lent_groups, admitted, result)
+        option.cost = weighed(option) + option.batching.longest_seconds * sum(group_weight[g] for g in lent_groups)
+        if options and option.cost >= options[-1].cost + left_behind(options[-1], option):
+            break  # lending one more group made things worse: lending further will not help either
+        options.append(option)
     if not options:
         return None
     widest = max(options, key=lambda o: len(o.admitted))
-    wait = estimate_wait(snapshot)
     for option in options:
-        delayed = sum(normalised_weight(snapshot.decode_groups[g]) for g in option.lent_groups)
-        left_behind = normalised_weight(widest.admitted[len(option.admitted):])
-        next_chance = min(wait, option.batching.shortest_seconds)
-        option.cost = option.batching.cost + option.batching.longest_seconds * delayed + left_behind * next_chance
+        option.cost += left_behind(option, widest)
     best = min(options, key=lambda o: o.cost)
     if any(not o.lent_groups for o in options):
         # Free instances delay nobody: use them unless lending decode instances as well is cheaper.
         return best
-    idle_cost = normalised_weight(widest.admitted) * wait + widest.batching.cost
+    idle_cost = snapshot.urgency(widest.admitted) * wait + weighed(widest)
     return best if best.cost < idle_cost else None
 
 
@@ -136,7 +164,7 @@ def plan_consolidation(snapshot: ClusterSnapshot, waiting, limits: BatchingLimit
     for group, requests in snapshot.decode_groups.items():
         if len(group) < 2:
             continue
-        delayed = normalised_weight(requests)
+        delayed = snapshot.urgency(requests)
         for x in group:
             moving = [r for r in requests if x in r.kv]
             if not moving:
@@ -154,8 +182,9 @@ def plan_consolidation(snapshot: ClusterSnapshot, waiting, limits: BatchingLimit
                 if need > snapshot.usable_pages(y):
                     continue
                 freed = snapshot.pages_free[x] + sum(-(-r.kv[x] // page_size) for r in moving)
-                gainers = admit_fifo(snapshot, waiting, freed, freed, limits.max_admit)
-                net = normalised_weight(gainers) * (wait - seconds) - seconds * delayed
+                gainers = admit_fifo(snapshot, waiting, freed, freed, limits.max_admit,
+                                     backfill_age=limits.defer_age_limit)
+                net = snapshot.urgency(gainers) * (wait - seconds) - seconds * delayed
                 if net > best_net:
                     best_net = net
                     best_moves = [Migration(r.request_id, x, y, r.kv[x], estimated_s=cost.migration_time(r.kv[x]))

@@ -14,8 +14,11 @@ Data flow:
      exactly when, for each size s, the instances asked by batches of DoP >= s fit in the free blocks of
      size >= s (aligned groups pack largest first). States are processed in layers (number of batches);
      each layer and DoP is one vectorised min-plus product over split points.
-  4. The cheapest state covering every request is unwound into batches; `groups.pack_sizes` later turns the
-     DoPs into concrete groups.
+  4. Optionally a run of requests may be deferred (left waiting) at a cost the caller gives per request: a
+     step that adds no batch, so each layer is closed under it after its moves. (Without it, a 200K prompt
+     that needs both free instances would drag the short prompts behind it into its batch.)
+  5. The cheapest state covering every request is unwound into batches (and deferred requests);
+     `groups.pack_sizes` later turns the DoPs into concrete groups.
 """
 
 from __future__ import annotations
@@ -40,7 +43,8 @@ class BatchChoice:
 @dataclass(frozen=True)
 class BatchingResult:
     batches: tuple[BatchChoice, ...]
-    cost: float  # Σ seconds · weight
+    cost: float  # Σ seconds · weight (+ the cost of the deferred requests)
+    deferred: tuple[int, ...] = ()  # positions left waiting for a later step
 
     @property
     def longest_seconds(self) -> float:
@@ -79,7 +83,7 @@ def multiset_transitions(sizes: tuple[int, ...], capacities: tuple[int, ...], ma
 
     empty = tuple(0 for _ in sizes)
     states, ids = [empty], {empty: 0}
-    frontier, moves = [empty], []
+    frontier, layers = [empty], []
     for _ in range(max_batches):
         grown_frontier = []
         layer_moves = {d: ([], []) for d in sizes}
@@ -94,13 +98,13 @@ def multiset_transitions(sizes: tuple[int, ...], capacities: tuple[int, ...], ma
                     grown_frontier.append(grown)
                 layer_moves[d][0].append(ids[counts])
                 layer_moves[d][1].append(ids[grown])
-        for d, (sources, targets) in layer_moves.items():
-            if sources:
-                moves.append((d, np.array(sources), np.array(targets)))
-        if not grown_frontier:
+        moves = tuple((d, np.array(sources), np.array(targets))
+                      for d, (sources, targets) in layer_moves.items() if sources)
+        if not moves:
             break
+        layers.append(moves)
         frontier = grown_frontier
-    return tuple(states), tuple(moves)
+    return tuple(states), tuple(layers)
 
 
 def plan_batches(
@@ -115,12 +119,15 @@ def plan_batches(
     max_boundaries: int = 24,
     penalty: Callable[[int, int], float] | None = None,
     max_tokens_per_instance: int | None = None,
+    defer_costs: Sequence[float] | None = None,
 ) -> BatchingResult | None:
-    """Best split of all requests into batches with DoPs; None when they cannot all be placed.
+    """Best split of the requests into batches with DoPs (and, with `defer_costs`, requests left for later);
+    None when they cannot be placed.
 
     `sizes`: DoPs allowed (ascending); `threshold_capacity[s]`: instances in free blocks of size >= s;
     `pages_capacity[d]`: the most free pages any allowed group of size d has; `penalty(d, tokens)`: extra
-    seconds (compile) for a batch of that DoP and token count.
+    seconds (compile) for a batch of that DoP and token count; `defer_costs[i]`: what leaving request i
+    waiting costs in the objective's units (inf: it must run now; None: every request must run now).
     """
     n = len(lengths)
     if n == 0:
@@ -158,35 +165,54 @@ def plan_batches(
         seconds_by_dop[d] = seconds
         cost_by_dop[d] = np.where(ok, seconds * d_w, INFEASIBLE)
 
-    states, moves = multiset_transitions(tuple(sizes), tuple(threshold_capacity[d] for d in sizes), max_batches)
+    skip = None  # [start cut, end cut]: cost of leaving that run of requests waiting (dop 0 = deferred)
+    if defer_costs is not None:
+        sorted_defer = np.asarray(defer_costs, dtype=np.float64)[order]
+        blocked = prefix(np.isinf(sorted_defer).astype(np.float64))
+        finite = prefix(np.where(np.isinf(sorted_defer), 0.0, sorted_defer))
+        skip = np.where(forward & (blocked[None, :] == blocked[:, None]), finite[None, :] - finite[:, None], INFEASIBLE)
+
+    states, layers = multiset_transitions(tuple(sizes), tuple(threshold_capacity[d] for d in sizes), max_batches)
     best = np.full((len(states), m), INFEASIBLE)  # [state, cut]: cheapest cover of requests before the cut
     best[0, 0] = 0.0
     parent_state = np.zeros((len(states), m), np.int64)
     parent_dop = np.zeros((len(states), m), np.int64)
     parent_cut = np.zeros((len(states), m), np.int64)
-    for d, sources, targets in moves:
-        totals = best[sources][:, :, None] + cost_by_dop[d][None, :, :]  # [moves, from cut, to cut]
+
+    def relax(targets: np.ndarray, sources: np.ndarray, d: int, matrix: np.ndarray) -> None:
+        totals = best[sources][:, :, None] + matrix[None, :, :]  # [moves, from cut, to cut]
         from_cut = totals.argmin(axis=1)  # [moves, to cut]
         values = totals.min(axis=1)
         improve = values < best[targets]
-        if not improve.any():
-            continue
-        rows, cols = np.nonzero(improve)
-        target_rows = targets[rows]
-        best[target_rows, cols] = values[rows, cols]
-        parent_state[target_rows, cols] = sources[rows]
-        parent_dop[target_rows, cols] = d
-        parent_cut[target_rows, cols] = from_cut[rows, cols]
+        if improve.any():
+            rows, cols = np.nonzero(improve)
+            target_rows = targets[rows]
+            best[target_rows, cols] = values[rows, cols]
+            parent_state[target_rows, cols] = sources[rows]
+            parent_dop[target_rows, cols] = d
+            parent_cut[target_rows, cols] = from_cut[rows, cols]
+
+    if skip is not None:
+        relax(np.array([0]), np.array([0]), 0, skip)
+    for layer in layers:
+        for d, sources, targets in layer:
+            relax(targets, sources, d, cost_by_dop[d])
+        if skip is not None:  # deferral adds no batch: close this layer's states under it (costs add up)
+            reached = np.unique(np.concatenate([targets for _, _, targets in layer]))
+            relax(reached, reached, 0, skip)
     final_state = int(best[:, -1].argmin())
     final_cost = float(best[final_state, -1])
     if not np.isfinite(final_cost):
         return None
-    batches = []
+    batches, deferred = [], []
     state, cut = final_state, m - 1
     while cut > 0:
         d, a = int(parent_dop[state, cut]), int(parent_cut[state, cut])
         indices = tuple(int(i) for i in order[cuts[a]:cuts[cut]])
-        batches.append(BatchChoice(indices, d, float(seconds_by_dop[d][a, cut]), float(d_w[a, cut])))
+        if d == 0:
+            deferred.extend(indices)
+        else:
+            batches.append(BatchChoice(indices, d, float(seconds_by_dop[d][a, cut]), float(d_w[a, cut])))
         state, cut = int(parent_state[state, cut]), a
     batches.reverse()
-    return BatchingResult(tuple(batches), float(final_cost))
+    return BatchingResult(tuple(batches), float(final_cost), tuple(sorted(deferred)))

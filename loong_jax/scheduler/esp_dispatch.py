@@ -10,7 +10,8 @@ Data flow:
      (strict FIFO: a long request is never overtaken forever).
   3. `estimate_wait` is how long the queue would wait if no instance were taken from decoding now: the
      earliest moment a busy instance or a decode group is expected to come free. It is the gain side of the
-     delay-decode cost/gain test in `esp_allocation`.
+     delay-decode cost/gain test in `esp_allocation`, where delays are weighed by `urgency` (1 / the
+     request's isolated latency, since every request's SLO is a multiple of it).
 """
 
 from __future__ import annotations
@@ -36,11 +37,16 @@ class ClusterSnapshot:
     decode_groups: dict = field(default_factory=dict)  # maximal idle home group -> its idle requests
     free: set = field(default_factory=set)  # idle instances no decoding request needs
     idle: set = field(default_factory=set)
+    slo_scale: float = 25.0  # latency target = slo_scale x isolated latency (urgency is slack to it)
+    _prompt_pages: dict = field(default_factory=dict)  # id(request) -> pages (cache for this call)
+    _urgency: dict = field(default_factory=dict)  # id(request) -> 1 / isolated seconds (cache)
+    _best_prefill: dict = field(default_factory=dict)  # id(request) -> seconds at the widest DoP (cache)
 
     @classmethod
-    def build(cls, view: SchedulerView, growth_horizon: int) -> "ClusterSnapshot":
+    def build(cls, view: SchedulerView, growth_horizon: int, slo_scale: float = 25.0) -> "ClusterSnapshot":
         n, page_size = view.num_instances, view.page_size
         snapshot = cls(view, growth_horizon, [i.pages_free for i in view.instances], [0] * n)
+        snapshot.slo_scale = slo_scale
         snapshot.idle = set(view.idle_instances)
         claimed: set[int] = set()
         idle_homes: dict[tuple[int, ...], list[RequestView]] = {}
@@ -77,7 +83,61 @@ class ClusterSnapshot:
         return max(0, self.pages_free[instance] - self.reserve[instance])
 
     def pages_for_prompt(self, request: RequestView) -> int:
-        return _ceil_div(request.prefill_target + self.growth(request), self.view.page_size) + 1
+        """Pages the prompt and its expected growth take (one spare for the partly filled last pages)."""
+        pages = self._prompt_pages.get(id(request))
+        if pages is None:
+            pages = _ceil_div(request.prefill_target + self.growth(request), self.view.page_size) + 1
+            self._prompt_pages[id(request)] = pages
+        return pages
+
+    def best_prefill_seconds(self, request: RequestView) -> float:
+        """Prefill time of the request alone on the widest family group: what it costs once instances free."""
+        seconds = self._best_prefill.get(id(request))
+        if seconds is None:
+            cost, length = self.view.cost_model, request.prefill_target
+            widest = max(d for d in cost.prefill if d <= self.view.num_instances)
+            seconds = self._best_prefill[id(request)] = cost.prefill_time_from_sums(widest, length, length * length)
+        return seconds
+
+    def defer_seconds(self, request: RequestView, wait: float, age_limit: float) -> float:
+        """Latency a request takes on if left waiting this step: until instances free up (at most its own
+        best prefill time, since every finishing unit is a new chance), then its best prefill. Infinite once
+        it has waited `age_limit` times its isolated latency (no request is deferred forever)."""
+        waited = self.view.now - request.arrival
+        if waited > age_limit * self.isolated(request):
+            return math.inf
+        best = self.best_prefill_seconds(request)
+        return min(wait, best) + best
+
+    def urgency(self, requests) -> float:
+        """Σ over requests of what one second of delay costs each, from its slack to a latency target of
+        `slo_scale` x its isolated latency: 1 / slack (earliest deadline first), at least 1 / its whole
+        budget; a request already past its target weighs 1 / budget. Weighs decode delays against prefill
+        gains: a decode far from its deadline is cheap to delay, a prompt close to its deadline is not."""
+        total, cache = 0.0, self._urgency
+        for request in requests:
+            value = cache.get(id(request))
+            if value is None:
+                value = cache[id(request)] = self._urgency_of(request)
+            total += value
+        return total
+
+    def isolated(self, request: RequestView) -> float:
+        return isolated_seconds(self.view, request)
+
+    def _urgency_of(self, request: RequestView) -> float:
+        view = self.view
+        isolated = isolated_seconds(view, request)
+        budget = self.slo_scale * isolated
+        if request.kv and request.master is not None:  # decoding: what is left is its remaining output
+            remaining = request.remaining_new_tokens(view.default_output_tokens) * view.cost_model.decode_time(
+                1, 1, request.context_len)
+        else:
+            remaining = isolated
+        slack = budget - (view.now - request.arrival) - remaining
+        if slack <= 0:
+            return 1.0 / budget
+        return 1.0 / min(slack, budget)
 
 
 def group_pages(snapshot: ClusterSnapshot, group) -> int:
@@ -85,8 +145,14 @@ def group_pages(snapshot: ClusterSnapshot, group) -> int:
 
 
 def admit_fifo(snapshot: ClusterSnapshot, waiting, pages_available: int, largest_group_pages: int,
-               max_admit: int, force_head: bool = False) -> list[RequestView]:
-    """Waiting requests, in arrival order, whose KV (prompt + expected growth) fits the pages available."""
+               max_admit: int, force_head: bool = False, backfill_age: float | None = None) -> list[RequestView]:
+    """Waiting requests, in arrival order, whose KV (prompt + expected growth) fits the pages available.
+
+    Without `backfill_age` admission stops at the first request that does not fit (strict FIFO). With it, a
+    request that does not fit is passed over so later ones may use the room (backfilling: a 300K prompt
+    waiting for instances must not hold up every chat behind it) until it has waited `backfill_age` times
+    its isolated latency; from then on admission stops at it, so instances drain for it.
+    """
     admitted, used = [], 0
     for request in waiting:
         if len(admitted) >= max_admit:
@@ -97,14 +163,28 @@ def admit_fifo(snapshot: ClusterSnapshot, waiting, pages_available: int, largest
                 bare = _ceil_div(request.prefill_target, snapshot.view.page_size)
                 if bare <= largest_group_pages and bare <= pages_available:
                     admitted.append(request)
-            break
+                break
+            if backfill_age is None or snapshot.view.now - request.arrival > backfill_age * snapshot.isolated(request):
+                break
+            continue
         admitted.append(request)
         used += need
     return admitted
 
 
+def isolated_seconds(view: SchedulerView, request: RequestView) -> float:
+    """Expected latency of the request alone on the cluster: prefill at the fastest of DoP 1 and all
+    instances, then its expected output at one decode step per token on one instance."""
+    cost, length = view.cost_model, max(1, request.prompt_len)
+    widest = view.num_instances if view.num_instances in cost.prefill else 1
+    prefill = min(cost.prefill_time_from_sums(d, length, length * length) for d in {1, widest})
+    outputs = request.max_new_tokens if request.max_new_tokens is not None else view.default_output_tokens
+    return prefill + outputs * cost.decode_time(1, 1, length + outputs // 2)
+
+
 def normalised_weight(requests) -> float:
-    """Σ 1/input length: what one second of delay costs these requests in summed normalised latency."""
+    """Σ 1/input length: what one second of prefill time costs in summed normalised latency (the DP's
+    objective)."""
     return sum(1.0 / max(1, r.prompt_len) for r in requests)
 
 

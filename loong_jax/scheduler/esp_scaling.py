@@ -9,7 +9,9 @@ Data flow, per batch (longest request first):
      the family); among those of the smallest size that fit, take the one with the most free pages.
   2. Split the prompt over that sub-group in balanced page-aligned shares; the member with the most room
      becomes the master (its segment is last), and it keeps room for the growth.
-  3. A request that fits nowhere (the DP's capacity check is per group size, not per group) stays waiting.
+  3. A request that fits nowhere with its growth room is placed without it (decode scale-up finds the room
+     later); one that fits nowhere at all (the DP checks capacity per group size, not per group) stays
+     waiting.
 Decode scale-up (a master out of pages) lives in `decode_planner`.
 """
 
@@ -50,9 +52,16 @@ def split_tokens(n_tokens: int, capacities: list[int], growth: int, page_size: i
 
 def place_request(snapshot: ClusterSnapshot, group: tuple[int, ...], request: RequestView):
     """Segments (instance, n_tokens) for the whole prompt of `request` inside `group`, or None."""
+    full_growth = snapshot.growth(request)
+    for growth in (full_growth, 0) if full_growth else (0,):
+        segments = _place(snapshot, group, request.prefill_target, growth)
+        if segments is not None:
+            return segments
+    return None
+
+
+def _place(snapshot: ClusterSnapshot, group: tuple[int, ...], n_tokens: int, growth: int):
     page_size = snapshot.view.page_size
-    growth = snapshot.growth(request)
-    n_tokens = request.prefill_target
     for size in power_of_two_sizes(len(group)):
         best = None
         for start in range(0, len(group) - size + 1, size):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -59,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--slo-scale", type=float, default=DEFAULT_SLO_SCALE, help="SLO = scale x isolated latency")
     parser.add_argument("--attainment", type=float, default=DEFAULT_ATTAINMENT_TARGET, help="SLO attainment target")
     parser.add_argument("--precision", type=float, default=0.05, help="relative precision of the rate search")
+    parser.add_argument("--plot-rates", type=int, default=5,
+                        help="after the search, complete runs of every policy at this many common rates (0: none)")
     parser.add_argument("--hide-output-lengths", action="store_true",
                         help="do not tell policies each request's output length (max_new_tokens unknown)")
     parser.add_argument("--json", type=Path, help="write all results as JSON here")
@@ -87,28 +90,45 @@ def _workload_stats(workload: Workload, isolated: np.ndarray) -> dict:
 def run_policies(args, workload: Workload, cost_model: CostModel, progress) -> dict[str, PolicyResult]:
     probe = workload.requests(1.0)
     isolated = isolated_latencies(probe, cost_model, args.instances)
+    specs = [PolicySpec.parse(text) for text in args.policies.split(",")]
     results: dict[str, PolicyResult] = {}
-    for text in args.policies.split(","):
-        spec = PolicySpec.parse(text)
+
+    def run(spec: PolicySpec, rate: float, give_up: bool) -> RatePoint:
+        progress.set_postfix_str(f"{spec.label} @ {rate:.3g} req/s")
+        point = simulate(workload.requests(rate), spec, cost_model, args.instances, request_rate=rate,
+                         slo_scale=args.slo_scale, give_up_below=args.attainment if give_up else None,
+                         reveal_output_lengths=not args.hide_output_lengths, isolated=isolated)
+        progress.update(1)
+        return point
+
+    for spec in specs:
         points: dict[float, RatePoint] = {}
 
-        def evaluate(rate: float, give_up: bool) -> float:
-            progress.set_postfix_str(f"{spec.label} @ {rate:.3g} req/s")
-            point = simulate(workload.requests(rate), spec, cost_model, args.instances, request_rate=rate,
-                             slo_scale=args.slo_scale, give_up_below=args.attainment if give_up else None,
-                             reveal_output_lengths=not args.hide_output_lengths, isolated=isolated)
-            points[rate] = point
-            progress.update(1)
-            return point.metrics.slo_attainment
+        def attainment(rate: float, give_up: bool) -> float:
+            points[rate] = run(spec, rate, give_up)
+            return points[rate].metrics.slo_attainment
 
+        # Every request at t = 0: the cluster's drain rate under this policy (its saturation throughput).
+        burst = run(spec, math.inf, give_up=False)
         if args.request_rates:
-            passing = [rate for rate in args.request_rates if evaluate(rate, give_up=False) >= args.attainment]
+            passing = [rate for rate in args.request_rates if attainment(rate, give_up=False) >= args.attainment]
             max_rate = max(passing) if passing else None
+        elif burst.metrics.slo_attainment >= args.attainment:
+            max_rate = math.inf  # N requests meet the SLO however fast they come: nothing to search
         else:
-            start = initial_rate_guess(probe, isolated, args.instances)
-            found = search_max_rate(lambda rate: evaluate(rate, give_up=True), start, args.attainment, args.precision)
+            start = burst.metrics.throughput or initial_rate_guess(probe, isolated, args.instances)
+            found = search_max_rate(lambda rate: attainment(rate, give_up=True), start, args.attainment, args.precision)
             max_rate = found if found > 0 else None
-        results[spec.label] = PolicyResult(spec.label, max_rate, list(points.values()))
+        results[spec.label] = PolicyResult(spec.label, max_rate, list(points.values()), burst)
+
+    finite = [r.max_rate for r in results.values() if r.max_rate is not None and math.isfinite(r.max_rate)]
+    if not args.request_rates and args.plot_rates > 0 and finite:
+        # Complete runs on one common grid around the knees, so that every policy has a full latency curve.
+        grid = np.geomspace(0.5 * min(finite), 1.25 * max(finite), args.plot_rates)
+        for spec in specs:
+            result = results[spec.label]
+            for rate in grid:
+                result.points.append(run(spec, float(rate), give_up=False))
     return results
 
 

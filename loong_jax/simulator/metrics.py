@@ -79,8 +79,20 @@ class RateMetrics:
     makespan: float  # seconds from the first arrival to the last finish
     preemptions: int
 
+    @property
+    def throughput(self) -> float:
+        """Finished requests per second of the run."""
+        return self.finished / self.makespan if self.makespan > 0 else math.nan
+
     def to_dict(self) -> dict:
-        return {key: (None if isinstance(value, float) and math.isnan(value) else value) for key, value in asdict(self).items()}
+        """JSON-safe: NaN becomes None, an infinite rate (every request at t=0) becomes "burst"."""
+        row = {**asdict(self), "throughput": self.throughput}
+        for key, value in row.items():
+            if isinstance(value, float) and math.isnan(value):
+                row[key] = None
+            elif isinstance(value, float) and math.isinf(value):
+                row[key] = "burst"
+        return row
 
 
 def isolated_latencies(requests: Sequence[RequestSpec], cost_model: CostModel, max_dop: int) -> np.ndarray:

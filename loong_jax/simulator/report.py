@@ -22,12 +22,23 @@ ESP = "esp"
 @dataclass
 class PolicyResult:
     label: str
-    max_rate: float | None  # requests/s under the SLO; None when no evaluated rate met it
+    max_rate: float | None  # requests/s under the SLO; None when no evaluated rate met it, inf when unbounded
     points: list[RatePoint] = field(default_factory=list)
+    burst: RatePoint | None = None  # every request at t = 0
+
+    @property
+    def saturation_throughput(self) -> float | None:
+        """Requests/s the cluster drains under this policy when all requests arrive at once."""
+        return None if self.burst is None else self.burst.metrics.throughput
 
     def to_dict(self) -> dict:
         ordered = sorted(self.points, key=lambda p: p.metrics.request_rate)
-        return {"max_throughput": _json_safe(self.max_rate), "points": [p.to_dict() for p in ordered]}
+        return {
+            "max_throughput": _json_safe(self.max_rate),
+            "saturation_throughput": self.saturation_throughput,
+            "points": [p.to_dict() for p in ordered],
+            "burst": None if self.burst is None else self.burst.to_dict(),
+        }
 
 
 @dataclass
@@ -39,13 +50,18 @@ class ExperimentResult:
     def summary(self) -> dict:
         esp = self.policies.get(ESP)
         baselines = {label: result for label, result in self.policies.items() if label != ESP}
-        summary: dict = {"max_throughput": {label: r.max_rate for label, r in self.policies.items()}}
+        summary: dict = {
+            "max_throughput": {label: r.max_rate for label, r in self.policies.items()},
+            "saturation_throughput": {label: r.saturation_throughput for label, r in self.policies.items()},
+        }
         if esp is not None and baselines:
             best_label = max(baselines, key=lambda label: baselines[label].max_rate or 0.0)
             esp_rate = esp.max_rate or 0.0
             summary["best_baseline"] = best_label
             summary["esp_over_best_baseline"] = _ratio(esp_rate, baselines[best_label].max_rate or 0.0)
             summary["esp_over_each_baseline"] = {label: _ratio(esp_rate, r.max_rate or 0.0) for label, r in baselines.items()}
+            best_saturation = max((r.saturation_throughput or 0.0) for r in baselines.values())
+            summary["esp_over_best_baseline_saturation"] = _ratio(esp.saturation_throughput or 0.0, best_saturation)
             summary["esp_beats_every_baseline"] = all(
                 esp_rate > (r.max_rate or 0.0) and not math.isinf(esp_rate) for r in baselines.values()
             )
@@ -80,12 +96,16 @@ def _json_safe(value):
 def format_table(result: ExperimentResult) -> str:
     summary = result.summary()
     ratios = summary.get("esp_over_each_baseline", {})
-    lines = [f"{'policy':<28} {'max rate under SLO (req/s)':>27} {'ESP / policy':>13}"]
+    lines = [f"{'policy':<28} {'max rate under SLO (req/s)':>27} {'ESP / policy':>13} {'saturation (req/s)':>19}"]
     for label, rate in summary["max_throughput"].items():
-        lines.append(f"{label:<28} {_rate_text(rate):>27} {_ratio_text(ratios.get(label)) if label in ratios else '':>13}")
+        ratio = _ratio_text(ratios.get(label)) if label in ratios else ""
+        saturation = summary["saturation_throughput"].get(label)
+        shown = "" if saturation is None else f"{saturation:.3f}"
+        lines.append(f"{label:<28} {_rate_text(rate):>27} {ratio:>13} {shown:>19}")
     if "best_baseline" in summary:
         best = summary["esp_over_best_baseline"]
-        lines.append(f"ESP / best baseline ({summary['best_baseline']}): {_ratio_text(best)}")
+        lines.append(f"ESP / best baseline ({summary['best_baseline']}): {_ratio_text(best)}; at saturation: "
+                     f"{_ratio_text(summary['esp_over_best_baseline_saturation'])}")
     if any(rate is not None and math.isinf(rate) for rate in summary["max_throughput"].values()):
         lines.append("unbounded: the run's N requests all meet the SLO however fast they arrive (raise --num-requests)")
     return "\n".join(lines)
@@ -119,7 +139,8 @@ def plot_experiment(result: ExperimentResult, path: str | Path, title: str | Non
 
     figure, axes = plt.subplots(1, len(PANELS), figsize=(13, 3.1), dpi=70)
     for label, policy in result.policies.items():
-        complete = sorted((p for p in policy.points if p.complete), key=lambda p: p.metrics.request_rate)
+        complete = sorted((p for p in policy.points if p.complete and math.isfinite(p.metrics.request_rate)),
+                          key=lambda p: p.metrics.request_rate)
         rates = [p.metrics.request_rate for p in complete]
         for axis, (metric, _, _) in zip(axes, PANELS):
             values = [getattr(p.metrics, metric) for p in complete]

@@ -96,11 +96,12 @@ def server_port(tiny_checkpoint, compile_cache):
     engine.shutdown()
 
 
+@pytest.mark.timeout(300)
 def test_bench_end_to_end(server_port, tmp_path):
     out, plot = tmp_path / "sweep.json", tmp_path / "sweep.png"
     code = bench_main(["--port", str(server_port), "--workload", "mixed", "--length-scale", "0.002",
                        "--num-prompts", "6", "--request-rates", "inf,20", "--max-concurrency", "4",
-                       "--goodput", "ttft:60000", "tpot:60000", "--seed", "3", "--no-progress",
+                       "--goodput", "ttft:60000", "tpot:60000", "--seed", "3", "--no-progress", "--timeout", "120",
                        "--json", str(out), "--plot", str(plot), "--label", "tiny"])
     assert code == 0
     document = json.loads(out.read_text())

@@ -31,7 +31,7 @@ from loong_jax.models.train_demo import TrainSettings, demo_config, train
 PROMPT = "Return the number of"
 TEXT_PROMPTS = ("Return the number of", "This module provides", "Create a new", "Raise an exception if")
 NEW_TOKENS = 24
-MAX_FOLDER_BYTES = 20 * 1024 * 1024
+MAX_FOLDER_BYTES = 20_000_000  # 20 MB
 
 
 @pytest.fixture(scope="module")

@@ -39,10 +39,9 @@ def test_dispatch_reserves_decode_growth():
     loose = ClusterSnapshot.build(state, growth_horizon=0)
     available = loose.usable_pages(6) + loose.usable_pages(7)
     assert [r.request_id for r in admit_fifo(loose, state.waiting, available, available, 100)] == ["w0", "w1"]
-    # The policy prefills w0 on the free instance and decodes the rest where they are.
+    # The policy admits only w0 and keeps its KV off 6, whose free pages are reserved.
     plan = EspPolicy().schedule(state)
-    assert prefill_map(plan) == {"w0": ((7,), ((7, 800),))}
-    assert [(b.group, b.request_ids) for b in plan.decodes] == [((6,), ("d0", "d1", "d2"))]
+    assert {rid: segments for rid, (_, segments) in prefill_map(plan).items()} == {"w0": ((7, 800),)}
 
 
 def test_decode_instances_are_not_lent_to_a_long_prompt_when_chats_would_wait():

@@ -29,12 +29,17 @@ def test_registry():
 
 def test_static_sp_prefills_on_whole_group_and_decodes_on_whole_group():
     cost = synthetic_cost(max_dop=2)
-    state = view(instances([100, 100, 90, 100]), waiting(1000, 60), [decoding("d", 0, {2: 30}, 2)], cost=cost)
+    state = view(instances([100, 100, 90, 100]), waiting(1000), [decoding("d", 0, {2: 30}, 2)], cost=cost)
     plan = make_policy("static-sp", degree=2).schedule(state)
-    (batch,) = plan.prefills
-    assert batch.group == (0, 1) and batch.request_ids == ("w0", "w1")
+    (batch,) = plan.prefills  # the least loaded group with room: {0,1} (more free pages)
+    assert batch.group == (0, 1) and batch.request_ids == ("w0",)
     assert {i for i, _ in batch.placement[0]} == {0, 1}  # spread over every member: no scale-down
-    assert [(b.group, b.request_ids) for b in plan.decodes] == [((2, 3), ("d",))]
+    assert [(b.group, b.request_ids) for b in plan.decodes] == [((2, 3), ("d",))]  # the whole fixed group
+    # Two queued prompts go to the two groups, one each (balanced), and prefill comes first.
+    busy_plan = make_policy("static-sp", degree=2).schedule(
+        view(instances([100, 100, 90, 100]), waiting(1000, 60), [decoding("d", 0, {2: 30}, 2)], cost=cost))
+    assert sorted((b.group, b.request_ids) for b in busy_plan.prefills) == [((0, 1), ("w0",)), ((2, 3), ("w1",))]
+    assert not busy_plan.decodes
 
 
 def test_static_sp_gives_prefill_priority_and_rejects_what_a_group_cannot_hold():
@@ -55,15 +60,13 @@ def test_chunked_prefill_fuses_a_chunk_into_the_decode_step():
     cost = synthetic_cost(max_dop=2)
     decodes = [decoding(f"d{k}", k, {0: 20}, 0) for k in range(3)]
     partial = RequestView("p", 3, 3.0, 1000, kv={0: 256, 1: 256}, master=1, status=PREFILLING)
-    state = SchedulerViewWithPrefilling = view(instances([100, 100]), waiting(500), decodes, cost=cost,
-                                               prefilling=(partial,))
-    plan = make_policy("chunked-prefill", chunk_size=256).schedule(SchedulerViewWithPrefilling)
+    state = view(instances([100, 100]), waiting(500), decodes, cost=cost, prefilling=(partial,))
+    plan = make_policy("chunked-prefill", chunk_size=256).schedule(state)
     (step,) = plan.decodes
     assert step.request_ids == ("d0", "d1", "d2") and step.group == (0, 1)
     fused = step.fused_prefill
     assert fused.request_ids == ("p",) and fused.chunks == ((512, 253),)  # 256 budget - 3 decode tokens
     assert not plan.prefills
-    del state
 
 
 def test_chunked_prefill_without_decodes_runs_a_plain_prefill_of_chunks():
@@ -107,7 +110,8 @@ def test_every_policy_serves_a_workload_without_deadlock(name, options, tell_max
     state.allocator.assert_all_free()
     reasons = Counter(r.finish_reason for r in state.requests.values())
     assert set(reasons) <= {"finished", "rejected"} and reasons["finished"] >= 12
-    if name != "replicas":
+    one_instance_groups = name == "replicas" or options.get("prefill_degree") == 1
+    if not one_instance_groups:  # only a policy confined to single instances cannot hold the longest prompts
         assert reasons["rejected"] == 0
     for plan in report.plans[::25]:
         assert Plan.from_dict(json.loads(json.dumps(plan.to_dict()))) == plan
@@ -128,3 +132,17 @@ def test_every_policy_serves_a_workload_without_deadlock(name, options, tell_max
         assert state.counters["migrations"] > 0
         assert all(not prefill_pool & set(g) for g in decode_groups)
         assert all(set(g) <= prefill_pool for g in prefill_groups)
+
+
+@pytest.mark.parametrize("name", ["esp", "static-sp", "replicas", "chunked-prefill", "pd-disagg"])
+def test_a_request_filling_the_whole_cluster_never_deadlocks(name):
+    # 2 instances x 10 pages x 16 slots = 320 slots; "big" peaks at 319 KV tokens: it fits only with the
+    # cluster to itself, growth room or not. Policies whose groups are smaller reject it; none may hang.
+    cost = synthetic_cost(pages_per_instance=10, max_dop=2)
+    state = EngineState(2, 10, 16)
+    drive(state, make_policy(name), cost, [(0.0, "big", 300, 20), (0.0, "small", 10, 5)])
+    state.allocator.assert_all_free()
+    reasons = {r.request_id: r.finish_reason for r in state.requests.values()}
+    assert reasons["small"] == "finished"
+    if name in ("esp", "static-sp"):
+        assert reasons["big"] == "finished"

@@ -1,0 +1,157 @@
+"""Engine decode throughput vs a raw jitted decode loop of the same model and batch, in one run.
+
+What it measures (CPU or GPU, one instance of one device by default):
+  1. Engine: `LLM` with policy fixed(1, 1) runs `--batch` requests of `--prompt-len` random tokens for
+     `--steps` greedy tokens each. After a warm-up run of the same workload, a second run is timed: decode
+     tokens/s = batch x (steps - 1) / (last finish - last first token), i.e. the steps where every request
+     decodes. The run's XLA compilations are counted with JAX's compile logging (target: 0).
+  2. Raw loop: the same decode program (`sharding.decode_program.decode_forward` + argmax) in a jitted
+     step whose next inputs (token, position, append slot, KV length) are computed on device, pool donated,
+     `--steps - 1` steps back to back with no host work at all: the device-bound ceiling.
+  3. Prints both side by side and their ratio (target >= 0.8 at batch 32).
+
+Run: `python benchmarks/engine_decode.py [--model DIR] [--batch 32] [--steps 64] [--prompt-len 64]`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import functools
+import logging
+import math
+import re
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from loong_jax.jax_executor import Buckets
+from loong_jax.llm import LLM
+from loong_jax.sampling_params import SamplingParams
+from loong_jax.sharding.decode_program import DecodeInputs, DecodeRow, decode_forward, layout_decode_batch
+from loong_jax.sharding.kv_pool import POOL_SPEC, assemble_group_pool
+
+_COMPILING = re.compile(r"Compiling (\w+)")
+
+
+class CompileCounter(logging.Handler):
+    def __init__(self):
+        super().__init__(level=logging.DEBUG)
+        self.count = 0
+
+    def emit(self, record):
+        if _COMPILING.search(record.getMessage()):
+            self.count += 1
+
+
+def count_compiles(run):
+    counter, jax_logger = CompileCounter(), logging.getLogger("jax")
+    jax_logger.addHandler(counter)
+    jax.config.update("jax_log_compiles", True)
+    try:
+        result = run()
+    finally:
+        jax.config.update("jax_log_compiles", False)
+        jax_logger.removeHandler(counter)
+    return result, counter.count
+
+
+def engine_decode_rate(llm: LLM, prompts, steps: int) -> float:
+    params = SamplingParams(temperature=0.0, max_tokens=steps, ignore_eos=True)
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    decode_start = max(o.metrics.first_token_time for o in outputs)
+    decode_end = max(o.metrics.finished_time for o in outputs)
+    return len(prompts) * (steps - 1) / (decode_end - decode_start)
+
+
+def raw_decode_rate(llm: LLM, prompts, steps: int) -> float:
+    """The same requests, decoded by a jitted loop with no engine around it."""
+    executor, page_size = llm.executor, llm.executor.page_size
+    group = (0,)
+    mesh = llm.topology.group_mesh(group)
+    batch = len(prompts)
+    context = len(prompts[0]) + steps
+    pages_per_request = math.ceil(context / page_size)
+    max_pages = Buckets().round(pages_per_request, executor.buckets.decode_pages)
+    batch_local = Buckets().round(batch, executor.buckets.decode_batch)
+    # Request r owns pages [r * pages_per_request, (r + 1) * pages_per_request) of the pool; the prompt's KV
+    # content does not change the work done, so the pool keeps whatever it holds.
+    rows = [DecodeRow(token=int(p[-1]), position=len(p), master=0, append_slot=(r * pages_per_request) * page_size + len(p),
+                      pages={0: list(range(r * pages_per_request, (r + 1) * pages_per_request))},
+                      kv_lens={0: len(p) + 1}) for r, p in enumerate(prompts)]
+    host = layout_decode_batch(rows, 1, batch_local, max_pages)
+    inputs = DecodeInputs(tokens=host.tokens, positions=host.positions, append_slots=host.append_slots,
+                          page_tables=host.page_tables, kv_lens=host.kv_lens)
+    inputs = jax.device_put(inputs, NamedSharding(mesh, P()))
+    graphdef, params = executor.graphdef, executor._params_for(group)
+    real = jnp.asarray(host.append_slots >= 0)  # [rows] padding rows stay padding
+
+    @functools.partial(jax.jit, donate_argnames=("pool", "inputs"))
+    def decode_step(params, pool, inputs):
+        logits, pool = decode_forward(graphdef, params, pool, inputs, mesh=mesh)
+        tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [rows]
+        positions = inputs.positions + 1
+        tables = inputs.page_tables[0]  # [rows, max_pages]
+        slot_index = inputs.kv_lens[0]  # the next token's index among the request's tokens
+        page = jnp.take_along_axis(tables, (slot_index // page_size)[:, None], axis=1)[:, 0]
+        append = jnp.where(real, page * page_size + slot_index % page_size, -1)
+        return pool, DecodeInputs(tokens=tokens, positions=positions, append_slots=append,
+                                  page_tables=inputs.page_tables, kv_lens=inputs.kv_lens + real[None])
+
+    pool = assemble_group_pool([executor.pools[0]], mesh)
+    pool, inputs = decode_step(params, pool, inputs)  # compile + one warm step
+    jax.block_until_ready(pool)
+    start = time.perf_counter()
+    for _ in range(steps - 1):
+        pool, inputs = decode_step(params, pool, inputs)
+    jax.block_until_ready((pool, inputs))
+    seconds = time.perf_counter() - start
+    executor.pools[0] = pool  # the pool buffers were donated; hand the engine its pool back
+    return batch * (steps - 1) / seconds
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="checkpoint folder (default: the demo model)")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=64, help="tokens generated per request")
+    parser.add_argument("--prompt-len", type=int, default=64)
+    parser.add_argument("--page-size", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs of each side (best is reported)")
+    args = parser.parse_args(argv)
+
+    pages = args.batch * math.ceil((args.prompt_len + args.steps) / args.page_size) + 8
+    llm = LLM(args.model, instances=1, devices=jax.devices()[:1], page_size=args.page_size, kv_pages=pages,
+              policy="fixed", prefill_degree=1, decode_degree=1,
+              buckets=Buckets(prefill_requests=args.batch, decode_batch=args.batch), progress=False)
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(5, llm.config.vocab_size, size=args.prompt_len).tolist() for _ in range(args.batch)]
+    engine_decode_rate(llm, prompts, args.steps)  # warm-up: every program and bucket the run needs
+    llm.executor.programs.wait_background()
+    engine_rates, compiles = [], 0
+    for _ in range(args.repeats):
+        rate, new_compiles = count_compiles(lambda: engine_decode_rate(llm, prompts, args.steps))
+        engine_rates.append(rate)
+        compiles += new_compiles
+    raw_rates = [raw_decode_rate(llm, prompts, args.steps) for _ in range(args.repeats)]
+    engine, raw = max(engine_rates), max(raw_rates)
+    device = jax.devices()[0]
+    print(f"model: {args.model or 'demo'} ({llm.config.num_layers} layers, hidden {llm.config.hidden_size}, "
+          f"vocab {llm.config.vocab_size}); device: {device.platform} {device.device_kind}")
+    print(f"batch {args.batch}, prompt {args.prompt_len} tokens, {args.steps} tokens per request, "
+          f"page size {args.page_size}")
+    print(f"{'engine decode':>22}: {engine:10.1f} tokens/s")
+    print(f"{'raw jitted decode loop':>22}: {raw:10.1f} tokens/s")
+    print(f"{'ratio engine / raw':>22}: {engine / raw:10.3f}   (target >= 0.8)")
+    print(f"{'compilations after warm-up':>22}: {compiles:6d}       (target 0)")
+    llm.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
