@@ -86,9 +86,10 @@ class _Request:
 
 class Engine:
     def __init__(self, executor: JaxExecutor, tokenizer, policy, cost_model, *, max_context: int,
-                 request_token_limit=None, clock=time.monotonic):
+                 request_token_limit=None, clock=time.monotonic, compile_aware: bool = True):
         """`request_token_limit(pages_per_instance)` -> (longest prompt, largest peak KV) the policy can
-        serve; default: the whole cluster's KV."""
+        serve; default: the whole cluster's KV. `compile_aware`: the policy is told which programs are
+        compiled and what a compilation costs (off for reproducible runs: compile times vary)."""
         self.executor = executor
         self.tokenizer = tokenizer
         self.policy = policy
@@ -100,6 +101,7 @@ class Engine:
         self.state = EngineState(executor.num_instances, executor.pool_shape.pages, executor.page_size)
         executor.bind(self.state, self)
         self._request_token_limit = request_token_limit
+        self.compile_aware = compile_aware
         self._requests: dict[str, _Request] = {}
         self._sequences: dict[int, _Sequence] = {}
         self._engine_ids = itertools.count()
@@ -243,6 +245,8 @@ class Engine:
         return outputs
 
     def _view(self):
+        if not self.compile_aware:
+            return self.state.view(self.cost_model, self.clock())
         stats = self.executor.programs.stats
         if self._ready_programs[0] != stats.compiles:
             self._ready_programs = (stats.compiles, self.executor.ready_programs())

@@ -133,6 +133,7 @@ class LLM:
             raise ValueError(f"{instances} instances of tp={tp} need {instances * tp} devices, {len(devices)} available")
         self.topology = Topology(devices[:instances * tp], tp)
         pages = kv_pages or default_kv_pages(self.config, self.topology, page_size, kv_memory_fraction)
+        self.deterministic = deterministic
         self._clock = LogicalClock() if deterministic else time.monotonic
         self.executor = JaxExecutor(self.model, self.topology, pages, page_size,
                                     eos_token_ids=self.tokenizer.eos_token_ids, buckets=buckets,
@@ -156,7 +157,7 @@ class LLM:
         self.engine = Engine(self.executor, self.tokenizer, built, self.cost_model,
                              max_context=self.config.max_context,
                              request_token_limit=policy_token_limit(built, n, self.executor.page_size),
-                             clock=self._clock)
+                             clock=self._clock, compile_aware=not self.deterministic)
         if warmup:
             self.warm_up()
 

@@ -288,8 +288,14 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             await self._reject(context, code, str(err))
         finally:
             dead_waiter.cancel()
-            # Closing the engine stream before its last output aborts the request: pages freed in a step.
+            # Closing the engine stream before its last output aborts the request; waiting for the abort
+            # keeps the id reserved until the engine has freed the request's pages (within one step).
             await _close_quietly(outputs)
+            if final is None:
+                try:
+                    await self._engine.abort(request_id)
+                except (Exception, asyncio.CancelledError):  # a dead engine frees nothing more
+                    logger.debug("abort after the call ended failed", exc_info=True)
             del self._active[request_id]
             self._metrics.open_streams.dec()
             timings = final.metrics if final is not None else None

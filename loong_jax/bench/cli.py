@@ -135,7 +135,8 @@ def _wait_ready(client, seconds: float) -> None:
             if client.health(SERVICE_NAME, timeout=2.0) == "SERVING":
                 return
         except Exception as error:  # noqa: BLE001 - any failure means "not yet"; the last one is reported
-            last = error
+            last = (f"{error.code().name}: {error.details()}" if hasattr(error, "code") and callable(error.code)
+                    else error)
         else:
             last = "not SERVING yet"
         if time.monotonic() > deadline:

@@ -49,19 +49,20 @@ def plan_decodes(
     allowed: set[int],
     pages_free: list[int],
     scope_of: Callable[[RequestView, tuple[int, ...]], tuple[int, ...]] | None = None,
+    homes: dict | None = None,
 ) -> DecodePlan:
     """Decode batches for `requests` (idle decoding requests) on `allowed` instances.
 
     `pages_free` is the caller's running count per instance; the pages this step takes are subtracted from
     it. `scope_of(request, home)` bounds where a scale-up may look (default: the whole allowed cluster,
-    searched from the home outwards).
+    searched from the home outwards). `homes` may give precomputed home groups by request id.
     """
     n = view.num_instances
     page_size = view.page_size
     plan = DecodePlan()
     candidates = []
     for request in requests:
-        home = home_group(request, n)
+        home = homes[request.request_id] if homes is not None else home_group(request, n)
         if allowed.issuperset(home):
             candidates.append((request, home))
         else:

@@ -4,9 +4,9 @@ Data flow of one call:
   1. Snapshot (`esp_dispatch`): free pages, growth reservations, decode groups, free instances. Requests
      that can never fit are rejected; idle partial prefills (left by another policy) are preempted.
   2. Allocation + dispatching + batching (`esp_allocation`, `esp_batching`): candidate prefill instance
-     sets, FIFO admission under memory, the batching DP per candidate, and the delay-decode cost/gain test
-     choose which instances prefill which batches at which DoP. DoPs become concrete aligned groups
-     (largest first), larger batches on groups with more free pages, ready programs preferred.
+     sets, FIFO admission under memory (with backfilling), the batching DP per candidate (which may defer a
+     request to a later step), and the delay-decode cost/gain test choose which instances prefill which
+     batches at which DoP. DoPs become concrete aligned groups, ready programs first, then the roomiest.
   3. If nothing prefills, consolidation by migration may free a decode instance for the queue.
   4. Scaling plan (`esp_scaling`, `decode_planner`): placement of every prompt's KV (scale-down), then decode
      batches on every other idle instance with masters, scale-up and newest-first preemption.
@@ -37,15 +37,20 @@ class EspPolicy:
         self.max_lent_groups = max_lent_groups
         self.migration = migration
         self.slo_scale = slo_scale
+        self._isolated_cache: dict = {}  # isolated latency per request: constant, so kept across calls
 
     def schedule(self, view: SchedulerView) -> Plan:
         if not view.idle_instances:
             return Plan()
-        snapshot = ClusterSnapshot.build(view, self.growth_horizon, self.slo_scale)
+        if len(self._isolated_cache) > 4 * (len(view.waiting) + len(view.decoding)) + 1024:
+            self._isolated_cache.clear()  # forget finished requests now and then
+        snapshot = ClusterSnapshot.build(view, self.growth_horizon, self.slo_scale, self._isolated_cache)
         capacity = sum(i.pages_total for i in view.instances) * view.page_size
-        rejections = tuple(r.request_id for r in view.waiting if r.prefill_target > capacity)
+        # Only the head of the queue is looked at this step (admission never reaches further).
+        head = view.waiting[: self.limits.max_admit]
+        rejections = tuple(r.request_id for r in head if r.prefill_target > capacity)
         rejected = set(rejections)
-        waiting = [r for r in view.waiting if r.request_id not in rejected]
+        waiting = [r for r in head if r.request_id not in rejected] if rejected else list(head)
         preemptions = [Preemption(r.request_id) for r in view.prefilling if not r.in_flight]
         nothing_running = not view.decoding and not view.prefilling and len(view.idle_instances) == view.num_instances
 
@@ -60,7 +65,7 @@ class EspPolicy:
             used.update(i for g in moving_groups for i in g)
         allowed = snapshot.idle - used
         decoding = [r for r in view.decoding if not r.in_flight]
-        decodes = plan_decodes(view, decoding, allowed, snapshot.pages_free)
+        decodes = plan_decodes(view, decoding, allowed, snapshot.pages_free, homes=snapshot.homes)
         return Plan(
             prefills=tuple(prefills), decodes=tuple(decodes.batches), migrations=tuple(migrations),
             preemptions=tuple(preemptions) + tuple(decodes.preemptions), rejections=rejections,

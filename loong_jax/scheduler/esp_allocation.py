@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from loong_jax.scheduler.decode_planner import home_group
 from loong_jax.scheduler.esp_batching import BatchingResult, plan_batches
 from loong_jax.scheduler.esp_dispatch import (
-    ClusterSnapshot, admit_fifo, estimate_wait, group_pages,
+    ClusterSnapshot, admit_fifo, group_pages,
 )
 from loong_jax.scheduler.groups import capacity_by_threshold, covering_group, free_blocks, power_of_two_sizes
 from loong_jax.scheduler.plan import Migration
@@ -84,7 +84,7 @@ def evaluate_instances(snapshot: ClusterSnapshot, instances, waiting, limits: Ba
     while admitted:
         defer_costs = None
         if not force_head:
-            defer_costs = [snapshot.defer_seconds(r, wait, limits.defer_age_limit) / max(1, r.prefill_target)
+            defer_costs = [snapshot.defer_seconds(r, wait, limits.defer_age_limit, max(sizes)) / max(1, r.prefill_target)
                            for r in admitted]
         # A forced head (nothing else can run) is admitted on its bare prompt: cap its demand to what fits.
         result = plan_batches(
@@ -105,13 +105,15 @@ def choose_prefill(snapshot: ClusterSnapshot, waiting, limits: BatchingLimits, m
     if not waiting:
         return None
     group_weight = {g: snapshot.urgency(rs) for g, rs in snapshot.decode_groups.items()}
-    wait = estimate_wait(snapshot)
+    wait = snapshot.wait()
+    n = snapshot.view.num_instances
 
     def weighed(option: PrefillOption) -> float:
         """Urgency-weighted seconds of the option's batches and deferrals (the DP itself minimises
         normalised latency)."""
         deferred = sum(snapshot.urgency([option.admitted[i]])
-                       * snapshot.defer_seconds(option.admitted[i], wait, limits.defer_age_limit)
+                       * snapshot.defer_seconds(option.admitted[i], wait, limits.defer_age_limit,
+                                                max(len(b) for b in free_blocks(option.instances, n)))
                        for i in option.batching.deferred)
         return deferred + sum(b.seconds * snapshot.urgency(option.admitted[i] for i in b.indices)
                               for b in option.batching.batches)
@@ -159,7 +161,7 @@ def plan_consolidation(snapshot: ClusterSnapshot, waiting, limits: BatchingLimit
         return []
     view = snapshot.view
     n, page_size, cost = view.num_instances, view.page_size, view.cost_model
-    wait = estimate_wait(snapshot)
+    wait = snapshot.wait()
     best_net, best_moves = 0.0, []
     for group, requests in snapshot.decode_groups.items():
         if len(group) < 2:

@@ -6,12 +6,13 @@ Data flow:
      each decoding request's home group, the idle decode groups (maximal homes whose instances are all idle)
      and the free instances (idle, holding no KV, inside no home).
   2. `admit_fifo` takes waiting requests in arrival order while their prompt plus expected growth fits the
-     pages of the candidate prefill instances (minus reservations), stopping at the first that does not fit
-     (strict FIFO: a long request is never overtaken forever).
+     pages of the candidate prefill instances (minus reservations). A request that does not fit is passed
+     over (backfilling) until it is overdue; then admission stops at it, so it is never overtaken forever.
   3. `estimate_wait` is how long the queue would wait if no instance were taken from decoding now: the
      earliest moment a busy instance or a decode group is expected to come free. It is the gain side of the
-     delay-decode cost/gain test in `esp_allocation`, where delays are weighed by `urgency` (1 / the
-     request's isolated latency, since every request's SLO is a multiple of it).
+     delay-decode cost/gain test in `esp_allocation`, where a second of delay costs a request its
+     `urgency`: 1 / its slack to a latency target of `slo_scale` x its isolated latency.
+  4. `defer_seconds` prices leaving an admitted request waiting this step (the batching DP may do so).
 """
 
 from __future__ import annotations
@@ -38,15 +39,20 @@ class ClusterSnapshot:
     free: set = field(default_factory=set)  # idle instances no decoding request needs
     idle: set = field(default_factory=set)
     slo_scale: float = 25.0  # latency target = slo_scale x isolated latency (urgency is slack to it)
+    isolated_cache: dict = field(default_factory=dict)  # (id, prompt, max) -> isolated seconds (policy-owned)
+    _wait: float | None = None
     _prompt_pages: dict = field(default_factory=dict)  # id(request) -> pages (cache for this call)
     _urgency: dict = field(default_factory=dict)  # id(request) -> 1 / isolated seconds (cache)
-    _best_prefill: dict = field(default_factory=dict)  # id(request) -> seconds at the widest DoP (cache)
+    _best_prefill: dict = field(default_factory=dict)  # (id(request), dop) -> prefill seconds alone (cache)
 
     @classmethod
-    def build(cls, view: SchedulerView, growth_horizon: int, slo_scale: float = 25.0) -> "ClusterSnapshot":
+    def build(cls, view: SchedulerView, growth_horizon: int, slo_scale: float = 25.0,
+              isolated_cache: dict | None = None) -> "ClusterSnapshot":
         n, page_size = view.num_instances, view.page_size
         snapshot = cls(view, growth_horizon, [i.pages_free for i in view.instances], [0] * n)
         snapshot.slo_scale = slo_scale
+        if isolated_cache is not None:
+            snapshot.isolated_cache = isolated_cache
         snapshot.idle = set(view.idle_instances)
         claimed: set[int] = set()
         idle_homes: dict[tuple[int, ...], list[RequestView]] = {}
@@ -90,24 +96,27 @@ class ClusterSnapshot:
             self._prompt_pages[id(request)] = pages
         return pages
 
-    def best_prefill_seconds(self, request: RequestView) -> float:
-        """Prefill time of the request alone on the widest family group: what it costs once instances free."""
-        seconds = self._best_prefill.get(id(request))
+    def prefill_seconds(self, request: RequestView, dop: int) -> float:
+        """Prefill time of the request alone on `dop` instances (cached)."""
+        key = (id(request), dop)
+        seconds = self._best_prefill.get(key)
         if seconds is None:
-            cost, length = self.view.cost_model, request.prefill_target
-            widest = max(d for d in cost.prefill if d <= self.view.num_instances)
-            seconds = self._best_prefill[id(request)] = cost.prefill_time_from_sums(widest, length, length * length)
+            length = request.prefill_target
+            seconds = self.view.cost_model.prefill_time_from_sums(dop, length, length * length)
+            self._best_prefill[key] = seconds
         return seconds
 
-    def defer_seconds(self, request: RequestView, wait: float, age_limit: float) -> float:
+    def defer_seconds(self, request: RequestView, wait: float, age_limit: float, dop_now: int) -> float:
         """Latency a request takes on if left waiting this step: until instances free up (at most its own
-        best prefill time, since every finishing unit is a new chance), then its best prefill. Infinite once
-        it has waited `age_limit` times its isolated latency (no request is deferred forever)."""
+        best prefill time, since every finishing unit is a new chance), then its prefill alone at `dop_now`
+        (the widest group it could have had now). Deferring thus pays off when running now would drag it
+        into a worse batch, not merely because a wider group might come. Infinite once it has waited
+        `age_limit` times its isolated latency (no request is deferred forever)."""
         waited = self.view.now - request.arrival
         if waited > age_limit * self.isolated(request):
             return math.inf
-        best = self.best_prefill_seconds(request)
-        return min(wait, best) + best
+        widest = max(d for d in self.view.cost_model.prefill if d <= self.view.num_instances)
+        return min(wait, self.prefill_seconds(request, widest)) + self.prefill_seconds(request, dop_now)
 
     def urgency(self, requests) -> float:
         """Σ over requests of what one second of delay costs each, from its slack to a latency target of
@@ -123,11 +132,22 @@ class ClusterSnapshot:
         return total
 
     def isolated(self, request: RequestView) -> float:
-        return isolated_seconds(self.view, request)
+        """`isolated_seconds`, memoised across calls in `isolated_cache` (it never changes for a request)."""
+        key = (request.request_id, request.prompt_len, request.max_new_tokens)
+        seconds = self.isolated_cache.get(key)
+        if seconds is None:
+            seconds = self.isolated_cache[key] = isolated_seconds(self.view, request)
+        return seconds
+
+    def wait(self) -> float:
+        """`estimate_wait`, computed once per snapshot."""
+        if self._wait is None:
+            self._wait = estimate_wait(self)
+        return self._wait
 
     def _urgency_of(self, request: RequestView) -> float:
         view = self.view
-        isolated = isolated_seconds(view, request)
+        isolated = self.isolated(request)
         budget = self.slo_scale * isolated
         if request.kv and request.master is not None:  # decoding: what is left is its remaining output
             remaining = request.remaining_new_tokens(view.default_output_tokens) * view.cost_model.decode_time(
@@ -180,12 +200,6 @@ def isolated_seconds(view: SchedulerView, request: RequestView) -> float:
     prefill = min(cost.prefill_time_from_sums(d, length, length * length) for d in {1, widest})
     outputs = request.max_new_tokens if request.max_new_tokens is not None else view.default_output_tokens
     return prefill + outputs * cost.decode_time(1, 1, length + outputs // 2)
-
-
-def normalised_weight(requests) -> float:
-    """Σ 1/input length: what one second of prefill time costs in summed normalised latency (the DP's
-    objective)."""
-    return sum(1.0 / max(1, r.prompt_len) for r in requests)
 
 
 def estimate_wait(snapshot: ClusterSnapshot) -> float:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Callable, Iterable, Sequence
 
-from loong_jax.scheduler.plan import DecodeBatch, MigrationBatch, PrefillBatch, WorkUnit
+from loong_jax.scheduler.plan import MigrationBatch, PrefillBatch, WorkUnit
 
 
 def prefill_chunks_seconds(cost, dop: int, chunks: Iterable[tuple[int, int]]) -> float:

@@ -55,7 +55,9 @@ class ExperimentResult:
             "saturation_throughput": {label: r.saturation_throughput for label, r in self.policies.items()},
         }
         if esp is not None and baselines:
-            best_label = max(baselines, key=lambda label: baselines[label].max_rate or 0.0)
+            best_label = max(  # ties (e.g. every policy unbounded) go to the higher saturation throughput
+                baselines, key=lambda label: (baselines[label].max_rate or 0.0, baselines[label].saturation_throughput or 0.0)
+            )
             esp_rate = esp.max_rate or 0.0
             summary["best_baseline"] = best_label
             summary["esp_over_best_baseline"] = _ratio(esp_rate, baselines[best_label].max_rate or 0.0)

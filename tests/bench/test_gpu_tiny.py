@@ -40,8 +40,11 @@ def test_llama2_7b_accounting(gpu_bench):
 
 def test_tiny_run_writes_report_and_cost_model(gpu_bench, tmp_path):
     out, cost_model_path = tmp_path / "gpu.json", tmp_path / "cost_model.json"
-    assert gpu_bench.main(["--tiny", "--repeats", "1", "--out", str(out),
-                           "--cost-model-out", str(cost_model_path)]) == 0
+    common = ["--tiny", "--repeats", "1", "--out", str(out), "--cost-model-out", str(cost_model_path)]
+    # Split in two commands as on the GPU: the second adds to the first's report.
+    assert gpu_bench.main(common + ["--phases", "ceilings,prefill"]) == 0
+    assert not cost_model_path.exists()
+    assert gpu_bench.main(common + ["--phases", "decode,profile"]) == 0
     report = json.loads(out.read_text())
     assert report["mode"] == "tiny" and report["ceilings"]["matmul_tflops"] > 0
     assert report["ceilings"]["copy_bandwidth_gbs"] > 0
@@ -49,14 +52,16 @@ def test_tiny_run_writes_report_and_cost_model(gpu_bench, tmp_path):
     assert cases == {(n, v) for n in (64, 128) for v in ("dense", "fused", "ring_d1")}
     assert all(0 < r["mfu"] and r["tokens_per_s"] > 0 for r in report["prefill"])
     assert set(report["ring_overhead"]["128"]) == {"ring_over_dense", "ring_over_fused"}
+    assert [(r["batch"], r["context"]) for r in report["decode"]] == [(1, 64), (4, 64), (1, 70)]
     assert all(r["bandwidth_fraction"] > 0 for r in report["decode"])
-    assert set(report["targets"]) >= {"prefill_target_ge_0_5", "decode_target_ge_0_7", "ring_target_within_10pct"}
+    targets = report["targets"]
+    assert targets["prefill_mfu_at_longest"]["ring_d1"]["tokens"] == 128
+    assert targets["decode_case"] == [4, 64] and targets["ring_over_dense"]["tokens"] == 128
     model = CostModel.load_json(cost_model_path)
     assert model.provenance == "measured" and model.dops == tuple(range(1, 17))
-    profile = [r for r in report["profile"] if "seconds" in r]
-    assert len(profile) == 6 and model.metadata["samples"] == 6
+    assert model.metadata["samples"] == 2 + 2 + 3 + 1  # ring cases, packed profile, decode cases, profile
     # d = 1 is fitted to what was measured: its predictions are of the right size.
-    for row in profile:
+    for row in report["profile"]:
         if row["kind"] == "profile_prefill":
             predicted = model.prefill_time(1, row["lengths"])
         else:

@@ -28,24 +28,26 @@ def packable(dops, free):
     return place(0, set())
 
 
-def brute_force(lengths, free, cost, pages=None, pages_capacity=UNLIMITED):
-    """Cheapest assignment over every split of the length-sorted requests into consecutive batches and every
-    DoP per batch that packs into the free instances."""
+def brute_force(lengths, free, cost, pages=None, pages_capacity=UNLIMITED, defer=None):
+    """Cheapest assignment over every split of the length-sorted requests into consecutive parts, each part
+    a batch with any DoP (the batches must pack into the free instances) or, with `defer`, left waiting at
+    the sum of its requests' defer costs."""
     n = len(lengths)
     pages = pages or [1] * n
     order = sorted(range(n), key=lambda i: -lengths[i])
+    choices = SIZES + ([0] if defer is not None else [])
     best = np.inf
     for k in range(1, n + 1):
         for inner in itertools.combinations(range(1, n), k - 1):
             cuts = (0,) + inner + (n,)
             parts = [order[cuts[j]:cuts[j + 1]] for j in range(k)]
-            for dops in itertools.product(SIZES, repeat=k):
-                if any(sum(pages[i] for i in p) > pages_capacity[d] for p, d in zip(parts, dops)):
+            for dops in itertools.product(choices, repeat=k):
+                if any(d and sum(pages[i] for i in p) > pages_capacity[d] for p, d in zip(parts, dops)):
                     continue
-                if not packable(dops, free):
+                if not packable([d for d in dops if d], free):
                     continue
                 total = sum(cost.prefill_time(d, [lengths[i] for i in p]) * sum(1 / lengths[i] for i in p)
-                            for p, d in zip(parts, dops))
+                            if d else sum(defer[i] for i in p) for p, d in zip(parts, dops))
                 best = min(best, total)
     return best
 
@@ -88,6 +90,36 @@ def test_dp_equals_brute_force_under_memory_limits():
             assert result.cost == pytest.approx(expected, rel=1e-9)
             for batch in result.batches:
                 assert sum(pages[i] for i in batch.indices) <= capacity[batch.dop]
+
+
+def test_dp_with_deferral_equals_brute_force():
+    cost = synthetic_cost()
+    rng = random.Random(3)
+    for _ in range(15):
+        n = rng.randint(1, 4)
+        lengths = [rng.choice([rng.randint(8, 400), rng.randint(2_000, 120_000)]) for _ in range(n)]
+        free = sorted(rng.sample(range(8), rng.randint(1, 4)))
+        defer = [rng.choice([np.inf, rng.uniform(0.0, 2.0) / length]) for length in lengths]
+        result = run_dp(lengths, free, cost, defer_costs=defer)
+        expected = brute_force(lengths, free, cost, defer=defer)
+        assert result.cost == pytest.approx(expected, rel=1e-9), (lengths, free, defer)
+        scheduled = sorted(i for b in result.batches for i in b.indices)
+        assert sorted(scheduled + list(result.deferred)) == list(range(n))
+        assert all(np.isfinite(defer[i]) for i in result.deferred)
+
+
+def test_a_prompt_that_needs_every_free_instance_does_not_drag_short_ones_into_its_batch():
+    # Two free instances of 1,000 pages; the 20K prompt needs both (memory). Without deferral the short
+    # prompts must share its batch; with it, they run now and the long one waits (or the reverse).
+    cost = synthetic_cost()
+    lengths, pages = [20_000, 100, 150], [1_300, 8, 11]
+    capacity = {1: 1_000, 2: 2_000}
+    forced = run_dp(lengths, [6, 7], cost, pages, capacity)
+    assert [sorted(b.indices) for b in forced.batches] == [[0, 1, 2]]
+    defer = [2 * cost.prefill_time(2, [length]) / length for length in lengths]
+    free_to_defer = run_dp(lengths, [6, 7], cost, pages, capacity, defer_costs=defer)
+    batched = [sorted(b.indices) for b in free_to_defer.batches]
+    assert [0, 1, 2] not in batched and free_to_defer.cost < forced.cost
 
 
 def test_long_request_alone_gets_the_widest_group():

@@ -5,10 +5,10 @@ import json
 import random
 from collections import Counter
 
-from loong_jax.engine_state import EngineState
+from loong_jax.engine_state import BatchResult, EngineState
 from loong_jax.scheduler.esp import EspPolicy
 from loong_jax.scheduler.esp_dispatch import ClusterSnapshot, admit_fifo
-from loong_jax.scheduler.plan import Plan
+from loong_jax.scheduler.plan import Plan, PrefillBatch
 from loong_jax.scheduler.view import power_of_two_bucket
 
 from tests.scheduler.driver import drive
@@ -20,11 +20,21 @@ def prefill_map(plan):
     return {rid: (b.group, seg) for b in plan.prefills for rid, seg in zip(b.request_ids, b.placement)}
 
 
-def test_dispatch_is_strict_fifo_under_memory():
-    # Two free instances of 100 pages (3,200 slots): w0 (800 + growth) fits, w1 (3,000 + growth) does not,
-    # and the short w2, w3 must not overtake it.
-    plan = EspPolicy().schedule(view(instances([0] * 6 + [100, 100], busy=range(6)), waiting(800, 3000, 100, 50)))
+def test_dispatch_backfills_until_a_passed_over_request_is_overdue():
+    # Two free instances of 100 pages (3,200 slots): w0 (800 + growth) fits, w1 (3,000 + growth) does not.
+    free_only = instances([0] * 6 + [100, 100], busy=range(6))
+    young = view(free_only, waiting(800, 3000, 100, 50), now=1.0)
+    snapshot = ClusterSnapshot.build(young, growth_horizon=512)
+    admitted = admit_fifo(snapshot, young.waiting, 200, 200, 100, backfill_age=4.0)
+    assert [r.request_id for r in admitted] == ["w0", "w2", "w3"]  # w1 is passed over while young
+    assert [r.request_id for r in admit_fifo(snapshot, young.waiting, 200, 200, 100)] == ["w0"]  # strict FIFO
+    # Once w1 has waited 4x its isolated latency, nobody behind it is admitted: instances drain for it.
+    overdue = view(free_only, waiting(800, 3000, 100, 50), now=1_000.0)
+    snapshot = ClusterSnapshot.build(overdue, growth_horizon=512)
+    assert [r.request_id for r in admit_fifo(snapshot, overdue.waiting, 200, 200, 100, backfill_age=4.0)] == ["w0"]
+    plan = EspPolicy().schedule(overdue)
     assert set(prefill_map(plan)) == {"w0"}
+    assert set(prefill_map(EspPolicy().schedule(young))) >= {"w2", "w3"}
 
 
 def test_dispatch_reserves_decode_growth():
@@ -57,7 +67,7 @@ def test_decode_instances_are_lent_when_the_queue_gains_more():
     # prompts would otherwise wait ~10 s for an instance.
     long_context = decoding("long", 100, {7: 12_000}, 7, max_new_tokens=4000)
     plan = EspPolicy().schedule(view(instances([0] * 7 + [200], busy=range(7)), waiting(*[100] * 10), [long_context]))
-    assert [b.group for b in plan.prefills] == [(7,)] and len(plan.prefills[0].request_ids) == 10
+    assert [b.group for b in plan.prefills] == [(7,)] and plan.prefills[0].request_ids
     assert not plan.decodes  # its decode waits this step
 
 
@@ -149,14 +159,39 @@ def run_esp(seed, policy):
     return state, report
 
 
-def test_scarce_memory_runs_use_every_elastic_move_and_free_every_page():
+def test_scarce_memory_run_scales_down_up_and_preempts_and_frees_every_page():
     # Output lengths are hidden from the state, so decode growth outruns the reservation: scale-up, then
-    # preemption. (Which moves a given seed needs depends on the whole trajectory; these seeds were chosen
-    # because they need all of them.)
+    # preemption. (Which moves a run needs depends on its whole trajectory; this seed needs all of them.)
     state, report = run_esp(0, EspPolicy())
     assert state.counters["scale_ups"] > 0 and state.counters["scale_downs"] > 0 and state.counters["preemptions"] > 0
     assert len({len(b.group) for p in report.plans for b in p.prefills}) >= 3  # several prefill degrees
     assert max(r.num_preemptions for r in state.requests.values()) >= 1
-    # Without lending decode instances, consolidation by migration is how the queue gets an instance.
-    state, _ = run_esp(10, EspPolicy(max_lent_groups=0))
-    assert state.counters["migrations"] > 0 and state.counters["preemptions"] > 0
+
+
+def test_consolidation_through_the_engine_state_frees_an_instance_for_the_queue():
+    cost = synthetic_cost(pages_per_instance=1000)
+    state = EngineState(8, 1000, 16)
+
+    def prefill(request_id, length, group, segments, seconds=0.0, output=4000):
+        state.add_request(request_id, length, max_new_tokens=output)
+        batch = PrefillBatch(group, (request_id,), ((0, length),), (segments,), estimated_s=seconds)
+        state.on_dispatched(Plan(prefills=(batch,)), now=0.0)
+        return batch
+
+    for name, length, group, segments in [("a", 8100, (6, 7), ((6, 8000), (7, 100))), ("b", 300, (7,), ((7, 300),))]:
+        state.apply(BatchResult(prefill(name, length, group, segments), {name: 1}, frozenset(), 0.0))
+    for k in range(6):  # long prefills keep 0..5 busy for 30 s
+        prefill(f"x{k}", 1000, (k,), ((k, 1000),), seconds=30.0)
+    for k in range(10):
+        state.add_request(f"w{k}", 100, max_new_tokens=64, arrival=0.5)
+    policy = EspPolicy(max_lent_groups=0)
+    plan = policy.schedule(state.view(cost, now=1.0))
+    assert [(m.request_id, m.src_instance, m.dst_instance) for m in plan.migrations] == [("a", 7, 6), ("b", 7, 6)]
+    (unit,) = state.on_dispatched(plan, now=1.0)
+    assert state.requests["b"].master == 6 and state.allocator.pages_free(7) < 1000  # source held while moving
+    state.apply(BatchResult(unit, {}, frozenset(), 1.01))
+    state.check_invariants()
+    assert state.allocator.pages_free(7) == 1000 and state.requests["a"].kv == {6: 8100}
+    plan = policy.schedule(state.view(cost, now=1.01))
+    assert {b.group for b in plan.prefills} == {(7,)}  # the freed instance prefills the queue
+    assert [(b.group, set(b.request_ids)) for b in plan.decodes] == [((6,), {"a", "b"})]

@@ -41,16 +41,27 @@ def client(server):
         yield client
 
 
+# Sampling profiles: the values inside a profile are drawn freely (they are runtime arrays); the profile
+# fixes which sampler program runs (greedy / sampled / logprobs / penalties), so the test compiles a few
+# programs instead of one per random combination.
+PROFILES = {
+    "greedy": {},
+    "sampled": {"temperature": st.floats(0.05, 2.0), "top_p": st.floats(0.05, 1.0), "top_k": st.integers(-1, 50),
+                "min_p": st.floats(0.0, 0.2), "seed": st.integers(0, 2**64 - 1)},
+    "logprobs": {"logprobs": st.just(2)},
+    "penalties": {"temperature": st.floats(0.0, 1.0), "seed": st.integers(0, 2**64 - 1),
+                  "repetition_penalty": st.floats(0.8, 1.5), "presence_penalty": st.floats(-1.0, 1.0),
+                  "frequency_penalty": st.floats(-1.0, 1.0)},
+}
+
+
 def _valid_sampling(draw) -> pb.SamplingParams:
     max_tokens = draw(st.integers(1, 3))
-    sampling = pb.SamplingParams(max_tokens=max_tokens, min_tokens=draw(st.integers(0, max_tokens)))
-    optional = {
-        "temperature": st.floats(0.0, 2.0), "top_p": st.floats(0.05, 1.0), "top_k": st.integers(-1, 50),
-        "min_p": st.floats(0.0, 0.2), "repetition_penalty": st.floats(0.8, 1.5),
-        "presence_penalty": st.floats(-1.0, 1.0), "frequency_penalty": st.floats(-1.0, 1.0),
-        "seed": st.integers(0, 2**64 - 1), "ignore_eos": st.booleans(), "logprobs": st.integers(0, 5),
-        "n": st.integers(1, 2), "skip_special_tokens": st.booleans(),
-    }
+    sampling = pb.SamplingParams(max_tokens=max_tokens, temperature=0.0,
+                                 min_tokens=draw(st.sampled_from([0, max_tokens])))
+    for field, strategy in PROFILES[draw(st.sampled_from(sorted(PROFILES)))].items():
+        setattr(sampling, field, draw(strategy))
+    optional = {"ignore_eos": st.booleans(), "n": st.integers(1, 2), "skip_special_tokens": st.booleans()}
     for field, strategy in optional.items():
         if draw(st.booleans()):
             setattr(sampling, field, draw(strategy))
@@ -60,7 +71,7 @@ def _valid_sampling(draw) -> pb.SamplingParams:
 
 def _valid_request(draw, vocab_size: int) -> pb.GenerateRequest:
     request = pb.GenerateRequest(sampling=_valid_sampling(draw))
-    request.sampling.stop_token_ids.extend(draw(st.lists(st.integers(0, vocab_size - 1), max_size=3)))
+    request.sampling.stop_token_ids.extend(draw(st.lists(st.integers(0, vocab_size - 1), max_size=2)))
     arm = draw(st.sampled_from(["text", "token_ids", "messages"]))
     if arm == "text":
         request.text = draw(st.text(min_size=1, max_size=40))
@@ -207,8 +218,9 @@ def _run_case(client: LoongClient, case: Case, engine_port) -> None:
             text = client.detokenize(case.request, timeout=60)
             assert text == tokenizer.decode(case.request)
         else:  # duplicate: the same id while the first request still runs
-            case.request.request_id = "duplicate-id"
-            first = client.generate([5, 6, 7], request_id="duplicate-id", max_tokens=200, ignore_eos=True)
+            request_id = f"duplicate-{case.request.SerializeToString().hex()[:48]}"
+            case.request.request_id = request_id
+            first = client.generate([5, 6, 7], request_id=request_id, max_tokens=200, ignore_eos=True)
             iterator = iter(first)
             next(iterator)
             try:

@@ -64,3 +64,30 @@ def test_isolated_latency_takes_the_best_dop_per_phase():
     long_expected = 0.02 + 0.5e-4 * 100_000 + sum(0.012 + 0.5e-6 * (100_000 + k) for k in (1, 2))
     assert latencies[1] == pytest.approx(long_expected)
     assert isolated_latencies([long], model, max_dop=1)[0] > latencies[1]
+
+
+def test_report_table_and_summary_handle_unbounded_and_missing_rates():
+    from loong_jax.simulator.report import ExperimentResult, PolicyResult, format_table
+
+    result = ExperimentResult(
+        config={},
+        workload_stats={},
+        policies={
+            "esp": PolicyResult("esp", 4.0),
+            "replicas": PolicyResult("replicas", 2.0),
+            "static-sp": PolicyResult("static-sp", None),
+        },
+    )
+    summary = result.summary()
+    assert summary["best_baseline"] == "replicas"
+    assert summary["esp_over_best_baseline"] == 2.0
+    assert summary["esp_over_each_baseline"]["static-sp"] == math.inf
+    assert summary["esp_beats_every_baseline"]
+    assert result.to_dict()["summary"]["esp_over_each_baseline"]["static-sp"] == "inf"
+    table = format_table(result)
+    assert "ESP / best baseline (replicas): 2.00x" in table and "none" in table
+
+    unbounded = ExperimentResult({}, {}, {"esp": PolicyResult("esp", math.inf), "replicas": PolicyResult("replicas", math.inf)})
+    summary = unbounded.summary()
+    assert summary["esp_over_best_baseline"] is None and not summary["esp_beats_every_baseline"]
+    assert "unbounded" in format_table(unbounded) and "undefined" in format_table(unbounded)
