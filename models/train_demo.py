@@ -64,7 +64,7 @@ class TrainSettings:
     max_position_embeddings: int = 8192
     seq_len: int = 256
     batch_size: int = 4  # rows of seq_len tokens per step
-    steps: int = 700
+    steps: int = 1200
     peak_lr: float = 3e-3
     final_lr_fraction: float = 0.05
     warmup_steps: int = 60

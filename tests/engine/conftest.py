@@ -111,3 +111,18 @@ def mixed_prompts(vocab_size: int, count: int = 16, seed: int = 0, low: int = 3,
     lengths[0], lengths[-1] = low, high  # the extremes are always there
     # Ids 4.. avoid the special tokens (BOS/EOS/chat markers) inside prompts.
     return [rng.integers(4, vocab_size, size=int(n)).tolist() for n in lengths]
+
+
+def record_plans(llm) -> list:
+    """Wrap the engine's policy so the test sees every plan it makes."""
+    plans, policy = [], llm.engine.policy
+
+    class Recording:
+        name = policy.name
+
+        def schedule(self, view):
+            plans.append(policy.schedule(view))
+            return plans[-1]
+
+    llm.engine.policy = Recording()
+    return plans

@@ -8,25 +8,10 @@ from __future__ import annotations
 import pytest
 
 from loong_jax.sampling_params import SamplingParams
-from tests.engine.conftest import mixed_prompts
+from tests.engine.conftest import mixed_prompts, record_plans
 
 MAX_TOKENS = 8
 DEGREES = [(p, d) for p in (1, 2, 4, 8) for d in (1, 2, 4)]
-
-
-def record_plans(llm) -> list:
-    """Wrap the engine's policy so the test sees every plan it makes."""
-    plans, policy = [], llm.engine.policy
-
-    class Recording:
-        name = policy.name
-
-        def schedule(self, view):
-            plans.append(policy.schedule(view))
-            return plans[-1]
-
-    llm.engine.policy = Recording()
-    return plans
 
 
 def check_against_reference(llm, reference, prompts, outputs):

@@ -13,7 +13,7 @@ import transformers
 
 from loong_jax.models.demo import DEMO_MODEL_DIR
 from loong_jax.sampling_params import SamplingParams
-from tests.engine.conftest import PAGE_SIZE, TEST_BUCKETS
+from tests.engine.conftest import PAGE_SIZE, TEST_BUCKETS, record_plans
 from tests.models.tiny_hf import build_hf_model, hf_greedy, save_hf_model
 
 MAX_TOKENS = 8
@@ -42,13 +42,15 @@ def test_engine_matches_transformers(checkpoint, compile_cache_dir):
         vocab = min(llm.config.vocab_size, llm.tokenizer.vocab_size)
         rng = np.random.default_rng(4)
         prompts = [rng.integers(5, vocab, size=int(n)).tolist() for n in (3, 17, 30, 9)]
+        plans = record_plans(llm)
         # Both stop at the checkpoint's EOS ids when it names some (the demo model), else neither does.
         ignore_eos = hf_model.generation_config.eos_token_id is None
         outputs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=ignore_eos),
                                use_tqdm=False)
         for prompt, output in zip(prompts, outputs):
             assert output.outputs[0].token_ids == hf_greedy(hf_model, prompt, MAX_TOKENS)
-        assert llm.stats()["scale_downs"] > 0
+        placements = [segments for plan in plans for batch in plan.prefills for segments in batch.placement]
+        assert placements and all(len(segments) == 1 for segments in placements)  # kept on one of the two
         llm.engine.check_all_free()
     finally:
         llm.close()

@@ -13,7 +13,7 @@ from loong_jax.models.demo import DEMO_MODEL_DIR
 from tests.server.harness import LoopThread, start_server
 from tests.server.tiny_model import build_tiny_model
 
-ENGINE_INSTANCES = 2
+ENGINE_INSTANCES = 1
 ENGINE_KV_PAGES = 256
 
 
