@@ -51,13 +51,17 @@ def summary_markdown(documents: dict[str, dict]) -> str:
         for label in policies:
             rate = _rate(summary["max_throughput"][label])
             saturation = summary["saturation_throughput"][label]
-            cells.append(f"{rate} ({saturation:.2f})")
+            rejected = summary.get("rejected_at_saturation", {}).get(label, 0)
+            extra = f", {rejected} rejected" if rejected else ""
+            cells.append(f"{rate} ({saturation:.2f}{extra})" if saturation is not None else rate)
         best = f"{_ratio(summary.get('esp_over_best_baseline'))} vs {summary.get('best_baseline')}"
         lines.append(f"| {workload} | " + " | ".join(cells) + f" | {best} | "
                      f"{_ratio(summary.get('esp_over_best_baseline_saturation'))} |")
     lines.append("")
     lines.append("Cells: max request rate (req/s) with >= 90% of requests within 25x their isolated latency "
-                 "(saturation throughput in req/s: all requests at t = 0, in parentheses).")
+                 "(saturation throughput in req/s: all requests at t = 0, in parentheses, with the requests the "
+                 "policy rejected as larger than any group it may use; ESP / best at saturation only compares "
+                 "baselines that rejected no more requests than ESP).")
     return "\n".join(lines)
 
 

@@ -258,7 +258,8 @@ class Engine:
         now = self.clock()
         for batch in plan.decodes:
             self.dop_counts["decode"][len(batch.group)] += 1
-        for batch in plan.prefills:
+        fused = [d.fused_prefill for d in plan.decodes if d.fused_prefill is not None]
+        for batch in list(plan.prefills) + fused:
             self.dop_counts["prefill"][len(batch.group)] += 1
             for engine_id in batch.request_ids:
                 self._sequences[engine_id].request.metrics.record_scheduled(now)
@@ -279,7 +280,8 @@ class Engine:
             if sequence.detokenizer.finished:
                 finished.add(engine_id)
         self.state.apply(BatchResult(result.unit, dict(result.new_tokens), frozenset(finished), result.finish_time))
-        for engine_id in result.unit.request_ids:
+        fused = getattr(result.unit, "fused_prefill", None)
+        for engine_id in result.unit.request_ids + (fused.request_ids if fused is not None else ()):
             self._finish_if_done(self._sequences[engine_id])
 
     def _finish_if_done(self, sequence: _Sequence) -> None:

@@ -252,7 +252,7 @@ class EngineState:
             claim(request_id, (WAITING,), "rejection")
         for preemption in plan.preemptions:
             claim(preemption.request_id, (PREFILLING, DECODING), "preemption")
-            for instance, pages in self._exclusive_pages(preemption.request_id).items():
+            for instance, pages in self.allocator.exclusive_pages(preemption.request_id).items():
                 freed[instance] += pages
         demand: dict[tuple, int] = {}  # (request, instance) -> tokens appended there by this plan
 
@@ -294,15 +294,6 @@ class EngineState:
             available = self.allocator.pages_free(instance) + freed[instance]
             if needed[instance] > available:
                 raise PlanError(f"instance {instance}: plan needs {needed[instance]} pages, {available} available")
-
-    def _exclusive_pages(self, request_id: RequestId) -> dict[int, int]:
-        """Pages that freeing the request would return (not shared with a fork)."""
-        allocator = self.allocator
-        return {
-            instance: sum(1 for page in allocator.page_table(request_id, instance)
-                          if allocator._refcount[instance][page] == 1)
-            for instance in allocator.kv_layout(request_id)
-        }
 
     # -- results ------------------------------------------------------------------------------------------------
     def apply(self, result: BatchResult) -> list[RequestState]:

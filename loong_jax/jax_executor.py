@@ -7,14 +7,16 @@ plan takes), then `wait_next()` for the units that finish first.
 Data flow of one work unit:
   1. Host (numpy only): the unit and the allocator's page tables become the arrays of its
      program, padded to power-of-two buckets:
-       - PrefillBatch: the prompts striped over the group (`stripe_layout`), and a placement per token:
+       - PrefillBatch: the prompts (or prompt chunks) striped over the group, and a placement per token:
          the member keeping it (from the plan's segments) and its flat slot (from the allocator's pages);
+         a chunk that continues a prompt also gets the pages holding the prompt's earlier KV
+         (`context_prefill`: chunked prefill);
        - DecodeBatch: one row per request in its master's block, the slot of the new token on the master,
          and every member's pages and token counts of the request (`layout_decode_batch`);
        - MigrationBatch: source and destination slots of every moved token (from the allocator's tickets).
      Each request's sampling parameters become a `SamplingBatch` in the same row order.
   2. Device: ONE jitted program per unit, forward and sampling fused (prefill / decode) or the page move
-     (migration), taken from the `ProgramCache` by (kind, group, bucket). The group's pool is assembled from
+     (migration) — two when a chunked prefill rides in a decode step, taken from the `ProgramCache` by (kind, group, bucket). The group's pool is assembled from
      the members' pools without a copy and donated, so KV is updated in place; the members get their
      buffers back (`split_group_pool`) at once. Dispatch is asynchronous: programs on disjoint groups run
      side by side, and a unit whose program is still compiling waits in the background while the others
@@ -47,6 +49,7 @@ from loong_jax.sampling_batch import (SamplingBatch, SamplingRow, num_logprobs_c
                                       unpack_sampler_output)
 from loong_jax.sampling_params import SamplingParams
 from loong_jax.scheduler.plan import DecodeBatch, MigrationBatch, Plan, PrefillBatch, WorkUnit
+from loong_jax.sharding.context_prefill import ContextInputs, chunk_layout, context_prefill_forward, layout_context
 from loong_jax.sharding.decode_attention import MEMBER_SPEC, ROW_SPEC
 from loong_jax.sharding.decode_program import DecodeInputs, DecodeRow, decode_forward, layout_decode_batch
 from loong_jax.sharding.kv_pool import POOL_SPEC, PoolShape, assemble_group_pool, create_pool, split_group_pool
@@ -54,17 +57,13 @@ from loong_jax.sharding.migration import migrate_pages
 from loong_jax.sharding.prefill_program import PrefillBatch as PrefillInputs
 from loong_jax.sharding.prefill_program import prefill_forward
 from loong_jax.sharding.ring_prefill import ROWS_SPEC
-from loong_jax.sharding.stripe_layout import Placement, build_layout, rows_needed, striped_members
+from loong_jax.sharding.stripe_layout import Placement, rows_needed, striped_members
 from loong_jax.sharding.topology import Topology, group_params, place_params
 
 RequestId = Hashable
 # Rows that pad a sampling batch: greedy, never read back.
 PADDING_PARAMS = SamplingParams(temperature=0.0, max_tokens=1, seed=0)
 PADDING_ROW = SamplingRow(PADDING_PARAMS, (), ())
-
-
-class ChunkedPrefillUnsupported(NotImplementedError):
-    """A plan asked for a prefill chunk that attends to KV already in the pools."""
 
 
 class RequestSource(Protocol):
@@ -102,20 +101,27 @@ class UnitResult:
 
 
 @dataclasses.dataclass
-class _Launch:
-    """A unit ready to run: its program key and host inputs (built at submit time)."""
+class _Program:
+    """One program of a unit, ready to run: its key and host inputs (built at submit time)."""
 
-    unit: WorkUnit
     key: ProgramKey
     inputs: tuple  # positional inputs after (params, pool), numpy pytrees
-    sampled: list[tuple[RequestId, int]]  # (request, row of the sampler output)
+    sampled: list[tuple[RequestId, int]]  # (request, row of the sampler output) of requests taking a token
     sampling_rows: list[SamplingRow]  # one per sampler output row, padding included
+
+
+@dataclasses.dataclass
+class _Launch:
+    """A unit and its programs (two when a chunked prefill rides in a decode step, else one)."""
+
+    unit: WorkUnit
+    programs: list[_Program]
 
 
 @dataclasses.dataclass
 class _Running:
     launch: _Launch
-    output: jax.Array  # the packed sampler output (or the migrated pool)
+    outputs: list[jax.Array]  # per program: the packed sampler output (or the migrated pool)
     fetch: concurrent.futures.Future | None = None
 
 
@@ -171,7 +177,7 @@ class JaxExecutor:
         self.programs = program_cache or ProgramCache(self._lower)
         self._group_params: dict[tuple[int, ...], Any] = {}
         self._running: list[_Running] = []
-        self._compiling: list[tuple[_Launch, concurrent.futures.Future]] = []
+        self._compiling: list[tuple[_Launch, list[concurrent.futures.Future]]] = []
         self._fetchers = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="loong-jax-fetch")
         self.state: EngineState | None = None
         self.source: RequestSource | None = None
@@ -198,10 +204,11 @@ class JaxExecutor:
         """Dispatch every unit of an already dispatched plan (`state.on_dispatched(plan)` came first)."""
         for unit in plan.work_units():
             launch = self._prepare(unit)
-            if self.programs.is_ready(launch.key):
-                self._dispatch(launch, self.programs.get(launch.key))
+            if all(self.programs.is_ready(part.key) for part in launch.programs):
+                self._dispatch(launch)
             else:  # compile in the background; other groups keep running meanwhile
-                self._compiling.append((launch, self.programs.request(launch.key)))
+                futures = [self.programs.request(part.key) for part in launch.programs]
+                self._compiling.append((launch, futures))
 
     def wait_next(self) -> list[UnitResult]:
         """Results of the unit(s) that finish first; [] when nothing is in flight."""
@@ -209,7 +216,7 @@ class JaxExecutor:
             self._dispatch_compiled()
             if self.in_dispatch_order:
                 if self._compiling:
-                    concurrent.futures.wait([future for _, future in self._compiling])
+                    concurrent.futures.wait([f for _, futures in self._compiling for f in futures])
                     continue
                 return [self._finish(self._running[0])]
             finished = [run for run in self._running if run.fetch is not None and run.fetch.done()]
@@ -219,9 +226,8 @@ class JaxExecutor:
                 return [self._finish(self._running[0])]  # one unit: block here, no thread hop
             for run in self._running:
                 if run.fetch is None:  # block in a helper thread, so that whichever finishes first wakes us
-                    fetch = jax.block_until_ready if run.launch.key.kind == "migrate" else np.asarray
-                    run.fetch = self._fetchers.submit(fetch, run.output)
-            waiting = [run.fetch for run in self._running] + [future for _, future in self._compiling]
+                    run.fetch = self._fetchers.submit(self._fetch, run)
+            waiting = [run.fetch for run in self._running] + [f for _, futures in self._compiling for f in futures]
             concurrent.futures.wait(waiting, return_when=concurrent.futures.FIRST_COMPLETED)
         return []
 
@@ -234,7 +240,8 @@ class JaxExecutor:
         """Scheduler keys (kind, group, token/batch bucket) that a compiled program serves."""
         ready = set()
         for key in self.programs.ready_keys():
-            if key.kind == "prefill":
+            kind = "prefill" if key.kind == "prefill_context" else key.kind
+            if kind == "prefill":
                 capacity = key.bucket[0] * len(key.group) // 2  # striping leaves some rows empty
             elif key.kind == "decode":
                 capacity = key.bucket[0]
@@ -242,7 +249,7 @@ class JaxExecutor:
                 capacity = key.bucket[0]
             bucket = 16
             while bucket <= max(capacity, 16):
-                ready.add((key.kind, key.group, bucket))
+                ready.add((kind, key.group, bucket))
                 bucket *= 2
         return frozenset(ready)
 
@@ -276,8 +283,8 @@ class JaxExecutor:
         params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                               self._params_for(group))
         replicated, out = NamedSharding(mesh, P()), (NamedSharding(mesh, P()), NamedSharding(mesh, POOL_SPEC))
-        if key.kind == "prefill":
-            rows_per_member, requests, signature = key.bucket
+        if key.kind in ("prefill", "prefill_context"):
+            rows_per_member, requests, signature = key.bucket[0], key.bucket[1], key.bucket[-1]
             rows = jax.ShapeDtypeStruct((members * rows_per_member,), np.int32,
                                         sharding=NamedSharding(mesh, ROWS_SPEC))
             inputs = PrefillInputs(tokens=rows, positions=rows, segment_ids=rows, placement_member=rows,
@@ -285,6 +292,14 @@ class JaxExecutor:
                                    logits_indices=jax.ShapeDtypeStruct((requests,), np.int32, sharding=replicated))
             sampling = abstract_sampling(requests, signature, replicated)
             program = functools.partial(self._prefill_program, mesh=mesh, signature=signature)
+            if key.kind == "prefill_context":
+                max_pages, per_member = key.bucket[2], NamedSharding(mesh, MEMBER_SPEC)
+                context = ContextInputs(
+                    page_tables=jax.ShapeDtypeStruct((members, requests, max_pages), np.int32, sharding=per_member),
+                    kv_lens=jax.ShapeDtypeStruct((members, requests), np.int32, sharding=per_member))
+                program = functools.partial(self._context_prefill_program, mesh=mesh, signature=signature)
+                return jax.jit(program, donate_argnames=("pool",), out_shardings=out).lower(
+                    params, pool, inputs, context, sampling)
         elif key.kind == "decode":
             batch_local, max_pages, signature = key.bucket
             batch_rows = members * batch_local
@@ -306,6 +321,10 @@ class JaxExecutor:
         logits, pool = prefill_forward(self.graphdef, params, pool, inputs, mesh=mesh)  # [requests, vocab]
         return sample_tokens(logits, sampling, signature), pool
 
+    def _context_prefill_program(self, params, pool, inputs, context, sampling, *, mesh, signature):
+        logits, pool = context_prefill_forward(self.graphdef, params, pool, inputs, context, mesh=mesh)
+        return sample_tokens(logits, sampling, signature), pool
+
     def _decode_program(self, params, pool, inputs, sampling, *, mesh, signature):
         logits, pool = decode_forward(self.graphdef, params, pool, inputs, mesh=mesh)  # [rows, vocab]
         return sample_tokens(logits, sampling, signature), pool
@@ -322,15 +341,14 @@ class JaxExecutor:
     # -- host side: plan units -> program inputs --------------------------------------------------------------
     def _prepare(self, unit: WorkUnit) -> _Launch:
         if isinstance(unit, PrefillBatch):
-            return self._prepare_prefill(unit)
+            return _Launch(unit, [self._prepare_prefill(unit)])
         if isinstance(unit, DecodeBatch):
-            if unit.fused_prefill is not None:
-                raise ChunkedPrefillUnsupported(
-                    "the JAX executor does not run prefill chunks fused into decode steps (chunked prefill); "
-                    "use policy 'esp', 'fixed', 'static-sp', 'replicas' or 'pd-disagg'")
-            return self._prepare_decode(unit)
+            parts = [] if unit.fused_prefill is None else [self._prepare_prefill(unit.fused_prefill)]
+            if unit.request_ids:
+                parts.append(self._prepare_decode(unit))
+            return _Launch(unit, parts)
         if isinstance(unit, MigrationBatch):
-            return self._prepare_migration(unit)
+            return _Launch(unit, [self._prepare_migration(unit)])
         raise TypeError(f"unknown work unit {type(unit).__name__}")
 
     def _slots(self, request_id: RequestId, instance: int, first: int, count: int) -> np.ndarray:
@@ -339,33 +357,43 @@ class JaxExecutor:
         index = first + np.arange(count)
         return (pages[index // self.page_size] * self.page_size + index % self.page_size).astype(np.int32)
 
-    def _prepare_prefill(self, batch: PrefillBatch) -> _Launch:
+    def _prepare_prefill(self, batch: PrefillBatch) -> _Program:
+        """A ring prefill of the batch's chunks; chunks that continue a prompt (start > 0) also attend to
+        the KV their earlier chunks left in the group (`context_prefill`)."""
         allocator, group = self.state.allocator, batch.group
         member_of = {instance: m for m, instance in enumerate(group)}
-        lengths, tokens, keep_member, keep_slot = [], [], [], []
-        for request_id, (start, length), segments in zip(batch.request_ids, batch.chunks, batch.placement):
-            if start != 0:
-                raise ChunkedPrefillUnsupported(
-                    f"prefill of {request_id!r} starts at token {start}: chunked prefill needs a program that "
-                    "attends to KV already in the pools, which this executor does not run")
+        tokens, keep_member, keep_slot, prefix_pages, prefix_lens, rows = [], [], [], [], [], []
+        sampled = []
+        for index, (request_id, (start, length), segments) in enumerate(
+                zip(batch.request_ids, batch.chunks, batch.placement)):
             request_tokens = self.source.token_ids(request_id)
-            if len(request_tokens) != length:
-                raise ValueError(f"prefill of {request_id!r} covers {length} tokens, request has {len(request_tokens)}")
-            lengths.append(length)
-            tokens.append(np.asarray(request_tokens, np.int32))
+            if start + length > len(request_tokens):
+                raise ValueError(f"prefill of {request_id!r} covers tokens {start}..{start + length - 1}, "
+                                 f"request has {len(request_tokens)}")
+            tokens.append(np.asarray(request_tokens[start:start + length], np.int32))
             # The chunk's tokens kept on an instance follow whatever the request held there before.
             placed_here = Counter()
             for instance, n_tokens in segments:
                 placed_here[instance] += n_tokens
-            next_index = {i: allocator.tokens_on(request_id, i) - n for i, n in placed_here.items()}
+            held = allocator.kv_layout(request_id)  # this chunk's tokens included
+            held_before = {i: n - placed_here[i] for i, n in held.items() if n > placed_here[i]}
+            if set(held_before) - set(member_of) or sum(held_before.values()) != start:
+                raise ValueError(f"prefill of {request_id!r} at {start}: earlier KV {held_before} is not in {group}")
+            prefix_pages.append({member_of[i]: allocator.page_table(request_id, i) for i in held_before})
+            prefix_lens.append({member_of[i]: n for i, n in held_before.items()})
+            next_index = {i: held_before.get(i, 0) for i in placed_here}
             for instance, n_tokens in segments:
                 keep_member.append(np.full(n_tokens, member_of[instance], np.int32))
                 keep_slot.append(self._slots(request_id, instance, next_index[instance], n_tokens))
                 next_index[instance] += n_tokens
-        b, members = self.buckets, len(group)
-        token_members = striped_members(lengths, members)
-        rows_per_member = b.round(rows_needed(token_members, members), b.prefill_rows)
-        layout = build_layout(lengths, token_members, members, rows_per_member)
+            if start + length == len(request_tokens):  # the chunk ends the prompt: it samples a token
+                rows.append(self.source.sampling_row(request_id))
+                sampled.append((request_id, index))
+            else:
+                rows.append(PADDING_ROW)
+        b, members, lengths = self.buckets, len(group), [length for _, length in batch.chunks]
+        rows_per_member = b.round(rows_needed(striped_members(lengths, members), members), b.prefill_rows)
+        layout = chunk_layout(batch.chunks, members, rows_per_member)
         member_rows, slot_rows = Placement(np.concatenate(keep_member), np.concatenate(keep_slot)).rows(layout)
         requests = b.round(len(lengths), b.prefill_requests)
         last_rows = layout.last_token_rows()
@@ -374,22 +402,28 @@ class JaxExecutor:
             tokens=layout.to_rows(np.concatenate(tokens), fill=0), positions=layout.positions,
             segment_ids=layout.segment_ids, placement_member=member_rows.astype(np.int32),
             placement_slot=slot_rows.astype(np.int32), logits_indices=logits_indices.astype(np.int32))
-        rows = [self.source.sampling_row(r) for r in batch.request_ids]
         sampling, signature = self._sampling(rows, requests)
-        key = ProgramKey("prefill", group, (rows_per_member, requests, signature))
-        sampled = list(zip(batch.request_ids, range(len(rows))))
-        return _Launch(batch, key, (inputs, sampling), sampled, rows)
+        if all(start == 0 for start, _ in batch.chunks):
+            key = ProgramKey("prefill", group, (rows_per_member, requests, signature))
+            return _Program(key, (inputs, sampling), sampled, rows)
+        most_pages = max((len(p) for pages in prefix_pages for p in pages.values()), default=1)
+        max_pages = b.round(most_pages, b.decode_pages)
+        tables = layout_context([start for start, _ in batch.chunks], prefix_pages, prefix_lens, members,
+                                max_pages, requests=requests, page_size=self.page_size)
+        context = ContextInputs(page_tables=tables.page_tables, kv_lens=tables.kv_lens)
+        key = ProgramKey("prefill_context", group, (rows_per_member, requests, max_pages, signature))
+        return _Program(key, (inputs, context, sampling), sampled, rows)
 
-    def _prepare_decode(self, batch: DecodeBatch) -> _Launch:
+    def _prepare_decode(self, batch: DecodeBatch) -> _Program:
         allocator, group = self.state.allocator, batch.group
         member_of = {instance: m for m, instance in enumerate(group)}
         rows = []
         for request_id, master in zip(batch.request_ids, batch.masters):
-            request_tokens = self.source.token_ids(request_id)
+            request = self.state.requests[request_id]  # decoding: its newest token is the last generated
             held = allocator.kv_layout(request_id)  # instance -> tokens, this step's append included
             append_slot = int(self._slots(request_id, master, held[master] - 1, 1)[0])
             rows.append(DecodeRow(
-                token=int(request_tokens[-1]), position=len(request_tokens) - 1, master=member_of[master],
+                token=int(request.generated[-1]), position=request.context_len - 1, master=member_of[master],
                 append_slot=append_slot,
                 pages={member_of[i]: allocator.page_table(request_id, i) for i in held},
                 kv_lens={member_of[i]: n for i, n in held.items()}))
@@ -408,9 +442,9 @@ class JaxExecutor:
         key = ProgramKey("decode", group, (batch_local, max_pages, signature))
         if 4 * most_pages > 3 * max_pages:  # requests grow: have the next page bucket ready in time
             self.programs.request(ProgramKey("decode", group, (batch_local, 2 * max_pages, signature)))
-        return _Launch(batch, key, (inputs, sampling), list(zip(batch.request_ids, host.rows)), sampling_rows)
+        return _Program(key, (inputs, sampling), list(zip(batch.request_ids, host.rows)), sampling_rows)
 
-    def _prepare_migration(self, batch: MigrationBatch) -> _Launch:
+    def _prepare_migration(self, batch: MigrationBatch) -> _Program:
         sources, destinations = [], []
         for ticket in self.state.migration_tickets(batch):
             sources.append(self._ticket_slots(ticket.src_pages, 0, ticket.n_tokens))
@@ -422,7 +456,7 @@ class JaxExecutor:
         send_slots[0, :len(send)] = send  # member 0 = source
         receive_slots[1, :len(receive)] = receive  # member 1 = destination
         key = ProgramKey("migrate", (batch.src_instance, batch.dst_instance), (slots,))
-        return _Launch(batch, key, (send_slots, receive_slots), [], [])
+        return _Program(key, (send_slots, receive_slots), [], [])
 
     def _ticket_slots(self, pages: Sequence[int], first: int, count: int) -> np.ndarray:
         pages_array = np.asarray(pages, dtype=np.int64)
@@ -434,38 +468,49 @@ class JaxExecutor:
         return batch, sampling_signature(rows, batch)
 
     # -- device side ----------------------------------------------------------------------------------------
-    def _dispatch(self, launch: _Launch, program) -> None:
-        group = launch.key.group
-        mesh = self.topology.group_mesh(group)
-        pool = assemble_group_pool([self.pools[i] for i in group], mesh)
-        if launch.key.kind == "migrate":
-            pool = program(pool, *launch.inputs)
-            output = pool
-        else:
-            output, pool = program(self._params_for(group), pool, *launch.inputs)
-            output.copy_to_host_async()  # the unit's one device->host transfer starts as soon as it can
-        for instance, member_pool in zip(group, split_group_pool(pool, self.topology, group)):
-            self.pools[instance] = member_pool
-        self.counters[launch.key.kind] += 1
-        self._running.append(_Running(launch, output))
+    def _dispatch(self, launch: _Launch) -> None:
+        outputs = []
+        for part in launch.programs:
+            program, group = self.programs.get(part.key), part.key.group
+            pool = assemble_group_pool([self.pools[i] for i in group], self.topology.group_mesh(group))
+            if part.key.kind == "migrate":
+                pool = program(pool, *part.inputs)
+                outputs.append(pool)
+            else:
+                output, pool = program(self._params_for(group), pool, *part.inputs)
+                output.copy_to_host_async()  # the program's one device->host transfer starts when it can
+                outputs.append(output)
+            for instance, member_pool in zip(group, split_group_pool(pool, self.topology, group)):
+                self.pools[instance] = member_pool
+            self.counters[part.key.kind] += 1
+        self._running.append(_Running(launch, outputs))
 
     def _dispatch_compiled(self) -> None:
         still_compiling = []
-        for launch, future in self._compiling:
-            if future.done():
-                self._dispatch(launch, future.result())
+        for launch, futures in self._compiling:
+            if all(future.done() for future in futures):
+                for future in futures:
+                    future.result()  # a failed compilation raises here
+                self._dispatch(launch)
             else:
-                still_compiling.append((launch, future))
+                still_compiling.append((launch, futures))
         self._compiling = still_compiling
+
+    @staticmethod
+    def _fetch(run: _Running) -> list:
+        """Host copies of the sampled tokens (a migration only waits for its pool)."""
+        return [jax.block_until_ready(output) if part.key.kind == "migrate" else np.asarray(output)
+                for part, output in zip(run.launch.programs, run.outputs)]
 
     def _finish(self, run: _Running) -> UnitResult:
         self._running.remove(run)
-        launch = run.launch
-        if launch.key.kind == "migrate":
-            jax.block_until_ready(run.output)
-            return UnitResult(launch.unit, {}, {}, self.clock())
-        packed = run.fetch.result() if run.fetch is not None else np.asarray(run.output)
-        sampled = unpack_sampler_output(packed, launch.sampling_rows)
-        tokens = {request_id: int(sampled.token_ids[row]) for request_id, row in launch.sampled}
-        logprobs = {request_id: sampled.logprobs[row] for request_id, row in launch.sampled}
-        return UnitResult(launch.unit, tokens, logprobs, self.clock())
+        fetched = run.fetch.result() if run.fetch is not None else self._fetch(run)
+        tokens, logprobs = {}, {}
+        for part, packed in zip(run.launch.programs, fetched):
+            if part.key.kind == "migrate":
+                continue
+            sampled = unpack_sampler_output(packed, part.sampling_rows)
+            for request_id, row in part.sampled:
+                tokens[request_id] = int(sampled.token_ids[row])
+                logprobs[request_id] = sampled.logprobs[row]
+        return UnitResult(run.launch.unit, tokens, logprobs, self.clock())

@@ -142,6 +142,13 @@ class KVAllocator:
         """Global token position of every slot of the share, in slot order."""
         return [p for start, n in self.token_ranges(request_id, instance) for p in range(start, start + n)]
 
+    def exclusive_pages(self, request_id: RequestId) -> dict[int, int]:
+        """instance -> pages only this request references (what freeing it would return; forks share)."""
+        return {
+            instance: sum(1 for page in share.pages if self._refcount[instance][page] == 1)
+            for instance, share in self._shares.get(request_id, {}).items()
+        }
+
     def pages_needed(self, request_id: RequestId, instance: int, n_tokens: int) -> int:
         """Pages an `allocate(request_id, instance, n_tokens)` would take from the free list."""
         if n_tokens <= 0:

@@ -41,11 +41,6 @@ from loong_jax.scheduler.roofline import TransformerShape, derive_cost_model
 from loong_jax.sharding.topology import Topology
 
 Prompt = Any  # str | list[int] | list[dict] (chat messages)
-UNSUPPORTED_POLICIES = {
-    "chunked-prefill": "policy 'chunked-prefill' needs prefill chunks that attend to KV already in the pools "
-                       "and chunks fused into decode steps, which the JAX executor does not run yet; use 'esp', "
-                       "'fixed', 'static-sp', 'replicas' or 'pd-disagg' (the simulator runs 'chunked-prefill')",
-}
 CPU_KV_BYTES_PER_INSTANCE = 256 << 20  # default pool size where devices report no memory (CPU)
 
 
@@ -53,19 +48,17 @@ def build_policy(name: str, num_instances: int, prefill_degree: int | None, deco
                  options: dict | None = None):
     """A policy by name; the degrees apply to `fixed` (and `static-sp`, whose single degree is prefill_degree)."""
     options = dict(options or {})
-    if name in UNSUPPORTED_POLICIES:
-        raise ValueError(UNSUPPORTED_POLICIES[name])
     if name not in policy_names():
         raise ValueError(f"unknown policy {name!r}; choose one of {', '.join(policy_names())}")
     if name == "fixed":
         policy = make_policy(name, prefill_degree=prefill_degree, decode_degree=decode_degree, **options)
         policy.degrees(num_instances)  # fails now, with the reason, if a degree does not divide the cluster
         return policy
-    if name == "static-sp" and (decode_degree is None or decode_degree == prefill_degree):
+    if name in ("static-sp", "chunked-prefill") and (decode_degree is None or decode_degree == prefill_degree):
         return make_policy(name, degree=prefill_degree, **options)
     if prefill_degree is not None or decode_degree is not None:
-        raise ValueError(f"prefill_degree / decode_degree apply to policy 'fixed' (or 'static-sp' with one degree), "
-                         f"not {name!r}")
+        raise ValueError(f"prefill_degree / decode_degree apply to policy 'fixed' (or one degree to 'static-sp' "
+                         f"and 'chunked-prefill'), not {name!r}")
     return make_policy(name, **options)
 
 
@@ -75,7 +68,7 @@ def policy_token_limit(policy, num_instances: int, page_size: int):
         return lambda pages: request_token_limits(num_instances, pages, page_size, policy.prefill_degree,
                                                   policy.decode_degree)
     degree = getattr(policy, "degree", None)
-    if getattr(policy, "name", "") in ("static-sp", "replicas"):
+    if getattr(policy, "name", "") in ("static-sp", "replicas", "chunked-prefill"):
         degree = degree or num_instances
         return lambda pages: (degree * pages * page_size,) * 2
     return None
@@ -206,6 +199,8 @@ class LLM:
         try:
             pending = set(results)
             while pending:
+                if not self.engine.has_unfinished():
+                    raise RuntimeError(f"engine finished without completing requests {sorted(pending)}")
                 for delta in self.engine.step():
                     if delta.request_id in results:
                         results[delta.request_id] = results[delta.request_id].merged(delta)
@@ -231,6 +226,8 @@ class LLM:
         finished = False
         try:
             while not finished:
+                if not self.engine.has_unfinished():
+                    raise RuntimeError(f"engine finished without completing request {request.request_id!r}")
                 for delta in self.engine.step():
                     if delta.request_id == request.request_id:
                         finished = delta.finished

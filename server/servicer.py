@@ -224,6 +224,8 @@ class GenerationServicer(pb_grpc.GenerationServicer):
 
     # ------------------------------------------------------------------ Generate
     async def Generate(self, request: pb.GenerateRequest, context):
+        # Read the peer while the call is alive: grpc.aio crashes on peer() of a call already cancelled.
+        peer = context.peer()
         await self._refuse_if_unavailable(context)
         try:
             prepared = await self._prepare(request)
@@ -300,10 +302,10 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             self._metrics.open_streams.dec()
             timings = final.metrics if final is not None else None
             self._record_finished(request_id, outcome, code, len(prepared.prompt_ids),
-                                  sum(completion_tokens.values()), arrival, first_token_at, timings, context, detail)
+                                  sum(completion_tokens.values()), arrival, first_token_at, timings, peer, detail)
 
     def _record_finished(self, request_id, outcome, code, prompt_tokens, completion_tokens, arrival,
-                         first_token_at, timings, context, detail) -> None:
+                         first_token_at, timings, peer, detail) -> None:
         now = time.monotonic()
         queue_s = timings.queue_time if timings is not None else None
         ttft_s = (timings.time_to_first_token if timings is not None
@@ -312,7 +314,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         self._metrics.observe_finished(outcome, prompt_tokens, queue_s, ttft_s, e2e_s)
         log_request_finished(request_id=request_id, outcome=outcome, code=code.name, prompt_tokens=prompt_tokens,
                              completion_tokens=completion_tokens, queue_s=queue_s, time_to_first_token_s=ttft_s,
-                             e2e_s=e2e_s, peer=context.peer(), message=detail)
+                             e2e_s=e2e_s, peer=peer, message=detail)
 
     # ------------------------------------------------------------------ unary calls
     async def Abort(self, request: pb.AbortRequest, context) -> pb.AbortResponse:

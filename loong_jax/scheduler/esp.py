@@ -54,15 +54,18 @@ class EspPolicy:
         preemptions = [Preemption(r.request_id) for r in view.prefilling if not r.in_flight]
         nothing_running = not view.decoding and not view.prefilling and len(view.idle_instances) == view.num_instances
 
-        prefills, used = self._prefills(snapshot, waiting, nothing_running)
+        option = choose_prefill(snapshot, waiting, self.limits, self.max_lent_groups, nothing_running)
         migrations = []
-        if not prefills and self.migration:
-            migrations = plan_consolidation(snapshot, waiting, self.limits)
-            for move in migrations:
-                used.update((move.src_instance, move.dst_instance))
+        if self.migration and waiting and (option is None or option.lent_groups):
+            # Consolidating a decode group may beat both waiting and lending it (a short move, then the
+            # freed instance prefills while the group keeps decoding).
+            migrations = plan_consolidation(snapshot, waiting, self.limits, None if option is None else option.lend_cost)
+            if migrations and option is not None:
+                option = choose_prefill(snapshot, waiting, self.limits, 0, nothing_running)  # free instances only
+        prefills, used = self._prefills(snapshot, option)
         if migrations:
-            moving_groups = {g for g in snapshot.decode_groups if used & set(g)}
-            used.update(i for g in moving_groups for i in g)
+            moving = {i for m in migrations for i in (m.src_instance, m.dst_instance)}
+            used.update(i for g in snapshot.decode_groups if moving & set(g) for i in g)
         allowed = snapshot.idle - used
         decoding = [r for r in view.decoding if not r.in_flight]
         decodes = plan_decodes(view, decoding, allowed, snapshot.pages_free, homes=snapshot.homes)
@@ -71,10 +74,9 @@ class EspPolicy:
             preemptions=tuple(preemptions) + tuple(decodes.preemptions), rejections=rejections,
         )
 
-    def _prefills(self, snapshot: ClusterSnapshot, waiting, nothing_running: bool):
-        """Prefill batches for this step and the instances they (and lent decode groups) occupy."""
+    def _prefills(self, snapshot: ClusterSnapshot, option):
+        """Prefill batches of the chosen option and the instances they (and lent decode groups) occupy."""
         view = snapshot.view
-        option = choose_prefill(snapshot, waiting, self.limits, self.max_lent_groups, nothing_running)
         if option is None:
             return [], set()
         used = set(i for g in option.lent_groups for i in g)

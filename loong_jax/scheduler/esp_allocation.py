@@ -11,9 +11,10 @@ Data flow:
   3. Lending decode instances is the cost/gain test: with no free instance, "do nothing" costs the queue the
      expected wait until an instance frees (plus the same prefill later); a candidate is taken only if
      cheaper.
-  4. When nothing is taken, consolidation: moving every share held on one instance x of an idle decode group
-     to another member y frees x for prefill; it is planned when the queue's gain from x, U·(wait − t_mig),
-     exceeds the decode delay t_mig·U_decode it costs (U: urgency).
+  4. Consolidation: moving every share held on one instance x of an idle decode group to another member y
+     frees x for prefill. When nothing is taken it is planned if the queue's gain from x, U·(wait − t_mig),
+     exceeds the decode delay t_mig·U_decode it costs (U: urgency); when decode groups would be lent, it
+     replaces the lending if t_mig·(U_decode + U_queue) is less than the lending's delay cost.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ class PrefillOption:
     admitted: list
     batching: BatchingResult
     cost: float = math.inf
+    lend_cost: float = 0.0  # urgency-weighted delay the lent decode groups suffer
 
 
 def _groups_inside(blocks, size: int):
@@ -138,7 +140,8 @@ def choose_prefill(snapshot: ClusterSnapshot, waiting, limits: BatchingLimits, m
         if result is None:
             continue
         option = PrefillOption(instances, lent_groups, admitted, result)
-        option.cost = weighed(option) + option.batching.longest_seconds * sum(group_weight[g] for g in lent_groups)
+        option.lend_cost = option.batching.longest_seconds * sum(group_weight[g] for g in lent_groups)
+        option.cost = weighed(option) + option.lend_cost
         if options and option.cost >= options[-1].cost + left_behind(options[-1], option):
             break  # lending one more group made things worse: lending further will not help either
         options.append(option)
@@ -155,8 +158,13 @@ def choose_prefill(snapshot: ClusterSnapshot, waiting, limits: BatchingLimits, m
     return best if best.cost < idle_cost else None
 
 
-def plan_consolidation(snapshot: ClusterSnapshot, waiting, limits: BatchingLimits) -> list[Migration]:
-    """Migrations that free one decode instance for prefill when worth it (empty list otherwise)."""
+def plan_consolidation(snapshot: ClusterSnapshot, waiting, limits: BatchingLimits,
+                       lend_cost: float | None = None) -> list[Migration]:
+    """Migrations that free one decode instance for prefill when worth it (empty list otherwise).
+
+    With `lend_cost=None` the alternative is waiting: the queue gains U·(wait − t_mig). Otherwise the
+    alternative is lending decode groups at that delay cost: migrating instead costs t_mig to the group's
+    decodes and to the queue, and saves the lending."""
     if not waiting:
         return []
     view = snapshot.view
@@ -173,7 +181,7 @@ def plan_consolidation(snapshot: ClusterSnapshot, waiting, limits: BatchingLimit
                 continue
             tokens = sum(r.kv[x] for r in moving)
             seconds = cost.migration_time(tokens)
-            if wait <= seconds:
+            if lend_cost is None and wait <= seconds:
                 continue
             for y in sorted(group, key=lambda i: -snapshot.usable_pages(i)):
                 if y == x or not _frees_instance(requests, moving, x, y, n):
@@ -186,7 +194,10 @@ def plan_consolidation(snapshot: ClusterSnapshot, waiting, limits: BatchingLimit
                 freed = snapshot.pages_free[x] + sum(-(-r.kv[x] // page_size) for r in moving)
                 gainers = admit_fifo(snapshot, waiting, freed, freed, limits.max_admit,
                                      backfill_age=limits.defer_age_limit)
-                net = snapshot.urgency(gainers) * (wait - seconds) - seconds * delayed
+                if lend_cost is None:
+                    net = snapshot.urgency(gainers) * (wait - seconds) - seconds * delayed
+                else:
+                    net = lend_cost - seconds * (delayed + snapshot.urgency(gainers))
                 if net > best_net:
                     best_net = net
                     best_moves = [Migration(r.request_id, x, y, r.kv[x], estimated_s=cost.migration_time(r.kv[x]))

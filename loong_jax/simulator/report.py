@@ -31,6 +31,10 @@ class PolicyResult:
         """Requests/s the cluster drains under this policy when all requests arrive at once."""
         return None if self.burst is None else self.burst.metrics.throughput
 
+    @property
+    def rejected_at_saturation(self) -> int:
+        return 0 if self.burst is None else self.burst.metrics.rejected
+
     def to_dict(self) -> dict:
         ordered = sorted(self.points, key=lambda p: p.metrics.request_rate)
         return {
@@ -62,8 +66,12 @@ class ExperimentResult:
             summary["best_baseline"] = best_label
             summary["esp_over_best_baseline"] = _ratio(esp_rate, baselines[best_label].max_rate or 0.0)
             summary["esp_over_each_baseline"] = {label: _ratio(esp_rate, r.max_rate or 0.0) for label, r in baselines.items()}
-            best_saturation = max((r.saturation_throughput or 0.0) for r in baselines.values())
+            # Saturation compares finished requests/s, so only baselines that served as many requests as ESP
+            # (rejected no more) are comparable: dropping the longest requests inflates the rate of the rest.
+            comparable = [r for r in baselines.values() if r.rejected_at_saturation <= esp.rejected_at_saturation]
+            best_saturation = max(((r.saturation_throughput or 0.0) for r in comparable), default=0.0)
             summary["esp_over_best_baseline_saturation"] = _ratio(esp.saturation_throughput or 0.0, best_saturation)
+            summary["rejected_at_saturation"] = {label: r.rejected_at_saturation for label, r in self.policies.items()}
             summary["esp_beats_every_baseline"] = all(
                 esp_rate > (r.max_rate or 0.0) and not math.isinf(esp_rate) for r in baselines.values()
             )
@@ -103,6 +111,9 @@ def format_table(result: ExperimentResult) -> str:
         ratio = _ratio_text(ratios.get(label)) if label in ratios else ""
         saturation = summary["saturation_throughput"].get(label)
         shown = "" if saturation is None else f"{saturation:.3f}"
+        rejected = summary.get("rejected_at_saturation", {}).get(label)
+        if rejected:
+            shown += f" ({rejected} rejected)"
         lines.append(f"{label:<28} {_rate_text(rate):>27} {ratio:>13} {shown:>19}")
     if "best_baseline" in summary:
         best = summary["esp_over_best_baseline"]

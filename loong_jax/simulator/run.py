@@ -171,42 +171,47 @@ def simulate(
     complete = True
     plans_at_this_time, last_time = 0, -1.0
 
-    while True:
-        plans_at_this_time = plans_at_this_time + 1 if executor.now == last_time else 0
-        last_time = executor.now
-        if plans_at_this_time > MAX_PLANS_AT_ONE_TIME:
-            raise SchedulerStalled(f"{MAX_PLANS_AT_ONE_TIME} plans at t={executor.now} without time moving: "
-                                   + _stall_report(state, label, executor.now))
+    def admit_arrivals() -> None:
+        nonlocal next_arrival
         while next_arrival < len(pending) and pending[next_arrival].arrival_time <= executor.now:
             spec = pending[next_arrival]
             next_arrival += 1
             try:
                 state.add_request(spec.request_id, spec.input_len,
                                   spec.output_len if reveal_output_lengths else None, arrival=spec.arrival_time)
-            except ValueError:
+            except ValueError:  # larger than the whole cluster's KV: rejected at the edge
                 records[spec.request_id].rejected = True
                 watch.rejected += 1
+
+    def plan_and_dispatch() -> None:
+        started = time.perf_counter()
+        plan = policy.schedule(state.view(cost_model, now=executor.now))
+        schedule_seconds.append(time.perf_counter() - started)
+        if not plan.is_empty:
+            state.on_dispatched(plan, executor.now)
+            executor.submit(plan)
+            watch.rejected += len(plan.rejections)
+
+    while True:
+        plans_at_this_time = plans_at_this_time + 1 if executor.now == last_time else 0
+        last_time = executor.now
+        if plans_at_this_time > MAX_PLANS_AT_ONE_TIME:
+            raise SchedulerStalled(f"{MAX_PLANS_AT_ONE_TIME} plans at t={executor.now} without time moving: "
+                                   + _stall_report(state, label, executor.now))
+        admit_arrivals()
         if state.has_unfinished():
-            started = time.perf_counter()
-            plan = policy.schedule(state.view(cost_model, now=executor.now))
-            schedule_seconds.append(time.perf_counter() - started)
-            if not plan.is_empty:
-                state.on_dispatched(plan, executor.now)
-                executor.submit(plan)
-                watch.rejected += sum(1 for r in plan.rejections)
+            plan_and_dispatch()
         if watch.missed_by(executor.now) > allowed_misses:
             complete = False
             break
+        # Jump to the next event: an arrival, or the completion of the earliest running unit.
         upcoming_finish = executor.next_finish_time()
         upcoming_arrival = pending[next_arrival].arrival_time if next_arrival < len(pending) else None
-        if upcoming_finish is None:
-            if upcoming_arrival is None:
-                if state.has_unfinished():
-                    raise SchedulerStalled(_stall_report(state, label, executor.now))
-                break
-            executor.advance_to(upcoming_arrival)
-            continue
-        if upcoming_arrival is not None and upcoming_arrival < upcoming_finish:
+        if upcoming_finish is None and upcoming_arrival is None:
+            if state.has_unfinished():
+                raise SchedulerStalled(_stall_report(state, label, executor.now))
+            break
+        if upcoming_arrival is not None and (upcoming_finish is None or upcoming_arrival < upcoming_finish):
             executor.advance_to(upcoming_arrival)
             continue
         for result in executor.wait_next():

@@ -78,8 +78,8 @@ def test_validation_happens_before_anything_is_queued(llm):
         assert llm.engine.num_unfinished == 0
     with pytest.raises(ValueError, match="temperature"):
         SamplingParams(temperature=-1.0)
-    with pytest.raises(ValueError, match="chunked-prefill"):
-        llm.set_policy("chunked-prefill", warmup=False)
+    with pytest.raises(ValueError, match="unknown policy 'best'"):
+        llm.set_policy("best", warmup=False)
     with pytest.raises(ValueError, match="apply to policy 'fixed'"):
         llm.set_policy("esp", prefill_degree=2, warmup=False)
     with pytest.raises(ValueError, match="must divide"):
