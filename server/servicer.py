@@ -126,10 +126,12 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         return len(open_requests)
 
     # ------------------------------------------------------------------ helpers
+    def _dead_reason(self) -> str | None:
+        return self._state.dead_reason or self._engine.dead_reason()
+
     async def _refuse_if_unavailable(self, context) -> None:
-        if self._state.dead_reason is not None:
-            await self._reject(context, grpc.StatusCode.UNAVAILABLE,
-                               f"the engine is not running ({self._state.dead_reason})")
+        if (reason := self._dead_reason()) is not None:
+            await self._reject(context, grpc.StatusCode.UNAVAILABLE, f"the engine is not running ({reason})")
         if self._state.draining:
             await self._reject(context, grpc.StatusCode.UNAVAILABLE, "server is draining; retry on another one")
         if not self._engine.is_ready():
@@ -220,7 +222,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         if next_output.done():
             return next_output.result()  # StopAsyncIteration ends the stream
         await _cancel_and_wait(next_output)
-        raise EngineDeadError(self._state.dead_reason or "the engine loop died")
+        raise EngineDeadError(self._dead_reason() or "the engine loop died")
 
     # ------------------------------------------------------------------ Generate
     async def Generate(self, request: pb.GenerateRequest, context):
@@ -283,8 +285,9 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                                total_tokens=len(prepared.prompt_ids) + n_completion),
                 timings=timings_to_proto(final.metrics)))
         except EngineDeadError as err:
-            outcome, code, detail = "error", grpc.StatusCode.INTERNAL, str(err)
-            await context.abort(code, f"the engine loop died: {err}")
+            detail = self._dead_reason() or str(err)
+            outcome, code = "error", grpc.StatusCode.INTERNAL
+            await context.abort(code, f"the engine loop died: {detail}")
         except ValueError as err:  # the engine's own validation (e.g. an id running via another server)
             outcome, code, detail = "rejected", grpc.StatusCode.INVALID_ARGUMENT, str(err)
             await self._reject(context, code, str(err))
