@@ -16,7 +16,6 @@ Run: `python benchmarks/engine_decode.py [--model DIR] [--batch 32] [--steps 64]
 from __future__ import annotations
 
 import argparse
-import collections
 import functools
 import logging
 import math
@@ -27,14 +26,13 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from loong_jax.jax_executor import Buckets
 from loong_jax.llm import LLM
 from loong_jax.sampling_params import SamplingParams
 from loong_jax.sharding.decode_program import DecodeInputs, DecodeRow, decode_forward, layout_decode_batch
-from loong_jax.sharding.kv_pool import POOL_SPEC, assemble_group_pool
+from loong_jax.sharding.kv_pool import assemble_group_pool
 
 _COMPILING = re.compile(r"Compiling (\w+)")
 

@@ -23,7 +23,7 @@ import dataclasses
 import itertools
 import logging
 import time
-from typing import Hashable, Sequence
+from typing import Sequence
 
 from loong_jax.detokenizer import SequenceDetokenizer
 from loong_jax.engine_state import BatchResult, EngineState

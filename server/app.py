@@ -14,8 +14,9 @@ Data flow:
      at the deadline the rest are aborted (their calls end UNAVAILABLE).
   3. `await stop()`: the gRPC server and the metrics endpoint close.
   4. `serve_until_signal(server)` is what `loong-jax serve` runs: start, wait for SIGTERM / SIGINT,
-     drain, stop, return exit code 0. If the engine dies instead, the server stays up answering
-     NOT_SERVING for `drain_timeout` seconds (so probes see it), then exits with code 1.
+     drain (a second signal ends the wait early), stop, return exit code 0. If the engine dies while
+     serving, the server stays up answering NOT_SERVING for `drain_timeout` seconds (so probes see
+     it), then exits with code 1; if it fails to load, the exit is immediate (code 1).
 """
 
 from __future__ import annotations
@@ -148,6 +149,7 @@ class GenerationServer:
         self._server: grpc.aio.Server | None = None
         self._watchers: list[asyncio.Task] = []
         self._stopped = False
+        self.was_ready = False
 
     # ------------------------------------------------------------------ lifetime
     async def start(self) -> int:
@@ -193,6 +195,7 @@ class GenerationServer:
 
     async def _watch_warm_up(self) -> None:
         await self.engine.wait_ready()
+        self.was_ready = True
         if not self.state.draining and self.state.dead_reason is None:
             await self.health.set(SERVICE_NAME, SERVING)
             logger.info("warm-up done: ready", extra={"fields": {"event": "ready"}})
@@ -202,10 +205,11 @@ class GenerationServer:
         self.state.dead_reason = reason
         self.state.engine_dead.set()  # every open Generate ends with INTERNAL
         await self.health.enter_graceful_shutdown()  # liveness too: a supervisor should restart us
-        logger.error("engine loop died: %s", reason, extra={"fields": {"event": "engine_dead", "reason": reason}})
+        logger.error("engine unavailable: %s", reason, extra={"fields": {"event": "engine_dead", "reason": reason}})
 
-    async def drain(self, timeout: float | None = None) -> bool:
-        """Stops taking requests and waits for open ones; True when all finished within the timeout."""
+    async def drain(self, timeout: float | None = None, hurry: asyncio.Event | None = None) -> bool:
+        """Stops taking requests and waits for open ones; True when all finished within the timeout.
+        Setting `hurry` (a second SIGINT / SIGTERM) cuts the wait short."""
         timeout = self.options.drain_timeout if timeout is None else timeout
         self.state.draining = True
         await self.health.enter_graceful_shutdown()
@@ -214,7 +218,7 @@ class GenerationServer:
                     extra={"fields": {"event": "draining", "open_requests": open_at_start}})
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        while self.servicer.open_requests and loop.time() < deadline:
+        while self.servicer.open_requests and loop.time() < deadline and not (hurry and hurry.is_set()):
             await asyncio.sleep(0.05)
         drained = self.servicer.open_requests == 0
         if not drained:
@@ -246,9 +250,13 @@ def _bracketed(host: str) -> str:
 async def serve_until_signal(server: GenerationServer, on_started=None) -> int:
     """Start, wait for SIGTERM or SIGINT (or the engine's death), drain, stop. Returns the exit code."""
     loop = asyncio.get_running_loop()
-    stop_requested = asyncio.Event()
+    stop_requested, hurry = asyncio.Event(), asyncio.Event()
+
+    def on_signal() -> None:  # the first signal drains; a second one stops waiting for open requests
+        (hurry if stop_requested.is_set() else stop_requested).set()
+
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop_requested.set)
+        loop.add_signal_handler(signum, on_signal)
     try:
         await server.start()
         if on_started is not None:
@@ -257,11 +265,14 @@ async def serve_until_signal(server: GenerationServer, on_started=None) -> int:
         signalled = asyncio.create_task(stop_requested.wait())
         await asyncio.wait({dead, signalled}, return_when=asyncio.FIRST_COMPLETED)
         dead.cancel()
-        if server.state.dead_reason is not None and not stop_requested.is_set():
-            await asyncio.wait({signalled}, timeout=server.options.drain_timeout)
-            return 1
-        signalled.cancel()
-        await server.drain()
+        try:
+            if server.state.dead_reason is not None and not stop_requested.is_set():
+                if server.was_ready:  # died while serving: let probes see NOT_SERVING before exiting
+                    await asyncio.wait({signalled}, timeout=server.options.drain_timeout)
+                return 1
+        finally:
+            signalled.cancel()
+        await server.drain(hurry=hurry)
         return 0
     finally:
         for signum in (signal.SIGTERM, signal.SIGINT):

@@ -1,12 +1,13 @@
 """`loong-jax serve`: start the gRPC server on a model (the shipped demo model by default).
 
 Data flow:
-  1. `add_serve_parser(subparsers)` declares the flags (registered by `loong_jax.cli`);
-     `serve_main(argv)` runs the command on its own.
+  1. `serve_main(argv)` (what `loong-jax serve` delegates to) parses the engine flags shared with
+     `loong-jax generate` plus the server's own.
   2. `options_from_args` checks the flags that need no engine (API keys, TLS files, limits) first,
-     so a typo fails in a second, before the model loads and compiles.
-  3. The engine (`AsyncLLM`) is built, wrapped in an `EnginePort`, and `serve_until_signal` runs the
-     server: start, warm-up, serve, drain on SIGTERM / SIGINT, exit 0.
+     so a typo fails in a second, before the model loads and compiles (exit code 2).
+  3. The server binds and starts answering health checks (NOT_SERVING) while an `EnginePort` builds
+     the `AsyncLLM` (weights, KV pools, warm-up compilation) in a worker thread; then it is ready.
+     `serve_until_signal` serves until SIGTERM / SIGINT, drains, and exits 0.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import asyncio
 import logging
 import sys
 
+from loong_jax.cli import add_engine_arguments, engine_kwargs_from_args
 from loong_jax.server.app import DEFAULT_MAX_MESSAGE_BYTES, GenerationServer, ServerOptions, serve_until_signal
 from loong_jax.server.auth import load_api_keys
 from loong_jax.server.logging_setup import LOG_FORMATS, configure_logging
@@ -25,20 +27,11 @@ logger = logging.getLogger("loong_jax.server.cli")
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    model = parser.add_argument_group("model and engine")
-    model.add_argument("--model", default=None, help="checkpoint folder (Hugging Face files); default: demo model")
-    model.add_argument("--tp", type=int, default=1, help="devices per instance (tensor parallel)")
-    model.add_argument("--instances", type=int, default=None, help="instances (default: all devices / tp)")
-    model.add_argument("--policy", default="esp", help="scheduling policy (esp, fixed, static-sp, replicas, ...)")
-    model.add_argument("--prefill-degree", type=int, default=None, help="prefill DoP for policy fixed")
-    model.add_argument("--decode-degree", type=int, default=None, help="decode DoP for policy fixed")
-    model.add_argument("--page-size", type=int, default=16, help="tokens per KV page")
-    model.add_argument("--kv-pages", type=int, default=None, help="KV pages per instance (default: from memory)")
-    model.add_argument("--compilation-cache-dir", default=None,
-                       help="JAX persistent compilation cache (default: the engine's)")
+    add_engine_arguments(parser)  # the same engine flags as `loong-jax generate`
     net = parser.add_argument_group("network")
-    net.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
-    net.add_argument("--port", type=int, default=50051, help="port (0 = any free port)")
+    net.add_argument("--host", default="127.0.0.1",
+                     help="address to bind (default %(default)s: loopback only; 0.0.0.0 exposes the server)")
+    net.add_argument("--port", type=int, default=50051, help="port (default %(default)s; 0 = any free port)")
     net.add_argument("--max-message-bytes", type=int, default=DEFAULT_MAX_MESSAGE_BYTES,
                      help="largest request or response message")
     limits = parser.add_argument_group("limits")
@@ -66,14 +59,6 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     return parser
 
 
-def add_serve_parser(subparsers) -> argparse.ArgumentParser:
-    parser = subparsers.add_parser("serve", help="run the gRPC server",
-                                   description=__doc__.splitlines()[0])
-    add_serve_arguments(parser)
-    parser.set_defaults(handler=run_serve)
-    return parser
-
-
 def options_from_args(args: argparse.Namespace) -> ServerOptions:
     """Every flag that needs no engine, checked; ValueError names the flag."""
     return ServerOptions(
@@ -85,39 +70,29 @@ def options_from_args(args: argparse.Namespace) -> ServerOptions:
         metrics_port=args.metrics_port, metrics_host=args.metrics_host)
 
 
-def engine_kwargs_from_args(args: argparse.Namespace) -> dict:
-    kwargs = dict(model=args.model, tp=args.tp, instances=args.instances, policy=args.policy,
-                  prefill_degree=args.prefill_degree, decode_degree=args.decode_degree,
-                  page_size=args.page_size, kv_pages=args.kv_pages)
-    if args.compilation_cache_dir is not None:
-        kwargs["compilation_cache_dir"] = args.compilation_cache_dir
-    return kwargs
-
-
 def _announce(server: GenerationServer) -> None:
     # One plain line on stdout: scripts (and the drain test) read the bound port from it.
     print(f"loong-jax serving on {server.options.host}:{server.port}", flush=True)
 
 
-async def _serve(args: argparse.Namespace, options: ServerOptions) -> int:
-    from loong_jax.server.engine_port import EnginePort  # imports JAX: only once the flags are good
-
-    engine = EnginePort.create(**engine_kwargs_from_args(args))
+async def _serve(engine, options: ServerOptions) -> int:
     try:
-        server = GenerationServer(engine, options)
-        return await serve_until_signal(server, on_started=_announce)
+        return await serve_until_signal(GenerationServer(engine, options), on_started=_announce)
     finally:
         await engine.close()
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    configure_logging(args.log_format, args.log_level.upper())
     try:
+        configure_logging(args.log_format, args.log_level.upper())
         options = options_from_args(args)
-    except ValueError as err:
+        from loong_jax.server.engine_port import EnginePort  # imports JAX: only once the flags are good
+
+        engine = EnginePort.create(**engine_kwargs_from_args(args))
+    except (ValueError, FileNotFoundError) as err:
         print(f"loong-jax serve: error: {err}", file=sys.stderr)
         return 2
-    return asyncio.run(_serve(args, options))
+    return asyncio.run(_serve(engine, options))
 
 
 def serve_main(argv: list[str] | None = None) -> int:

@@ -266,3 +266,62 @@ class AsyncLoongClient(_ClientBase):
 
     async def __aexit__(self, *exc) -> None:
         await self.close()
+
+
+# ====================================================================== command line
+def client_main(argv: Sequence[str] | None = None, stdout=None) -> int:
+    """`loong-jax client "prompt"`: stream one completion from a running server to stdout."""
+    import argparse
+    import sys
+    import time
+
+    parser = argparse.ArgumentParser(prog="loong-jax client", description="Send one request to a loong-jax server "
+                                     "and stream the answer to stdout.")
+    parser.add_argument("prompt", help="the prompt text")
+    parser.add_argument("--target", default=DEFAULT_TARGET, help="host:port of the server (default %(default)s)")
+    parser.add_argument("--chat", action="store_true", help="send the prompt as one user message")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--api-key", default=None)
+    parser.add_argument("--tls-ca", default=None, help="CA of the server's certificate (turns TLS on)")
+    parser.add_argument("--tls-cert", default=None, help="client certificate (mutual TLS)")
+    parser.add_argument("--tls-key", default=None, help="client key (mutual TLS)")
+    parser.add_argument("--wait-ready", type=float, default=0.0,
+                        help="seconds to wait for the server to become ready (it may still be warming up)")
+    args = parser.parse_args(argv)
+    stdout = stdout or sys.stdout
+    with LoongClient(args.target, api_key=args.api_key, root_ca=args.tls_ca, client_cert=args.tls_cert,
+                     client_key=args.tls_key) as client:
+        deadline = time.monotonic() + args.wait_ready
+        while True:
+            try:
+                if client.health(SERVICE_NAME, timeout=5) == "SERVING":
+                    break
+            except grpc.RpcError as error:
+                if error.code() != grpc.StatusCode.UNAVAILABLE:  # not "still starting": report it
+                    print(f"loong-jax client: {error.code().name}: {error.details()}", file=sys.stderr)
+                    return 1
+            if time.monotonic() >= deadline:
+                print(f"loong-jax client: {args.target} is not ready", file=sys.stderr)
+                return 1
+            time.sleep(0.5)
+        prompt = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt
+        sampling = {"max_tokens": args.max_tokens, "temperature": args.temperature, "seed": args.seed}
+        try:
+            stream = client.generate(prompt, **sampling)
+            for delta in stream:
+                stdout.write(delta.text)
+                stdout.flush()
+        except grpc.RpcError as error:
+            print(f"\nloong-jax client: {error.code().name}: {error.details()}", file=sys.stderr)
+            return 1
+        stdout.write("\n")
+        completion = stream.completion
+        print(f"[{completion.finish_reason}; {completion.prompt_tokens} prompt + "
+              f"{completion.usage.completion_tokens} completion tokens]", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(client_main())

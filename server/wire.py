@@ -6,7 +6,7 @@ Data flow:
      (str -> text, ints -> token_ids, dicts -> chat messages).
   2. Server side: `sampling_from_proto(pb)` builds a validated `SamplingParams` (a bad value raises
      `ValueError` naming the field); `chat_messages_from_proto` gives the template's input.
-  3. Server side: `delta_to_proto` / `finished_to_proto` turn an engine `RequestOutput` delta into
+  3. Server side: `delta_to_proto` / `finished_to_proto` turn the engine's `RequestOutput` deltas into
      the streamed `GenerateDelta`s and the closing `GenerateFinished`; client side `delta_from_proto`
      turns them back into `Delta` values with `loong_jax.outputs.TokenLogprobs`.
 """
@@ -113,6 +113,20 @@ def timings_to_proto(metrics) -> pb.Timings:
     return pb.Timings(queue_s=metrics.queue_time or 0.0,
                       time_to_first_token_s=metrics.time_to_first_token or 0.0,
                       decode_s=metrics.decode_time or 0.0, e2e_s=metrics.latency or 0.0)
+
+
+def finished_to_proto(prompt_tokens: int, n: int, finish_outputs: Mapping[int, CompletionOutput],
+                      completion_tokens: Mapping[int, int], metrics) -> pb.GenerateFinished:
+    """The closing message: each sample's finish (samples end at different steps, so each one's finish
+    reason is taken from its own last delta), usage summed over samples, the engine's timings."""
+    samples = [sample_finish_to_proto(finish_outputs.get(index, CompletionOutput(index=index)),
+                                      completion_tokens.get(index, 0)) for index in range(n)]
+    n_completion = sum(completion_tokens.values())
+    return pb.GenerateFinished(
+        finish_reason=samples[0].finish_reason, samples=samples,
+        usage=pb.Usage(prompt_tokens=prompt_tokens, completion_tokens=n_completion,
+                       total_tokens=prompt_tokens + n_completion),
+        timings=timings_to_proto(metrics))
 
 
 # ---------------------------------------------------------------- outputs, client side

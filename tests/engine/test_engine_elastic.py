@@ -1,7 +1,9 @@
 """Pages made scarce: the `esp` policy preempts (recompute), scales decode up onto new masters and migrates
 KV between instances during one run, and the greedy tokens are still exactly the reference's. The run is
 deterministic (units complete in dispatch order, logical clock), so each move happens on every run.
-Also: requests that can never fit this small cluster are refused before anything is queued."""
+Also on this small cluster: the `chunked-prefill` policy (prompt chunks attending to their earlier chunks'
+KV in the pools, riding in decode steps) matches the reference too, and requests that can never fit are
+refused before anything is queued."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ import pytest
 
 from loong_jax.outputs import RequestOutput
 from loong_jax.sampling_params import SamplingParams
-from tests.engine.conftest import PAGE_SIZE, TEST_BUCKETS, mixed_prompts
+from tests.engine.conftest import PAGE_SIZE, TEST_BUCKETS, mixed_prompts, record_plans
 
 SCARCE_PAGES = 16  # 64 token slots per instance, 128 in the cluster, for ~10 requests of up to ~54 tokens
 
@@ -55,6 +57,23 @@ def test_preemption_scale_up_and_migration_keep_tokens_exact(scarce_llm, referen
     totals = {key: sum(run[key] for run in runs) for key in ("preemptions", "scale_ups", "migrations",
                                                               "units_migrate")}
     assert all(count > 0 for count in totals.values()), totals
+
+
+def test_chunked_prefill_matches_reference(scarce_llm, reference):
+    scarce_llm.set_policy("chunked-prefill", policy_options={"chunk_size": 16}, warmup=False)
+    plans = record_plans(scarce_llm)
+    prompts = mixed_prompts(scarce_llm.config.vocab_size, count=8, seed=2, low=5, high=30)
+    # Every fourth request ends with the token its last chunk samples, inside a decode step.
+    max_tokens = [1 if index % 4 == 3 else 8 for index in range(len(prompts))]
+    outputs = scarce_llm.generate(prompts, [SamplingParams(temperature=0.0, max_tokens=n) for n in max_tokens],
+                                  use_tqdm=False)
+    for prompt, n, output in zip(prompts, max_tokens, outputs):
+        tokens, reason = reference(prompt, n)
+        assert output.outputs[0].token_ids == tokens
+        assert output.outputs[0].finish_reason == ("stop" if reason == "stop" else "length")
+    fused = [d.fused_prefill for plan in plans for d in plan.decodes if d.fused_prefill is not None and d.request_ids]
+    assert fused and any(start > 0 for batch in fused for start, _ in batch.chunks)
+    scarce_llm.engine.check_all_free()
 
 
 def test_requests_that_never_fit_are_refused_before_queueing(scarce_llm):

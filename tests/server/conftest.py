@@ -1,8 +1,7 @@
 """Fixtures of the server tests: one engine for the whole session, servers over it per module.
 
-The server is thin, so several servers (plain, TLS, API keys, small queue) can share one `AsyncLLM`;
-that keeps the compile and load cost to one engine. The model is the shipped demo model when it is
-there, otherwise a tiny checkpoint built on the spot (`tiny_model.py`).
+The server is thin, so several servers (plain, TLS, API keys, small queue) can share one `AsyncLLM`
+on the shipped demo model; that keeps the compile and load cost to one engine.
 """
 
 from __future__ import annotations
@@ -11,17 +10,14 @@ import pytest
 
 from loong_jax.models.demo import DEMO_MODEL_DIR
 from tests.server.harness import LoopThread, start_server
-from tests.server.tiny_model import build_tiny_model
 
-ENGINE_INSTANCES = 1
+ENGINE_INSTANCES = 2
 ENGINE_KV_PAGES = 256
 
 
 @pytest.fixture(scope="session")
-def model_dir(tmp_path_factory):
-    if (DEMO_MODEL_DIR / "config.json").exists() and (DEMO_MODEL_DIR / "model.safetensors").exists():
-        return DEMO_MODEL_DIR
-    return build_tiny_model(tmp_path_factory.mktemp("tiny_model"))
+def model_dir():
+    return DEMO_MODEL_DIR
 
 
 @pytest.fixture(scope="session")

@@ -15,6 +15,7 @@ from loong_jax.sampling_params import SamplingParams
 from loong_jax.server.client import LoongClient
 from loong_jax.server.generated import generation_pb2 as pb
 from loong_jax.server.logging_setup import configure_logging
+from tests.server.conftest import ENGINE_INSTANCES, ENGINE_KV_PAGES
 from tests.server.harness import collect, wait_pages_free
 
 PROMPTS = ["Return the number of", "This module provides functions", "A server answers requests"]
@@ -108,7 +109,7 @@ def test_tokenize_detokenize_and_info(client, engine_port):
     assert list(info.special_tokens.eos_token_ids) == list(tokenizer.eos_token_ids)
     assert info.max_prompt_tokens == engine_port.context_length - 1 and info.num_layers > 0
     server_info = client.server_info()
-    assert server_info.num_instances == len(server_info.instances) == 2
+    assert server_info.num_instances == len(server_info.instances) == ENGINE_INSTANCES
     assert all(i.kv_pages_total == i.kv_pages_free + i.kv_pages_used > 0 for i in server_info.instances)
     assert server_info.policy == "esp" and server_info.ready and server_info.programs_ready > 0
 
@@ -182,7 +183,8 @@ def test_metrics_endpoint_counts_this_servers_requests(client, server):
     assert after["loong_jax_time_to_first_token_seconds_count"] == before.get(
         "loong_jax_time_to_first_token_seconds_count", 0) + 1
     assert after["loong_jax_prefill_dop_count"] >= 1 and after["loong_jax_decode_dop_count"] >= 1
-    assert 'loong_jax_kv_pages_total{instance="1"}' in after
+    for instance in range(ENGINE_INSTANCES):
+        assert after[f'loong_jax_kv_pages_total{{instance="{instance}"}}'] == ENGINE_KV_PAGES
     for name in ("loong_jax_compiles_total", "loong_jax_compile_seconds_total", "loong_jax_preemptions_total",
                  "loong_jax_migrations_total", "loong_jax_scale_ups_total", "loong_jax_scale_downs_total",
                  "loong_jax_requests_running", "loong_jax_requests_waiting",
