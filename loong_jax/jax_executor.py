@@ -50,7 +50,7 @@ from loong_jax.sharding.prefill_program import PrefillBatch as PrefillInputs
 from loong_jax.sharding.prefill_program import prefill_forward
 from loong_jax.sharding.ring_prefill import ROWS_SPEC
 from loong_jax.sharding.topology import Topology, group_params, place_params
-from loong_jax.unit_inputs import PLAIN_GREEDY, Buckets, ProgramCall, RequestSource, UnitInputs
+from loong_jax.unit_inputs import PLAIN_GREEDY, Buckets, GreedyBatch, ProgramCall, RequestSource, UnitInputs
 
 RequestId = Hashable
 __all__ = ["Buckets", "JaxExecutor", "UnitResult", "PLAIN_GREEDY"]
@@ -81,16 +81,19 @@ class _Running:
     fetch: concurrent.futures.Future | None = None
 
 
-def sample_tokens(logits: jax.Array, batch: SamplingBatch, signature: tuple) -> jax.Array:
+def sample_tokens(logits: jax.Array, batch: SamplingBatch | GreedyBatch, signature: tuple) -> jax.Array:
     """The sampler of a program: int32 [rows, 1 (+ logprobs columns)] (see `sampler.sample_logits`)."""
     if signature[4]:  # plain greedy rows: exactly sample_logits' greedy path (argmax after min_tokens)
         return jnp.argmax(apply_min_tokens(logits.astype(jnp.float32), batch), axis=-1).astype(jnp.int32)[:, None]
     return sample_logits(logits, batch, signature[3])
 
 
-def abstract_sampling(rows: int, signature: tuple, sharding) -> SamplingBatch:
+def abstract_sampling(rows: int, signature: tuple, sharding) -> SamplingBatch | GreedyBatch:
     stops, prompt_width, output_width = signature[:3]
     s = functools.partial(jax.ShapeDtypeStruct, sharding=sharding)
+    if signature[4]:
+        return GreedyBatch(step=s((rows,), np.int32), min_tokens=s((rows,), np.int32),
+                           stop_token_ids=s((rows, stops), np.int32))
     return SamplingBatch(
         temperature=s((rows,), np.float32), top_p=s((rows,), np.float32), top_k=s((rows,), np.int32),
         min_p=s((rows,), np.float32), repetition_penalty=s((rows,), np.float32),

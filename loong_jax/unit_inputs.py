@@ -24,6 +24,7 @@ import dataclasses
 from collections import Counter
 from typing import Hashable, Protocol, Sequence
 
+import jax
 import numpy as np
 
 from loong_jax.engine_state import EngineState
@@ -78,13 +79,42 @@ class ProgramCall:
     next_key: ProgramKey | None = None  # a program these requests will need soon (compiled in the background)
 
 
-def sampling_signature(rows: Sequence[SamplingRow], batch: SamplingBatch) -> tuple:
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class GreedyBatch:
+    """What plain greedy rows need of a `SamplingBatch` (`sampler.apply_min_tokens`'s fields), so that a
+    greedy program carries 3 small arrays instead of 14."""
+
+    step: np.ndarray  # [batch] int32, tokens generated so far
+    min_tokens: np.ndarray  # [batch] int32
+    stop_token_ids: np.ndarray  # [batch, stops] int32, padded with vocab_size
+
+
+def is_plain_greedy(rows: Sequence[SamplingRow]) -> bool:
+    return all(row.params.temperature == 0.0 and not row.params.uses_penalties and row.params.logprobs is None
+               for row in rows)
+
+
+def sampling_signature(rows: Sequence[SamplingRow], batch: SamplingBatch | GreedyBatch) -> tuple:
     """The static part of a sampling batch: history widths, logprobs columns, and whether every row is
     plain greedy (then the program's sampler is an argmax and skips compiling the random path)."""
-    greedy = all(row.params.temperature == 0.0 and not row.params.uses_penalties and row.params.logprobs is None
-                 for row in rows)
+    if isinstance(batch, GreedyBatch):
+        return (batch.stop_token_ids.shape[1], 1, 1, None, True)
     return (batch.stop_token_ids.shape[1], batch.prompt_token_ids.shape[1], batch.output_token_ids.shape[1],
-            num_logprobs_columns(rows), greedy)
+            num_logprobs_columns(rows), False)
+
+
+def greedy_batch(rows: Sequence[SamplingRow], vocab_size: int, eos_token_ids: Sequence[int]) -> GreedyBatch:
+    """The min_tokens inputs of plain greedy rows (EOS and stop ids are masked while step < min_tokens)."""
+    steps = np.fromiter((len(row.output_token_ids) for row in rows), np.int32, len(rows))
+    minimums = np.fromiter((row.params.min_tokens for row in rows), np.int32, len(rows))
+    blocked = [row.params.all_stop_token_ids(tuple(eos_token_ids)) if row.params.min_tokens > step else ()
+               for row, step in zip(rows, steps)]
+    width = 1 << (max(max(map(len, blocked)), 1) - 1).bit_length()
+    stops = np.full((len(rows), width), vocab_size, np.int32)
+    for index, ids in enumerate(blocked):
+        stops[index, :len(ids)] = ids
+    return GreedyBatch(step=steps, min_tokens=minimums, stop_token_ids=stops)
 
 
 def _flat_slots(pages: Sequence[int], first: int, count: int, page_size: int) -> np.ndarray:
@@ -109,8 +139,12 @@ class UnitInputs:
     def _slots(self, request_id: RequestId, instance: int, first: int, count: int) -> np.ndarray:
         return _flat_slots(self.state.allocator.page_table(request_id, instance), first, count, self.page_size)
 
-    def _sampling(self, rows: list[SamplingRow], batch_rows: int) -> tuple[SamplingBatch, tuple]:
-        batch = pack_sampling_batch(rows, self.vocab_size, self.eos_token_ids, batch_bucket=batch_rows)
+    def _sampling(self, rows: list[SamplingRow], batch_rows: int) -> tuple[SamplingBatch | GreedyBatch, tuple]:
+        rows = list(rows) + [PADDING_ROW] * (batch_rows - len(rows))
+        if is_plain_greedy(rows):
+            batch = greedy_batch(rows, self.vocab_size, self.eos_token_ids)
+        else:
+            batch = pack_sampling_batch(rows, self.vocab_size, self.eos_token_ids, batch_bucket=batch_rows)
         return batch, sampling_signature(rows, batch)
 
     def prefill(self, batch: PrefillBatch) -> ProgramCall:
