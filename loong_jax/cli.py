@@ -4,6 +4,7 @@ Subcommands:
   generate    complete a prompt (argument or stdin) and stream the text to stdout (this module);
   serve       the gRPC server (`loong_jax.server.cli.serve_main`);
   client      one request to a running server, streamed to stdout (`loong_jax.server.client.client_main`);
+  demo        serve on loopback, answer one request, drain (`loong_jax.server.demo.demo_main`);
   simulate    policies on a simulated cluster (`loong_jax.simulator.cli.simulate_main`);
   train-demo  retrain the shipped demo model (`loong_jax.models.train_demo.main`).
 
@@ -24,6 +25,7 @@ from typing import Sequence
 DELEGATED = {
     "serve": ("loong_jax.server.cli", "serve_main", "run the gRPC server"),
     "client": ("loong_jax.server.client", "client_main", "stream one answer from a running server"),
+    "demo": ("loong_jax.server.demo", "demo_main", "serve the demo model, answer one request, shut down"),
     "simulate": ("loong_jax.simulator.cli", "simulate_main", "compare scheduling policies on a simulated cluster"),
     "train-demo": ("loong_jax.models.train_demo", "main", "train the shipped demo model"),
     "bench": ("loong_jax.bench.cli", "bench_main", "benchmark a running server over gRPC (load generator)"),

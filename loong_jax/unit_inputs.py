@@ -211,7 +211,8 @@ class UnitInputs:
         for request_id, master in zip(batch.request_ids, batch.masters):
             request = self.state.requests[request_id]  # decoding: its newest token is the last generated
             held = allocator.kv_layout(request_id)  # instance -> tokens, this step's append included
-            append_slot = int(self._slots(request_id, master, held[master] - 1, 1)[0])
+            index, master_pages = held[master] - 1, allocator.page_table(request_id, master)
+            append_slot = master_pages[index // self.page_size] * self.page_size + index % self.page_size
             rows.append(DecodeRow(
                 token=int(request.generated[-1]), position=request.context_len - 1, master=member_of[master],
                 append_slot=append_slot,
