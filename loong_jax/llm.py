@@ -116,8 +116,8 @@ class LLM:
         if kv_pages is not None and kv_pages < 1:
             raise ValueError(f"kv_pages must be >= 1, got {kv_pages}")
         enable_persistent_cache(compilation_cache_dir)
-        self.model, self.tokenizer = _load(model, tokenizer, dtype)
-        self.config = self.model.config
+        loaded, self.tokenizer = _load(model, tokenizer, dtype)
+        self.config = loaded.config
         devices = list(jax.devices() if devices is None else devices)
         if tp < 1 or len(devices) < tp:
             raise ValueError(f"tp={tp} needs at least {tp} devices, {len(devices)} available")
@@ -128,9 +128,11 @@ class LLM:
         pages = kv_pages or default_kv_pages(self.config, self.topology, page_size, kv_memory_fraction)
         self.deterministic = deterministic
         self._clock = LogicalClock() if deterministic else time.monotonic
-        self.executor = JaxExecutor(self.model, self.topology, pages, page_size,
+        # The executor places one copy of the weights per instance; the loaded copy is not kept.
+        self.executor = JaxExecutor(loaded, self.topology, pages, page_size,
                                     eos_token_ids=self.tokenizer.eos_token_ids, buckets=buckets,
                                     clock=self._clock, in_dispatch_order=deterministic)
+        del loaded
         if isinstance(cost_model, (str, Path)):
             cost_model = CostModel.load_json(cost_model, tp=tp)
         self.cost_model = cost_model or engine_cost_model(self.config, tp, instances, pages, page_size)

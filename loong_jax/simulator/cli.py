@@ -122,6 +122,8 @@ def run_policies(args, workload: Workload, cost_model: CostModel, progress) -> d
         results[spec.label] = PolicyResult(spec.label, max_rate, list(points.values()), burst)
 
     finite = [r.max_rate for r in results.values() if r.max_rate is not None and math.isfinite(r.max_rate)]
+    if not finite:  # every policy unbounded (or none passes): centre the curves on the saturation throughputs
+        finite = [r.saturation_throughput for r in results.values() if r.saturation_throughput]
     if not args.request_rates and args.plot_rates > 0 and finite:
         # Complete runs on one common grid around the knees, so that every policy has a full latency curve.
         grid = np.geomspace(0.5 * min(finite), 1.25 * max(finite), args.plot_rates)

@@ -151,6 +151,7 @@ def plot_experiment(result: ExperimentResult, path: str | Path, title: str | Non
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(1, len(PANELS), figsize=(13, 3.1), dpi=70)
+    plotted = False
     for label, policy in result.policies.items():
         complete = sorted((p for p in policy.points if p.complete and math.isfinite(p.metrics.request_rate)),
                           key=lambda p: p.metrics.request_rate)
@@ -158,13 +159,15 @@ def plot_experiment(result: ExperimentResult, path: str | Path, title: str | Non
         for axis, (metric, _, _) in zip(axes, PANELS):
             values = [getattr(p.metrics, metric) for p in complete]
             axis.plot(rates, values, marker="o", markersize=3, label=label, linewidth=2.0 if label == ESP else 1.0)
+            plotted = plotted or bool(rates)
     target = result.config.get("attainment_target")
     for axis, (_, name, log_scale) in zip(axes, PANELS):
         axis.set_xlabel("request rate (req/s)")
         axis.set_title(name, fontsize=9)
-        axis.set_xscale("log")
-        if log_scale:
-            axis.set_yscale("log")
+        if plotted:  # log axes need data; an empty figure still says what it would have shown
+            axis.set_xscale("log")
+            if log_scale:
+                axis.set_yscale("log")
         axis.tick_params(labelsize=7)
     if target is not None:
         axes[-1].axhline(target, color="grey", linestyle="--", linewidth=0.8)

@@ -91,3 +91,11 @@ def test_report_table_and_summary_handle_unbounded_and_missing_rates():
     summary = unbounded.summary()
     assert summary["esp_over_best_baseline"] is None and not summary["esp_beats_every_baseline"]
     assert "unbounded" in format_table(unbounded) and "undefined" in format_table(unbounded)
+
+
+def test_plot_without_any_complete_run_still_writes_a_png(tmp_path):
+    from loong_jax.simulator.report import ExperimentResult, PolicyResult, plot_experiment
+
+    path = tmp_path / "empty.png"
+    plot_experiment(ExperimentResult({"workload": "w"}, {}, {"esp": PolicyResult("esp", None)}), path)
+    assert path.read_bytes()[:4] == b"\x89PNG"
