@@ -6,7 +6,7 @@ Data flow:
   2. Read the JSON files back and write `results/simulation_h200.md`: max throughput under the SLO per policy,
      ESP / each baseline, ESP / best baseline, and the saturation throughput (all requests at t = 0).
 
-Run: python benchmarks/simulate_h200.py [--workloads sharegpt,leval,...] [--num-requests 300]
+Run: python benchmarks/simulate_h200.py [--workloads sharegpt,leval,...] [--num-requests 300] [--replot]
 (ShareGPT uses --sharegpt-requests: with a few hundred chat requests the 25x SLO, about 42 s, is longer than
 draining all of them, so its max rate is unbounded and only the saturation throughput tells policies apart.)
 """
@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from loong_jax.simulator.cli import simulate_main
+from loong_jax.simulator.report import load_experiment, plot_experiment
 
 RESULTS = Path(__file__).resolve().parent / "results"
 POLICIES = "esp,static-sp,replicas,chunked-prefill,pd-disagg"
@@ -73,10 +74,18 @@ def main() -> None:
     parser.add_argument("--sharegpt-requests", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--replot", action="store_true", help="only redraw plots and the table from the JSON files")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     documents = {}
     for workload in args.workloads.split(","):
+        if args.replot:
+            json_path = args.out / f"sim_{workload}.json"
+            result = load_experiment(json_path)
+            plot_experiment(result, args.out / f"sim_{workload}.png",
+                            title=f"{result.config['workload']}, 8 instances x tp 1")
+            documents[workload] = json.loads(json_path.read_text())
+            continue
         started = time.perf_counter()
         count = args.sharegpt_requests if workload == "sharegpt" else args.num_requests
         json_path, png_path = args.out / f"sim_{workload}.json", args.out / f"sim_{workload}.png"

@@ -115,7 +115,8 @@ class LLM:
             raise ValueError(f"page_size must be >= 1, got {page_size}")
         if kv_pages is not None and kv_pages < 1:
             raise ValueError(f"kv_pages must be >= 1, got {kv_pages}")
-        enable_persistent_cache(compilation_cache_dir)
+        # The directory in force: the first one configured in this process wins (JAX's cache is global).
+        self.compilation_cache_dir = enable_persistent_cache(compilation_cache_dir)
         loaded, self.tokenizer = _load(model, tokenizer, dtype)
         self.config = loaded.config
         devices = list(jax.devices() if devices is None else devices)

@@ -32,6 +32,9 @@ from loong_jax.simulator.run import PolicySpec, RatePoint, initial_rate_guess, s
 from loong_jax.simulator.workloads import WORKLOADS, Workload, load_trace, make_workload
 
 
+DEFAULT_POLICIES = "esp,chunked-prefill,pd-disagg,static-sp,replicas"  # ESP and the four baselines
+
+
 def _rates(text: str) -> list[float]:
     rates = [float(x) for x in text.replace(",", " ").split()]
     if not rates or any(r <= 0 for r in rates):
@@ -51,8 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--instances", type=int, default=8, help="model instances in the cluster")
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel devices per instance")
     parser.add_argument("--cost-model", type=Path, default=DEFAULT_COST_MODEL_PATH, help="cost-model JSON")
-    parser.add_argument("--policies", default=",".join(policy_names()),
-                        help="comma list; options as name:key=value, e.g. static-sp:degree=4")
+    parser.add_argument("--policies", default=DEFAULT_POLICIES,
+                        help=f"comma list of {', '.join(policy_names())}; options as name:key=value, "
+                             "e.g. static-sp:degree=4")
     parser.add_argument("--request-rates", type=_rates, default=None,
                         help="rates to run (req/s, comma or space separated); default: automatic search")
     parser.add_argument("--num-requests", type=int, default=300, help="requests per run")

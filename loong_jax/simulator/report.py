@@ -6,6 +6,7 @@ Data flow:
   2. `format_table(results)` renders that as text; `plot_experiment(results, path)` draws one panel per metric
      (normalised latency, input latency, output latency, SLO attainment) against the request rate, one line per
      policy (complete runs only: runs stopped early once the SLO was out of reach have biased latencies).
+  3. `load_experiment(path)` rebuilds an `ExperimentResult` from the CLI's JSON (to re-plot or re-tabulate).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from loong_jax.simulator.metrics import RateMetrics
 from loong_jax.simulator.run import RatePoint
 
 ESP = "esp"
@@ -149,6 +151,7 @@ def plot_experiment(result: ExperimentResult, path: str | Path, title: str | Non
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     figure, axes = plt.subplots(1, len(PANELS), figsize=(13, 3.1), dpi=70)
     plotted = False
@@ -166,6 +169,10 @@ def plot_experiment(result: ExperimentResult, path: str | Path, title: str | Non
         axis.set_title(name, fontsize=9)
         if plotted:  # log axes need data; an empty figure still says what it would have shown
             axis.set_xscale("log")
+            # Labels at 1, 2, 5 x 10^k as plain numbers: default minor labels of a short log range overlap.
+            axis.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            axis.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+            axis.xaxis.set_minor_formatter(NullFormatter())
             if log_scale:
                 axis.set_yscale("log")
         axis.tick_params(labelsize=7)
@@ -176,3 +183,36 @@ def plot_experiment(result: ExperimentResult, path: str | Path, title: str | Non
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)
+
+
+def _point_from_dict(row: dict) -> RatePoint:
+    def number(value):
+        if value is None:
+            return math.nan
+        return math.inf if value == "burst" else value
+
+    metrics = RateMetrics(**{name: number(row[name]) for name in RateMetrics.__dataclass_fields__})
+    return RatePoint(
+        policy=row["policy"], metrics=metrics, complete=row["complete"], counters=row.get("counters", {}),
+        prefill_dops={int(k): v for k, v in row.get("prefill_dops", {}).items()},
+        decode_dops={int(k): v for k, v in row.get("decode_dops", {}).items()},
+        units=row.get("units", {}), utilization=number(row.get("utilization")),
+        scheduler_ms_median=number(row.get("scheduler_ms_median")),
+        virtual_seconds=row.get("virtual_seconds", 0.0), wall_seconds=row.get("wall_seconds", 0.0),
+    )
+
+
+def load_experiment(path: str | Path) -> ExperimentResult:
+    import json
+
+    document = json.loads(Path(path).read_text())
+    policies = {}
+    for label, entry in document["policies"].items():
+        rate = entry["max_throughput"]
+        policies[label] = PolicyResult(
+            label,
+            math.inf if rate == "inf" else rate,
+            [_point_from_dict(row) for row in entry["points"]],
+            None if entry.get("burst") is None else _point_from_dict(entry["burst"]),
+        )
+    return ExperimentResult(document["config"], document["workload_stats"], policies)

@@ -46,7 +46,7 @@ def jax_compilations():
         jax_logger.setLevel(previous_level)
 
 
-def test_repeated_run_compiles_nothing(shared_llm, compile_cache_dir):
+def test_repeated_run_compiles_nothing(shared_llm):
     shared_llm.set_policy("fixed", 8, 4, warmup=True)  # compiles this policy's common programs
     prompts = mixed_prompts(shared_llm.config.vocab_size, count=16, seed=11)
     params = SamplingParams(temperature=0.0, max_tokens=8)
@@ -60,7 +60,7 @@ def test_repeated_run_compiles_nothing(shared_llm, compile_cache_dir):
     assert stats_after["compiles"] == stats_before["compiles"]
     assert stats_after["hits"] > stats_before["hits"]
     assert [o.outputs[0].token_ids for o in first] == [o.outputs[0].token_ids for o in second]
-    assert any(compile_cache_dir.iterdir())  # the persistent cache holds compiled programs
+    assert any(shared_llm.compilation_cache_dir.iterdir())  # the persistent cache holds compiled programs
     # The scheduler is told which programs are ready.
     ready = shared_llm.executor.ready_programs()
     assert ("prefill", tuple(range(8)), 16) in ready and ("decode", (0, 1, 2, 3), 16) in ready

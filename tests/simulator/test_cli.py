@@ -76,3 +76,15 @@ def test_cli_searches_the_rate_from_a_trace(tmp_path, capsys):
     assert 0 < result["max_throughput"] < 1000
     passing = [p for p in result["points"] if p["slo_attainment"] >= 0.9]
     assert max(p["request_rate"] for p in passing) == pytest.approx(result["max_throughput"])
+
+
+def test_json_loads_back_into_the_same_summary(tmp_path, capsys):
+    from loong_jax.simulator.report import format_table, load_experiment
+
+    out_json = tmp_path / "r.json"
+    simulate_main(["--workload", "leval", "--instances", "2", "--policies", "esp,replicas", "--request-rates", "0.5",
+                   "--num-requests", "6", "--json", str(out_json), "--no-progress"])
+    printed = capsys.readouterr().out
+    loaded = load_experiment(out_json)
+    assert format_table(loaded) in printed
+    assert loaded.policies["esp"].burst.metrics.request_rate == float("inf")
