@@ -7,7 +7,7 @@ request, as the decode program reads them).
 Data flow:
   1. Host: `chunk_layout(chunks, d)` stripes the chunks' tokens over the
      members exactly like a whole-prompt prefill, but with global positions
-     start + j; `place_after_held` puts each new token's KV right after what
+     start + j; `place_densely(..., held_before=...)` puts each new token's KV right after what
      its keeper already holds of that request; `layout_context` gives, per
      member, the pages and the number of PREFIX tokens it holds of each
      request (`ContextTables`: [d, requests, max_pages], [d, requests]).
@@ -70,34 +70,6 @@ def chunk_layout(chunks: Sequence[tuple[int, int]], members: int,
     layout = striped_layout(lengths, members, rows_per_member)
     positions = stream_positions(lengths) + np.repeat(starts, lengths)  # [total]
     return dataclasses.replace(layout, positions=layout.to_rows(positions.astype(np.int32), fill=0))
-
-
-def place_after_held(lengths: Sequence[int], keep_member: np.ndarray,
-                     page_tables: Sequence[Sequence[Sequence[int]]], held_before: np.ndarray,
-                     page_size: int) -> Placement:
-    """Flat slots for the chunk tokens: the i-th new token of request r kept on
-    member m is that member's (held_before[m][r] + i)-th token of r, at
-    page_tables[m][r][k // page_size] * page_size + k % page_size with
-    k = held_before[m][r] + i (the dense order decode and context attention read).
-
-    keep_member: [total] member keeping each chunk token (-1 = nowhere);
-    page_tables[m][r]: all pages member m holds for request r, old and new;
-    held_before: [members, requests] tokens of r member m held before this chunk.
-    """
-    keep_member = np.asarray(keep_member, dtype=np.int32)
-    counts = np.array(held_before, dtype=np.int64).copy()  # [members, requests], grows per token
-    slots = np.zeros(len(keep_member), dtype=np.int32)
-    for token, (member, request) in enumerate(zip(keep_member, stream_segments(lengths))):
-        if member < 0:
-            continue
-        index = counts[member, request]
-        pages = page_tables[member][request]
-        if index // page_size >= len(pages):
-            raise ValueError(f"member {member} has {len(pages)} pages for request {request}, "
-                             f"too few for {index + 1} tokens")
-        slots[token] = pages[index // page_size] * page_size + index % page_size
-        counts[member, request] = index + 1
-    return Placement(member=keep_member, slot=slots)
 
 
 @jax.tree_util.register_dataclass

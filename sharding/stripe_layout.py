@@ -158,16 +158,22 @@ def keep_round_robin(lengths: Sequence[int], keepers: Sequence[Sequence[int]]) -
 
 
 def place_densely(lengths: Sequence[int], keep_member: np.ndarray,
-                  page_tables: Sequence[Sequence[Sequence[int]]], page_size: int) -> Placement:
+                  page_tables: Sequence[Sequence[Sequence[int]]], page_size: int,
+                  held_before: np.ndarray | None = None) -> Placement:
     """Flat slots for the kept tokens: the i-th token of request r kept on
-    member m goes to page_tables[m][r][i // page_size] * page_size + i % page_size.
+    member m goes to member m's dense position k = held_before[m][r] + i, i.e.
+    page_tables[m][r][k // page_size] * page_size + k % page_size.
 
-    page_tables[m][r]: pages of member m's pool reserved for request r, in order.
+    page_tables[m][r]: pages of member m's pool for request r, in order (for a
+    chunk of a longer prompt: old and new pages); held_before: [members,
+    requests] tokens of r that m already held (a chunk continues after them;
+    default none).
     """
     keep_member = np.asarray(keep_member, dtype=np.int32)
     segments = stream_segments(lengths)
     members, requests = len(page_tables), len(lengths)
-    counts = np.zeros((members, requests), dtype=np.int64)  # tokens of request r kept so far on m
+    counts = (np.zeros((members, requests), dtype=np.int64) if held_before is None
+              else np.array(held_before, dtype=np.int64))  # [members, requests]: next dense index
     slots = np.zeros(len(keep_member), dtype=np.int32)
     for token, (member, request) in enumerate(zip(keep_member, segments)):
         if member < 0:

@@ -119,17 +119,22 @@ class _SloWatch:
     def __init__(self, deadlines: dict):
         self.deadlines = deadlines  # request id -> arrival + slo
         self._sorted = sorted(deadlines.values())
-        self._met_sorted: list[float] = []  # deadlines of requests that finished in time
-        self.rejected = 0
+        self._met: list[float] = []  # deadlines of requests that finished in time
+        self._rejected: list[float] = []  # deadlines of rejected requests (missed from the moment of rejection)
 
     def finished(self, request_id, finish_time: float) -> None:
         if finish_time <= self.deadlines[request_id]:
-            bisect.insort(self._met_sorted, self.deadlines[request_id])
+            bisect.insort(self._met, self.deadlines[request_id])
+
+    def rejected(self, request_id) -> None:
+        bisect.insort(self._rejected, self.deadlines[request_id])
 
     def missed_by(self, now: float) -> int:
+        """Rejected requests, plus requests whose deadline has passed without them finishing in time."""
         passed = bisect.bisect_left(self._sorted, now)
-        passed_but_met = bisect.bisect_left(self._met_sorted, now)
-        return passed - passed_but_met + self.rejected
+        passed_but_met = bisect.bisect_left(self._met, now)
+        passed_rejected = bisect.bisect_left(self._rejected, now)
+        return passed - passed_but_met - passed_rejected + len(self._rejected)
 
 
 def simulate(
@@ -181,7 +186,7 @@ def simulate(
                                   spec.output_len if reveal_output_lengths else None, arrival=spec.arrival_time)
             except ValueError:  # larger than the whole cluster's KV: rejected at the edge
                 records[spec.request_id].rejected = True
-                watch.rejected += 1
+                watch.rejected(spec.request_id)
 
     def plan_and_dispatch() -> None:
         started = time.perf_counter()
@@ -190,7 +195,8 @@ def simulate(
         if not plan.is_empty:
             state.on_dispatched(plan, executor.now)
             executor.submit(plan)
-            watch.rejected += len(plan.rejections)
+            for request_id in plan.rejections:
+                watch.rejected(request_id)
 
     while True:
         plans_at_this_time = plans_at_this_time + 1 if executor.now == last_time else 0

@@ -20,11 +20,11 @@ from loong_jax.models.config import ModelConfig
 from loong_jax.models.generate import generate
 from loong_jax.models.llama import init_model
 from loong_jax.sharding.context_prefill import (
-    chunk_layout, jit_context_prefill, layout_context, place_after_held)
+    chunk_layout, jit_context_prefill, layout_context)
 from loong_jax.sharding.decode_program import jit_decode, layout_decode_batch
 from loong_jax.sharding.kv_pool import PoolShape, assemble_group_pool, create_pool, split_group_pool
 from loong_jax.sharding.prefill_program import jit_prefill, make_prefill_batch
-from loong_jax.sharding.stripe_layout import keep_round_robin
+from loong_jax.sharding.stripe_layout import keep_round_robin, place_densely
 from loong_jax.sharding.topology import Topology, buffer_pointers, group_params, place_params
 from tests.sharding.compiles import count_compiles
 from tests.sharding.kv_book import KVBook
@@ -133,7 +133,7 @@ def prepare_batch(batch_chunks, done, prompts, book, members, mesh, slot_of):
     # helper must derive the same slots from the page tables and held counts.
     booked = [book.reserve_slot(r, m) for r, m in zip(np.repeat(requests, lengths), keep_member)]
     tables = [[book.pages.get((r, m), []) for r in requests] for m in range(members)]
-    placement = place_after_held(lengths, keep_member, tables, held_before, PAGE_SIZE)
+    placement = place_densely(lengths, keep_member, tables, PAGE_SIZE, held_before)
     assert placement.slot.tolist() == booked
     positions = np.concatenate([np.arange(start, start + n) for start, n in chunks])
     for request, position, member, slot in zip(np.repeat(requests, lengths), positions, keep_member, booked):
@@ -256,6 +256,6 @@ def test_host_helpers_validate_and_offset_positions():
     with pytest.raises(ValueError, match="outside"):
         layout_context([5], [{2: [3, 1]}], [{2: 5}], members=2, max_pages=3)
     with pytest.raises(ValueError, match="too few"):
-        place_after_held([2], np.array([0, 0]), [[[4]]], np.array([[3]]), page_size=4)
-    placement = place_after_held([3], np.array([0, -1, 0]), [[[4, 9]]], np.array([[3]]), page_size=4)
+        place_densely([2], np.array([0, 0]), [[[4]]], page_size=4, held_before=np.array([[3]]))
+    placement = place_densely([3], np.array([0, -1, 0]), [[[4, 9]]], page_size=4, held_before=np.array([[3]]))
     assert placement.slot[[0, 2]].tolist() == [4 * 4 + 3, 9 * 4 + 0]

@@ -173,3 +173,16 @@ def test_search_finds_the_threshold_rate():
     assert search_max_rate(lambda rate: 1.0, initial_rate=1.0) == math.inf
     assert math.isclose(search_max_rate(lambda rate: 1.0 if rate <= 0.3 else 0.0, 5.0, relative_precision=0.01), 0.3,
                         rel_tol=0.011)
+
+
+def test_slo_watch_counts_each_miss_once():
+    from loong_jax.simulator.run import _SloWatch
+
+    watch = _SloWatch({"a": 1.0, "b": 2.0, "c": 3.0, "d": 4.0})
+    watch.finished("a", 0.5)  # in time
+    watch.finished("b", 2.5)  # late: missed once its deadline passes
+    watch.rejected("c")  # missed at once, and not again when its deadline passes
+    assert watch.missed_by(0.0) == 1
+    assert watch.missed_by(2.1) == 2
+    assert watch.missed_by(3.5) == 2
+    assert watch.missed_by(5.0) == 3  # d never finished
