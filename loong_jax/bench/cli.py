@@ -163,7 +163,16 @@ def build_requests(args: argparse.Namespace, client):
                               zipf_alpha=args.zipf_alpha), max_total
 
 
-async def _run_rate(args, requests, rate: float) -> tuple[list, float]:
+async def _programs_ready(client) -> int | None:
+    """Compiled programs the server holds (None if it does not say): the difference over a run counts the
+    programs compiled while it ran, which show up as latency."""
+    try:
+        return int((await client.server_info(timeout=10)).programs_ready)
+    except Exception:  # noqa: BLE001 - an older or foreign server: the count is optional
+        return None
+
+
+async def _run_rate(args, requests, rate: float) -> tuple[list, float, dict]:
     from loong_jax.server.client import AsyncLoongClient
 
     sampling = {"temperature": args.temperature, "ignore_eos": not args.respect_eos}
@@ -174,9 +183,14 @@ async def _run_rate(args, requests, rate: float) -> tuple[list, float]:
                                   timeout=args.timeout, **sampling)
         send_times = arrival_times(len(requests), rate, args.burstiness, seed=args.seed)
         label = f"rate {'inf' if math.isinf(rate) else f'{rate:g}'}"
-        return await run_load(client, requests, send_times, sampling=sampling,
-                              max_concurrency=args.max_concurrency, progress=not args.no_progress,
-                              timeout=args.timeout, description=label)
+        before = await _programs_ready(client)
+        results, duration = await run_load(client, requests, send_times, sampling=sampling,
+                                           max_concurrency=args.max_concurrency, progress=not args.no_progress,
+                                           timeout=args.timeout, description=label)
+        after = await _programs_ready(client)
+        server = {"server_programs_ready": after,
+                  "server_programs_compiled_during_run": None if None in (before, after) else after - before}
+        return results, duration, server
 
 
 def _json_value(value):
@@ -210,11 +224,11 @@ def bench_main(argv: Sequence[str] | None = None) -> int:
     rates = args.request_rates or [args.request_rate]
     results = []
     for rate in rates:
-        run, duration = asyncio.run(_run_rate(args, requests, rate))
+        run, duration, server = asyncio.run(_run_rate(args, requests, rate))
         metrics = compute_metrics(run, duration, request_rate=rate, goodput_ms=args.goodput_ms,
                                   percentiles=args.percentiles, cost_model=cost_model,
                                   max_dop=args.slo_max_dop, slo_scale=args.slo_scale)
-        metrics = {"request_rate": rate, **config, **metrics}
+        metrics = {"request_rate": rate, **config, **metrics, **server}
         print(format_summary(metrics), flush=True)
         results.append(metrics)
     if args.json is not None:

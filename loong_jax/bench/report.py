@@ -55,6 +55,8 @@ def format_summary(metrics: Mapping) -> str:
     if "loongserve_slo_attainment" in metrics:
         lines.append(_line(f"SLO attainment ({metrics['loongserve_slo_scale']:g}x isolated)",
                            metrics["loongserve_slo_attainment"]))
+    if metrics.get("server_programs_compiled_during_run") is not None:
+        lines.append(_line("programs compiled during the run", metrics["server_programs_compiled_during_run"]))
     if metrics.get("errors"):
         lines.append("errors: " + "; ".join(metrics["errors"]))
     lines.append("=" * 58)

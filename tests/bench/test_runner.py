@@ -116,4 +116,5 @@ def test_bench_end_to_end(server_port, tmp_path):
         assert result["p99_ttft_ms"] >= result["median_ttft_ms"]
         assert result["slo_attainment"] == 1.0 and result["request_goodput"] > 0
         assert result["mean_normalized_latency_s"] > 0
+        assert result["server_programs_ready"] > 0 and result["server_programs_compiled_during_run"] >= 0
     assert plot.stat().st_size > 1000 and plot.read_bytes()[:4] == b"\x89PNG"
