@@ -8,7 +8,8 @@ Data flow:
      (`--xla_force_host_platform_device_count=8`), read the bound port from its first stdout line.
   2. Run `loong-jax bench` in this process against it (`bench_main`: Mixed workload, `--length-scale` for
      inputs and `--output-length-scale` for outputs, the same seeded requests and arrival pattern for every
-     policy and rate), writing `<policy>.json`.
+     policy and rate; one untimed `--warmup-pass` first, so first-time compilations are not measured),
+     writing `<policy>.json`.
   3. Stop the server (SIGTERM: it drains and exits). A policy the server cannot run (it fails to start or
      never becomes ready) is recorded with the server's last error lines instead of figures.
   4. Write `sweep.json` (every policy's results, the machine, the load average before and after) and
@@ -99,6 +100,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--devices", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--goodput", nargs="+", default=["ttft:5000", "tpot:500"])
+    parser.add_argument("--no-warmup-pass", dest="warmup_pass", action="store_false",
+                        help="measure with first-time compilations included (by default the workload is sent "
+                             "once, untimed, first)")
     parser.add_argument("--server-args", default="", help="extra flags for `loong-jax serve`, one string")
     parser.add_argument("--wait-for-server", type=float, default=900.0, help="seconds for start-up and warm-up")
     parser.add_argument("--out-dir", type=Path, default=Path("benchmarks/results/sweep"))
@@ -129,7 +133,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                    "--output-length-scale", str(args.output_length_scale),
                                    "--request-rates", args.request_rates, "--seed", str(args.seed),
                                    "--wait-for-server", str(args.wait_for_server), "--label", policy,
-                                   "--json", str(out), "--goodput", *args.goodput])
+                                   "--json", str(out), "--goodput", *args.goodput,
+                                   *(["--warmup-pass"] if args.warmup_pass else [])])
                 entry["bench_exit_code"] = code
                 if out.exists():
                     document = json.loads(out.read_text())

@@ -5,10 +5,12 @@ Data flow:
      server is ready, read the model's vocabulary and context from `GetModelInfo`.
   2. Build the requests once (`datasets`: a synthetic workload scaled by `--length-scale`, a ShareGPT JSON or
      a JSONL of prompts; text is tokenized by the server's Tokenize call, prompts are sent as token ids).
-  3. For every rate (`--request-rate`, or each of `--request-rates`): draw the send times (`arrivals`,
+  3. With `--warmup-pass`, send the whole workload once, untimed, so the server has compiled every program
+     shape it needs before anything is measured.
+  4. For every rate (`--request-rate`, or each of `--request-rates`): draw the send times (`arrivals`,
      seeded; the same requests at every rate), send one untimed warm-up request, run the load
      (`runner.run_load`, progress bar), reduce the results (`metrics.compute_metrics`) and print them.
-  4. `--json OUT` writes the metrics (one flat dict with vLLM's field names for one rate; for a sweep
+  5. `--json OUT` writes the metrics (one flat dict with vLLM's field names for one rate; for a sweep
      `{"config", "dataset", "results": [...]}`); `--plot OUT.png` draws latency against rate.
 
 Example (server started with `loong-jax serve`):
@@ -89,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument("--max-concurrency", type=int, default=None, help="requests in flight at most")
     load.add_argument("--seed", type=int, default=0)
     load.add_argument("--warmup-requests", type=int, default=1, help="untimed requests before each run")
+    load.add_argument("--warmup-pass", action="store_true",
+                      help="send the whole workload once, untimed and all at once, before the first rate "
+                           "(the server compiles every program shape the workload needs)")
     out = parser.add_argument_group("metrics and output")
     out.add_argument("--goodput", nargs="+", default=None, metavar="NAME:MS",
                      help="SLO bounds for goodput, e.g. ttft:500 tpot:50 (names: ttft, tpot, e2el)")
@@ -193,6 +198,16 @@ async def _run_rate(args, requests, rate: float) -> tuple[list, float, dict]:
         return results, duration, server
 
 
+async def _warm_up_pass(args, requests) -> None:
+    from loong_jax.server.client import AsyncLoongClient
+
+    sampling = {"temperature": args.temperature, "ignore_eos": not args.respect_eos}
+    async with AsyncLoongClient(f"{args.host}:{args.port}", api_key=args.api_key, root_ca=args.tls_ca) as client:
+        await run_load(client, requests, arrival_times(len(requests), math.inf, 1.0, seed=args.seed),
+                       sampling=sampling, max_concurrency=args.max_concurrency, progress=not args.no_progress,
+                       timeout=args.timeout, description="warm-up pass")
+
+
 def _json_value(value):
     if isinstance(value, float) and math.isinf(value):
         return "inf"
@@ -222,6 +237,8 @@ def bench_main(argv: Sequence[str] | None = None) -> int:
               "max_concurrency": args.max_concurrency, "num_prompts": len(requests), "seed": args.seed,
               "ignore_eos": not args.respect_eos}
     rates = args.request_rates or [args.request_rate]
+    if args.warmup_pass:
+        asyncio.run(_warm_up_pass(args, requests))
     results = []
     for rate in rates:
         run, duration, server = asyncio.run(_run_rate(args, requests, rate))

@@ -102,7 +102,7 @@ def test_bench_end_to_end(server_port, tmp_path):
     code = bench_main(["--port", str(server_port), "--workload", "mixed", "--length-scale", "0.002",
                        "--num-prompts", "6", "--request-rates", "inf,20", "--max-concurrency", "4",
                        "--goodput", "ttft:60000", "tpot:60000", "--seed", "3", "--no-progress", "--timeout", "120",
-                       "--json", str(out), "--plot", str(plot), "--label", "tiny"])
+                       "--warmup-pass", "--json", str(out), "--plot", str(plot), "--label", "tiny"])
     assert code == 0
     document = json.loads(out.read_text())
     assert [r["request_rate"] for r in document["results"]] == ["inf", 20.0]
