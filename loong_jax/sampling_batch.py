@@ -29,6 +29,11 @@ from loong_jax.outputs import TokenLogprobs
 from loong_jax.sampling_params import MAX_LOGPROBS, SamplingParams
 
 OUTPUT_FIXED_COLUMNS = 3  # token, sampled logprob (float bits), sampled rank
+# Smallest widths of the padded id lists. Every row with up to 8 stop ids, and every penalised history of up to
+# 256 tokens, shares one compiled sampler; wider lists double. Small minimums would compile a new program each
+# time a generation's history doubled (1, 2, 4, ... tokens).
+STOP_IDS_BUCKET_MIN = 8
+HISTORY_BUCKET_MIN = 256
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,7 +90,7 @@ def _padded_lists(lists: list[Sequence[int]], pad: int, minimum: int) -> np.ndar
 
 def pack_sampling_batch(rows: Sequence[SamplingRow], vocab_size: int,
                         eos_token_ids: Sequence[int] = (), batch_bucket: int | None = None,
-                        min_history_bucket: int = 1) -> SamplingBatch:
+                        min_history_bucket: int = HISTORY_BUCKET_MIN) -> SamplingBatch:
     """Arrays for `sampler.sample`; `batch_bucket` defaults to the next power of two."""
     if not rows:
         raise ValueError("pack_sampling_batch needs at least one row")
@@ -102,10 +107,15 @@ def pack_sampling_batch(rows: Sequence[SamplingRow], vocab_size: int,
     seed_words = np.array([[s & 0xFFFFFFFF, s >> 32] for s in seeds], dtype=np.uint32)
     stop_lists = [p.all_stop_token_ids(tuple(eos_token_ids)) if p.min_tokens > len(row.output_token_ids)
                   else () for p, row in zip(params, rows)] + [()] * padding
-    # Histories only where a penalty reads them (the prompt only for repetition_penalty).
-    prompts = [row.prompt_token_ids if row.params.repetition_penalty != 1.0 else ()
-               for row in rows] + [()] * padding
-    outputs = [row.output_token_ids if row.params.uses_penalties else () for row in rows] + [()] * padding
+    # Histories only where a penalty reads them (the prompt only for repetition_penalty); a [batch, 1]
+    # placeholder when no row reads one.
+    reads_prompt = [row.params.repetition_penalty != 1.0 for row in rows]
+    reads_output = [row.params.uses_penalties for row in rows]
+
+    def histories(lists, reads):
+        padded = [ids if read else () for ids, read in zip(lists, reads)] + [()] * padding
+        return _padded_lists(padded, vocab_size, minimum=min_history_bucket if any(reads) else 1)
+
     return SamplingBatch(
         temperature=column((p.temperature for p in params), np.float32, 0.0),
         top_p=column((p.top_p for p in params), np.float32, 1.0),
@@ -118,9 +128,9 @@ def pack_sampling_batch(rows: Sequence[SamplingRow], vocab_size: int,
         sample_index=column((row.sample_index for row in rows), np.int32, 0),
         step=column((len(row.output_token_ids) for row in rows), np.int32, 0),
         min_tokens=column((p.min_tokens for p in params), np.int32, 0),
-        stop_token_ids=_padded_lists(stop_lists, vocab_size, minimum=1),
-        prompt_token_ids=_padded_lists(prompts, vocab_size, minimum=min_history_bucket),
-        output_token_ids=_padded_lists(outputs, vocab_size, minimum=min_history_bucket),
+        stop_token_ids=_padded_lists(stop_lists, vocab_size, minimum=STOP_IDS_BUCKET_MIN),
+        prompt_token_ids=histories([row.prompt_token_ids for row in rows], reads_prompt),
+        output_token_ids=histories([row.output_token_ids for row in rows], reads_output),
     )
 
 

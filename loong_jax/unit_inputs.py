@@ -30,7 +30,8 @@ import numpy as np
 from loong_jax.engine_state import EngineState
 from loong_jax.kv_allocator import MigrationTicket
 from loong_jax.program_cache import ProgramKey
-from loong_jax.sampling_batch import SamplingBatch, SamplingRow, num_logprobs_columns, pack_sampling_batch
+from loong_jax.sampling_batch import (STOP_IDS_BUCKET_MIN, SamplingBatch, SamplingRow, bucket_size,
+                                      num_logprobs_columns, pack_sampling_batch)
 from loong_jax.sampling_params import SamplingParams
 from loong_jax.scheduler.plan import DecodeBatch, MigrationBatch, PrefillBatch
 from loong_jax.sharding.context_prefill import ContextInputs, chunk_layout, layout_context
@@ -41,7 +42,7 @@ from loong_jax.sharding.stripe_layout import Placement, rows_needed, striped_mem
 RequestId = Hashable
 # Rows that pad a sampling batch: greedy, never read back.
 PADDING_ROW = SamplingRow(SamplingParams(temperature=0.0, max_tokens=1, seed=0), (), ())
-PLAIN_GREEDY = (1, 1, 1, None, True)  # sampling signature: greedy, no penalties, no logprobs (the common case)
+PLAIN_GREEDY = (STOP_IDS_BUCKET_MIN, 1, 1, None, True)  # sampling signature: greedy, no penalties, no logprobs (the common case)
 
 
 class RequestSource(Protocol):
@@ -110,7 +111,7 @@ def greedy_batch(rows: Sequence[SamplingRow], vocab_size: int, eos_token_ids: Se
     minimums = np.fromiter((row.params.min_tokens for row in rows), np.int32, len(rows))
     blocked = [row.params.all_stop_token_ids(tuple(eos_token_ids)) if row.params.min_tokens > step else ()
                for row, step in zip(rows, steps)]
-    width = 1 << (max(max(map(len, blocked)), 1) - 1).bit_length()
+    width = bucket_size(max(map(len, blocked)), STOP_IDS_BUCKET_MIN)
     stops = np.full((len(rows), width), vocab_size, np.int32)
     for index, ids in enumerate(blocked):
         stops[index, :len(ids)] = ids

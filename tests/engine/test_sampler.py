@@ -8,8 +8,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from loong_jax.sampler import (TOP_CANDIDATES, apply_min_p, apply_penalties, apply_top_k_top_p,
                                sample, sample_rows)
-from loong_jax.sampling_batch import (SamplingRow, bucket_size, num_logprobs_columns,
-                                      pack_sampling_batch, unpack_sampler_output)
+from loong_jax.sampling_batch import (HISTORY_BUCKET_MIN, STOP_IDS_BUCKET_MIN, SamplingRow, bucket_size,
+                                      num_logprobs_columns, pack_sampling_batch, unpack_sampler_output)
 from loong_jax.sampling_params import MAX_LOGPROBS, SamplingParams
 
 VOCAB = 64
@@ -272,14 +272,28 @@ def test_packing_pads_to_buckets():
                         list(range(5)), [1, 2, 3]),
             SamplingRow(SamplingParams(min_tokens=5, ignore_eos=True, stop_token_ids=[11]), [1], [4]),
             SamplingRow(SamplingParams(seed=2**64 - 1), [1], [])]
-    batch = pack_sampling_batch(rows, VOCAB, [EOS])
+    batch = pack_sampling_batch(rows, VOCAB, [EOS], min_history_bucket=1)
     assert batch.batch_size == 4 and bucket_size(5) == 8 and bucket_size(0) == 1
     assert batch.prompt_token_ids.shape == (4, 8) and batch.output_token_ids.shape == (4, 4)
     np.testing.assert_array_equal(batch.prompt_token_ids[0], [0, 1, 2, 3, 4] + [VOCAB] * 3)
     assert np.all(batch.prompt_token_ids[1:] == VOCAB)  # no penalty: no history sent
     # Stop ids only while step < min_tokens (row 0 is past it; row 1 ignores EOS).
-    assert np.all(batch.stop_token_ids[0] == VOCAB) and batch.stop_token_ids[1].tolist() == [11]
+    assert batch.stop_token_ids.shape == (4, STOP_IDS_BUCKET_MIN)
+    assert np.all(batch.stop_token_ids[0] == VOCAB) and batch.stop_token_ids[1, 0] == 11
     np.testing.assert_array_equal(batch.seed_words[2], [2**32 - 1, 2**32 - 1])
     assert batch.temperature[3] == 0.0 and batch.step.tolist() == [3, 1, 0, 0]
     with pytest.raises(ValueError, match="batch_bucket"):
         pack_sampling_batch(rows, VOCAB, batch_bucket=2)
+
+
+def test_growing_histories_keep_one_compiled_shape():
+    """A penalised generation reuses one sampler shape for its first HISTORY_BUCKET_MIN tokens; a batch
+    without penalties carries [batch, 1] placeholders."""
+    params = SamplingParams(temperature=0.7, frequency_penalty=0.5, stop_token_ids=[5, 6, 7])
+    shapes = {(pack_sampling_batch([SamplingRow(params, [1, 2], list(range(step)))], VOCAB, [EOS])
+               .output_token_ids.shape) for step in range(HISTORY_BUCKET_MIN + 1)}
+    assert shapes == {(1, HISTORY_BUCKET_MIN)}
+    grown = pack_sampling_batch([SamplingRow(params, [1], list(range(HISTORY_BUCKET_MIN + 1)))], VOCAB, [EOS])
+    assert grown.output_token_ids.shape == (1, 2 * HISTORY_BUCKET_MIN)
+    plain = pack_sampling_batch([SamplingRow(SamplingParams(temperature=0.7), [1, 2], [3])], VOCAB, [EOS])
+    assert plain.prompt_token_ids.shape == plain.output_token_ids.shape == (1, 1)
