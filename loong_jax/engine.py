@@ -60,7 +60,7 @@ class PreparedRequest:
     request_id: str
     prompt: str | None
     prompt_token_ids: tuple[int, ...]
-    params: SamplingParams  # max_tokens capped by the model's context
+    params: SamplingParams
 
 
 @dataclasses.dataclass
@@ -143,9 +143,11 @@ class Engine:
         if len(ids) >= self.max_context:
             raise ValueError(f"prompt of {len(ids)} tokens does not fit the model's context of {self.max_context} "
                              "tokens (at least one token must be generated)")
-        max_tokens = min(params.max_tokens, self.max_context - len(ids))
-        if max_tokens < params.max_tokens:
-            params = dataclasses.replace(params, max_tokens=max_tokens, min_tokens=min(params.min_tokens, max_tokens))
+        max_tokens = params.max_tokens
+        if len(ids) + max_tokens > self.max_context:  # the server's rule too: refuse, never shorten silently
+            raise ValueError(f"prompt of {len(ids)} tokens + max_tokens {max_tokens} exceeds the model's context "
+                             f"length ({self.max_context}); lower max_tokens to at most "
+                             f"{self.max_context - len(ids)} or shorten the prompt")
         longest_prompt, largest_peak = self.token_limits()
         if len(ids) > longest_prompt:
             raise ValueError(f"prompt of {len(ids)} tokens can never fit: this engine holds at most "

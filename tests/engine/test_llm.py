@@ -67,6 +67,7 @@ def test_validation_happens_before_anything_is_queued(llm):
     cases = [
         ([good, []], GREEDY, "empty"),
         ([good, list(range(4, 4 + 256))], GREEDY, "context of 256"),
+        ([list(range(4, 4 + 252))], GREEDY, "252 tokens \\+ max_tokens 6 exceeds the model's context length \\(256\\)"),
         ([good, [5, 10**6]], GREEDY, "not a token id"),
         ([good], {"max_tokens": 4, "temprature": 0.0}, "temprature"),
         ([good, good], [GREEDY], "2 prompts"),
