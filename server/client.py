@@ -77,9 +77,9 @@ class _ClientBase:
         return self._metadata + tuple(extra or ())
 
 
-# ====================================================================== blocking client
-class GenerateStream:
-    """Iterate for `Delta`s; afterwards `completion` holds the whole answer."""
+class _StreamBase:
+    """What both streams know once their first chunks arrived (the request id, the prompt length) and, at the
+    end, the whole answer."""
 
     def __init__(self, call):
         self._call = call
@@ -96,6 +96,11 @@ class GenerateStream:
     @property
     def completion(self) -> Completion | None:
         return self._builder.completion
+
+
+# ====================================================================== blocking client
+class GenerateStream(_StreamBase):
+    """Iterate for `Delta`s; afterwards `completion` holds the whole answer."""
 
     def __iter__(self) -> Iterator[Delta]:
         for message in self._call:
@@ -173,24 +178,8 @@ class LoongClient(_ClientBase):
 
 
 # ====================================================================== asyncio client
-class AsyncGenerateStream:
+class AsyncGenerateStream(_StreamBase):
     """`async for` yields `Delta`s; afterwards `completion` holds the whole answer."""
-
-    def __init__(self, call):
-        self._call = call
-        self._builder = CompletionBuilder()
-
-    @property
-    def request_id(self) -> str | None:
-        return self._builder.request_id
-
-    @property
-    def prompt_tokens(self) -> int | None:
-        return self._builder.prompt_tokens
-
-    @property
-    def completion(self) -> Completion | None:
-        return self._builder.completion
 
     async def __aiter__(self) -> AsyncIterator[Delta]:
         async for message in self._call:
