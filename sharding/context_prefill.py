@@ -18,9 +18,12 @@ Data flow:
      b. q and the segment ids are all-gathered over SEQ; every member attends
         every query over the prefix tokens it holds of the query's request.
         No causal mask is needed there: the whole prefix precedes the whole
-        chunk. The (request, page) entries that hold tokens are packed first
-        and visited `pages_per_visit` at a time, masked by segment and merged
-        online, so the work follows the prefix actually held;
+        chunk. The (request, page) entries that hold tokens are packed first,
+        in request order, into a key stream read straight from the pool;
+        block-sparse attention (`blocked_attention`, key tiles of
+        `pages_per_visit` pages) visits, for each tile of a member's queries,
+        only the key tiles of its requests, so the work follows
+        sum(chunk x prefix) per request, not all queries x all prefixes;
      c. `all_to_all` returns each row's d partials to the member that owns
         the row, which merges them, then the ring's partial, exactly by
         log-sum-exp (`merge_partials`).
@@ -42,7 +45,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from loong_jax.models.attention import NEG_INF, merge_partials, partial_attention
+from loong_jax.models.attention import merge_partials
+from loong_jax.models.blocked_attention import KV_TILE, blocked_partial_attention
 from loong_jax.sharding.decode_attention import MEMBER_SPEC
 from loong_jax.sharding.kv_pool import POOL_SPEC
 from loong_jax.sharding.prefill_program import PrefillBatch
@@ -51,12 +55,6 @@ from loong_jax.sharding.ring_prefill import (
 from loong_jax.sharding.stripe_layout import (
     PackedLayout, Placement, stream_positions, stream_segments, striped_layout)
 from loong_jax.sharding.topology import SEQ
-
-# Attention scores one member holds at once while visiting prefix pages
-# ([q_heads, rows, keys] float32, 256 MiB): with pages_per_visit=None the
-# pages per visit follow from it, so a long chunk visits fewer pages at a time.
-SCORE_BUDGET = 1 << 26
-
 
 # ---------------------------------------------------------------- host side
 def chunk_layout(chunks: Sequence[tuple[int, int]], members: int,
@@ -130,53 +128,43 @@ def layout_context(starts: Sequence[int], prefix_pages: Sequence[Mapping[int, Se
 
 
 # ---------------------------------------------------------------- device side
-def _visit_size(rows: int, heads: int, page_size: int, pages_per_visit: int | None) -> int:
-    if pages_per_visit is not None:
-        return pages_per_visit
-    return max(1, SCORE_BUDGET // (rows * heads * page_size))
-
-
 def _held_prefix_partials(q_all, segments_all, pool, layer: int, page_tables, kv_lens, scale: float,
-                          pages_per_visit: int | None):
+                          members: int, pages_per_visit: int | None):
     """Partial attention of every query over this member's prefix tokens of its request.
 
-    q_all: [R, hq, hd]; segments_all: [R] (-1 = padding); pool: [1, L, 2, pages, page_size, kvh, hd];
-    page_tables: [requests, max_pages]; kv_lens: [requests].
+    q_all: [R, hq, hd], the rows of `members` members one block after another
+    (each block in stream order); segments_all: [R] (-1 = padding);
+    pool: [1, L, 2, pages, page_size, kvh, hd]; page_tables: [requests, max_pages]; kv_lens: [requests].
     Returns out [R, hq, hd] float32 and lse [R, hq] float32 (-inf: nothing held).
     """
-    num_pages, page_size = pool.shape[3], pool.shape[4]
+    num_pages, page_size, kv_heads, head_dim = pool.shape[3:]
     requests, max_pages = page_tables.shape
-    entries = requests * max_pages
-    visit_pages = min(_visit_size(*q_all.shape[:2], page_size, pages_per_visit), entries)
-    padded_entries = -(-entries // visit_pages) * visit_pages
-    pad = padded_entries - entries
-    # One entry per (request, table position); padding entries hold nothing.
+    # One entry per (request, table position), holding tokens_in_entry tokens of that request.
     tokens_in_entry = jnp.clip(kv_lens[:, None] - jnp.arange(max_pages)[None, :] * page_size, 0, page_size)
-    tokens_in_entry = jnp.pad(tokens_in_entry.reshape(-1), (0, pad))  # [E]
-    page_of_entry = jnp.pad(jnp.clip(page_tables, 0, num_pages - 1).reshape(-1), (0, pad))  # [E]
-    request_of_entry = jnp.asarray(np.pad(np.repeat(np.arange(requests, dtype=np.int32), max_pages), (0, pad)))
-    # Entries holding tokens first, so only ceil(held / visit_pages) visits are needed.
+    tokens_in_entry = tokens_in_entry.reshape(-1)  # [E]
+    page_of_entry = jnp.clip(page_tables, 0, num_pages - 1).reshape(-1)  # [E]
+    request_of_entry = jnp.repeat(jnp.arange(requests, dtype=jnp.int32), max_pages)  # [E]
+    # The key stream: entries holding tokens first, in request order, so that it is
+    # sorted by request and each query tile visits only its requests' key tiles.
     order = jnp.argsort(tokens_in_entry == 0, stable=True)  # [E]
-    visits = -(-jnp.sum(tokens_in_entry > 0) // visit_pages)
+    entry = jnp.repeat(order, page_size)  # [E*S] entry of each key
+    offset = jnp.tile(jnp.arange(page_size, dtype=jnp.int32), order.shape[0])  # [E*S]
+    key_rows = page_of_entry[entry] * page_size + offset  # [E*S] slot in the layer's pool
+    key_segments = jnp.where(offset < tokens_in_entry[entry], request_of_entry[entry], -1)  # [E*S]
+    # The whole prefix precedes the whole chunk: positions 0 make the causal test always pass.
+    key_positions = jnp.zeros_like(key_segments)
+    keys = pool[0, layer, 0].reshape(num_pages * page_size, kv_heads, head_dim)
+    values = pool[0, layer, 1].reshape(num_pages * page_size, kv_heads, head_dim)
+    kv_tile = page_size * (pages_per_visit or max(1, KV_TILE // page_size))
 
-    def visit(index, carry):
-        # [C] the entries of this visit (C = visit_pages, S = page_size)
-        entries_now = jax.lax.dynamic_slice_in_dim(order, index * visit_pages, visit_pages)
-        pages = page_of_entry[entries_now]
-        k = pool[0, layer, 0][pages].reshape(visit_pages * page_size, *pool.shape[5:])  # [C*S, kvh, hd]
-        v = pool[0, layer, 1][pages].reshape(visit_pages * page_size, *pool.shape[5:])
-        key_held = (jnp.arange(page_size)[None, :] < tokens_in_entry[entries_now][:, None]).reshape(-1)  # [C*S]
-        key_request = jnp.repeat(request_of_entry[entries_now], page_size)  # [C*S]
-        # Slots past a request's count may hold stale values; zero them so that
-        # even a non-finite leftover cannot leak through a zero weight.
-        v = jnp.where(key_held[:, None, None], v, 0)
-        mask = (segments_all[:, None] == key_request[None, :]) & key_held[None, :]  # [R, C*S]
-        out, lse = partial_attention(q_all, k, v, mask, scale)
-        return merge_partials(*carry, out, lse)
+    def member_block(block):  # one member's rows: in stream order, as the tiling wants
+        q, segments = block  # [T, hq, hd], [T]
+        return blocked_partial_attention(q, keys, values, jnp.zeros_like(segments), segments, key_positions,
+                                         key_segments, scale, kv_rows=key_rows, kv_tile=kv_tile)
 
-    # *_like keeps q's per-member variance, as a shard_map loop carry must.
-    start = (jnp.zeros_like(q_all, dtype=jnp.float32), jnp.full_like(q_all[..., 0], NEG_INF, dtype=jnp.float32))
-    return jax.lax.fori_loop(0, visits, visit, start)
+    out, lse = jax.lax.map(member_block, (q_all.reshape(members, -1, *q_all.shape[1:]),
+                                          segments_all.reshape(members, -1)))
+    return out.reshape(q_all.shape), lse.reshape(q_all.shape[:2])
 
 
 def _member_context_attention(q, segment_ids, pool, page_tables, kv_lens, *, layer: int, members: int,
@@ -185,13 +173,13 @@ def _member_context_attention(q, segment_ids, pool, page_tables, kv_lens, *, lay
     pool [1, L, 2, pages, page_size, kvh_local, hd]; page_tables [1, requests, max_pages];
     kv_lens [1, requests]. Returns the merged context partial of the member's own rows."""
     if members == 1:
-        return _held_prefix_partials(q, segment_ids, pool, layer, page_tables[0], kv_lens[0], scale,
+        return _held_prefix_partials(q, segment_ids, pool, layer, page_tables[0], kv_lens[0], scale, 1,
                                      pages_per_visit)
     rows_local = q.shape[0]
     q_all = jax.lax.all_gather(q, SEQ, axis=0, tiled=True)  # [d*T, hq_local, hd]
     segments_all = jax.lax.all_gather(segment_ids, SEQ, axis=0, tiled=True)  # [d*T]
     out, lse = _held_prefix_partials(q_all, segments_all, pool, layer, page_tables[0], kv_lens[0], scale,
-                                     pages_per_visit)
+                                     members, pages_per_visit)
     # Row block j of the partials belongs to member j; afterwards block i holds
     # what member i computed for my rows.
     out = jax.lax.all_to_all(out, SEQ, split_axis=0, concat_axis=0, tiled=True)
@@ -210,7 +198,7 @@ def context_attention(mesh: Mesh, layer: int, q, segment_ids, pool, context: Con
 
     q: [rows, q_heads, head_dim] (HEADS_SPEC); segment_ids: [rows] (ROWS_SPEC);
     pool: group pool with POOL_SPEC (read only); context: `ContextInputs`;
-    pages_per_visit: prefix pages attended at once (None: from SCORE_BUDGET).
+    pages_per_visit: prefix pages per key tile (None: about one `blocked_attention.KV_TILE`).
     Returns out [rows, q_heads, head_dim] float32 and lse [rows, q_heads] float32.
     """
     body = functools.partial(_member_context_attention, layer=layer, members=mesh.shape[SEQ],
@@ -240,7 +228,7 @@ def context_prefill_forward(graphdef: nnx.GraphDef, params: Any, pool: jax.Array
     pool: group pool [d, layers, 2, pages, page_size, kv_heads, head_dim] with POOL_SPEC;
     batch: `prefill_program.make_prefill_batch(chunk_layout(...), chunk_tokens, placement, mesh)`;
     context: `layout_context(...).to_device(mesh)`, segment r = request r of the batch;
-    pages_per_visit: prefix pages attended at once per member (None: from SCORE_BUDGET).
+    pages_per_visit: prefix pages per key tile (None: about one `blocked_attention.KV_TILE`).
     Returns logits [num_logits, vocab] float32 for `batch.logits_indices` and the
     pool with every placed chunk token's k, v written to its slot.
     """

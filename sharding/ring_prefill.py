@@ -12,7 +12,9 @@ Data flow inside `jax.shard_map`, on member `me` of d, for one layer:
      Partial attention of the local queries over it (mask from global
      positions and segment ids only: same prompt and kv_pos <= q_pos) is merged
      into a running (output, log-sum-exp) in float32; rows that see no key
-     keep output 0 and lse -inf, never NaN.
+     keep output 0 and lse -inf, never NaN. Both sides are in stream order,
+     so `blocked_attention.segment_attention` computes only the tile pairs
+     that share a prompt (not all T_local^2 scores of the packed batch).
   3. At the same step the member scatters the block's k, v of the tokens
      placed on it into its pool slots (`mode="drop"`: other tokens get an
      out-of-range page and are dropped). After d steps every block has passed
@@ -31,7 +33,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
-from loong_jax.models.attention import NEG_INF, attention_mask, merge_partials, partial_attention
+from loong_jax.models.attention import NEG_INF, merge_partials
+from loong_jax.models.blocked_attention import segment_attention
 from loong_jax.sharding.kv_pool import POOL_SPEC
 from loong_jax.sharding.topology import SEQ, TENSOR
 
@@ -72,8 +75,8 @@ def _ring_local(q, k, v, positions, segment_ids, placement_member, placement_slo
 
     def attend(block, out, lse):
         k_block, v_block, meta_block = block
-        mask = attention_mask(positions, segment_ids, meta_block[:, 0], meta_block[:, 1])
-        block_out, block_lse = partial_attention(q, k_block, v_block, mask, scale)
+        block_out, block_lse = segment_attention(q, k_block, v_block, positions, segment_ids,
+                                                 meta_block[:, 0], meta_block[:, 1], scale)
         return merge_partials(out, lse, block_out, block_lse)
 
     def keep(block, pool):

@@ -193,8 +193,8 @@ def assert_pools_hold_exactly_the_placed_tokens(pools, slot_of, reference_kv, me
     assert kept_members == set(range(members))
 
 
-# pages_per_visit=2 visits each member's prefix in several steps (online merge);
-# None sizes the visits from the score budget (here: all pages at once).
+# pages_per_visit=2: key tiles of 2 pages, each member's prefix in several tiles (online merge);
+# None: tiles of about blocked_attention.KV_TILE tokens (here: all pages in one).
 @pytest.mark.parametrize("group,tp,pages_per_visit",
                          [((2,), 1, 2), ((5, 1), 1, 2), ((7, 2, 4, 0), 1, 2), ((3, 1), 2, None)])
 def test_chunked_prefill_then_decode_matches_reference(setups, prompts, reference, reference_kv, group, tp,

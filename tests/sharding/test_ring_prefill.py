@@ -9,11 +9,13 @@ import pytest
 from hypothesis import given, settings, strategies as st
 from jax.sharding import NamedSharding
 
+from loong_jax.models.blocked_attention import Q_TILE
 from loong_jax.sharding.kv_pool import PoolShape, assemble_group_pool, create_pool, split_group_pool
 from loong_jax.sharding.ring_prefill import HEADS_SPEC, ROWS_SPEC, jit_ring_attention
 from loong_jax.sharding.stripe_layout import (
     PackedLayout, keep_round_robin, place_densely, striped_layout, striped_members, rows_needed)
 from loong_jax.sharding.topology import Topology
+from tests.models.attention_reference import reference_attention
 
 Q_HEADS, KV_HEADS, HEAD_DIM = 4, 2, 8
 PAGES, PAGE_SIZE, LAYERS, LAYER = 10, 4, 2, 1
@@ -23,31 +25,12 @@ CASES = [(1, 1), (2, 1), (3, 1), (4, 1), (8, 1), (1, 2), (2, 2), (3, 2), (4, 2)]
 ONLY_RING_TRAFFIC = ("all-gather", "all-reduce", "all-to-all", "reduce-scatter", "collective-broadcast")
 
 
-def dense_reference(q, k, v, positions, segments):
-    """float64 causal packed attention: out [T, Hq, D], lse [T, Hq] (-inf, 0 out for no keys)."""
-    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
-    group = q.shape[1] // k.shape[1]
-    k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
-    mask = ((segments[:, None] == segments[None, :]) & (segments[None, :] >= 0)
-            & (positions[None, :] <= positions[:, None]))  # [q, k]
-    scores = np.einsum("qhd,khd->hqk", q, k) / np.sqrt(q.shape[-1])
-    scores = np.where(mask[None], scores, -np.inf)
-    row_max = scores.max(-1, keepdims=True)
-    row_max = np.where(np.isfinite(row_max), row_max, 0.0)
-    weights = np.exp(scores - row_max)
-    denom = weights.sum(-1, keepdims=True)
-    out = np.einsum("hqk,khd->qhd", weights / np.where(denom > 0, denom, 1.0), v)
-    with np.errstate(divide="ignore"):
-        lse = np.where(denom > 0, np.log(denom) + row_max, -np.inf)[..., 0].T
-    return out, lse
-
-
-def allocate_pages(keep_member, layout_lengths, members, rng):
+def allocate_pages(keep_member, layout_lengths, members, rng, pages=PAGES):
     """Page tables [member][request] from a shuffled free list per member."""
     segments = np.repeat(np.arange(len(layout_lengths)), layout_lengths)
     tables = []
     for member in range(members):
-        free = list(rng.permutation(PAGES))
+        free = list(rng.permutation(pages))
         row = []
         for request in range(len(layout_lengths)):
             count = int(np.sum((keep_member == member) & (segments == request)))
@@ -78,7 +61,7 @@ def programs():
     return get
 
 
-def run_ring_case(programs, d, tp, lengths, keepers, seed, rows_per_member=None):
+def run_ring_case(programs, d, tp, lengths, keepers, seed, rows_per_member=None, pool_shape=POOL_SHAPE):
     topology, group, mesh, program = programs(d, tp)
     rng = np.random.default_rng(seed)
     layout: PackedLayout = striped_layout(lengths, d, rows_per_member)
@@ -88,14 +71,15 @@ def run_ring_case(programs, d, tp, lengths, keepers, seed, rows_per_member=None)
     k_s = rng.standard_normal((total, KV_HEADS, HEAD_DIM)).astype(np.float32)
     v_s = rng.standard_normal((total, KV_HEADS, HEAD_DIM)).astype(np.float32)
     keep_member = keep_round_robin(lengths, keepers)
-    placement = place_densely(lengths, keep_member, allocate_pages(keep_member, lengths, d, rng), PAGE_SIZE)
+    placement = place_densely(lengths, keep_member, allocate_pages(keep_member, lengths, d, rng, pool_shape.pages),
+                              PAGE_SIZE)
     member_rows, slot_rows = placement.rows(layout)
 
     def rows(x, spec):
         garbage = np.float32(1e3) if x.dtype == np.float32 else 0
         return jax.device_put(layout.to_rows(x, fill=garbage), NamedSharding(mesh, spec))
 
-    pools = [create_pool(POOL_SHAPE, topology, i, fill=SENTINEL) for i in group]
+    pools = [create_pool(pool_shape, topology, i, fill=SENTINEL) for i in group]
     args = (rows(q_s, HEADS_SPEC), rows(k_s, HEADS_SPEC), rows(v_s, HEADS_SPEC),
             jax.device_put(layout.positions, NamedSharding(mesh, ROWS_SPEC)),
             jax.device_put(layout.segment_ids, NamedSharding(mesh, ROWS_SPEC)),
@@ -111,7 +95,7 @@ def run_ring_case(programs, d, tp, lengths, keepers, seed, rows_per_member=None)
     # 1. Attention output and log-sum-exp, in stream order, against float64.
     positions_s = layout.to_stream(layout.positions)
     segments_s = layout.to_stream(layout.segment_ids)
-    ref_out, ref_lse = dense_reference(q_s, k_s, v_s, positions_s, segments_s)
+    ref_out, ref_lse = reference_attention(q_s, k_s, v_s, positions_s, segments_s)
     assert relative_error(layout.to_stream(out), ref_out) <= 1e-5
     assert relative_error(layout.to_stream(lse), ref_lse) <= 1e-5
     # 2. Padding rows see no key: output exactly 0, lse -inf, never NaN.
@@ -120,7 +104,7 @@ def run_ring_case(programs, d, tp, lengths, keepers, seed, rows_per_member=None)
     assert (out[padding] == 0).all() and np.isneginf(lse[padding]).all()
     # 3. Each member's pool holds exactly the tokens placed on it; all else untouched.
     for member, pool in enumerate(split_group_pool(group_pool, topology, group)):
-        host = np.asarray(pool)[0].reshape(LAYERS, 2, PAGES * PAGE_SIZE, KV_HEADS, HEAD_DIM)
+        host = np.asarray(pool)[0].reshape(LAYERS, 2, pool_shape.pages * PAGE_SIZE, KV_HEADS, HEAD_DIM)
         expected = np.full_like(host, SENTINEL)
         mine = placement.member == member
         expected[LAYER, 0, placement.slot[mine]] = k_s[mine]
@@ -141,6 +125,20 @@ def test_ring_matches_dense_reference_and_keeps_placed_kv(programs, d, tp):
         POOL_SHAPE.group_shape(d), np.float32, sharding=args[-1].sharding)).compile().as_text()
     assert not any(op in hlo for op in ONLY_RING_TRAFFIC)
     assert ("collective-permute" in hlo) == (d > 1)
+
+
+@pytest.mark.parametrize("d", [1, 2, 4, 8])
+def test_long_packed_batch_takes_the_block_sparse_path(programs, d):
+    """More rows per member than one attention tile: each ring step runs the block-sparse
+    attention; many prompts with boundaries on and off tile edges, 150 rows per member."""
+    assert 150 > 2 * Q_TILE  # several query tiles, the last one part padding
+    lengths = []
+    for length in [1, 127, 2, 128, 3, 64, 65, 1, 5, 33, 129, 7] * 4:  # the ones that still fit 150 rows
+        if rows_needed(striped_members(lengths + [length], d), d) <= 150:
+            lengths.append(length)
+    keepers = [list(range(d))[r % d:] + list(range(d))[:r % d] for r in range(len(lengths))]
+    pool_shape = PoolShape(LAYERS, 192, PAGE_SIZE, KV_HEADS, HEAD_DIM)
+    run_ring_case(programs, d, 1, lengths, keepers, seed=d, rows_per_member=150, pool_shape=pool_shape)
 
 
 def test_same_bucket_does_not_recompile(programs):
