@@ -6,7 +6,8 @@ Subcommands:
   client      one request to a running server, streamed to stdout (`loong_jax.server.client.client_main`);
   demo        serve on loopback, answer one request, drain (`loong_jax.server.demo.demo_main`);
   simulate    policies on a simulated cluster (`loong_jax.simulator.cli.simulate_main`);
-  train-demo  retrain the shipped demo model (`loong_jax.models.train_demo.main`).
+  train-demo  retrain the shipped demo model (`loong_jax.models.train_demo.main`);
+  profile     time the real programs on the current devices and fit the cost model (`loong_jax.profile_cli`).
 
 Data flow of `generate`: flags -> `SamplingParams` (invalid values fail before the model loads) -> `LLM` ->
 `llm.stream(prompt)` -> each delta's text is written to stdout as it comes; `--stats` prints timings and
@@ -30,6 +31,7 @@ DELEGATED = {
     "train-demo": ("loong_jax.models.train_demo", "main", "train the shipped demo model"),
     "bench": ("loong_jax.bench.cli", "bench_main", "benchmark a running server over gRPC (load generator)"),
     "eval": ("loong_jax.evaluate", "eval_main", "batch evaluation: JSONL of prompts -> JSONL of answers"),
+    "profile": ("loong_jax.profile_cli", "profile_main", "measure the programs on these devices, fit a cost model"),
 }
 
 

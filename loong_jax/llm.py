@@ -33,7 +33,7 @@ from loong_jax.models.tokenizer import Tokenizer
 from loong_jax.outputs import RequestOutput
 from loong_jax.program_cache import DEFAULT_CACHE_DIR, enable_persistent_cache
 from loong_jax.sampling_params import SamplingParams
-from loong_jax.scheduler.cost_model import CostModel
+from loong_jax.scheduler.cost_model import SHIPPED_DIR, CostModel, load_cost_models
 from loong_jax.scheduler.fixed import FixedPolicy, request_token_limits
 from loong_jax.scheduler.groups import aligned_groups
 from loong_jax.scheduler.policy import make_policy, policy_names
@@ -88,13 +88,37 @@ def default_kv_pages(config, topology: Topology, page_size: int, memory_fraction
     return max(1, min(wanted, int(budget // bytes_per_page)))
 
 
-def engine_cost_model(config, tp: int, num_instances: int, pages: int, page_size: int) -> CostModel:
-    """A roofline cost model of this model's shape (relative step costs are what the policies compare)."""
+def model_shape(config) -> dict:
+    """What a step's cost depends on in a model's config (a measured cost model records it)."""
+    return {"model_type": config.model_type, "layers": config.num_layers, "hidden": config.hidden_size,
+            "heads": config.num_heads, "kv_heads": config.num_kv_heads, "head_dim": config.head_dim,
+            "intermediate": config.intermediate_size, "vocab": config.vocab_size, "dtype": config.dtype}
+
+
+def measured_cost_model(config, tp: int, dops: Sequence[int], platform: str) -> CostModel | None:
+    """A shipped cost model measured (`loong-jax profile`) for this model shape on this platform, with an
+    entry for every degree `dops` names, or None."""
+    shape = model_shape(config)
+    for path in sorted(SHIPPED_DIR.glob("*.json")):
+        section = load_cost_models(path).get(tp)
+        if (section is not None and section.provenance == "measured" and section.metadata.get("platform") == platform
+                and section.metadata.get("model_shape") == shape and set(dops) <= set(section.dops)):
+            return section
+    return None
+
+
+def engine_cost_model(config, tp: int, num_instances: int, pages: int, page_size: int,
+                      platform: str | None = None) -> CostModel:
+    """The cost model the engine's policy compares step costs with: a shipped measured profile of this
+    model shape on this platform when there is one, else a roofline derivation of the shape."""
+    dops = tuple(sorted({len(g) for g in aligned_groups(num_instances)}))
+    measured = measured_cost_model(config, tp, dops, platform or jax.default_backend())
+    if measured is not None:
+        return dataclasses.replace(measured, pages_per_instance=pages, page_size=page_size)
     shape = TransformerShape(name=config.model_type, layers=config.num_layers, hidden=config.hidden_size,
                              heads=config.num_heads, kv_heads=config.num_kv_heads, head_dim=config.head_dim,
                              intermediate=config.intermediate_size, vocab=config.vocab_size,
                              bytes_per_value=np.dtype(config.dtype).itemsize)
-    dops = tuple(sorted({len(g) for g in aligned_groups(num_instances)}))
     model = derive_cost_model(shape, tp=tp, dops=dops, page_size=page_size)
     return dataclasses.replace(model, pages_per_instance=pages, page_size=page_size)
 
@@ -136,7 +160,8 @@ class LLM:
         del loaded
         if isinstance(cost_model, (str, Path)):
             cost_model = CostModel.load_json(cost_model, tp=tp)
-        self.cost_model = cost_model or engine_cost_model(self.config, tp, instances, pages, page_size)
+        self.cost_model = cost_model or engine_cost_model(self.config, tp, instances, pages, page_size,
+                                                             self.topology.devices[0].platform)
         self.progress = progress
         self._request_ids = itertools.count()
         self.engine: Engine | None = None

@@ -2,25 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 
 from loong_jax.scheduler.cost_model import CostModel
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_h200.py"
+from tests.scripts import load_benchmark_script
 
 
 @pytest.fixture(scope="module")
 def gpu_bench():
-    spec = importlib.util.spec_from_file_location("gpu_h200", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark_script("gpu_h200")
 
 
 def test_llama2_7b_accounting(gpu_bench):
