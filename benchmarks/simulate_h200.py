@@ -7,12 +7,13 @@ Data flow:
      ESP / each baseline, ESP / best baseline, and the saturation throughput (all requests at t = 0).
 
 Run: python benchmarks/simulate_h200.py [--workloads sharegpt,leval,...] [--num-requests 1000] [--replot]
-(about 40 minutes on 2 CPU cores). Why 1,000 requests per rate: with an SLO of 25x the isolated latency a finite
+(8 to 25 minutes per workload on a shared 2-core machine; runs of different workloads into the same --out
+may go in parallel, then `--replot` writes the table of all of them). Why 1,000 requests per rate: with an SLO of 25x the isolated latency a finite
 run only fails once its backlog exceeds ~25 isolated latencies of work, so with 300 long requests the search
 finds rates up to 2x the cluster's real capacity (finite-run artefact); 1,000 bring the max rate close to the
-saturation throughput. ShareGPT uses --sharegpt-requests (2,000): its 25x SLO (about 42 s) is longer than
-draining even thousands of chat requests, so its max rate is unbounded and only the saturation throughput
-(all requests at t = 0) tells policies apart.
+saturation throughput. ShareGPT uses --sharegpt-requests (2,000): its 25x SLO (about 40 s) is longer than
+draining even thousands of chat requests (a burst of 6,000 still met it for 99.7% under ESP), so its max rate
+is unbounded and only the saturation throughput (all requests at t = 0) tells policies apart.
 """
 
 from __future__ import annotations

@@ -3,20 +3,25 @@
 Data flow of one call:
   1. Snapshot (`esp_dispatch`): free pages, growth reservations, decode groups, free instances. Requests
      that can never fit are rejected; idle partial prefills (left by another policy) are preempted.
-  2. Allocation + dispatching + batching (`esp_allocation`, `esp_batching`): candidate prefill instance
-     sets, FIFO admission under memory (with backfilling), the batching DP per candidate (which may defer a
-     request to a later step), and the delay-decode cost/gain test choose which instances prefill which
-     batches at which DoP. DoPs become concrete aligned groups, ready programs first, then the roomiest.
-  3. If nothing prefills, consolidation by migration may free a decode instance for the queue.
-  4. Scaling plan (`esp_scaling`, `decode_planner`): placement of every prompt's KV (scale-down), then decode
+  2. Queue (`esp_queue`): earliest latency deadline first. When the head does not fit the free instances it
+     gets a reservation: a group that is held for it (or drains for it) and that it prefills on once idle;
+     the small decodes living on the group's idle members first migrate off it (`plan_evacuation`), so
+     they keep decoding elsewhere instead of stalling for the whole prefill.
+  3. Allocation + dispatching + batching (`esp_allocation`, `esp_batching`): candidate prefill instance
+     sets, admission in queue order under memory (with backfilling), the batching DP per candidate (which
+     may defer a request to a later step), and the delay-decode cost/gain test choose which instances
+     prefill which batches at which DoP. DoPs become concrete aligned groups, ready programs first.
+  4. If nothing prefills, consolidation by migration may free a decode instance for the queue.
+  5. Scaling plan (`esp_scaling`, `decode_planner`): placement of every prompt's KV (scale-down), then decode
      batches on every other idle instance with masters, scale-up and newest-first preemption.
 """
 
 from __future__ import annotations
 
 from loong_jax.scheduler.decode_planner import plan_decodes
-from loong_jax.scheduler.esp_allocation import BatchingLimits, choose_prefill, plan_consolidation
+from loong_jax.scheduler.esp_allocation import BatchingLimits, choose_prefill, plan_consolidation, plan_evacuation
 from loong_jax.scheduler.esp_dispatch import ClusterSnapshot, group_pages
+from loong_jax.scheduler.esp_queue import deadline_order, fits_free_instances, never_fitting, reserve_for_head
 from loong_jax.scheduler.esp_scaling import place_batch
 from loong_jax.scheduler.estimates import prefill_seconds
 from loong_jax.scheduler.groups import free_blocks, pack_sizes
@@ -29,14 +34,19 @@ class EspPolicy:
 
     def __init__(self, max_batches: int = 8, max_boundaries: int = 24, max_admit: int = 256,
                  growth_horizon: int = 512, max_lent_groups: int = 8, migration: bool = True,
-                 max_tokens_per_instance: int | None = None, slo_scale: float = 25.0):
+                 max_tokens_per_instance: int | None = None, slo_scale: float = 25.0,
+                 evacuation_wait: float = 0.2, queue_order: str = "deadline"):
         if max_batches < 1 or max_boundaries < 2 or max_admit < 1 or growth_horizon < 0 or max_lent_groups < 0:
             raise ValueError("EspPolicy: max_batches, max_admit >= 1, max_boundaries >= 2, others >= 0")
+        if queue_order not in ("deadline", "fifo"):
+            raise ValueError(f"EspPolicy: queue_order must be 'deadline' or 'fifo', got {queue_order!r}")
         self.limits = BatchingLimits(max_batches, max_boundaries, max_admit, max_tokens_per_instance)
         self.growth_horizon = growth_horizon
         self.max_lent_groups = max_lent_groups
         self.migration = migration
         self.slo_scale = slo_scale
+        self.queue_order = queue_order  # "fifo": arrival order (LoongServe's), for comparison
+        self.evacuation_wait = evacuation_wait  # wait up to this x the head's prefill for an evacuation target
         self._isolated_cache: dict = {}  # isolated latency per request: constant, so kept across calls
 
     def schedule(self, view: SchedulerView) -> Plan:
@@ -45,34 +55,81 @@ class EspPolicy:
         if len(self._isolated_cache) > 4 * (len(view.waiting) + len(view.decoding)) + 1024:
             self._isolated_cache.clear()  # forget finished requests now and then
         snapshot = ClusterSnapshot.build(view, self.growth_horizon, self.slo_scale, self._isolated_cache)
-        capacity = sum(i.pages_total for i in view.instances) * view.page_size
-        # Only the head of the queue is looked at this step (admission never reaches further).
-        head = view.waiting[: self.limits.max_admit]
-        rejections = tuple(r.request_id for r in head if r.prefill_target > capacity)
-        rejected = set(rejections)
-        waiting = [r for r in head if r.request_id not in rejected] if rejected else list(head)
+        rejections, servable = never_fitting(view, self.limits.max_tokens_per_instance)
+        if self.queue_order == "deadline":
+            servable = deadline_order(snapshot, servable)
+        queue = servable[: self.limits.max_admit]
         preemptions = [Preemption(r.request_id) for r in view.prefilling if not r.in_flight]
         nothing_running = not view.decoding and not view.prefilling and len(view.idle_instances) == view.num_instances
 
-        option = choose_prefill(snapshot, waiting, self.limits, self.max_lent_groups, nothing_running)
-        migrations = []
-        if self.migration and waiting and (option is None or option.lent_groups):
+        reservation, must_run, migrations, mode = None, frozenset(), [], "go"
+        if queue and not fits_free_instances(snapshot, queue[0]):
+            reservation = reserve_for_head(snapshot, queue[0])
+        if reservation is not None and reservation.fits:
+            migrations, mode = self._clear_reservation(snapshot, reservation, queue)
+        if reservation is not None:
+            if reservation.ready and mode == "go":
+                snapshot.release(reservation.group)
+                must_run = frozenset([queue[0].request_id])
+            else:  # held, being cleared or draining: the head waits; shorter requests backfill elsewhere
+                snapshot.withhold(reservation.group)
+                queue = queue[1:]
+
+        option = choose_prefill(snapshot, queue, self.limits, self.max_lent_groups, nothing_running, must_run)
+        if self.migration and queue and not must_run and not migrations and (option is None or option.lent_groups):
             # Consolidating a decode group may beat both waiting and lending it (a short move, then the
             # freed instance prefills while the group keeps decoding).
-            migrations = plan_consolidation(snapshot, waiting, self.limits, None if option is None else option.lend_cost)
+            migrations = plan_consolidation(snapshot, queue, self.limits, None if option is None else option.lend_cost)
             if migrations and option is not None:
-                option = choose_prefill(snapshot, waiting, self.limits, 0, nothing_running)  # free instances only
+                option = choose_prefill(snapshot, queue, self.limits, 0, nothing_running)  # free instances only
         prefills, used = self._prefills(snapshot, option)
         if migrations:
             moving = {i for m in migrations for i in (m.src_instance, m.dst_instance)}
+            used.update(moving)
             used.update(i for g in snapshot.decode_groups if moving & set(g) for i in g)
         allowed = snapshot.idle - used
         decoding = [r for r in view.decoding if not r.in_flight]
         decodes = plan_decodes(view, decoding, allowed, snapshot.pages_free, homes=snapshot.homes)
+        batches = decodes.batches
+        if reservation is not None and reservation.fits and not must_run and mode != "drain":
+            # Held members only run a decode step that ends before the busy members free (none while
+            # their decodes wait to be evacuated).
+            held, until = set(reservation.group), 0.0 if mode == "hold" else reservation.ready_in
+            batches = [b for b in batches if not held.intersection(b.group) or b.estimated_s < until]
         return Plan(
-            prefills=tuple(prefills), decodes=tuple(decodes.batches), migrations=tuple(migrations),
+            prefills=tuple(prefills), decodes=tuple(batches), migrations=tuple(migrations),
             preemptions=tuple(preemptions) + tuple(decodes.preemptions), rejections=rejections,
         )
+
+    def _clear_reservation(self, snapshot: ClusterSnapshot, reservation, queue) -> tuple[list, str]:
+        """(migrations, mode) that keep the reserved group's decodes from stalling for the head's prefill.
+
+        Evacuate single-instance homes to instances outside the group; or wait a moment ("hold": the group
+        starts nothing) for a destination to come idle when their stall outweighs the head's wait; or
+        consolidate a wider decode group so that an instance comes free for the head instead. Mode "go":
+        the head may prefill once the group is idle; "drain": its decodes run on and it waits (decode
+        groups are never lent with `max_lent_groups=0`)."""
+        head, members = queue[0], set(reservation.group)
+        stalled = [r for r in snapshot.view.decoding if members.intersection(snapshot.homes[r.request_id])]
+        if not stalled:
+            return [], "go"
+        if not self.migration:
+            return [], "go" if self.max_lent_groups else "drain"
+        seconds = snapshot.prefill_seconds(head, len(reservation.group))
+        migrations, wait_for_target = plan_evacuation(snapshot, reservation.group, seconds)
+        for move in migrations:
+            snapshot.withhold((move.dst_instance,))
+        if migrations:
+            return migrations, "hold"
+        stall_cost = seconds * snapshot.urgency(stalled)
+        if 0 < wait_for_target < self.evacuation_wait * seconds:
+            if wait_for_target * snapshot.urgency(queue[:1]) < stall_cost:
+                return [], "hold"
+        if not self.max_lent_groups:
+            return plan_consolidation(snapshot, queue, self.limits), "drain"
+        if reservation.ready:  # merging a wider decode group may free an instance at less cost
+            migrations = plan_consolidation(snapshot, queue, self.limits, stall_cost, across_singles=False)
+        return migrations, "hold" if migrations else "go"
 
     def _prefills(self, snapshot: ClusterSnapshot, option):
         """Prefill batches of the chosen option and the instances they (and lent decode groups) occupy."""

@@ -3,7 +3,7 @@
 Data flow:
   1. Candidate prefill sets: the free instances, then that set plus the idle decode groups whose requests are
      cheapest to delay, one more group each time (stopping when one more made it worse).
-  2. For each candidate: FIFO admission against its pages, then the batching DP (which minimises summed
+  2. For each candidate: admission in queue order against its pages, then the batching DP (which minimises summed
      normalised latency). Candidates are compared in one currency, urgency-weighted delay (a second costs a
      request 1 / its isolated latency, as SLOs are multiples of it): the batches' time for their requests,
      the delay inflicted on the lent decode groups (they wait for the longest batch), and the requests a
@@ -12,9 +12,12 @@ Data flow:
      expected wait until an instance frees (plus the same prefill later); a candidate is taken only if
      cheaper.
   4. Consolidation: moving every share held on one instance x of an idle decode group to another member y
-     frees x for prefill. When nothing is taken it is planned if the queue's gain from x, U·(wait − t_mig),
-     exceeds the decode delay t_mig·U_decode it costs (U: urgency); when decode groups would be lent, it
-     replaces the lending if t_mig·(U_decode + U_queue) is less than the lending's delay cost.
+     (or, for a one-instance group, to another idle one-instance decode group) frees x for prefill. When
+     nothing is taken it is planned if the queue's gain from x, U·(wait − t_mig), exceeds the decode delay
+     t_mig·U_decode it costs (U: urgency); when decode groups would be lent, it replaces the lending if
+     t_mig·(U_decode + U_queue) is less than the lending's delay cost.
+  5. Evacuation (`plan_evacuation`): before the queue head prefills on its reserved group, the decodes whose
+     home is one member of it move to idle instances outside, so they keep decoding during the prefill.
 """
 
 from __future__ import annotations
@@ -59,9 +62,10 @@ def _groups_inside(blocks, size: int):
 
 
 def evaluate_instances(snapshot: ClusterSnapshot, instances, waiting, limits: BatchingLimits,
-                       force_head: bool, wait: float) -> tuple[list, BatchingResult | None, list]:
-    """(admitted, batching, blocks) for prefilling the FIFO head of `waiting` on `instances`; admitted
-    requests the DP defers (see `ClusterSnapshot.defer_seconds`) stay waiting."""
+                       force_head: bool, wait: float, must_run: frozenset = frozenset(),
+                       ) -> tuple[list, BatchingResult | None, list]:
+    """(admitted, batching, blocks) for prefilling the head of `waiting` on `instances`; admitted requests
+    the DP defers (see `ClusterSnapshot.defer_seconds`) stay waiting, except those named in `must_run`."""
     view = snapshot.view
     n = view.num_instances
     blocks = free_blocks(instances, n)
@@ -72,8 +76,7 @@ def evaluate_instances(snapshot: ClusterSnapshot, instances, waiting, limits: Ba
         sizes.append(len(blocks[0]))
     pages_capacity = {d: max(group_pages(snapshot, g) for g in _groups_inside(blocks, d)) for d in sizes}
     available = sum(snapshot.usable_pages(i) for i in instances)
-    admitted = admit_fifo(snapshot, waiting, available, max(pages_capacity.values()), limits.max_admit, force_head,
-                          backfill_age=limits.defer_age_limit)
+    admitted = admit_fifo(snapshot, waiting, available, max(pages_capacity.values()), limits.max_admit, force_head)
     if not admitted:
         return [], None, blocks
     penalty = None
@@ -86,7 +89,8 @@ def evaluate_instances(snapshot: ClusterSnapshot, instances, waiting, limits: Ba
     while admitted:
         defer_costs = None
         if not force_head:
-            defer_costs = [snapshot.defer_seconds(r, wait, limits.defer_age_limit, max(sizes)) / max(1, r.prefill_target)
+            defer_costs = [math.inf if r.request_id in must_run else
+                           snapshot.defer_seconds(r, wait, limits.defer_age_limit, max(sizes)) / max(1, r.prefill_target)
                            for r in admitted]
         # A forced head (nothing else can run) is admitted on its bare prompt: cap its demand to what fits.
         result = plan_batches(
@@ -102,8 +106,9 @@ def evaluate_instances(snapshot: ClusterSnapshot, instances, waiting, limits: Ba
 
 
 def choose_prefill(snapshot: ClusterSnapshot, waiting, limits: BatchingLimits, max_lent_groups: int,
-                   nothing_running: bool) -> PrefillOption | None:
-    """The cheapest way to prefill now, or None when waiting is cheaper (see module docstring)."""
+                   nothing_running: bool, must_run: frozenset = frozenset()) -> PrefillOption | None:
+    """The cheapest way to prefill now, or None when waiting is cheaper (see module docstring); requests in
+    `must_run` (a ready reservation's head) are never deferred."""
     if not waiting:
         return None
     group_weight = {g: snapshot.urgency(rs) for g, rs in snapshot.decode_groups.items()}
@@ -136,7 +141,7 @@ def choose_prefill(snapshot: ClusterSnapshot, waiting, limits: BatchingLimits, m
         candidates.append((frozenset(pool), tuple(lent)))
     for instances, lent_groups in candidates:
         admitted, result, _ = evaluate_instances(snapshot, instances, waiting, limits,
-                                                 nothing_running and not lent_groups, wait)
+                                                 nothing_running and not lent_groups, wait, must_run)
         if result is None:
             continue
         option = PrefillOption(instances, lent_groups, admitted, result)
@@ -159,21 +164,20 @@ def choose_prefill(snapshot: ClusterSnapshot, waiting, limits: BatchingLimits, m
 
 
 def plan_consolidation(snapshot: ClusterSnapshot, waiting, limits: BatchingLimits,
-                       lend_cost: float | None = None) -> list[Migration]:
+                       lend_cost: float | None = None, across_singles: bool = True) -> list[Migration]:
     """Migrations that free one decode instance for prefill when worth it (empty list otherwise).
 
     With `lend_cost=None` the alternative is waiting: the queue gains U·(wait − t_mig). Otherwise the
     alternative is lending decode groups at that delay cost: migrating instead costs t_mig to the group's
-    decodes and to the queue, and saves the lending."""
+    decodes and to the queue, and saves the lending. `across_singles=False` keeps moves inside wider groups."""
     if not waiting:
         return []
     view = snapshot.view
     n, page_size, cost = view.num_instances, view.page_size, view.cost_model
     wait = snapshot.wait()
     best_net, best_moves = 0.0, []
+    singles = [g[0] for g in snapshot.decode_groups if len(g) == 1] if across_singles else []
     for group, requests in snapshot.decode_groups.items():
-        if len(group) < 2:
-            continue
         delayed = snapshot.urgency(requests)
         for x in group:
             moving = [r for r in requests if x in r.kv]
@@ -183,8 +187,14 @@ def plan_consolidation(snapshot: ClusterSnapshot, waiting, limits: BatchingLimit
             seconds = cost.migration_time(tokens)
             if lend_cost is None and wait <= seconds:
                 continue
-            for y in sorted(group, key=lambda i: -snapshot.usable_pages(i)):
-                if y == x or not _frees_instance(requests, moving, x, y, n):
+            # Inside a wider group onto a member with room; a one-instance group onto another one-instance
+            # decode group (both then wait for the move), so x leaves the decode homes altogether.
+            if len(group) > 1:
+                targets = [(y, 0.0) for y in group if y != x]
+            else:
+                targets = [(y, snapshot.urgency(snapshot.decode_groups[(y,)])) for y in singles if y != x]
+            for y, also_delayed in sorted(targets, key=lambda t: -snapshot.usable_pages(t[0])):
+                if not _frees_instance(requests, moving, x, y, n):
                     continue
                 need = sum(-(-(r.kv.get(y, 0) + r.kv[x]) // page_size) - (-(-r.kv.get(y, 0) // page_size))
                            for r in moving)
@@ -192,12 +202,11 @@ def plan_consolidation(snapshot: ClusterSnapshot, waiting, limits: BatchingLimit
                 if need > snapshot.usable_pages(y):
                     continue
                 freed = snapshot.pages_free[x] + sum(-(-r.kv[x] // page_size) for r in moving)
-                gainers = admit_fifo(snapshot, waiting, freed, freed, limits.max_admit,
-                                     backfill_age=limits.defer_age_limit)
+                gainers = admit_fifo(snapshot, waiting, freed, freed, limits.max_admit)
                 if lend_cost is None:
-                    net = snapshot.urgency(gainers) * (wait - seconds) - seconds * delayed
+                    net = snapshot.urgency(gainers) * (wait - seconds) - seconds * (delayed + also_delayed)
                 else:
-                    net = lend_cost - seconds * (delayed + snapshot.urgency(gainers))
+                    net = lend_cost - seconds * (delayed + also_delayed + snapshot.urgency(gainers))
                 if net > best_net:
                     best_net = net
                     best_moves = [Migration(r.request_id, x, y, r.kv[x], estimated_s=cost.migration_time(r.kv[x]))
@@ -220,3 +229,44 @@ def _frees_instance(requests: list[RequestView], moving: list[RequestView], x: i
             return False
     return True
 
+
+
+def plan_evacuation(snapshot: ClusterSnapshot, group, prefill_seconds: float) -> tuple[list[Migration], float]:
+    """(migrations, seconds to wait) that move the decodes living on the members of a reserved `group` to
+    instances outside it, so that they keep decoding instead of stalling for the head's whole prefill.
+
+    Only requests whose home is one member move (all of them, so the member leaves every home), and only
+    when the move is much shorter than the prefill it avoids. A move needs both ends idle: when a member
+    has decodes to move but no destination is idle now, the second value says how soon one is expected
+    to be (inf when none will do; 0 when nothing is left to move). Destinations prefer instances that
+    already hold decodes (free ones stay free), then the most usable pages."""
+    view, cost, page_size = snapshot.view, snapshot.view.cost_model, snapshot.view.page_size
+    members = set(group)
+    by_member: dict[int, list[RequestView]] = {}
+    for request in view.decoding:
+        home = snapshot.homes[request.request_id]
+        if len(home) == 1 and home[0] in members:
+            by_member.setdefault(home[0], []).append(request)
+    shared = {i for h in snapshot.homes.values() if len(h) > 1 for i in h}  # in a multi-instance home
+    taken: set[int] = set()
+    moves: list[Migration] = []
+    wait = 0.0
+    for x, requests in sorted(by_member.items()):
+        tokens = sum(r.kv[x] for r in requests)
+        if 10 * cost.migration_time(tokens) > prefill_seconds:
+            continue
+        need = sum(-(-(r.kv[x] + snapshot.growth(r)) // page_size) for r in requests)
+        outside = [y for y in range(view.num_instances) if y not in members and y not in taken and y not in shared
+                   and snapshot.usable_pages(y) >= need]
+        targets = [y for y in outside if y in snapshot.idle]
+        if x not in snapshot.idle or any(r.in_flight for r in requests) or not targets:
+            soonest = min((view.instances[y].busy_until - view.now for y in outside if view.instances[y].busy),
+                          default=math.inf)
+            wait = max(wait, max(0.0, soonest) if outside else math.inf)
+            continue
+        y = max(targets, key=lambda i: (i not in snapshot.free, snapshot.usable_pages(i), -i))
+        taken.update((x, y))
+        snapshot.pages_free[y] -= need
+        moves.extend(Migration(r.request_id, x, y, r.kv[x], estimated_s=cost.migration_time(r.kv[x]))
+                     for r in requests)
+    return moves, wait

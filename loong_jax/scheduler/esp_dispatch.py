@@ -5,9 +5,9 @@ Data flow:
      steps draw from), the pages reserved for the expected growth of every decoding request (on its master),
      each decoding request's home group, the idle decode groups (maximal homes whose instances are all idle)
      and the free instances (idle, holding no KV, inside no home).
-  2. `admit_fifo` takes waiting requests in arrival order while their prompt plus expected growth fits the
-     pages of the candidate prefill instances (minus reservations). A request that does not fit is passed
-     over (backfilling) until it is overdue; then admission stops at it, so it is never overtaken forever.
+  2. `admit_fifo` takes waiting requests in queue order (`esp_queue`) whose prompt plus expected growth fits
+     the pages of the candidate prefill instances (minus reservations); one that does not fit is passed over
+     (backfilling). `release` / `withhold` apply the head's reservation to the snapshot.
   3. `estimate_wait` is how long the queue would wait if no instance were taken from decoding now: the
      earliest moment a busy instance or a decode group is expected to come free. It is the gain side of the
      delay-decode cost/gain test in `esp_allocation`, where a second of delay costs a request its
@@ -80,6 +80,21 @@ class ClusterSnapshot:
                 del snapshot.decode_groups[group]
         snapshot.free = snapshot.idle - claimed
         return snapshot
+
+    def release(self, group) -> None:
+        """The members of `group` prefill this step (a ready reservation): they count as free instances and
+        the decode groups they touch are no longer lendable (those decodes wait a step)."""
+        members = set(group)
+        self.free |= members
+        for touched in [g for g in self.decode_groups if members.intersection(g)]:
+            del self.decode_groups[touched]
+
+    def withhold(self, group) -> None:
+        """No new prompt goes to the members of `group` this step (a reservation holds or drains them)."""
+        members = set(group)
+        self.free -= members
+        for touched in [g for g in self.decode_groups if members.intersection(g)]:
+            del self.decode_groups[touched]
 
     def growth(self, request: RequestView) -> int:
         """Decode tokens to keep room for (expected output, capped by the horizon)."""
@@ -165,13 +180,13 @@ def group_pages(snapshot: ClusterSnapshot, group) -> int:
 
 
 def admit_fifo(snapshot: ClusterSnapshot, waiting, pages_available: int, largest_group_pages: int,
-               max_admit: int, force_head: bool = False, backfill_age: float | None = None) -> list[RequestView]:
-    """Waiting requests, in arrival order, whose KV (prompt + expected growth) fits the pages available.
+               max_admit: int, force_head: bool = False) -> list[RequestView]:
+    """Waiting requests, in queue order, whose KV (prompt + expected growth) fits the pages available.
 
-    Without `backfill_age` admission stops at the first request that does not fit (strict FIFO). With it, a
-    request that does not fit is passed over so later ones may use the room (backfilling: a 300K prompt
-    waiting for instances must not hold up every chat behind it) until it has waited `backfill_age` times
-    its isolated latency; from then on admission stops at it, so instances drain for it.
+    A request that does not fit is passed over so later ones may use the room (backfilling: a 300K prompt
+    waiting for instances must not hold up every chat behind it); the head of the queue is protected by its
+    reservation (`esp_queue`), not by stopping admission. With `force_head`, a head that only fits without
+    its growth room is admitted on its bare prompt.
     """
     admitted, used = [], 0
     for request in waiting:
@@ -183,9 +198,7 @@ def admit_fifo(snapshot: ClusterSnapshot, waiting, pages_available: int, largest
                 bare = _ceil_div(request.prefill_target, snapshot.view.page_size)
                 if bare <= largest_group_pages and bare <= pages_available:
                     admitted.append(request)
-                break
-            if backfill_age is None or snapshot.view.now - request.arrival > backfill_age * snapshot.isolated(request):
-                break
+                    used += bare
             continue
         admitted.append(request)
         used += need

@@ -6,12 +6,12 @@ growth; members keeping nothing leave the group when the prefill ends.
 
 Data flow, per batch (longest request first):
   1. Try sub-groups of the batch group from size 1 upwards (aligned, so the request's decode group stays in
-     the family); among those of the smallest size that fit, take the one with the most free pages.
+     the family), no wider than the fewest instances whose whole pools hold the request; among those of the
+     smallest size that fit, prefer instances that already hold decodes, then the most free pages.
   2. Split the prompt over that sub-group in balanced page-aligned shares; the member with the most room
      becomes the master (its segment is last), and it keeps room for the growth.
   3. A request that fits nowhere with its growth room is placed without it (decode scale-up finds the room
-     later); one that fits nowhere at all (the DP checks capacity per group size, not per group) stays
-     waiting.
+     later); one that fits nowhere at all, or only spread wider than it needs, stays waiting.
 Decode scale-up (a master out of pages) lives in `decode_planner`.
 """
 
@@ -62,7 +62,9 @@ def place_request(snapshot: ClusterSnapshot, group: tuple[int, ...], request: Re
 
 def _place(snapshot: ClusterSnapshot, group: tuple[int, ...], n_tokens: int, growth: int):
     page_size = snapshot.view.page_size
-    for size in power_of_two_sizes(len(group)):
+    per_instance = min(snapshot.view.instances[i].pages_total for i in group)
+    widest = compact_size(_ceil_div(n_tokens + growth, page_size) + 1, per_instance, len(group))
+    for size in power_of_two_sizes(widest):
         best = None
         for start in range(0, len(group) - size + 1, size):
             members = group[start:start + size]
@@ -71,14 +73,25 @@ def _place(snapshot: ClusterSnapshot, group: tuple[int, ...], n_tokens: int, gro
                 continue
             ordered = sorted(members, key=lambda i: snapshot.usable_pages(i))  # most room last: the master
             shares = split_tokens(n_tokens, [snapshot.usable_pages(i) for i in ordered], growth, page_size)
-            if shares is not None and (best is None or room > best[0]):
-                best = (room, ordered, shares)
+            # Instances already holding decodes first, so that free ones stay free for the next prefill.
+            key = (not snapshot.free.intersection(members), room)
+            if shares is not None and (best is None or key > best[0]):
+                best = (key, ordered, shares)
         if best is not None:
             _, ordered, shares = best
             ordered_members = [i for i in group if i in ordered[:-1]] + [ordered[-1]]
             by_instance = dict(zip(ordered, shares))
             return tuple((i, by_instance[i]) for i in ordered_members if by_instance[i] > 0)
     return None
+
+
+def compact_size(pages: int, per_instance: int, limit: int) -> int:
+    """Fewest instances (a power of two, at most `limit`) whose whole pools hold `pages`: a placement never
+    spreads a prompt wider, since its decode group would then claim instances it does not need."""
+    size = 1
+    while size * per_instance < pages and size * 2 <= limit:
+        size *= 2
+    return size
 
 
 def commit_placement(snapshot: ClusterSnapshot, request: RequestView, segments) -> None:
