@@ -6,7 +6,8 @@ What it measures (CPU or GPU, one instance of one device by default):
      tokens/s = batch x (steps - 1) / (last finish - last first token), i.e. the steps where every request
      decodes. The run's XLA compilations are counted with JAX's compile logging (target: 0).
   2. Raw loop: the same decode program (`sharding.decode_program.decode_forward` + argmax) in a jitted
-     step whose next inputs (token, position, append slot, KV length) are computed on device, pool donated,
+     step whose next inputs (token, position, append slot, tokens held per page entry) are computed on
+     device, pool donated,
      `--steps - 1` steps back to back with no host work at all: the device-bound ceiling.
   3. Prints both side by side and their ratio (target >= 0.8 at batch 32): engine and raw runs alternate
      and the median pair is reported, so a shared machine's changing load does not favour either side.
@@ -76,38 +77,52 @@ def raw_decode_rate(llm: LLM, prompts, steps: int) -> float:
     batch = len(prompts)
     context = len(prompts[0]) + steps
     pages_per_request = math.ceil(context / page_size)
-    max_pages = Buckets().round(pages_per_request, executor.buckets.decode_pages)
-    batch_local = Buckets().round(batch, executor.buckets.decode_batch)
+    buckets = executor.buckets
+    batch_local = buckets.round(batch, buckets.decode_batch)
+    member_pages = buckets.round(batch * pages_per_request, buckets.decode_batch * buckets.decode_pages)
     # Request r owns pages [r * pages_per_request, (r + 1) * pages_per_request) of the pool; the prompt's KV
-    # content does not change the work done, so the pool keeps whatever it holds.
-    rows = [DecodeRow(token=int(p[-1]), position=len(p), master=0, append_slot=(r * pages_per_request) * page_size + len(p),
+    # content does not change the work done, so the pool keeps whatever it holds. The entries list every
+    # page of the whole run (the engine's last bucket); their held tokens grow on device.
+    rows = [DecodeRow(token=int(p[-1]), position=len(p), master=0,
+                      append_slot=r * pages_per_request * page_size + len(p),
                       pages={0: list(range(r * pages_per_request, (r + 1) * pages_per_request))},
-                      kv_lens={0: len(p) + 1}) for r, p in enumerate(prompts)]
-    host = layout_decode_batch(rows, 1, batch_local, max_pages)
+                      kv_lens={0: pages_per_request * page_size}) for r, p in enumerate(prompts)]
+    host = layout_decode_batch(rows, 1, batch_local, member_pages, page_size)
+    first_page = np.zeros(batch_local, np.int32)  # [rows] first page of each row's request
+    first_page[list(host.rows)] = [r * pages_per_request for r in range(batch)]
+    held = np.zeros(batch_local, np.int32)  # [rows] tokens held, this step's append included
+    held[list(host.rows)] = [len(p) + 1 for p in prompts]
+    entry_rows = host.entry_rows[0]  # [entries]
+    entry_index = host.entry_pages[0] - first_page[entry_rows]  # [entries] page index within its request
+    entry_real = host.entry_tokens[0] > 0  # [entries] padding entries stay empty
+
+    def entry_tokens(held):  # [1, entries] tokens of each entry's page held so far
+        tokens = jnp.clip(held[entry_rows] - entry_index * page_size, 0, page_size)
+        return jnp.where(entry_real, tokens, 0)[None].astype(jnp.int32)
+
     inputs = DecodeInputs(tokens=host.tokens, positions=host.positions, append_slots=host.append_slots,
-                          page_tables=host.page_tables, kv_lens=host.kv_lens)
-    inputs = jax.device_put(inputs, NamedSharding(mesh, P()))
+                          entry_rows=host.entry_rows, entry_pages=host.entry_pages,
+                          entry_tokens=np.asarray(entry_tokens(held)))
+    inputs, held = jax.device_put((inputs, held), NamedSharding(mesh, P()))
     graphdef, params = executor.graphdef, executor._params_for(group)
     real = jnp.asarray(host.append_slots >= 0)  # [rows] padding rows stay padding
 
-    @functools.partial(jax.jit, donate_argnames=("pool", "inputs"))
-    def decode_step(params, pool, inputs):
+    @functools.partial(jax.jit, donate_argnames=("pool", "inputs", "held"))
+    def decode_step(params, pool, inputs, held):
         logits, pool = decode_forward(graphdef, params, pool, inputs, mesh=mesh)
         tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)  # [rows]
-        positions = inputs.positions + 1
-        tables = inputs.page_tables[0]  # [rows, max_pages]
-        slot_index = inputs.kv_lens[0]  # the next token's index among the request's tokens
-        page = jnp.take_along_axis(tables, (slot_index // page_size)[:, None], axis=1)[:, 0]
-        append = jnp.where(real, page * page_size + slot_index % page_size, -1)
-        return pool, DecodeInputs(tokens=tokens, positions=positions, append_slots=append,
-                                  page_tables=inputs.page_tables, kv_lens=inputs.kv_lens + real[None])
+        held = held + real  # the next token's KV is appended after the ones held
+        append = jnp.where(real, first_page * page_size + held - 1, -1)
+        return pool, DecodeInputs(tokens=tokens, positions=inputs.positions + 1, append_slots=append,
+                                  entry_rows=inputs.entry_rows, entry_pages=inputs.entry_pages,
+                                  entry_tokens=entry_tokens(held)), held
 
     pool = assemble_group_pool([executor.pools[0]], mesh)
-    pool, inputs = decode_step(params, pool, inputs)  # compile + one warm step
+    pool, inputs, held = decode_step(params, pool, inputs, held)  # compile + one warm step
     jax.block_until_ready(pool)
     start = time.perf_counter()
     for _ in range(steps - 1):
-        pool, inputs = decode_step(params, pool, inputs)
+        pool, inputs, held = decode_step(params, pool, inputs, held)
     jax.block_until_ready((pool, inputs))
     seconds = time.perf_counter() - start
     executor.pools[0] = pool  # the pool buffers were donated; hand the engine its pool back

@@ -249,8 +249,8 @@ class ModelBench:
                           append_slot=r * pages_per_request * page_size + context,
                           pages={0: list(range(r * pages_per_request, (r + 1) * pages_per_request))},
                           kv_lens={0: context + 1}) for r in range(batch)]
-        inputs = layout_decode_batch(rows, members=1, batch_local=batch,
-                                     max_pages=pages_per_request).to_device(self.mesh)
+        inputs = layout_decode_batch(rows, members=1, batch_local=batch, member_pages=batch * pages_per_request,
+                                     page_size=page_size).to_device(self.mesh)
         state = {"pool": self.pool(batch * pages_per_request * page_size)}
 
         def run():

@@ -7,8 +7,8 @@ plan takes), then `wait_next()` for the units that finish first.
 Data flow of one work unit:
   1. Host (`unit_inputs.UnitInputs`, numpy only): the unit and the allocator's page tables become its
      program's key and inputs, padded to power-of-two buckets: striped tokens and KV placement (prefill,
-     with the earlier chunks' pages for a chunked prefill), rows per master with page tables (decode),
-     token slots to move (migration), and the sampling parameters in the same row order.
+     with the earlier chunks' pages for a chunked prefill), rows per master with each member's ragged page
+     entries (decode), token slots to move (migration), and the sampling parameters in the same row order.
   2. Device: ONE jitted program per unit (two when a chunked prefill rides in a decode step), forward and
      sampling fused (prefill, decode) or the slot move (migration), taken from the `ProgramCache` by
      (kind, group, bucket). The group's pool is assembled from the members' pools without a copy and
@@ -208,8 +208,9 @@ class JaxExecutor:
         b = self.buckets
         keys = [ProgramKey("prefill", tuple(g), (b.round(0, b.prefill_rows), b.round(0, b.prefill_requests),
                                                  PLAIN_GREEDY)) for g in prefill_groups]
-        keys += [ProgramKey("decode", tuple(g), (b.round(0, b.decode_batch), b.round(0, b.decode_pages),
-                                                 PLAIN_GREEDY)) for g in decode_groups]
+        keys += [ProgramKey("decode", tuple(g), (b.round(0, b.decode_batch),
+                                                 b.round(0, b.decode_batch * b.decode_pages), PLAIN_GREEDY))
+                 for g in decode_groups]
         return keys
 
     def _params_for(self, group: tuple[int, ...]):
@@ -251,7 +252,7 @@ class JaxExecutor:
                 return jax.jit(program, donate_argnames=("pool",), out_shardings=out).lower(
                     params, pool, inputs, context, sampling)
         elif key.kind == "decode":
-            batch_local, max_pages, signature = key.bucket
+            batch_local, member_pages, signature = key.bucket
             batch_rows = members * batch_local
             row = NamedSharding(mesh, ROW_SPEC)
             per_member = NamedSharding(mesh, MEMBER_SPEC)
@@ -259,8 +260,9 @@ class JaxExecutor:
                 tokens=jax.ShapeDtypeStruct((batch_rows,), np.int32, sharding=row),
                 positions=jax.ShapeDtypeStruct((batch_rows,), np.int32, sharding=row),
                 append_slots=jax.ShapeDtypeStruct((batch_rows,), np.int32, sharding=row),
-                page_tables=jax.ShapeDtypeStruct((members, batch_rows, max_pages), np.int32, sharding=per_member),
-                kv_lens=jax.ShapeDtypeStruct((members, batch_rows), np.int32, sharding=per_member))
+                entry_rows=jax.ShapeDtypeStruct((members, member_pages), np.int32, sharding=per_member),
+                entry_pages=jax.ShapeDtypeStruct((members, member_pages), np.int32, sharding=per_member),
+                entry_tokens=jax.ShapeDtypeStruct((members, member_pages), np.int32, sharding=per_member))
             sampling = abstract_sampling(batch_rows, signature, row)
             program = functools.partial(self._decode_program, mesh=mesh, signature=signature)
         else:

@@ -10,7 +10,8 @@ Data flow, per unit (`UnitInputs.prefill` / `decode` / `migration` -> `ProgramCa
      a prompt also gets, per member, the pages and token counts of the prompt's earlier KV (`layout_context`).
   2. DecodeBatch: one `DecodeRow` per request in its master's block: the newest token, its position, the
      slot of its KV on the master (allocated by `state.on_dispatched`), and every member's pages and token
-     counts of the request (`layout_decode_batch`).
+     counts of the request, flattened per member into the ragged page entries the batch holds there
+     (`layout_decode_batch`; the bucket counts the busiest member's pages, not batch x longest request).
   3. MigrationBatch: the allocator's tickets give, for every moved token, its slot on the source and its
      slot on the destination (a share appended after the destination's own tokens may start mid-page).
   4. Each request that samples gets its `SamplingRow` at its output row (padding rows are greedy); the
@@ -35,7 +36,7 @@ from loong_jax.sampling_batch import (STOP_IDS_BUCKET_MIN, SamplingBatch, Sampli
 from loong_jax.sampling_params import SamplingParams
 from loong_jax.scheduler.plan import DecodeBatch, MigrationBatch, PrefillBatch
 from loong_jax.sharding.context_prefill import ContextInputs, chunk_layout, layout_context
-from loong_jax.sharding.decode_program import DecodeInputs, DecodeRow, layout_decode_batch
+from loong_jax.sharding.decode_program import DecodeInputs, DecodeRow, layout_decode_batch, pages_held
 from loong_jax.sharding.prefill_program import PrefillBatch as PrefillInputs
 from loong_jax.sharding.stripe_layout import Placement, rows_needed, striped_members
 
@@ -62,7 +63,7 @@ class Buckets:
     prefill_rows: int = 16  # token rows per group member
     prefill_requests: int = 8  # prompts (sampled rows) per prefill batch
     decode_batch: int = 8  # requests per master (rows per member)
-    decode_pages: int = 8  # pages of one request on one member
+    decode_pages: int = 8  # pages of one request on one member (decode: x decode_batch pages per member)
     migration_slots: int = 64  # token slots moved by one migration unit
 
     def round(self, need: int, minimum: int) -> int:
@@ -221,20 +222,21 @@ class UnitInputs:
                 kv_lens={member_of[i]: n for i, n in held.items()}))
         b, members = self.buckets, len(group)
         busiest_master = max(Counter(row.master for row in rows).values())
-        most_pages = max(len(pages) for row in rows for pages in row.pages.values())
+        most_pages = pages_held(rows, members, self.page_size)
         batch_local = b.round(busiest_master, b.decode_batch)
-        max_pages = b.round(most_pages, b.decode_pages)
-        host = layout_decode_batch(rows, members, batch_local, max_pages)
+        member_pages = b.round(most_pages, b.decode_batch * b.decode_pages)
+        host = layout_decode_batch(rows, members, batch_local, member_pages, self.page_size)
         inputs = DecodeInputs(tokens=host.tokens, positions=host.positions, append_slots=host.append_slots,
-                              page_tables=host.page_tables, kv_lens=host.kv_lens)
+                              entry_rows=host.entry_rows, entry_pages=host.entry_pages,
+                              entry_tokens=host.entry_tokens)
         sampling_rows = [PADDING_ROW] * (members * batch_local)
         for request_id, row in zip(batch.request_ids, host.rows):
             sampling_rows[row] = self.source.sampling_row(request_id)
         sampling, signature = self._sampling(sampling_rows, members * batch_local)
-        key = ProgramKey("decode", group, (batch_local, max_pages, signature))
+        key = ProgramKey("decode", group, (batch_local, member_pages, signature))
         grown = None
-        if 4 * most_pages > 3 * max_pages:  # requests grow: the next page bucket will be needed soon
-            grown = ProgramKey("decode", group, (batch_local, 2 * max_pages, signature))
+        if 4 * most_pages > 3 * member_pages:  # requests grow: the next page bucket will be needed soon
+            grown = ProgramKey("decode", group, (batch_local, 2 * member_pages, signature))
         return ProgramCall(key, (inputs, sampling), list(zip(batch.request_ids, host.rows)), sampling_rows, grown)
 
     def migration(self, batch: MigrationBatch, tickets: Sequence[MigrationTicket]) -> ProgramCall:

@@ -5,16 +5,20 @@ axes SEQ x TENSOR). Rows [m * B_local, (m + 1) * B_local) are the requests
 member m is *master* of: it computed their q, k, v and keeps their new tokens.
 The KV of a request may live on any number of members (scale-down left it
 there, scale-up added new masters), each member holding some of its tokens in
-its own pages. Per layer, inside `jax.shard_map`:
+its own pages. Each member describes what it holds as a flat, ragged list of
+page entries (row, page, tokens held in that page), sorted by row and padded
+to a power-of-two bucket, so its work follows the pages it actually holds,
+not batch x longest request. Per layer, inside `jax.shard_map`:
 
   1. Append: each master writes the new k, v of its requests at their
      `append_slots` (flat slot `page * page_size + offset` in its own pool);
      padding rows carry slot -1 and are dropped.
   2. All-gather q over SEQ: every member sees every query of the batch.
-  3. Partial attention: member m gathers, for every request r, the pages
-     `page_tables[m, r]` it holds (chunk by chunk, merged online) and attends
-     the query of r over the first `kv_lens[m, r]` tokens of them -> (out,
-     log-sum-exp) in float32. A member holding nothing of r yields lse = -inf.
+  3. Partial attention: member m visits its page entries chunk by chunk; each
+     entry gathers one page and the query of its row, scores its held tokens,
+     and the entries of a row are combined with segment max / sum (exact
+     softmax statistics) -> (out, log-sum-exp) per row in float32; chunks
+     merge online. A row with no entries on m yields out 0, lse = -inf.
   4. All-to-all over SEQ: the partials of master m's rows go back to m.
   5. Exact merge: the master combines the d partials of each of its rows with
      `merge_partials` (log-sum-exp weights), which equals softmax attention
@@ -35,7 +39,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
-from loong_jax.models.attention import NEG_INF, merge_partials, partial_attention
+from loong_jax.models.attention import NEG_INF, merge_partials
 from loong_jax.sharding.kv_pool import POOL_SPEC
 from loong_jax.sharding.topology import SEQ, TENSOR
 
@@ -45,26 +49,30 @@ ROW_SPEC = P(SEQ)
 HEADS_SPEC = P(SEQ, TENSOR, None)
 # Per-member arrays with a leading member axis ([d, ...]).
 MEMBER_SPEC = P(SEQ)
-# Pages of a request attended at once on a member; longer page lists are
-# visited chunk by chunk with an online log-sum-exp merge.
-PAGES_PER_CHUNK = 64
+# Page entries a member attends at once; more are visited chunk by chunk with an
+# online log-sum-exp merge, which bounds the gathered KV however much is held.
+PAGES_PER_CHUNK = 1024
 
 
 @functools.partial(jax.tree_util.register_dataclass,
-                   data_fields=("pool", "page_tables", "kv_lens", "append_slots"), meta_fields=())
+                   data_fields=("pool", "entry_rows", "entry_pages", "entry_tokens", "append_slots"),
+                   meta_fields=())
 @dataclasses.dataclass
 class DecodeKVCache:
-    """What the decode attention hook carries from layer to layer.
+    """What the decode attention hook carries from layer to layer (E = page entries per member).
 
     pool:         [d, layers, 2, pages, page_size, kv_heads, head_dim]  (POOL_SPEC)
-    page_tables:  [d, d * B_local, max_pages] int32  member m's pages of request r, in order
-    kv_lens:      [d, d * B_local] int32  tokens of r held on m, including this step's append
+    entry_rows:   [d, E] int32  batch row of member m's entry e; sorted (padding: the last row)
+    entry_pages:  [d, E] int32  page of member m's pool the entry reads
+    entry_tokens: [d, E] int32  tokens of the row held in that page (0 = padding entry),
+                  including this step's append
     append_slots: [d * B_local] int32  flat slot in the master's pool for the new token; -1 = padding
     """
 
     pool: jax.Array
-    page_tables: jax.Array
-    kv_lens: jax.Array
+    entry_rows: jax.Array
+    entry_pages: jax.Array
+    entry_tokens: jax.Array
     append_slots: jax.Array
 
 
@@ -83,75 +91,83 @@ def _append_new_kv(pool, layer: int, k_new, v_new, append_slots):
     return pool.at[0, layer, 1, page, offset].set(v_new.astype(pool.dtype), mode="drop")
 
 
-def _chunk_partials(q_all, pool, layer: int, pages, first_token, kv_lens, scale: float):
-    """Partial attention of every query over one chunk of its request's pages on this member.
+def _chunk_partials(q_all, pool, layer: int, rows, pages, tokens, scale: float):
+    """Partial attention of every row's query over one chunk of this member's page entries.
 
-    q_all: [R, hq, hd]; pages: [R, chunk_pages] (already in range); first_token: index,
-    within the request's tokens on this member, of the chunk's first slot; kv_lens: [R].
+    q_all: [R, hq, hd]; rows, pages, tokens: [C] (sorted by row, pages in range).
+    Returns out [R, hq, hd] float32 and lse [R, hq] float32 (-inf: no token of the row here).
     """
-    rows, chunk_pages = pages.shape
-    chunk_tokens = chunk_pages * pool.shape[4]
-    k_held = pool[0, layer, 0][pages]  # [R, chunk_pages, page_size, kvh, hd]
-    v_held = pool[0, layer, 1][pages]
-    k_held = k_held.reshape(rows, chunk_tokens, *k_held.shape[3:])  # [R, S, kvh, hd]
-    v_held = v_held.reshape(rows, chunk_tokens, *v_held.shape[3:])
-    held = first_token + jnp.arange(chunk_tokens)[None, :] < kv_lens[:, None]  # [R, S]
-    # Slots past kv_len may hold a former request's values; zero them so that even a
-    # non-finite leftover cannot leak through a zero softmax weight.
-    v_held = jnp.where(held[:, :, None, None], v_held, 0)
+    num_rows, q_heads, head_dim = q_all.shape
+    page_size, kv_heads = pool.shape[4], pool.shape[5]
+    entries, group = rows.shape[0], q_heads // kv_heads
+    keys = pool[0, layer, 0][pages].astype(jnp.float32)  # [C, page_size, kvh, hd]
+    values = pool[0, layer, 1][pages]  # [C, page_size, kvh, hd]
+    held = jnp.arange(page_size)[None, :] < tokens[:, None]  # [C, page_size]
+    # Slots past the held tokens may keep a former request's values; zero them so that
+    # even a non-finite leftover cannot leak through a zero softmax weight.
+    values = jnp.where(held[:, :, None, None], values, 0).astype(jnp.float32)
+    q = q_all[rows].astype(jnp.float32).reshape(entries, kv_heads, group, head_dim)  # [C, kvh, g, hd]
+    scores = jnp.einsum("ekgd,eskd->ekgs", q, keys) * scale  # [C, kvh, g, page_size]
+    scores = jnp.where(held[:, None, None, :], scores, NEG_INF)
+    row_max = jax.ops.segment_max(scores.max(axis=-1), rows, num_segments=num_rows,
+                                  indices_are_sorted=True)  # [R, kvh, g]; -inf: nothing held
+    safe_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+    weights = jnp.exp(scores - safe_max[rows][..., None])  # [C, kvh, g, page_size]; masked: 0
+    denom = jax.ops.segment_sum(weights.sum(axis=-1), rows, num_segments=num_rows,
+                                indices_are_sorted=True)  # [R, kvh, g]
+    weighted = jnp.einsum("ekgs,eskd->ekgd", weights, values)  # [C, kvh, g, hd]
+    acc = jax.ops.segment_sum(weighted, rows, num_segments=num_rows, indices_are_sorted=True)  # [R, kvh, g, hd]
+    out = acc / jnp.where(denom > 0, denom, 1.0)[..., None]
+    lse = jnp.where(denom > 0, jnp.log(jnp.where(denom > 0, denom, 1.0)) + safe_max, NEG_INF)
+    return out.reshape(num_rows, q_heads, head_dim), lse.reshape(num_rows, q_heads)
 
-    def one_request(q, k, v, mask):  # q: [hq, hd]; k, v: [S, kvh, hd]; mask: [S]
-        out, lse = partial_attention(q[None], k, v, mask[None], scale)
-        return out[0], lse[0]
 
-    return jax.vmap(one_request)(q_all, k_held, v_held, held)
+def _local_partials(q_all, pool, layer: int, entry_rows, entry_pages, entry_tokens, scale: float,
+                    pages_per_chunk: int):
+    """Partial attention of every query over the tokens this member holds of its row's request.
 
-
-def _local_partials(q_all, pool, layer: int, page_tables, kv_lens, scale: float, pages_per_chunk: int):
-    """Partial attention of every query over the tokens this member holds of its request.
-
-    q_all: [R, hq, hd] (R = d * B_local); page_tables: [R, max_pages]; kv_lens: [R].
-    Returns out [R, hq, hd] float32 and lse [R, hq] float32.
-    The pages are visited in chunks of `pages_per_chunk` with an online merge, so
-    the gathered KV stays bounded however long the requests are.
+    q_all: [R, hq, hd] (R = d * B_local); entry_rows, entry_pages, entry_tokens: [E] (sorted by row).
+    Returns out [R, hq, hd] float32 and lse [R, hq] float32. The entries are visited in
+    chunks of `pages_per_chunk` with an online merge, so the gathered KV stays bounded.
     """
-    num_pages, page_size = pool.shape[3], pool.shape[4]
-    rows, max_pages = page_tables.shape
-    chunk_pages = min(max_pages, pages_per_chunk)
-    chunks = -(-max_pages // chunk_pages)
-    # Unused and padded table entries point at page 0; the kv_lens mask hides them.
-    tables = jnp.pad(jnp.clip(page_tables, 0, num_pages - 1), ((0, 0), (0, chunks * chunk_pages - max_pages)))
-    tables = tables.reshape(rows, chunks, chunk_pages).transpose(1, 0, 2)  # [chunks, R, chunk_pages]
+    num_pages = pool.shape[3]
+    entries = entry_rows.shape[0]
+    chunk = min(entries, pages_per_chunk)
+    chunks = -(-entries // chunk)
+    pad = chunks * chunk - entries
+    # Extra entries repeat the last row (keeping the order sorted) and hold no token.
+    rows = jnp.pad(entry_rows, (0, pad), mode="edge").reshape(chunks, chunk)  # [chunks, C]
+    pages = jnp.pad(jnp.clip(entry_pages, 0, num_pages - 1), (0, pad)).reshape(chunks, chunk)
+    tokens = jnp.pad(entry_tokens, (0, pad)).reshape(chunks, chunk)
     if chunks == 1:
-        return _chunk_partials(q_all, pool, layer, tables[0], 0, kv_lens, scale)
+        return _chunk_partials(q_all, pool, layer, rows[0], pages[0], tokens[0], scale)
 
-    def visit_chunk(carry, chunk):
-        index, pages = chunk
-        out, lse = _chunk_partials(q_all, pool, layer, pages, index * chunk_pages * page_size, kv_lens,
-                                   scale)
+    def visit_chunk(carry, chunk_entries):
+        out, lse = _chunk_partials(q_all, pool, layer, *chunk_entries, scale)
         return merge_partials(*carry, out, lse), None
 
     # *_like keeps q's per-member variation, as a shard_map loop carry must.
     start = (jnp.zeros_like(q_all, dtype=jnp.float32), jnp.full_like(q_all[..., 0], NEG_INF, dtype=jnp.float32))
-    (out, lse), _ = jax.lax.scan(visit_chunk, start, (jnp.arange(chunks), tables))
+    (out, lse), _ = jax.lax.scan(visit_chunk, start, (rows, pages, tokens))
     return out, lse
 
 
-def _member_decode_attention(q, k_new, v_new, pool, page_tables, kv_lens, append_slots, *,
+def _member_decode_attention(q, k_new, v_new, pool, entry_rows, entry_pages, entry_tokens, append_slots, *,
                              layer: int, members: int, scale: float, pages_per_chunk: int):
     """The body run by every (member, tensor shard) of the group.
 
     q: [B_local, hq_local, hd]; k_new, v_new: [B_local, kvh_local, hd];
     pool: [1, layers, 2, pages, page_size, kvh_local, hd];
-    page_tables: [1, R, max_pages]; kv_lens: [1, R]; append_slots: [B_local].
+    entry_rows, entry_pages, entry_tokens: [1, E]; append_slots: [B_local].
     """
     batch_local = q.shape[0]
     pool = _append_new_kv(pool, layer, k_new, v_new, append_slots)
+    entries = (entry_rows[0], entry_pages[0], entry_tokens[0])
     if members == 1:  # a lone member holds all KV of its requests: nothing to exchange
-        out, _ = _local_partials(q, pool, layer, page_tables[0], kv_lens[0], scale, pages_per_chunk)
+        out, _ = _local_partials(q, pool, layer, *entries, scale, pages_per_chunk)
         return out.astype(q.dtype), pool
     q_all = jax.lax.all_gather(q, SEQ, axis=0, tiled=True)  # [R, hq_local, hd]
-    out, lse = _local_partials(q_all, pool, layer, page_tables[0], kv_lens[0], scale, pages_per_chunk)
+    out, lse = _local_partials(q_all, pool, layer, *entries, scale, pages_per_chunk)
     # Row block j of the partials belongs to member j; afterwards block i holds
     # what member i computed for *my* rows.
     out = jax.lax.all_to_all(out, SEQ, split_axis=0, concat_axis=0, tiled=True)  # [R, hq, hd]
@@ -171,7 +187,7 @@ def decode_attention(layer: int, q: jax.Array, k: jax.Array, v: jax.Array, posit
 
     q: [d * B_local, q_heads, head_dim]; k, v: [d * B_local, kv_heads, head_dim] (RoPE applied).
     Positions and segment ids are not needed: a decode query sees every token
-    its request holds, and padding rows hold nothing (kv_lens 0, slot -1).
+    its request holds, and padding rows hold nothing (no entries, slot -1).
     Returns out [d * B_local, q_heads, head_dim] in q's dtype and the cache with
     the updated pool.
     """
@@ -181,7 +197,8 @@ def decode_attention(layer: int, q: jax.Array, k: jax.Array, v: jax.Array, posit
     out, pool = jax.shard_map(
         body,
         mesh=mesh,
-        in_specs=(HEADS_SPEC, HEADS_SPEC, HEADS_SPEC, POOL_SPEC, MEMBER_SPEC, MEMBER_SPEC, ROW_SPEC),
+        in_specs=(HEADS_SPEC, HEADS_SPEC, HEADS_SPEC, POOL_SPEC, MEMBER_SPEC, MEMBER_SPEC, MEMBER_SPEC, ROW_SPEC),
         out_specs=(HEADS_SPEC, POOL_SPEC),
-    )(q, k, v, kv_cache.pool, kv_cache.page_tables, kv_cache.kv_lens, kv_cache.append_slots)
+    )(q, k, v, kv_cache.pool, kv_cache.entry_rows, kv_cache.entry_pages, kv_cache.entry_tokens,
+      kv_cache.append_slots)
     return out, dataclasses.replace(kv_cache, pool=pool)

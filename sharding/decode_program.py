@@ -4,9 +4,11 @@ with these masters and page tables".
 Data flow:
   1. Host: `layout_decode_batch` packs the requests of a decode batch into
      d blocks of B_local rows, block m holding the requests member m is master
-     of (padding rows: slot -1, nothing held), and builds the per-member page
-     tables and held-token counts. `DecodeBatch.to_device(mesh)` places every
-     array sharded over SEQ (`DecodeInputs`). d, B_local and max_pages are the static bucket.
+     of (padding rows: slot -1, nothing held), and lists per member the page
+     entries it holds (row, page, tokens in that page), sorted by row and padded
+     to `member_pages` entries. `DecodeBatch.to_device(mesh)` places every
+     array sharded over SEQ (`DecodeInputs`). d, B_local and member_pages are the
+     static bucket: the work follows the pages held, not the longest request.
   2. Device (`decode_forward`, traceable): the model runs on the group with
      GSPMD for its dense layers (rows split over members, heads/MLP split over
      TENSOR) and `decode_attention` as its attention hook, which appends each
@@ -55,8 +57,9 @@ class DecodeInputs:
     tokens: jax.Array  # [R] int32, ROW_SPEC
     positions: jax.Array  # [R] int32, ROW_SPEC
     append_slots: jax.Array  # [R] int32, ROW_SPEC; -1 = padding row
-    page_tables: jax.Array  # [d, R, max_pages] int32, MEMBER_SPEC
-    kv_lens: jax.Array  # [d, R] int32, MEMBER_SPEC
+    entry_rows: jax.Array  # [d, E] int32, MEMBER_SPEC; row of each page entry, sorted
+    entry_pages: jax.Array  # [d, E] int32, MEMBER_SPEC; page read by the entry
+    entry_tokens: jax.Array  # [d, E] int32, MEMBER_SPEC; tokens held in it (0 = padding)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,8 +69,9 @@ class DecodeBatch:
     tokens: np.ndarray  # [R] int32
     positions: np.ndarray  # [R] int32
     append_slots: np.ndarray  # [R] int32, -1 for padding rows
-    page_tables: np.ndarray  # [d, R, max_pages] int32
-    kv_lens: np.ndarray  # [d, R] int32
+    entry_rows: np.ndarray  # [d, E] int32, sorted; padding entries name the last row
+    entry_pages: np.ndarray  # [d, E] int32
+    entry_tokens: np.ndarray  # [d, E] int32, 0 for padding entries
     rows: tuple[int, ...]  # batch row of each request, in the order given
 
     def to_device(self, mesh: Mesh) -> DecodeInputs:
@@ -78,19 +82,29 @@ class DecodeBatch:
             tokens=jax.device_put(self.tokens, rows),
             positions=jax.device_put(self.positions, rows),
             append_slots=jax.device_put(self.append_slots, rows),
-            page_tables=jax.device_put(self.page_tables, members),
-            kv_lens=jax.device_put(self.kv_lens, members))
+            entry_rows=jax.device_put(self.entry_rows, members),
+            entry_pages=jax.device_put(self.entry_pages, members),
+            entry_tokens=jax.device_put(self.entry_tokens, members))
 
 
-def layout_decode_batch(requests: Sequence[DecodeRow], members: int, batch_local: int,
-                        max_pages: int) -> DecodeBatch:
-    """Places each request in its master's block of rows and builds the tables."""
+def pages_held(requests: Sequence[DecodeRow], members: int, page_size: int) -> int:
+    """Page entries of the busiest member: the smallest `member_pages` that fits the batch."""
+    held = [0] * members
+    for request in requests:
+        for member, tokens in request.kv_lens.items():
+            held[member] += -(-tokens // page_size)
+    return max(held)
+
+
+def layout_decode_batch(requests: Sequence[DecodeRow], members: int, batch_local: int, member_pages: int,
+                        page_size: int) -> DecodeBatch:
+    """Places each request in its master's block of rows and lists every member's page entries."""
     total_rows = members * batch_local
     tokens = np.zeros(total_rows, np.int32)
     positions = np.zeros(total_rows, np.int32)
     append_slots = np.full(total_rows, -1, np.int32)
-    page_tables = np.zeros((members, total_rows, max_pages), np.int32)
-    kv_lens = np.zeros((members, total_rows), np.int32)
+    # Per member, the page entries it holds: their rows, pages and tokens in the page.
+    entry_lists = [([], [], []) for _ in range(members)]
     used = [0] * members
     rows = []
     for request in requests:
@@ -106,13 +120,29 @@ def layout_decode_batch(requests: Sequence[DecodeRow], members: int, batch_local
         used[request.master] += 1
         rows.append(row)
         tokens[row], positions[row], append_slots[row] = request.token, request.position, request.append_slot
-        for member, pages in request.pages.items():
-            if len(pages) > max_pages:
-                raise ValueError(f"request holds {len(pages)} pages on member {member}; bucket has {max_pages}")
-            page_tables[member, row, :len(pages)] = pages
         for member, held in request.kv_lens.items():
-            kv_lens[member, row] = held
-    return DecodeBatch(tokens, positions, append_slots, page_tables, kv_lens, tuple(rows))
+            pages = request.pages.get(member, ())
+            if held > len(pages) * page_size:
+                raise ValueError(f"{held} tokens on member {member} do not fit {len(pages)} pages")
+            if held == 0:
+                continue
+            used_pages = -(-held // page_size)
+            held_rows, held_pages, held_tokens = entry_lists[member]
+            held_rows.extend([row] * used_pages)
+            held_pages.extend(pages[:used_pages])
+            held_tokens.extend([page_size] * (used_pages - 1) + [held - (used_pages - 1) * page_size])
+    entry_rows = np.full((members, member_pages), total_rows - 1, np.int32)
+    entry_pages = np.zeros((members, member_pages), np.int32)
+    entry_tokens = np.zeros((members, member_pages), np.int32)
+    for member, (held_rows, held_pages, held_tokens) in enumerate(entry_lists):
+        count = len(held_rows)
+        if count > member_pages:
+            raise ValueError(f"member {member} holds {count} pages of the batch; bucket has {member_pages}")
+        order = np.argsort(held_rows, kind="stable")  # by row, as the device's segment reductions assume
+        entry_rows[member, :count] = np.asarray(held_rows, np.int32)[order]
+        entry_pages[member, :count] = np.asarray(held_pages, np.int32)[order]
+        entry_tokens[member, :count] = np.asarray(held_tokens, np.int32)[order]
+    return DecodeBatch(tokens, positions, append_slots, entry_rows, entry_pages, entry_tokens, tuple(rows))
 
 
 def decode_forward(graphdef: nnx.GraphDef, params: Any, pool: jax.Array, inputs: DecodeInputs, *,
@@ -123,14 +153,14 @@ def decode_forward(graphdef: nnx.GraphDef, params: Any, pool: jax.Array, inputs:
       (`topology.group_params`: replicated over SEQ, TENSOR-sharded);
     pool: [d, layers, 2, pages, page_size, kv_heads, head_dim] with POOL_SPEC
       (`kv_pool.assemble_group_pool`); inputs: `DecodeBatch.to_device(mesh)`;
-    pages_per_chunk: pages of a request attended at once (bounds the gathered KV).
+    pages_per_chunk: page entries attended at once per member (bounds the gathered KV).
     Returns logits [R, vocab] float32 (padding rows are meaningless) and the pool
     with this step's k, v appended on each request's master.
     """
     model = nnx.merge(graphdef, params)
     segment_ids = jnp.where(inputs.append_slots >= 0, 0, -1).astype(jnp.int32)  # [R]
-    cache = DecodeKVCache(pool=pool, page_tables=inputs.page_tables, kv_lens=inputs.kv_lens,
-                          append_slots=inputs.append_slots)
+    cache = DecodeKVCache(pool=pool, entry_rows=inputs.entry_rows, entry_pages=inputs.entry_pages,
+                          entry_tokens=inputs.entry_tokens, append_slots=inputs.append_slots)
     attention = functools.partial(decode_attention, mesh=mesh, pages_per_chunk=pages_per_chunk)
     logits, cache = model(inputs.tokens, inputs.positions, segment_ids, attention=attention, kv_cache=cache)
     return logits, cache.pool
@@ -139,7 +169,7 @@ def decode_forward(graphdef: nnx.GraphDef, params: Any, pool: jax.Array, inputs:
 def jit_decode(graphdef: nnx.GraphDef, mesh: Mesh, pages_per_chunk: int = PAGES_PER_CHUNK):
     """`decode_forward` compiled for one group: call as
     `logits, pool = program(params, pool, inputs)`. The pool is donated (the
-    appends happen in place). Shapes are static per (group, B_local, max_pages)
+    appends happen in place). Shapes are static per (group, B_local, member_pages)
     bucket, so one wrapper per group compiles once per bucket; keep and reuse it."""
 
     def distributed_decode(params, pool, inputs):

@@ -43,6 +43,7 @@ SCHEDULE = (
 DECODE_MASTERS = (2, 0, -1)  # per request, taken modulo d
 DECODE_STEPS = 6
 PAGES, PAGE_SIZE, MAX_PAGES, REQUESTS_BUCKET, BATCH_LOCAL = 32, 4, 8, 3, 3
+MEMBER_PAGES = 32  # decode bucket: page entries per member
 
 
 @pytest.fixture(scope="module")
@@ -170,7 +171,7 @@ def greedy_decode(graphdef, params, pool, mesh, book, first_tokens, members):
     for step in range(DECODE_STEPS):
         rows = [book.decode_row(r, tokens[r][-1], PROMPT_LENGTHS[r] + step, DECODE_MASTERS[r] % members)
                 for r in range(len(first_tokens))]
-        batch = layout_decode_batch(rows, members, BATCH_LOCAL, MAX_PAGES)
+        batch = layout_decode_batch(rows, members, BATCH_LOCAL, MEMBER_PAGES, PAGE_SIZE)
         step_logits, pool = decode(params, pool, batch.to_device(mesh))
         step_logits = np.asarray(step_logits)
         for request, row in enumerate(batch.rows):

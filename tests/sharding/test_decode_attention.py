@@ -17,14 +17,14 @@ import pytest
 from jax.sharding import NamedSharding
 
 from loong_jax.sharding.decode_attention import HEADS_SPEC, DecodeKVCache, decode_attention
-from loong_jax.sharding.decode_program import layout_decode_batch
+from loong_jax.sharding.decode_program import layout_decode_batch, pages_held
 from loong_jax.sharding.kv_pool import POOL_SPEC
 from loong_jax.sharding.topology import Topology
 from tests.sharding.kv_book import KVBook
 
 LAYERS, PAGES, PAGE_SIZE, KV_HEADS, Q_HEADS, HEAD_DIM = 2, 48, 4, 2, 4, 8
 LAYER = 1  # the layer attended; layer 0 must stay untouched
-BATCH_LOCAL, MAX_PAGES = 3, 4
+BATCH_LOCAL = 3
 
 
 def dense_reference(q, keys, values):
@@ -45,7 +45,7 @@ def request_specs(members: int, rng):
     specs = []
     for i in range(2 * members):
         holders = rng.choice(members, size=spreads[i % len(spreads)], replace=False)
-        counts = rng.integers(1, 15, size=len(holders))  # up to all MAX_PAGES pages
+        counts = rng.integers(1, 15, size=len(holders))  # up to 4 pages per member
         specs.append((holders.tolist(), counts.tolist(), i % members))
     # One request spread over 3 members whose master holds none of it yet (a new master).
     if members >= 4:
@@ -76,9 +76,11 @@ def test_decode_attention_matches_dense(members, tp):
                 values.append(kv[LAYER, 1])
         past.append((np.stack(keys), np.stack(values)))
         rows.append(book.decode_row(request, token=0, position=sum(counts), master=master))
-    batch = layout_decode_batch(rows, members, BATCH_LOCAL, max_pages=MAX_PAGES)
-    # Pages visited one at a time, in chunks of 3 (the last one padded), or all at once.
-    pages_per_chunk = (3, 1, MAX_PAGES)[(members + tp) % 3]
+    # Twice the pages the busiest member holds: every member also has padding entries.
+    member_pages = 2 * pages_held(rows, members, PAGE_SIZE)
+    batch = layout_decode_batch(rows, members, BATCH_LOCAL, member_pages, PAGE_SIZE)
+    # Page entries visited one at a time, in chunks of 3 (the last one padded), or all at once.
+    pages_per_chunk = (3, 1, member_pages)[(members + tp) % 3]
 
     total_rows = members * BATCH_LOCAL
     q = rng.standard_normal((total_rows, Q_HEADS, HEAD_DIM)).astype(np.float32)
@@ -88,15 +90,15 @@ def test_decode_attention_matches_dense(members, tp):
     inputs = batch.to_device(mesh)
     heads = NamedSharding(mesh, HEADS_SPEC)
 
-    def step(q, k, v, pool, page_tables, kv_lens, append_slots):
-        cache = DecodeKVCache(pool, page_tables, kv_lens, append_slots)
+    def step(q, k, v, pool, entry_rows, entry_pages, entry_tokens, append_slots):
+        cache = DecodeKVCache(pool, entry_rows, entry_pages, entry_tokens, append_slots)
         out, cache = decode_attention(LAYER, q, k, v, None, None, cache, mesh=mesh,
                                       pages_per_chunk=pages_per_chunk)
         return out, cache.pool
 
     args = (jax.device_put(q, heads), jax.device_put(k_new, heads), jax.device_put(v_new, heads),
-            jax.device_put(pool, NamedSharding(mesh, POOL_SPEC)), inputs.page_tables, inputs.kv_lens,
-            inputs.append_slots)
+            jax.device_put(pool, NamedSharding(mesh, POOL_SPEC)), inputs.entry_rows, inputs.entry_pages,
+            inputs.entry_tokens, inputs.append_slots)
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a "donated buffers were not usable" warning fails the test
         compiled = jax.jit(step, donate_argnames=("pool",)).lower(*args).compile()

@@ -23,7 +23,7 @@ from loong_jax.models.attention import dense_attention
 from loong_jax.models.config import ModelConfig
 from loong_jax.models.generate import generate
 from loong_jax.models.llama import init_model
-from loong_jax.sharding.decode_program import DecodeRow, jit_decode, layout_decode_batch
+from loong_jax.sharding.decode_program import DecodeRow, jit_decode, layout_decode_batch, pages_held
 from loong_jax.sharding.kv_pool import POOL_SPEC, PoolShape, assemble_group_pool, create_pool, split_group_pool
 from loong_jax.sharding.migration import PageTransfer, jit_migrate, layout_migration
 from loong_jax.sharding.prefill_program import jit_prefill, make_prefill_batch
@@ -38,6 +38,7 @@ CONFIG = ModelConfig(model_type="llama", vocab_size=96, hidden_size=64, intermed
 PROMPT_LENGTHS = (11, 6, 9)
 DECODE_STEPS = 16
 PAGES, PAGE_SIZE, BATCH_LOCAL, MAX_PAGES = 32, 4, 2, 8
+MEMBER_PAGES = 32  # decode bucket: page entries per member, for every step of the run
 MEMBERS = 4
 # Members keeping each prompt's KV (request 0 on one member, 1 on two, 2 on all four),
 # and each request's master per decode step: request 1 scales up once, request 2
@@ -122,7 +123,7 @@ def run_decode(graphdef, placed, topology, group, pool, book, first_tokens, prom
     migrating pages before MIGRATE_BEFORE_STEP and scribbling over the freed ones."""
     mesh = topology.group_mesh(group)
     params = group_params(placed, topology, group)
-    decode = jit_decode(graphdef, mesh, pages_per_chunk=3)  # several chunks per request
+    decode = jit_decode(graphdef, mesh, pages_per_chunk=3)  # several chunks per member
     tokens = [[t] for t in first_tokens]
     logits = [[] for _ in first_tokens]
     freed_pages = []
@@ -136,7 +137,7 @@ def run_decode(graphdef, placed, topology, group, pool, book, first_tokens, prom
             freed_pages = source_pages
         rows = [book.decode_row(r, tokens[r][-1], prompt_lengths[r] + step, MASTERS[r](step))
                 for r in range(len(first_tokens))]
-        batch = layout_decode_batch(rows, len(group), BATCH_LOCAL, MAX_PAGES)
+        batch = layout_decode_batch(rows, len(group), BATCH_LOCAL, MEMBER_PAGES, PAGE_SIZE)
         step_logits, pool = decode(params, pool, batch.to_device(mesh))
         step_logits = np.asarray(step_logits)
         for request, row in enumerate(batch.rows):
@@ -239,17 +240,27 @@ def test_ring_prefill_then_distributed_decode(model, prompts, reference):
 def test_layout_decode_batch_puts_requests_in_their_masters_blocks_and_rejects_misfits():
     row = DecodeRow(token=7, position=30, master=1, append_slot=9, pages={1: [2], 0: [4, 5]},
                     kv_lens={1: 2, 0: 5})
-    batch = layout_decode_batch([row, dataclasses.replace(row, token=8)], members=2, batch_local=2,
-                                max_pages=3)
-    assert batch.rows == (2, 3)
-    assert batch.tokens.tolist() == [0, 0, 7, 8] and batch.append_slots.tolist() == [-1, -1, 9, 9]
-    assert batch.page_tables[0, 2].tolist() == [4, 5, 0] and batch.kv_lens[:, 2].tolist() == [5, 2]
-    assert batch.kv_lens[:, :2].sum() == 0  # padding rows hold nothing
+    other = DecodeRow(token=3, position=4, master=0, append_slot=1, pages={0: [0, 6]}, kv_lens={0: 4})
+    assert pages_held([row, other], members=2, page_size=4) == 3
+    batch = layout_decode_batch([row, dataclasses.replace(row, token=8), other], members=2, batch_local=2,
+                                member_pages=6, page_size=4)
+    assert batch.rows == (2, 3, 0)
+    assert batch.tokens.tolist() == [3, 0, 7, 8] and batch.append_slots.tolist() == [1, -1, 9, 9]
+    # Per member, one entry per page holding tokens (a page past the held ones is skipped), sorted
+    # by row; padding entries name the last row and hold nothing.
+    assert batch.entry_rows[0].tolist() == [0, 2, 2, 3, 3, 3]
+    assert batch.entry_pages[0].tolist() == [0, 4, 5, 4, 5, 0]
+    assert batch.entry_tokens[0].tolist() == [4, 4, 1, 4, 1, 0]
+    assert batch.entry_rows[1].tolist() == [2, 3, 3, 3, 3, 3]
+    assert batch.entry_pages[1].tolist() == [2, 2, 0, 0, 0, 0]
+    assert batch.entry_tokens[1].tolist() == [2, 2, 0, 0, 0, 0]
     with pytest.raises(ValueError, match="more than 1"):
-        layout_decode_batch([row, row], members=2, batch_local=1, max_pages=3)
+        layout_decode_batch([row, row], members=2, batch_local=1, member_pages=3, page_size=4)
     with pytest.raises(ValueError, match="bucket"):
-        layout_decode_batch([row], members=2, batch_local=1, max_pages=1)
+        layout_decode_batch([row], members=2, batch_local=1, member_pages=1, page_size=4)
+    with pytest.raises(ValueError, match="do not fit"):
+        layout_decode_batch([row], members=2, batch_local=1, member_pages=3, page_size=2)
     with pytest.raises(ValueError, match="outside"):
-        layout_decode_batch([dataclasses.replace(row, kv_lens={1: 1, 2: 3})], 2, 1, 3)
+        layout_decode_batch([dataclasses.replace(row, kv_lens={1: 1, 2: 3})], 2, 1, 3, 4)
     with pytest.raises(ValueError, match="append slot"):
-        layout_decode_batch([dataclasses.replace(row, kv_lens={0: 5})], 2, 1, 3)
+        layout_decode_batch([dataclasses.replace(row, kv_lens={0: 5})], 2, 1, 3, 4)
