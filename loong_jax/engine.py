@@ -272,19 +272,22 @@ class Engine:
 
     def _apply(self, result: UnitResult) -> None:
         finished = set()
+        requests, sequences, all_logprobs = self.state.requests, self._sequences, result.logprobs
         for engine_id, token in result.new_tokens.items():
-            sequence = self._sequences[engine_id]
-            if self.state.requests[engine_id].aborted:
+            if requests[engine_id].aborted:
                 continue  # its unit was running when it was aborted; the token is dropped
-            logprobs = result.logprobs.get(engine_id)
-            self._record(sequence, sequence.detokenizer.update([token], None if logprobs is None else [logprobs]))
+            sequence = sequences[engine_id]
+            detokenizer, logprobs = sequence.detokenizer, all_logprobs.get(engine_id)
+            self._record(sequence, detokenizer.update((token,), None if logprobs is None else (logprobs,)))
             sequence.request.metrics.record_token(result.finish_time)
-            if sequence.detokenizer.finished:
+            if detokenizer.finished:
                 finished.add(engine_id)
-        self.state.apply(BatchResult(result.unit, dict(result.new_tokens), frozenset(finished), result.finish_time))
+        self.state.apply(BatchResult(result.unit, result.new_tokens, frozenset(finished), result.finish_time))
         fused = getattr(result.unit, "fused_prefill", None)
         for engine_id in result.unit.request_ids + (fused.request_ids if fused is not None else ()):
-            self._finish_if_done(self._sequences[engine_id])
+            request = requests.get(engine_id)
+            if request is not None and request.status == FINISHED:  # the common case (running) skips the call
+                self._finish_if_done(sequences[engine_id])
 
     def _finish_if_done(self, sequence: _Sequence) -> None:
         """Once the state has finished a sequence (stop, length, abort, rejection), close its records."""

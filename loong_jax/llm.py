@@ -224,6 +224,7 @@ class LLM:
             from tqdm.auto import tqdm
 
             bar = tqdm(total=len(prepared), desc="generating", unit="request")
+        deltas: dict[str, list[RequestOutput]] = {request_id: [] for request_id in results}
         try:
             pending = set(results)
             while pending:
@@ -231,7 +232,7 @@ class LLM:
                     raise RuntimeError(f"engine finished without completing requests {sorted(pending)}")
                 for delta in self.engine.step():
                     if delta.request_id in results:
-                        results[delta.request_id] = results[delta.request_id].merged(delta)
+                        deltas[delta.request_id].append(delta)  # merged once at the end, in linear time
                         if delta.finished:
                             pending.discard(delta.request_id)
                             if bar is not None:
@@ -244,7 +245,7 @@ class LLM:
         finally:
             if bar is not None:
                 bar.close()
-        return [results[r.request_id] for r in prepared]
+        return [results[r.request_id].merged_all(deltas[r.request_id]) for r in prepared]
 
     def stream(self, prompt: Prompt, sampling_params: SamplingParams | dict | None = None,
                request_id: str | None = None) -> Iterator[RequestOutput]:

@@ -52,6 +52,22 @@ class CompletionOutput:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
+    @classmethod
+    def concatenated(cls, parts: "list[CompletionOutput]") -> "CompletionOutput":
+        """`parts[0].merged(parts[1]).merged(parts[2])...` in one pass (linear in the total output)."""
+        index = parts[0].index
+        if any(part.index != index for part in parts):
+            raise ValueError(f"cannot concatenate outputs of different samples {sorted({p.index for p in parts})}")
+        logprobs = None
+        if any(part.logprobs is not None for part in parts):
+            logprobs = [entry for part in parts for entry in part.logprobs or ()]
+        finish_reasons = [part.finish_reason for part in parts if part.finish_reason is not None]
+        stop_reasons = [part.stop_reason for part in parts if part.stop_reason is not None]
+        return cls(index=index, text="".join(part.text for part in parts),
+                   token_ids=[token for part in parts for token in part.token_ids], logprobs=logprobs,
+                   finish_reason=finish_reasons[-1] if finish_reasons else None,
+                   stop_reason=stop_reasons[-1] if stop_reasons else None)
+
     def merged(self, delta: "CompletionOutput") -> "CompletionOutput":
         """This output extended by a later delta of the same sequence."""
         if delta.index != self.index:
@@ -163,3 +179,22 @@ class RequestOutput:
             metrics=delta.metrics if delta.metrics is not None else self.metrics,
             delta=False,
         )
+
+    def merged_all(self, deltas: "list[RequestOutput]") -> "RequestOutput":
+        """`merged` over a whole stream of deltas at once: linear in the total output, where merging after
+        every step copies the growing token lists each time."""
+        if not deltas:
+            return self
+        parts: dict[int, list[CompletionOutput]] = {output.index: [output] for output in self.outputs}
+        metrics = self.metrics
+        for delta in deltas:
+            if delta.request_id != self.request_id:
+                raise ValueError(f"cannot merge a delta of request {delta.request_id!r} "
+                                 f"into request {self.request_id!r}")
+            for part in delta.outputs:
+                parts.setdefault(part.index, []).append(part)
+            metrics = delta.metrics if delta.metrics is not None else metrics
+        return RequestOutput(
+            request_id=self.request_id, prompt=self.prompt, prompt_token_ids=self.prompt_token_ids,
+            outputs=[CompletionOutput.concatenated(parts[index]) for index in sorted(parts)],
+            finished=deltas[-1].finished, metrics=metrics, delta=False)

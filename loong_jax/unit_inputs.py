@@ -115,7 +115,8 @@ def greedy_batch(rows: Sequence[SamplingRow], vocab_size: int, eos_token_ids: Se
     width = bucket_size(max(map(len, blocked)), STOP_IDS_BUCKET_MIN)
     stops = np.full((len(rows), width), vocab_size, np.int32)
     for index, ids in enumerate(blocked):
-        stops[index, :len(ids)] = ids
+        if ids:  # most rows are past min_tokens: nothing to block
+            stops[index, :len(ids)] = ids
     return GreedyBatch(step=steps, min_tokens=minimums, stop_token_ids=stops)
 
 
@@ -207,19 +208,21 @@ class UnitInputs:
 
     def decode(self, batch: DecodeBatch) -> ProgramCall:
         """One multi-master decode step: each request in its master's block of rows."""
-        allocator, group = self.state.allocator, batch.group
+        allocator, group, page_size, requests = self.state.allocator, batch.group, self.page_size, self.state.requests
         member_of = {instance: m for m, instance in enumerate(group)}
         rows = []
         for request_id, master in zip(batch.request_ids, batch.masters):
-            request = self.state.requests[request_id]  # decoding: its newest token is the last generated
-            held = allocator.kv_layout(request_id)  # instance -> tokens, this step's append included
-            index, master_pages = held[master] - 1, allocator.page_table(request_id, master)
-            append_slot = master_pages[index // self.page_size] * self.page_size + index % self.page_size
+            request = requests[request_id]  # decoding: its newest token is the last generated
+            pages, kv_lens = {}, {}
+            for instance, held in allocator.kv_layout(request_id).items():  # tokens, this step's append included
+                member = member_of[instance]
+                pages[member], kv_lens[member] = allocator.page_table(request_id, instance), held
+            master_member = member_of[master]
+            index, master_pages = kv_lens[master_member] - 1, pages[master_member]
             rows.append(DecodeRow(
-                token=int(request.generated[-1]), position=request.context_len - 1, master=member_of[master],
-                append_slot=append_slot,
-                pages={member_of[i]: allocator.page_table(request_id, i) for i in held},
-                kv_lens={member_of[i]: n for i, n in held.items()}))
+                token=int(request.generated[-1]), position=request.context_len - 1, master=master_member,
+                append_slot=master_pages[index // page_size] * page_size + index % page_size,
+                pages=pages, kv_lens=kv_lens))
         b, members = self.buckets, len(group)
         busiest_master = max(Counter(row.master for row in rows).values())
         most_pages = pages_held(rows, members, self.page_size)

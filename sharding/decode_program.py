@@ -105,19 +105,22 @@ def layout_decode_batch(requests: Sequence[DecodeRow], members: int, batch_local
     append_slots = np.full(total_rows, -1, np.int32)
     # Per member, the page entries it holds: their rows, pages and tokens in the page.
     entry_lists = [([], [], []) for _ in range(members)]
+    in_row_order = [True] * members  # entries appended by increasing row need no sort
+    all_members = frozenset(range(members))
     used = [0] * members
     rows = []
     for request in requests:
-        if not 0 <= request.master < members:
-            raise ValueError(f"master {request.master} is not a member of a group of {members}")
-        if used[request.master] == batch_local:
-            raise ValueError(f"member {request.master} is master of more than {batch_local} requests")
-        if request.append_slot < 0 or request.kv_lens.get(request.master, 0) < 1:
+        master = request.master
+        if not 0 <= master < members:
+            raise ValueError(f"master {master} is not a member of a group of {members}")
+        if used[master] == batch_local:
+            raise ValueError(f"member {master} is master of more than {batch_local} requests")
+        if request.append_slot < 0 or request.kv_lens.get(master, 0) < 1:
             raise ValueError("a request's master needs an append slot and counts the new token in kv_lens")
-        if not set(request.pages) | set(request.kv_lens) <= set(range(members)):
+        if not (all_members.issuperset(request.pages) and all_members.issuperset(request.kv_lens)):
             raise ValueError(f"page tables name members outside a group of {members}")
-        row = request.master * batch_local + used[request.master]
-        used[request.master] += 1
+        row = master * batch_local + used[master]
+        used[master] += 1
         rows.append(row)
         tokens[row], positions[row], append_slots[row] = request.token, request.position, request.append_slot
         for member, held in request.kv_lens.items():
@@ -128,9 +131,12 @@ def layout_decode_batch(requests: Sequence[DecodeRow], members: int, batch_local
                 continue
             used_pages = -(-held // page_size)
             held_rows, held_pages, held_tokens = entry_lists[member]
+            if held_rows and held_rows[-1] > row:
+                in_row_order[member] = False
             held_rows.extend([row] * used_pages)
             held_pages.extend(pages[:used_pages])
-            held_tokens.extend([page_size] * (used_pages - 1) + [held - (used_pages - 1) * page_size])
+            held_tokens.extend([page_size] * (used_pages - 1))
+            held_tokens.append(held - (used_pages - 1) * page_size)
     entry_rows = np.full((members, member_pages), total_rows - 1, np.int32)
     entry_pages = np.zeros((members, member_pages), np.int32)
     entry_tokens = np.zeros((members, member_pages), np.int32)
@@ -138,6 +144,10 @@ def layout_decode_batch(requests: Sequence[DecodeRow], members: int, batch_local
         count = len(held_rows)
         if count > member_pages:
             raise ValueError(f"member {member} holds {count} pages of the batch; bucket has {member_pages}")
+        if in_row_order[member]:
+            entry_rows[member, :count], entry_pages[member, :count] = held_rows, held_pages
+            entry_tokens[member, :count] = held_tokens
+            continue
         order = np.argsort(held_rows, kind="stable")  # by row, as the device's segment reductions assume
         entry_rows[member, :count] = np.asarray(held_rows, np.int32)[order]
         entry_pages[member, :count] = np.asarray(held_pages, np.int32)[order]

@@ -217,12 +217,15 @@ def test_request_output_merges_deltas_into_the_cumulative_form():
     ids = encode("中文 hello 😀") + [EOS]
     samples = [SequenceDetokenizer(TOKENIZER, SamplingParams(n=2, max_tokens=20), (), (EOS,), index=i)
                for i in range(2)]
-    merged = RequestOutput("r1", "prompt", [1, 2], outputs=[], finished=False)
+    start = merged = RequestOutput("r1", "prompt", [1, 2], outputs=[], finished=False)
+    deltas = []
     for token in ids:
         delta = RequestOutput("r1", "prompt", [1, 2], [s.update([token]) for s in samples],
                               finished=all(s.finished for s in samples), delta=True)
         merged = merged.merged(delta)
+        deltas.append(delta)
     assert merged.finished and merged.outputs == [s.output() for s in samples]
+    assert start.merged_all(deltas) == merged and start.merged_all([]) is start  # one pass, same result
     assert merged.text == "中文 hello 😀" and merged.finish_reason == "stop" and merged.token_ids == ids
     with pytest.raises(ValueError, match="finish_reason"):
         CompletionOutput(index=0, finish_reason="done")
