@@ -313,7 +313,7 @@ class JaxExecutor:
         outputs = []
         for part in launch.programs:
             program, group = self.programs.get(part.key), part.key.group
-            pool = self._group_pool(group)
+            pool = assemble_group_pool([self.pools[i] for i in group], self.topology.group_mesh(group))
             if part.key.kind == "migrate":
                 pool = program(pool, *part.inputs)
                 outputs.append(pool)
@@ -321,23 +321,10 @@ class JaxExecutor:
                 output, pool = program(self._params_for(group), pool, *part.inputs)
                 output.copy_to_host_async()  # the program's one device->host transfer starts when it can
                 outputs.append(output)
-            self._return_pools(group, pool)
+            for instance, member_pool in zip(group, split_group_pool(pool, self.topology, group)):
+                self.pools[instance] = member_pool
             self.counters[part.key.kind] += 1
         self._running.append(_Running(launch, outputs))
-
-    def _group_pool(self, group: tuple[int, ...]) -> jax.Array:
-        """The members' pools as one group pool (no copy)."""
-        if len(group) == 1:  # an instance's pool already lives on its one-member group mesh, with POOL_SPEC
-            return self.pools[group[0]]
-        return assemble_group_pool([self.pools[i] for i in group], self.topology.group_mesh(group))
-
-    def _return_pools(self, group: tuple[int, ...], pool: jax.Array) -> None:
-        """Hands each member its buffers of the program's (donated and returned) group pool."""
-        if len(group) == 1:
-            self.pools[group[0]] = pool
-            return
-        for instance, member_pool in zip(group, split_group_pool(pool, self.topology, group)):
-            self.pools[instance] = member_pool
 
     def _dispatch_compiled(self) -> None:
         still_compiling = []

@@ -54,7 +54,7 @@ class CompletionOutput:
 
     @classmethod
     def concatenated(cls, parts: "list[CompletionOutput]") -> "CompletionOutput":
-        """`parts[0].merged(parts[1]).merged(parts[2])...` in one pass (linear in the total output)."""
+        """Consecutive deltas of one sample joined in one pass (linear in the total output)."""
         index = parts[0].index
         if any(part.index != index for part in parts):
             raise ValueError(f"cannot concatenate outputs of different samples {sorted({p.index for p in parts})}")
@@ -70,19 +70,7 @@ class CompletionOutput:
 
     def merged(self, delta: "CompletionOutput") -> "CompletionOutput":
         """This output extended by a later delta of the same sequence."""
-        if delta.index != self.index:
-            raise ValueError(f"cannot merge the delta of sample {delta.index} into sample {self.index}")
-        logprobs = None
-        if self.logprobs is not None or delta.logprobs is not None:
-            logprobs = list(self.logprobs or []) + list(delta.logprobs or [])
-        return CompletionOutput(
-            index=self.index,
-            text=self.text + delta.text,
-            token_ids=self.token_ids + delta.token_ids,
-            logprobs=logprobs,
-            finish_reason=delta.finish_reason if delta.finish_reason is not None else self.finish_reason,
-            stop_reason=delta.stop_reason if delta.stop_reason is not None else self.stop_reason,
-        )
+        return CompletionOutput.concatenated([self, delta])
 
 
 @dataclasses.dataclass
@@ -163,26 +151,11 @@ class RequestOutput:
 
     def merged(self, delta: "RequestOutput") -> "RequestOutput":
         """The cumulative output after applying a streamed delta (samples matched by index)."""
-        if delta.request_id != self.request_id:
-            raise ValueError(f"cannot merge a delta of request {delta.request_id!r} "
-                             f"into request {self.request_id!r}")
-        by_index = {output.index: output for output in self.outputs}
-        for part in delta.outputs:
-            previous = by_index.get(part.index, CompletionOutput(index=part.index))
-            by_index[part.index] = previous.merged(part)
-        return RequestOutput(
-            request_id=self.request_id,
-            prompt=self.prompt,
-            prompt_token_ids=self.prompt_token_ids,
-            outputs=[by_index[index] for index in sorted(by_index)],
-            finished=delta.finished,
-            metrics=delta.metrics if delta.metrics is not None else self.metrics,
-            delta=False,
-        )
+        return self.merged_all([delta])
 
     def merged_all(self, deltas: "list[RequestOutput]") -> "RequestOutput":
-        """`merged` over a whole stream of deltas at once: linear in the total output, where merging after
-        every step copies the growing token lists each time."""
+        """This output after a whole stream of deltas, in one pass: linear in the total output, where merging
+        after every step would copy the growing token lists each time."""
         if not deltas:
             return self
         parts: dict[int, list[CompletionOutput]] = {output.index: [output] for output in self.outputs}

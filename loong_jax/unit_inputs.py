@@ -43,7 +43,8 @@ from loong_jax.sharding.stripe_layout import Placement, rows_needed, striped_mem
 RequestId = Hashable
 # Rows that pad a sampling batch: greedy, never read back.
 PADDING_ROW = SamplingRow(SamplingParams(temperature=0.0, max_tokens=1, seed=0), (), ())
-PLAIN_GREEDY = (STOP_IDS_BUCKET_MIN, 1, 1, None, True)  # sampling signature: greedy, no penalties, no logprobs (the common case)
+# Sampling signature of the common case: greedy, no penalties, no logprobs.
+PLAIN_GREEDY = (STOP_IDS_BUCKET_MIN, 1, 1, None, True)
 
 
 class RequestSource(Protocol):

@@ -76,6 +76,9 @@ def assemble_group_pool(pools: Sequence[jax.Array], mesh: Mesh) -> jax.Array:
     members = mesh.devices.shape[0]
     if len(pools) != members:
         raise ValueError(f"group of {members} members got {len(pools)} pools")
+    sharding = NamedSharding(mesh, POOL_SPEC)
+    if members == 1 and pools[0].sharding == sharding:  # a lone member's pool already is the group pool
+        return pools[0]
     buffers = []
     for member, pool in enumerate(pools):
         shard_by_device = {shard.device: shard.data for shard in pool.addressable_shards}
@@ -84,12 +87,14 @@ def assemble_group_pool(pools: Sequence[jax.Array], mesh: Mesh) -> jax.Array:
                 raise ValueError(f"pool of member {member} is not on device {device} of the group mesh")
             buffers.append(shard_by_device[device])
     group_shape = (members,) + tuple(pools[0].shape[1:])
-    return jax.make_array_from_single_device_arrays(group_shape, NamedSharding(mesh, POOL_SPEC), buffers)
+    return jax.make_array_from_single_device_arrays(group_shape, sharding, buffers)
 
 
 def split_group_pool(group_pool: jax.Array, topology: Topology, group: Sequence[int]) -> list[jax.Array]:
     """Group pool [d, ...] -> one pool [1, ...] per member, on its instance mesh
     (no copy: each member keeps the buffers it already holds)."""
+    if len(group) == 1 and group_pool.sharding == NamedSharding(topology.instance_mesh(group[0]), POOL_SPEC):
+        return [group_pool]
     shard_by_device = {shard.device: shard.data for shard in group_pool.addressable_shards}
     instance_shape = (1,) + tuple(group_pool.shape[1:])
     pools = []

@@ -177,12 +177,19 @@ async def _programs_ready(client) -> int | None:
         return None
 
 
-async def _run_rate(args, requests, rate: float) -> tuple[list, float, dict]:
+def _sampling(args) -> dict:
+    return {"temperature": args.temperature, "ignore_eos": not args.respect_eos}
+
+
+def _async_client(args):
     from loong_jax.server.client import AsyncLoongClient
 
-    sampling = {"temperature": args.temperature, "ignore_eos": not args.respect_eos}
-    target = f"{args.host}:{args.port}"
-    async with AsyncLoongClient(target, api_key=args.api_key, root_ca=args.tls_ca) as client:
+    return AsyncLoongClient(f"{args.host}:{args.port}", api_key=args.api_key, root_ca=args.tls_ca)
+
+
+async def _run_rate(args, requests, rate: float) -> tuple[list, float, dict]:
+    sampling = _sampling(args)
+    async with _async_client(args) as client:
         for request in requests[:args.warmup_requests]:
             await client.complete(list(request.prompt_token_ids), max_tokens=min(4, request.output_len),
                                   timeout=args.timeout, **sampling)
@@ -199,12 +206,9 @@ async def _run_rate(args, requests, rate: float) -> tuple[list, float, dict]:
 
 
 async def _warm_up_pass(args, requests) -> None:
-    from loong_jax.server.client import AsyncLoongClient
-
-    sampling = {"temperature": args.temperature, "ignore_eos": not args.respect_eos}
-    async with AsyncLoongClient(f"{args.host}:{args.port}", api_key=args.api_key, root_ca=args.tls_ca) as client:
+    async with _async_client(args) as client:
         await run_load(client, requests, arrival_times(len(requests), math.inf, 1.0, seed=args.seed),
-                       sampling=sampling, max_concurrency=args.max_concurrency, progress=not args.no_progress,
+                       sampling=_sampling(args), max_concurrency=args.max_concurrency, progress=not args.no_progress,
                        timeout=args.timeout, description="warm-up pass")
 
 

@@ -17,6 +17,8 @@ import threading
 import time
 from typing import Callable
 
+import grpc
+
 from loong_jax.server.app import GenerationServer, ServerOptions
 from loong_jax.server.engine_port import EnginePort
 
@@ -87,3 +89,12 @@ def collect(stream):
     for _ in stream:
         pass
     return stream.completion
+
+
+def status_code(call) -> grpc.StatusCode:
+    """The gRPC status a blocking call ends with (OK when it returns)."""
+    try:
+        call()
+    except grpc.RpcError as error:
+        return error.code()
+    return grpc.StatusCode.OK

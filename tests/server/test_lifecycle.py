@@ -12,17 +12,9 @@ from google.protobuf import descriptor_pb2
 from loong_jax.server.app import GenerationServer, ServerOptions
 from loong_jax.server.client import SERVICE_NAME, LoongClient
 from loong_jax.server.engine_port import EnginePort
-from tests.server.harness import start_server, wait_pages_free, wait_until
+from tests.server.harness import start_server, status_code, wait_pages_free, wait_until
 
 PROMPT = "Return the number of"
-
-
-def _code(call) -> grpc.StatusCode:
-    try:
-        call()
-    except grpc.RpcError as error:
-        return error.code()
-    return grpc.StatusCode.OK
 
 
 def test_health_not_serving_until_loaded_then_serving_then_not_serving_on_drain(loop_thread, engine):
@@ -39,7 +31,7 @@ def test_health_not_serving_until_loaded_then_serving_then_not_serving_on_drain(
         with LoongClient(f"127.0.0.1:{server.port}") as client:
             assert client.health("") == "SERVING"  # alive
             assert client.health(SERVICE_NAME) == "NOT_SERVING"  # not ready
-            assert _code(lambda: client.complete(PROMPT, max_tokens=1)) == grpc.StatusCode.UNAVAILABLE
+            assert status_code(lambda: client.complete(PROMPT, max_tokens=1)) == grpc.StatusCode.UNAVAILABLE
             assert client.server_info().ready is False
             release.set()
             wait_until(lambda: client.health(SERVICE_NAME) == "SERVING", what="readiness after warm-up")

@@ -9,18 +9,10 @@ from loong_jax.server.auth import ApiKeySet, load_api_keys, presented_key
 from loong_jax.server.client import SERVICE_NAME, LoongClient
 from loong_jax.server.tls import TlsConfig
 from tests.server.certs import issue, make_ca, write_pem
-from tests.server.harness import start_server
+from tests.server.harness import start_server, status_code
 
 PROMPT = "Return the number of"
 CALL_TIMEOUT_S = 10
-
-
-def _code(call) -> grpc.StatusCode:
-    try:
-        call()
-    except grpc.RpcError as error:
-        return error.code()
-    return grpc.StatusCode.OK
 
 
 @pytest.fixture(scope="module")
@@ -45,9 +37,9 @@ def test_tls(loop_thread, engine_port, pki):
             assert client.complete(PROMPT, max_tokens=2, temperature=0).finish_reason == "length"
             assert client.health(SERVICE_NAME) == "SERVING"
         with LoongClient(handle.target) as plaintext:  # no TLS: the handshake never completes
-            assert _code(lambda: plaintext.tokenize("x", timeout=CALL_TIMEOUT_S)) == grpc.StatusCode.UNAVAILABLE
+            assert status_code(lambda: plaintext.tokenize("x", timeout=CALL_TIMEOUT_S)) == grpc.StatusCode.UNAVAILABLE
         with LoongClient(handle.target, root_ca=pki["rogue_ca"]) as untrusting:  # server cert not trusted
-            assert _code(lambda: untrusting.tokenize("x", timeout=CALL_TIMEOUT_S)) == grpc.StatusCode.UNAVAILABLE
+            assert status_code(lambda: untrusting.tokenize("x", timeout=CALL_TIMEOUT_S)) == grpc.StatusCode.UNAVAILABLE
     finally:
         handle.stop()
 
@@ -61,10 +53,10 @@ def test_mutual_tls_needs_a_client_certificate_from_the_ca(loop_thread, engine_p
                          client_key=pki["client_key"]) as client:
             assert client.complete(PROMPT, max_tokens=2, temperature=0).finish_reason == "length"
         with LoongClient(handle.target, root_ca=pki["server_ca"]) as no_cert:
-            assert _code(lambda: no_cert.tokenize("x", timeout=CALL_TIMEOUT_S)) == grpc.StatusCode.UNAVAILABLE
+            assert status_code(lambda: no_cert.tokenize("x", timeout=CALL_TIMEOUT_S)) == grpc.StatusCode.UNAVAILABLE
         with LoongClient(handle.target, root_ca=pki["server_ca"], client_cert=pki["rogue_cert"],
                          client_key=pki["rogue_key"]) as rogue:
-            assert _code(lambda: rogue.tokenize("x", timeout=CALL_TIMEOUT_S)) == grpc.StatusCode.UNAVAILABLE
+            assert status_code(lambda: rogue.tokenize("x", timeout=CALL_TIMEOUT_S)) == grpc.StatusCode.UNAVAILABLE
     finally:
         handle.stop()
 
@@ -83,7 +75,7 @@ def test_api_keys_right_wrong_and_missing(loop_thread, engine_port, tmp_path):
         with LoongClient(handle.target) as anonymous:
             for call in (lambda: anonymous.complete(PROMPT, max_tokens=1), lambda: anonymous.tokenize("x"),
                          lambda: anonymous.abort("any"), lambda: anonymous.server_info()):
-                assert _code(call) == grpc.StatusCode.UNAUTHENTICATED
+                assert status_code(call) == grpc.StatusCode.UNAUTHENTICATED
             assert anonymous.health() == "SERVING" and anonymous.health(SERVICE_NAME) == "SERVING"  # no key needed
         for wrong in ("alpha-key-12", "alpha-key-1234", "ALPHA-KEY-123", " ", "beta-key-456 x"):
             with LoongClient(handle.target, api_key=wrong) as client:
