@@ -32,6 +32,11 @@ class DecodePlan:
 
 
 def home_group(request: RequestView, num_instances: int) -> tuple[int, ...]:
+    """The smallest family group holding the request's KV and its master."""
+    if len(request.kv) == 1:  # the common case, without building sets
+        (only,) = request.kv
+        if request.master is None or request.master == only:
+            return (only,)
     instances = set(request.kv)
     if request.master is not None:
         instances.add(request.master)

@@ -3,7 +3,9 @@
 Data flow of one call:
   1. Snapshot (`esp_dispatch`): free pages, growth reservations, decode groups, free instances. Requests
      that can never fit are rejected; idle partial prefills (left by another policy) are preempted.
-  2. Queue (`esp_queue`): earliest latency deadline first. When the head does not fit the free instances it
+  2. Queue (`esp_queue`): earliest latency deadline first. Under overload (the arriving work exceeds
+     `target_utilization` x the instances) the largest requests are late: they start only when no timely
+     request waits, so the most requests meet their SLOs (they are served, never rejected). When the head does not fit the free instances it
      gets a reservation: a group that is held for it (or drains for it) and that it prefills on once idle;
      the small decodes living on the group's idle members first migrate off it (`plan_evacuation`), so
      they keep decoding elsewhere instead of stalling for the whole prefill.
@@ -21,7 +23,7 @@ from __future__ import annotations
 from loong_jax.scheduler.decode_planner import plan_decodes
 from loong_jax.scheduler.esp_allocation import BatchingLimits, choose_prefill, plan_consolidation, plan_evacuation
 from loong_jax.scheduler.esp_dispatch import ClusterSnapshot, group_pages
-from loong_jax.scheduler.esp_queue import deadline_order, fits_free_instances, never_fitting, reserve_for_head
+from loong_jax.scheduler.esp_queue import OfferedLoad, deadline_order, fits_free_instances, never_fitting, reserve_for_head
 from loong_jax.scheduler.esp_scaling import place_batch
 from loong_jax.scheduler.estimates import prefill_seconds
 from loong_jax.scheduler.groups import free_blocks, pack_sizes
@@ -35,9 +37,12 @@ class EspPolicy:
     def __init__(self, max_batches: int = 8, max_boundaries: int = 24, max_admit: int = 256,
                  growth_horizon: int = 512, max_lent_groups: int = 8, migration: bool = True,
                  max_tokens_per_instance: int | None = None, slo_scale: float = 25.0,
-                 evacuation_wait: float = 0.2, queue_order: str = "deadline"):
+                 evacuation_wait: float = 0.2, queue_order: str = "deadline", target_utilization: float = 0.8,
+                 starvation_limit: float = 4.0):
         if max_batches < 1 or max_boundaries < 2 or max_admit < 1 or growth_horizon < 0 or max_lent_groups < 0:
             raise ValueError("EspPolicy: max_batches, max_admit >= 1, max_boundaries >= 2, others >= 0")
+        if target_utilization <= 0 or starvation_limit <= 0:
+            raise ValueError("EspPolicy: target_utilization and starvation_limit must be > 0")
         if queue_order not in ("deadline", "fifo"):
             raise ValueError(f"EspPolicy: queue_order must be 'deadline' or 'fifo', got {queue_order!r}")
         self.limits = BatchingLimits(max_batches, max_boundaries, max_admit, max_tokens_per_instance)
@@ -47,17 +52,19 @@ class EspPolicy:
         self.slo_scale = slo_scale
         self.queue_order = queue_order  # "fifo": arrival order (LoongServe's), for comparison
         self.evacuation_wait = evacuation_wait  # wait up to this x the head's prefill for an evacuation target
-        self._isolated_cache: dict = {}  # isolated latency per request: constant, so kept across calls
+        self.load = OfferedLoad(utilization=target_utilization)  # under overload the largest requests go late
+        self.starvation_limit = starvation_limit  # x its latency budget: a request waiting so long goes first
+        self._request_costs: dict = {}  # isolated latency and work per request: constant, kept across calls
 
     def schedule(self, view: SchedulerView) -> Plan:
         if not view.idle_instances:
             return Plan()
-        if len(self._isolated_cache) > 4 * (len(view.waiting) + len(view.decoding)) + 1024:
-            self._isolated_cache.clear()  # forget finished requests now and then
-        snapshot = ClusterSnapshot.build(view, self.growth_horizon, self.slo_scale, self._isolated_cache)
+        if len(self._request_costs) > 4 * (len(view.waiting) + len(view.decoding)) + 1024:
+            self._request_costs.clear()  # forget finished requests now and then
+        snapshot = ClusterSnapshot.build(view, self.growth_horizon, self.slo_scale, self._request_costs)
         rejections, servable = never_fitting(view, self.limits.max_tokens_per_instance)
         if self.queue_order == "deadline":
-            servable = deadline_order(snapshot, servable)
+            servable = self._triage(snapshot, servable)
         queue = servable[: self.limits.max_admit]
         preemptions = [Preemption(r.request_id) for r in view.prefilling if not r.in_flight]
         nothing_running = not view.decoding and not view.prefilling and len(view.idle_instances) == view.num_instances
@@ -100,6 +107,19 @@ class EspPolicy:
             prefills=tuple(prefills), decodes=tuple(batches), migrations=tuple(migrations),
             preemptions=tuple(preemptions) + tuple(decodes.preemptions), rejections=rejections,
         )
+
+    def _triage(self, snapshot: ClusterSnapshot, servable):
+        """The queue this step: timely requests in deadline order; when none waits, the late ones (requests
+        over the overload work limit only on an idle cluster: once started they hold it for long)."""
+        view = snapshot.view
+        self.load.observe(snapshot, servable)
+        limit = self.load.work_limit(view.num_instances)
+        timely, late = deadline_order(snapshot, servable, limit, self.starvation_limit)
+        if timely:
+            return timely
+        if view.decoding or view.prefilling:
+            return [r for r in late if snapshot.work(r) <= limit]
+        return late
 
     def _clear_reservation(self, snapshot: ClusterSnapshot, reservation, queue) -> tuple[list, str]:
         """(migrations, mode) that keep the reserved group's decodes from stalling for the head's prefill.

@@ -39,7 +39,7 @@ class ClusterSnapshot:
     free: set = field(default_factory=set)  # idle instances no decoding request needs
     idle: set = field(default_factory=set)
     slo_scale: float = 25.0  # latency target = slo_scale x isolated latency (urgency is slack to it)
-    isolated_cache: dict = field(default_factory=dict)  # (id, prompt, max) -> isolated seconds (policy-owned)
+    request_costs: dict = field(default_factory=dict)  # (id, prompt, max) -> (isolated s, instance-s) (policy-owned)
     _wait: float | None = None
     _prompt_pages: dict = field(default_factory=dict)  # id(request) -> pages (cache for this call)
     _urgency: dict = field(default_factory=dict)  # id(request) -> 1 / isolated seconds (cache)
@@ -47,23 +47,30 @@ class ClusterSnapshot:
 
     @classmethod
     def build(cls, view: SchedulerView, growth_horizon: int, slo_scale: float = 25.0,
-              isolated_cache: dict | None = None) -> "ClusterSnapshot":
+              request_costs: dict | None = None) -> "ClusterSnapshot":
         n, page_size = view.num_instances, view.page_size
         snapshot = cls(view, growth_horizon, [i.pages_free for i in view.instances], [0] * n)
         snapshot.slo_scale = slo_scale
-        if isolated_cache is not None:
-            snapshot.isolated_cache = isolated_cache
+        if request_costs is not None:
+            snapshot.request_costs = request_costs
         snapshot.idle = set(view.idle_instances)
         claimed: set[int] = set()
         idle_homes: dict[tuple[int, ...], list[RequestView]] = {}
+        busy_members: set[int] = set()  # instances holding KV of a decode in flight
+        idle, homes, reserve, horizon = snapshot.idle, snapshot.homes, snapshot.reserve, growth_horizon
+        default_output = view.default_output_tokens
         for request in view.decoding:
             home = home_group(request, n)
-            snapshot.homes[request.request_id] = home
+            homes[request.request_id] = home
             claimed.update(home)
             if request.master is not None:
                 tail = (-request.kv.get(request.master, 0)) % page_size
-                snapshot.reserve[request.master] += _ceil_div(max(0, snapshot.growth(request) - tail), page_size)
-            if not request.in_flight and snapshot.idle.issuperset(home):
+                growth = min(request.remaining_new_tokens(default_output), horizon)
+                if growth > tail:
+                    reserve[request.master] += _ceil_div(growth - tail, page_size)
+            if request.in_flight:
+                busy_members.update(home)
+            elif idle.issuperset(home):
                 idle_homes.setdefault(home, []).append(request)
         for request in view.prefilling:
             claimed.update(request.kv)
@@ -74,9 +81,8 @@ class ClusterSnapshot:
         for group in outer:
             snapshot.decode_groups[group] = [r for home, rs in idle_homes.items() if set(home) <= set(group) for r in rs]
         # A decode group is only usable if no busy request also lives in it.
-        busy_homes = [snapshot.homes[r.request_id] for r in view.decoding if r.in_flight]
         for group in list(snapshot.decode_groups):
-            if any(set(group) & set(h) for h in busy_homes):
+            if busy_members.intersection(group):
                 del snapshot.decode_groups[group]
         snapshot.free = snapshot.idle - claimed
         return snapshot
@@ -147,12 +153,20 @@ class ClusterSnapshot:
         return total
 
     def isolated(self, request: RequestView) -> float:
-        """`isolated_seconds`, memoised across calls in `isolated_cache` (it never changes for a request)."""
+        """`isolated_seconds`, memoised across calls in `request_costs` (it never changes for a request)."""
+        return self._costs_of(request)[0]
+
+    def work(self, request: RequestView) -> float:
+        """`instance_seconds` of a waiting request, memoised like `isolated`."""
+        return self._costs_of(request)[1]
+
+    def _costs_of(self, request: RequestView) -> tuple[float, float]:
         key = (request.request_id, request.prompt_len, request.max_new_tokens)
-        seconds = self.isolated_cache.get(key)
-        if seconds is None:
-            seconds = self.isolated_cache[key] = isolated_seconds(self.view, request)
-        return seconds
+        costs = self.request_costs.get(key)
+        if costs is None:
+            costs = self.request_costs[key] = (isolated_seconds(self.view, request),
+                                                instance_seconds(self.view, request))
+        return costs
 
     def wait(self) -> float:
         """`estimate_wait`, computed once per snapshot."""
@@ -213,6 +227,17 @@ def isolated_seconds(view: SchedulerView, request: RequestView) -> float:
     prefill = min(cost.prefill_time_from_sums(d, length, length * length) for d in {1, widest})
     outputs = request.max_new_tokens if request.max_new_tokens is not None else view.default_output_tokens
     return prefill + outputs * cost.decode_time(1, 1, length + outputs // 2)
+
+
+def instance_seconds(view: SchedulerView, request: RequestView) -> float:
+    """Instance-seconds the request will occupy: its prefill on one instance (prefill work barely depends on
+    the DoP) plus the marginal cost of its expected output tokens in a shared decode batch."""
+    cost, length = view.cost_model, max(1, request.prompt_len)
+    outputs = request.max_new_tokens if request.max_new_tokens is not None else view.default_output_tokens
+    one = min(cost.prefill)
+    per_token = cost.decode[min(cost.decode)]
+    prefill = one * cost.prefill_time_from_sums(one, length, length * length)
+    return prefill + outputs * (per_token.per_request + per_token.per_context_token * (length + outputs // 2))
 
 
 def estimate_wait(snapshot: ClusterSnapshot) -> float:

@@ -1,14 +1,18 @@
-"""ESP queue discipline: deadline order, rejection of never-fitting requests, the reservation for the head.
+"""ESP queue discipline: deadline order, overload triage, rejection of never-fitting requests, the head's reservation.
 
 Data flow:
   1. `never_fitting(view, max_tokens_per_instance)` splits off the waiting requests no group may ever hold:
      KV peak larger than the cluster, or a prompt larger than every instance's token limit times the
      instances. They are rejected (the engine finishes them with that reason) instead of waiting forever.
-  2. `deadline_order(snapshot, waiting)` orders the rest by latency deadline, arrival + slo_scale x isolated
-     latency (earliest deadline first: a chat request is due long before a 300K-token document that
-     arrived at the same time). A request that can no longer meet its deadline even if it started now goes
-     behind every request that still can (oldest first): serving it first would only make others miss too.
-  3. `reserve_for_head(snapshot, head)`: when the head of that order does not fit the free instances, it
+  2. `OfferedLoad` tracks the work (instance-seconds) of the last arrivals. When it exceeds what the cluster
+     can serve, it names a work limit: serving the smallest requests first serves the most of them.
+  3. `deadline_order(snapshot, waiting, work_limit)` orders the rest by latency deadline, arrival +
+     slo_scale x isolated latency (earliest deadline first: a chat request is due long before a
+     300K-token document that arrived at the same time). Late, behind every timely request: those over the
+     work limit, then those that can no longer meet their deadline even if started now (oldest first):
+     serving them first would only make others miss too. A request that has waited `starvation_limit` x
+     its latency budget goes first (no request waits forever).
+  4. `reserve_for_head(snapshot, head)`: when the head of that order does not fit the free instances, it
      gets a family group of the smallest size whose pool can hold it (the one that frees soonest, then the
      one holding the fewest decoding requests). If the group has the pages now it is *held*: its idle
      members start nothing new (only a decode step that ends before the busy members free), and when every
@@ -20,6 +24,7 @@ Data flow:
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass
 
 from loong_jax.scheduler.esp_dispatch import ClusterSnapshot
@@ -43,18 +48,78 @@ def never_fitting(view: SchedulerView, max_tokens_per_instance: int | None) -> t
     return tuple(r.request_id for r in rejected), kept
 
 
-def deadline_order(snapshot: ClusterSnapshot, waiting: list[RequestView]) -> list[RequestView]:
-    """Earliest latency deadline first; requests already unable to meet theirs last, oldest first."""
-    now, scale = snapshot.view.now, snapshot.slo_scale
+class OfferedLoad:
+    """The work arriving per second, from the last `window` arrivals, and the largest request size the
+    cluster can take on while serving every smaller one (shortest-job-first triage under overload).
 
-    def key(request: RequestView):
+    Each arrival is (arrival time, instance-seconds). If the arriving work of all requests up to some size
+    exceeds `utilization` x the instances, requests above that size are *late*: they start only when no
+    timely request waits. Serving the most requests within their SLOs under overload means serving the
+    smallest ones (a 300K-token prompt costs the cluster as much as hundreds of chats); the late ones are
+    still served once the load allows (at the latest when the queue drains), never rejected."""
+
+    def __init__(self, window: int = 256, utilization: float = 0.9):
+        self.window, self.utilization = window, utilization
+        self._arrivals: deque[tuple[float, float]] = deque(maxlen=window)
+        self._last_seq = -1
+        self._limit: float | None = None
+
+    def observe(self, snapshot: ClusterSnapshot, waiting: list[RequestView]) -> None:
+        new = sorted((r for r in waiting if r.seq > self._last_seq), key=lambda r: r.seq)
+        for request in new:
+            self._arrivals.append((request.arrival, snapshot.work(request)))
+            self._last_seq = request.seq
+        if new:
+            self._limit = None
+
+    def work_limit(self, num_instances: int) -> float:
+        """Instance-seconds above which a request is late now (inf when the load is within capacity)."""
+        if self._limit is None:
+            self._limit = self._compute_limit(num_instances)
+        return self._limit
+
+    def _compute_limit(self, num_instances: int) -> float:
+        if len(self._arrivals) < 2:
+            return math.inf
+        span = self._arrivals[-1][0] - self._arrivals[0][0]
+        if span <= 0:
+            return math.inf
+        budget = self.utilization * num_instances * span  # instance-seconds the window's arrivals may use
+        works = sorted(work for _, work in self._arrivals)
+        if sum(works) <= budget:
+            return math.inf
+        used = 0.0
+        for work in works:
+            if used + work > budget:
+                return work * (1 - 1e-9)
+            used += work
+        return math.inf
+
+
+def deadline_order(snapshot: ClusterSnapshot, waiting: list[RequestView], work_limit: float = math.inf,
+                   starvation_limit: float = math.inf) -> tuple[list[RequestView], list[RequestView]]:
+    """(timely requests, late requests).
+
+    Timely: first those that have waited `starvation_limit` x their latency budget (oldest first: no request
+    waits forever under sustained overload), then earliest latency deadline first. Late: larger than
+    `work_limit` instance-seconds (by deadline), then those that can no longer meet their deadline even if
+    started now (oldest first): serving them first would only make others miss too."""
+    now, scale = snapshot.view.now, snapshot.slo_scale
+    overdue, timely, large, hopeless = [], [], [], []
+    for request in waiting:
         isolated = snapshot.isolated(request)
         deadline = request.arrival + scale * isolated
-        if now + isolated > deadline:
-            return (1, request.arrival, request.seq)
-        return (0, deadline, request.seq)
-
-    return sorted(waiting, key=key)
+        if now - request.arrival > starvation_limit * scale * isolated:
+            overdue.append((request.arrival, request.seq, request))
+        elif now + isolated > deadline:
+            hopeless.append((request.arrival, request.seq, request))
+        elif snapshot.work(request) > work_limit:
+            large.append((deadline, request.seq, request))
+        else:
+            timely.append((deadline, request.seq, request))
+    overdue, timely, large, hopeless = ([entry[-1] for entry in sorted(tier, key=lambda e: e[:2])]
+                                        for tier in (overdue, timely, large, hopeless))
+    return overdue + timely, large + hopeless
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,12 @@
 """ESP's queue discipline and the moves that keep it moving, on hand-made cluster states: deadline order,
-rejection of never-fitting requests, the head's reservation with backfill, evacuation of the reserved
+overload triage (the largest requests go late, none starves), rejection of never-fitting requests, the head's reservation with backfill, evacuation of the reserved
 group's decodes, compact placement (scale-down) and consolidation across one-instance decode groups."""
+
+import math
 
 from loong_jax.scheduler.esp import EspPolicy
 from loong_jax.scheduler.esp_dispatch import ClusterSnapshot
-from loong_jax.scheduler.esp_queue import deadline_order, reserve_for_head
+from loong_jax.scheduler.esp_queue import OfferedLoad, deadline_order, reserve_for_head
 from loong_jax.scheduler.esp_scaling import place_request
 from loong_jax.scheduler.view import InstanceView, RequestView
 
@@ -33,9 +35,63 @@ def test_deadline_order_puts_short_requests_first_and_hopeless_ones_last():
     new_chat = request("chat", 50, NOW - 0.5, 1)
     hopeless = request("late", 2_000, NOW - 500.0, 2)  # waited far past 25x its isolated latency
     snapshot = ClusterSnapshot.build(view(cluster([1000] * 8), [old_long, new_chat, hopeless]), 512)
-    assert [r.request_id for r in deadline_order(snapshot, [old_long, new_chat, hopeless])] == ["chat", "long", "late"]
+    timely, late = deadline_order(snapshot, [old_long, new_chat, hopeless])
+    assert [r.request_id for r in timely] == ["chat", "long"] and [r.request_id for r in late] == ["late"]
     fifo = EspPolicy(queue_order="fifo").schedule(view(cluster([1000] * 8), [old_long, new_chat, hopeless], now=NOW))
     assert set(prefilled(fifo)) == {"long", "chat", "late"}  # FIFO order still serves everyone that fits
+
+
+def test_over_the_work_limit_a_request_is_late_unless_it_has_waited_too_long():
+    chat, doc = request("chat", 50, NOW - 0.5, 0), request("doc", 60_000, NOW - 1.0, 1)
+    snapshot = ClusterSnapshot.build(view(cluster([1000] * 8), [chat, doc], now=NOW), 512)
+    limit = (snapshot.work(chat) + snapshot.work(doc)) / 2
+    timely, late = deadline_order(snapshot, [doc, chat], limit)
+    assert [r.request_id for r in timely] == ["chat"] and [r.request_id for r in late] == ["doc"]
+    # Waiting 4x its latency budget puts it first, over the limit or not: no request waits forever.
+    starving = request("doc", 60_000, NOW - 4.01 * 25 * snapshot.isolated(doc), 1)
+    timely, late = deadline_order(snapshot, [chat, starving], limit, starvation_limit=4.0)
+    assert [r.request_id for r in timely] == ["doc", "chat"] and not late
+
+
+def _arrivals(load: OfferedLoad, works_and_times):
+    """Feed arrivals (work instance-seconds, arrival s) through a stub snapshot that knows each work."""
+    requests = [request(f"r{k}", 10, arrival, k) for k, (_, arrival) in enumerate(works_and_times)]
+    work = {r.request_id: w for r, (w, _) in zip(requests, works_and_times)}
+
+    class Snapshot:
+        def work(self, r):
+            return work[r.request_id]
+
+    load.observe(Snapshot(), requests)
+
+
+def test_offered_load_names_no_limit_within_capacity_and_sheds_the_largest_beyond():
+    # 2 instances at utilization 1 take 2 instance-seconds per second.
+    within = OfferedLoad(utilization=1.0)
+    _arrivals(within, [(1.0, t) for t in range(11)])  # 11 s of work over 10 s
+    assert within.work_limit(2) == math.inf
+    over = OfferedLoad(utilization=1.0)
+    _arrivals(over, [(1.0, t) for t in range(10)] + [(30.0, 10.0)])  # one 30 s request on top: 40 s in 10 s
+    assert 1.0 <= over.work_limit(2) < 30.0  # the big one is late, every small one timely
+    assert OfferedLoad(utilization=0.5).work_limit(2) == math.inf  # no arrivals yet: no limit
+    burst = OfferedLoad()
+    _arrivals(burst, [(50.0, 3.0)] * 3)  # all at once: no rate to judge by
+    assert burst.work_limit(2) == math.inf
+
+
+def test_under_overload_a_late_giant_waits_for_an_idle_cluster_while_chats_run():
+    # The policy saw a stream of chats and giants arrive faster than 8 instances serve them: the giant now
+    # waiting is over the work limit, so with a chat decoding it does not start; on an idle cluster it does.
+    policy = EspPolicy()
+    history = [request(f"h{k}", 200_000 if k % 2 == 0 else 500, NOW - 20 + k, k) for k in range(20)]
+    policy.schedule(view(cluster([20_000] * 8, total=20_000), history, now=NOW - 1))
+    assert policy.load.work_limit(8) < math.inf
+    giant = request("giant", 200_000, NOW - 0.5, 100)
+    chat = decoding("chat", 99, {0: 40}, 0)
+    busy_plan = policy.schedule(view(cluster([20_000] * 8, total=20_000), [giant], [chat], now=NOW))
+    assert "giant" not in prefilled(busy_plan) and busy_plan.decodes
+    idle_plan = policy.schedule(view(cluster([20_000] * 8, total=20_000), [giant], now=NOW))
+    assert "giant" in prefilled(idle_plan)
 
 
 def test_requests_that_can_never_fit_the_configured_limits_are_rejected():
