@@ -56,10 +56,12 @@ class OfferedLoad:
     exceeds `utilization` x the instances, requests above that size are *late*: they start only when no
     timely request waits. Serving the most requests within their SLOs under overload means serving the
     smallest ones (a 300K-token prompt costs the cluster as much as hundreds of chats); the late ones are
-    still served once the load allows (at the latest when the queue drains), never rejected."""
+    still served once the load allows (at the latest when the queue drains), never rejected. No limit from
+    fewer than `min_arrivals` arrivals, nor one that would make more than half of them late (a burst of
+    equal requests has no largest ones to put off)."""
 
-    def __init__(self, window: int = 256, utilization: float = 0.9):
-        self.window, self.utilization = window, utilization
+    def __init__(self, window: int = 256, utilization: float = 0.8, min_arrivals: int = 32):
+        self.window, self.utilization, self.min_arrivals = window, utilization, min_arrivals
         self._arrivals: deque[tuple[float, float]] = deque(maxlen=window)
         self._last_seq = -1
         self._limit: float | None = None
@@ -79,19 +81,17 @@ class OfferedLoad:
         return self._limit
 
     def _compute_limit(self, num_instances: int) -> float:
-        if len(self._arrivals) < 2:
+        if len(self._arrivals) < self.min_arrivals:  # too few to tell a sustained overload from a burst
             return math.inf
         span = self._arrivals[-1][0] - self._arrivals[0][0]
         if span <= 0:
             return math.inf
         budget = self.utilization * num_instances * span  # instance-seconds the window's arrivals may use
         works = sorted(work for _, work in self._arrivals)
-        if sum(works) <= budget:
-            return math.inf
         used = 0.0
         for work in works:
-            if used + work > budget:
-                return work * (1 - 1e-9)
+            if used + work > budget:  # at most half late: among equal requests none is "largest"
+                return max(work * (1 - 1e-9), works[len(works) // 2])
             used += work
         return math.inf
 

@@ -67,26 +67,27 @@ def _arrivals(load: OfferedLoad, works_and_times):
 
 def test_offered_load_names_no_limit_within_capacity_and_sheds_the_largest_beyond():
     # 2 instances at utilization 1 take 2 instance-seconds per second.
-    within = OfferedLoad(utilization=1.0)
-    _arrivals(within, [(1.0, t) for t in range(11)])  # 11 s of work over 10 s
-    assert within.work_limit(2) == math.inf
-    over = OfferedLoad(utilization=1.0)
-    _arrivals(over, [(1.0, t) for t in range(10)] + [(30.0, 10.0)])  # one 30 s request on top: 40 s in 10 s
-    assert 1.0 <= over.work_limit(2) < 30.0  # the big one is late, every small one timely
-    assert OfferedLoad(utilization=0.5).work_limit(2) == math.inf  # no arrivals yet: no limit
-    burst = OfferedLoad()
-    _arrivals(burst, [(50.0, 3.0)] * 3)  # all at once: no rate to judge by
-    assert burst.work_limit(2) == math.inf
+    def load(arrivals):
+        offered = OfferedLoad(utilization=1.0, min_arrivals=8)
+        _arrivals(offered, arrivals)
+        return offered.work_limit(2)
+
+    assert load([(1.0, t) for t in range(11)]) == math.inf  # 11 s of work over 10 s
+    assert 1.0 <= load([(1.0, t) for t in range(10)] + [(30.0, 10.0)]) < 30.0  # + one 30 s request: it is late
+    assert load([(1.0, t) for t in range(7)]) == math.inf  # fewer arrivals than min_arrivals: no judgement
+    assert load([(50.0, 3.0)] * 9) == math.inf  # all at once: no rate to judge by
+    # Equal requests arriving 3x faster than served: none is larger than the others, none is late.
+    assert load([(3.0, t / 2) for t in range(20)]) >= 3.0
 
 
 def test_under_overload_a_late_giant_waits_for_an_idle_cluster_while_chats_run():
     # The policy saw a stream of chats and giants arrive faster than 8 instances serve them: the giant now
     # waiting is over the work limit, so with a chat decoding it does not start; on an idle cluster it does.
     policy = EspPolicy()
-    history = [request(f"h{k}", 200_000 if k % 2 == 0 else 500, NOW - 20 + k, k) for k in range(20)]
+    history = [request(f"h{k}", 300_000 if k % 4 == 0 else 500, NOW - 40 + k, k) for k in range(40)]
     policy.schedule(view(cluster([20_000] * 8, total=20_000), history, now=NOW - 1))
     assert policy.load.work_limit(8) < math.inf
-    giant = request("giant", 200_000, NOW - 0.5, 100)
+    giant = request("giant", 300_000, NOW - 0.5, 100)
     chat = decoding("chat", 99, {0: 40}, 0)
     busy_plan = policy.schedule(view(cluster([20_000] * 8, total=20_000), [giant], [chat], now=NOW))
     assert "giant" not in prefilled(busy_plan) and busy_plan.decodes

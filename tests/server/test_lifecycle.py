@@ -105,18 +105,24 @@ def test_engine_death_ends_open_calls_with_internal_and_health_not_serving(loop_
     try:
         with LoongClient(handle.target) as client:
             assert client.complete(PROMPT, max_tokens=2, temperature=0).finish_reason == "length"
+            engine = doomed.llm.engine
+            healthy_step, doomed_after_next = engine.step, []
+
+            def failing_step():  # a fault inside the engine loop, as a device error would raise
+                if doomed_after_next:
+                    healthy_step()
+                    raise RuntimeError("injected device failure")
+                outputs = healthy_step()
+                started = [r for r in engine.state.requests.values() if r.num_generated >= 1 and r.finish_reason is None]
+                if len(started) >= 3:  # every stream has its first token: the next step dies (no timing race)
+                    doomed_after_next.append(True)
+                return outputs
+
+            engine.step = failing_step
             streams = [client.generate(PROMPT, max_tokens=400, temperature=0, ignore_eos=True) for _ in range(3)]
             iterators = [iter(stream) for stream in streams]
             for iterator in iterators:
                 next(iterator)
-            engine = doomed.llm.engine
-            healthy_step = engine.step
-
-            def failing_step():  # a fault inside the engine loop, as a device error would raise
-                healthy_step()
-                raise RuntimeError("injected device failure")
-
-            engine.step = failing_step
             for iterator in iterators:
                 try:
                     for _ in iterator:
