@@ -5,10 +5,11 @@ Data flow of one call:
      that can never fit are rejected; idle partial prefills (left by another policy) are preempted.
   2. Queue (`esp_queue`): earliest latency deadline first. Under overload (the arriving work exceeds
      `target_utilization` x the instances) the largest requests are late: they start only when no timely
-     request waits, so the most requests meet their SLOs (they are served, never rejected). When the head does not fit the free instances it
-     gets a reservation: a group that is held for it (or drains for it) and that it prefills on once idle;
-     the small decodes living on the group's idle members first migrate off it (`plan_evacuation`), so
-     they keep decoding elsewhere instead of stalling for the whole prefill.
+     request waits, so the most requests meet their SLOs (they are served, never rejected). When the head
+     does not fit the free instances it gets a reservation: a group that is held for it (or drains for
+     it) and that it prefills on once idle; the small decodes living on the group's idle members first
+     migrate off it (`plan_evacuation`), so they keep decoding elsewhere instead of stalling for the
+     whole prefill.
   3. Allocation + dispatching + batching (`esp_allocation`, `esp_batching`): candidate prefill instance
      sets, admission in queue order under memory (with backfilling), the batching DP per candidate (which
      may defer a request to a later step), and the delay-decode cost/gain test choose which instances
@@ -23,7 +24,8 @@ from __future__ import annotations
 from loong_jax.scheduler.decode_planner import plan_decodes
 from loong_jax.scheduler.esp_allocation import BatchingLimits, choose_prefill, plan_consolidation, plan_evacuation
 from loong_jax.scheduler.esp_dispatch import ClusterSnapshot, group_pages
-from loong_jax.scheduler.esp_queue import OfferedLoad, deadline_order, fits_free_instances, never_fitting, reserve_for_head
+from loong_jax.scheduler.esp_queue import (OfferedLoad, deadline_order, fits_free_instances, never_fitting,
+                                           reserve_for_head)
 from loong_jax.scheduler.esp_scaling import place_batch
 from loong_jax.scheduler.estimates import prefill_seconds
 from loong_jax.scheduler.groups import free_blocks, pack_sizes
@@ -109,8 +111,10 @@ class EspPolicy:
         )
 
     def _triage(self, snapshot: ClusterSnapshot, servable):
-        """The queue this step: timely requests in deadline order; when none waits, the late ones (requests
-        over the overload work limit only on an idle cluster: once started they hold it for long)."""
+        """The queue this step: timely requests in deadline order; when none waits, the late ones. While
+        anything runs, a late request over the overload work limit only starts if its prefill holds its
+        instances no longer than a typical request's whole latency (a 300K prompt, 12 s on every instance,
+        waits for an idle cluster; a long chat does not)."""
         view = snapshot.view
         self.load.observe(snapshot, servable)
         limit = self.load.work_limit(view.num_instances)
@@ -118,7 +122,9 @@ class EspPolicy:
         if timely:
             return timely
         if view.decoding or view.prefilling:
-            return [r for r in late if snapshot.work(r) <= limit]
+            widest = max(d for d in view.cost_model.prefill if d <= view.num_instances)
+            typical = self.load.typical_latency()
+            return [r for r in late if snapshot.work(r) <= limit or snapshot.prefill_seconds(r, widest) <= typical]
         return late
 
     def _clear_reservation(self, snapshot: ClusterSnapshot, reservation, queue) -> tuple[list, str]:

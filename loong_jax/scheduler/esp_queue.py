@@ -61,15 +61,15 @@ class OfferedLoad:
     equal requests has no largest ones to put off)."""
 
     def __init__(self, window: int = 256, utilization: float = 0.8, min_arrivals: int = 32):
-        self.window, self.utilization, self.min_arrivals = window, utilization, min_arrivals
-        self._arrivals: deque[tuple[float, float]] = deque(maxlen=window)
+        self.utilization, self.min_arrivals = utilization, min_arrivals
+        self._arrivals: deque[tuple[float, float, float]] = deque(maxlen=window)  # (arrival, work, isolated s)
         self._last_seq = -1
         self._limit: float | None = None
 
     def observe(self, snapshot: ClusterSnapshot, waiting: list[RequestView]) -> None:
         new = sorted((r for r in waiting if r.seq > self._last_seq), key=lambda r: r.seq)
         for request in new:
-            self._arrivals.append((request.arrival, snapshot.work(request)))
+            self._arrivals.append((request.arrival, snapshot.work(request), snapshot.isolated(request)))
             self._last_seq = request.seq
         if new:
             self._limit = None
@@ -80,6 +80,13 @@ class OfferedLoad:
             self._limit = self._compute_limit(num_instances)
         return self._limit
 
+    def typical_latency(self) -> float:
+        """Median isolated latency of the recent arrivals (inf before any)."""
+        if not self._arrivals:
+            return math.inf
+        latencies = sorted(isolated for _, _, isolated in self._arrivals)
+        return latencies[len(latencies) // 2]
+
     def _compute_limit(self, num_instances: int) -> float:
         if len(self._arrivals) < self.min_arrivals:  # too few to tell a sustained overload from a burst
             return math.inf
@@ -87,7 +94,7 @@ class OfferedLoad:
         if span <= 0:
             return math.inf
         budget = self.utilization * num_instances * span  # instance-seconds the window's arrivals may use
-        works = sorted(work for _, work in self._arrivals)
+        works = sorted(work for _, work, _ in self._arrivals)
         used = 0.0
         for work in works:
             if used + work > budget:  # at most half late: among equal requests none is "largest"

@@ -1,6 +1,7 @@
 """ESP's queue discipline and the moves that keep it moving, on hand-made cluster states: deadline order,
-overload triage (the largest requests go late, none starves), rejection of never-fitting requests, the head's reservation with backfill, evacuation of the reserved
-group's decodes, compact placement (scale-down) and consolidation across one-instance decode groups."""
+overload triage (the largest requests go late, none starves), rejection of never-fitting requests, the
+head's reservation with backfill, evacuation of the reserved group's decodes, compact placement
+(scale-down) and consolidation across one-instance decode groups."""
 
 import math
 
@@ -62,6 +63,9 @@ def _arrivals(load: OfferedLoad, works_and_times):
         def work(self, r):
             return work[r.request_id]
 
+        def isolated(self, r):
+            return work[r.request_id] / 2
+
     load.observe(Snapshot(), requests)
 
 
@@ -78,19 +82,26 @@ def test_offered_load_names_no_limit_within_capacity_and_sheds_the_largest_beyon
     assert load([(50.0, 3.0)] * 9) == math.inf  # all at once: no rate to judge by
     # Equal requests arriving 3x faster than served: none is larger than the others, none is late.
     assert load([(3.0, t / 2) for t in range(20)]) >= 3.0
+    typical = OfferedLoad()
+    _arrivals(typical, [(1.0, 0.0), (2.0, 1.0), (30.0, 2.0)])
+    assert typical.typical_latency() == 1.0  # the median isolated latency
 
 
-def test_under_overload_a_late_giant_waits_for_an_idle_cluster_while_chats_run():
-    # The policy saw a stream of chats and giants arrive faster than 8 instances serve them: the giant now
-    # waiting is over the work limit, so with a chat decoding it does not start; on an idle cluster it does.
+def test_under_overload_a_late_giant_waits_for_an_idle_cluster_while_a_late_essay_may_start():
+    # The policy saw chats and essays (short prompts, 30K-token answers) arrive faster than 8 instances
+    # serve them: the essays are over the work limit. A late giant does not start while a chat decodes (its
+    # prefill would hold every instance for seconds); a late essay does (its prefill takes milliseconds).
+    # On an idle cluster the giant starts.
     policy = EspPolicy()
-    history = [request(f"h{k}", 300_000 if k % 4 == 0 else 500, NOW - 40 + k, k) for k in range(40)]
+    history = [request(f"h{k}", 500, NOW - 40 + k, k, max_new_tokens=30_000 if k % 3 == 0 else 64)
+               for k in range(40)]
     policy.schedule(view(cluster([20_000] * 8, total=20_000), history, now=NOW - 1))
-    assert policy.load.work_limit(8) < math.inf
-    giant = request("giant", 300_000, NOW - 0.5, 100)
+    giant, essay = request("giant", 400_000, NOW - 0.5, 100), request("essay", 500, NOW - 0.5, 101, 30_000)
+    snapshot = ClusterSnapshot.build(view(cluster([20_000] * 8, total=20_000), [giant, essay], now=NOW), 512)
+    assert snapshot.work(essay) > policy.load.work_limit(8) and snapshot.work(giant) > policy.load.work_limit(8)
     chat = decoding("chat", 99, {0: 40}, 0)
-    busy_plan = policy.schedule(view(cluster([20_000] * 8, total=20_000), [giant], [chat], now=NOW))
-    assert "giant" not in prefilled(busy_plan) and busy_plan.decodes
+    busy_plan = policy.schedule(view(cluster([20_000] * 8, total=20_000), [giant, essay], [chat], now=NOW))
+    assert set(prefilled(busy_plan)) == {"essay"} and busy_plan.decodes
     idle_plan = policy.schedule(view(cluster([20_000] * 8, total=20_000), [giant], now=NOW))
     assert "giant" in prefilled(idle_plan)
 
