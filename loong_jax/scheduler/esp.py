@@ -73,7 +73,7 @@ class EspPolicy:
 
         reservation, must_run, migrations, mode = None, frozenset(), [], "go"
         if queue and not fits_free_instances(snapshot, queue[0]):
-            reservation = reserve_for_head(snapshot, queue[0])
+            reservation = reserve_for_head(snapshot, queue[0], self.load.typical_latency())
         if reservation is not None and reservation.fits:
             migrations, mode = self._clear_reservation(snapshot, reservation, queue)
         if reservation is not None:

@@ -12,9 +12,10 @@ Data flow:
      work limit, then those that can no longer meet their deadline even if started now (oldest first):
      serving them first would only make others miss too. A request that has waited `starvation_limit` x
      its latency budget goes first (no request waits forever).
-  4. `reserve_for_head(snapshot, head)`: when the head of that order does not fit the free instances, it
-     gets a family group of the smallest size whose pool can hold it (the one that frees soonest, then the
-     one holding the fewest decoding requests). If the group has the pages now it is *held*: its idle
+  4. `reserve_for_head(snapshot, head, max_prefill_seconds)`: when the head of that order does not fit the
+     free instances, it gets a family group of the smallest size whose pool can hold it and that prefills
+     it within a typical request's latency (a 300K prompt alone on two instances would stall their
+     decodes for a minute), the one that frees soonest, then the one holding the fewest decoding requests. If the group has the pages now it is *held*: its idle
      members start nothing new (only a decode step that ends before the busy members free), and when every
      member is idle the head prefills there. If it lacks the pages the group *drains*: its decodes go on
      (they free pages as they finish) but no new prompt is placed on it. Shorter requests meanwhile
@@ -140,6 +141,13 @@ class Reservation:
         return self.fits and self.ready_in <= 0.0
 
 
+def _family_sizes(num_instances: int) -> list[int]:
+    sizes = list(power_of_two_sizes(num_instances))
+    if sizes[-1] != num_instances:
+        sizes.append(num_instances)
+    return sizes
+
+
 def head_pages(snapshot: ClusterSnapshot, head: RequestView) -> tuple[int | None, int]:
     """(smallest family size whose whole pool holds the head, the pages it asks of such a group): its prompt
     and expected growth, or only the prompt when the growth would not fit even an empty group (decode
@@ -147,10 +155,7 @@ def head_pages(snapshot: ClusterSnapshot, head: RequestView) -> tuple[int | None
     view = snapshot.view
     per_instance = min(i.pages_total for i in view.instances)
     bare = _ceil_div(head.prefill_target, view.page_size) + 1
-    sizes = list(power_of_two_sizes(view.num_instances))
-    if sizes[-1] != view.num_instances:
-        sizes.append(view.num_instances)
-    for size in sizes:
+    for size in _family_sizes(view.num_instances):
         if size * per_instance >= bare:
             return size, min(snapshot.pages_for_prompt(head), size * per_instance)
     return None, bare
@@ -164,11 +169,19 @@ def fits_free_instances(snapshot: ClusterSnapshot, head: RequestView) -> bool:
                for g in snapshot.view.group_family)
 
 
-def reserve_for_head(snapshot: ClusterSnapshot, head: RequestView) -> Reservation | None:
+def reserve_for_head(snapshot: ClusterSnapshot, head: RequestView,
+                     max_prefill_seconds: float = math.inf) -> Reservation | None:
+    """The group reserved for the head: of the smallest size that holds it and prefills it within
+    `max_prefill_seconds` (the widest that holds it if none does), so that a long prompt does not sit
+    on two instances for a minute stalling every decode there."""
     view = snapshot.view
     size, need = head_pages(snapshot, head)
     if size is None:
         return None
+    per_instance = min(i.pages_total for i in view.instances)
+    wider = [s for s in _family_sizes(view.num_instances) if s >= size]
+    size = next((s for s in wider if snapshot.prefill_seconds(head, s) <= max_prefill_seconds), wider[-1])
+    need = min(snapshot.pages_for_prompt(head), size * per_instance)
     homed: dict[int, int] = {}
     for home in snapshot.homes.values():
         for instance in home:

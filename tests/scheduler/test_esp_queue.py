@@ -137,6 +137,17 @@ def test_reservation_holds_the_pair_the_head_needs_and_shorter_requests_backfill
     assert {i for i, _ in batch.placement[batch.request_ids.index("head")]} == {6, 7}
 
 
+def test_a_long_head_reserves_a_group_wide_enough_to_prefill_it_within_the_typical_latency():
+    # 20K tokens need a pair (16K per instance). Alone on it the prefill takes longer than a typical request
+    # would wait; on four instances it does not: the reservation takes four rather than stall a pair long.
+    head = request("head", 20_000, NOW - 10.0, 0)
+    snapshot = ClusterSnapshot.build(view(cluster([1000] * 8), [head], now=NOW), 512)
+    pair, quad = snapshot.prefill_seconds(head, 2), snapshot.prefill_seconds(head, 4)
+    assert len(reserve_for_head(snapshot, head).group) == 2
+    assert len(reserve_for_head(snapshot, head, max_prefill_seconds=(pair + quad) / 2).group) == 4
+    assert len(reserve_for_head(snapshot, head, max_prefill_seconds=0.0).group) == 8  # none is fast enough
+
+
 def test_a_held_member_runs_only_a_decode_step_that_ends_before_the_group_is_ready():
     head = request("head", 20_000, NOW - 10.0, 0)
     chat_on_6 = decoding("d6", 1, {6: 40}, 6)
