@@ -15,11 +15,12 @@ Data flow:
   4. `reserve_for_head(snapshot, head, max_prefill_seconds)`: when the head of that order does not fit the
      free instances, it gets a family group of the smallest size whose pool can hold it and that prefills
      it within a typical request's latency (a 300K prompt alone on two instances would stall their
-     decodes for a minute), the one that frees soonest, then the one holding the fewest decoding requests. If the group has the pages now it is *held*: its idle
-     members start nothing new (only a decode step that ends before the busy members free), and when every
-     member is idle the head prefills there. If it lacks the pages the group *drains*: its decodes go on
-     (they free pages as they finish) but no new prompt is placed on it. Shorter requests meanwhile
-     backfill the instances the reservation does not need.
+     decodes for a minute), the one that frees soonest, then the one holding the fewest decoding requests.
+     If the group has the pages now it is *held*: its idle members start nothing new (only a decode step
+     that ends before the busy members free), and when every member is idle the head prefills there. If
+     it lacks the pages the group *drains*: its decodes go on (they free pages as they finish) but no new
+     prompt is placed on it. Shorter requests meanwhile backfill the instances the reservation does not
+     need.
 """
 
 from __future__ import annotations
