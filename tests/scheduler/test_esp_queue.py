@@ -87,6 +87,15 @@ def test_offered_load_names_no_limit_within_capacity_and_sheds_the_largest_beyon
     assert typical.typical_latency() == 1.0  # the median isolated latency
 
 
+def test_offered_load_counts_each_arrival_once():
+    # A request seen again (still waiting, or back after a recompute preemption: it keeps its seq) is not
+    # a new arrival; only higher sequence numbers are.
+    load = OfferedLoad(utilization=1.0, min_arrivals=2)
+    _arrivals(load, [(1.0, 0.0), (1.0, 1.0)])
+    _arrivals(load, [(1.0, 0.0), (1.0, 1.0), (1.0, 2.0)])  # r0, r1 again and r2 new
+    assert len(load._arrivals) == 3
+
+
 def test_under_overload_a_late_giant_waits_for_an_idle_cluster_while_a_late_essay_may_start():
     # The policy saw chats and essays (short prompts, 30K-token answers) arrive faster than 8 instances
     # serve them: the essays are over the work limit. A late giant does not start while a chat decodes (its
