@@ -122,9 +122,8 @@ class EspPolicy:
         if timely:
             return timely
         if view.decoding or view.prefilling:
-            widest = max(d for d in view.cost_model.prefill if d <= view.num_instances)
             typical = self.load.typical_latency()
-            return [r for r in late if snapshot.work(r) <= limit or snapshot.prefill_seconds(r, widest) <= typical]
+            return [r for r in late if snapshot.work(r) <= limit or snapshot.fastest_prefill_seconds(r) <= typical]
         return late
 
     def _clear_reservation(self, snapshot: ClusterSnapshot, reservation, queue) -> tuple[list, str]:

@@ -230,7 +230,6 @@ def _frees_instance(requests: list[RequestView], moving: list[RequestView], x: i
     return True
 
 
-
 def plan_evacuation(snapshot: ClusterSnapshot, group, prefill_seconds: float) -> tuple[list[Migration], float]:
     """(migrations, seconds to wait) that move the decodes living on the members of a reserved `group` to
     instances outside it, so that they keep decoding instead of stalling for the head's whole prefill.

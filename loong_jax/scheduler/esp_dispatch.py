@@ -48,7 +48,7 @@ class ClusterSnapshot:
     @classmethod
     def build(cls, view: SchedulerView, growth_horizon: int, slo_scale: float = 25.0,
               request_costs: dict | None = None) -> "ClusterSnapshot":
-        n, page_size = view.num_instances, view.page_size
+        n = view.num_instances
         snapshot = cls(view, growth_horizon, [i.pages_free for i in view.instances], [0] * n)
         snapshot.slo_scale = slo_scale
         if request_costs is not None:
@@ -57,17 +57,13 @@ class ClusterSnapshot:
         claimed: set[int] = set()
         idle_homes: dict[tuple[int, ...], list[RequestView]] = {}
         busy_members: set[int] = set()  # instances holding KV of a decode in flight
-        idle, homes, reserve, horizon = snapshot.idle, snapshot.homes, snapshot.reserve, growth_horizon
-        default_output = view.default_output_tokens
+        idle, homes = snapshot.idle, snapshot.homes
         for request in view.decoding:
             home = home_group(request, n)
             homes[request.request_id] = home
             claimed.update(home)
             if request.master is not None:
-                tail = (-request.kv.get(request.master, 0)) % page_size
-                growth = min(request.remaining_new_tokens(default_output), horizon)
-                if growth > tail:
-                    reserve[request.master] += _ceil_div(growth - tail, page_size)
+                snapshot.reserve_growth(request, request.master, request.kv.get(request.master, 0))
             if request.in_flight:
                 busy_members.update(home)
             elif idle.issuperset(home):
@@ -90,17 +86,23 @@ class ClusterSnapshot:
     def release(self, group) -> None:
         """The members of `group` prefill this step (a ready reservation): they count as free instances and
         the decode groups they touch are no longer lendable (those decodes wait a step)."""
-        members = set(group)
-        self.free |= members
-        for touched in [g for g in self.decode_groups if members.intersection(g)]:
-            del self.decode_groups[touched]
+        self.free |= set(group)
+        self._drop_decode_groups_touching(group)
 
     def withhold(self, group) -> None:
         """No new prompt goes to the members of `group` this step (a reservation holds or drains them)."""
-        members = set(group)
-        self.free -= members
-        for touched in [g for g in self.decode_groups if members.intersection(g)]:
+        self.free -= set(group)
+        self._drop_decode_groups_touching(group)
+
+    def _drop_decode_groups_touching(self, group) -> None:
+        for touched in [g for g in self.decode_groups if not set(group).isdisjoint(g)]:
             del self.decode_groups[touched]
+
+    def reserve_growth(self, request: RequestView, master: int, master_tokens: int) -> None:
+        """Keep pages on the master for the request's expected growth beyond its last, partly filled page."""
+        page_size = self.view.page_size
+        tail = (-master_tokens) % page_size
+        self.reserve[master] += _ceil_div(max(0, self.growth(request) - tail), page_size)
 
     def growth(self, request: RequestView) -> int:
         """Decode tokens to keep room for (expected output, capped by the horizon)."""
@@ -136,8 +138,12 @@ class ClusterSnapshot:
         waited = self.view.now - request.arrival
         if waited > age_limit * self.isolated(request):
             return math.inf
+        return min(wait, self.fastest_prefill_seconds(request)) + self.prefill_seconds(request, dop_now)
+
+    def fastest_prefill_seconds(self, request: RequestView) -> float:
+        """Prefill time of the request alone on the widest DoP the cost model knows within the cluster."""
         widest = max(d for d in self.view.cost_model.prefill if d <= self.view.num_instances)
-        return min(wait, self.prefill_seconds(request, widest)) + self.prefill_seconds(request, dop_now)
+        return self.prefill_seconds(request, widest)
 
     def urgency(self, requests) -> float:
         """Σ over requests of what one second of delay costs each, from its slack to a latency target of

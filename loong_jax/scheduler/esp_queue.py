@@ -176,13 +176,13 @@ def reserve_for_head(snapshot: ClusterSnapshot, head: RequestView,
     `max_prefill_seconds` (the widest that holds it if none does), so that a long prompt does not sit
     on two instances for a minute stalling every decode there."""
     view = snapshot.view
-    size, need = head_pages(snapshot, head)
-    if size is None:
+    smallest, _ = head_pages(snapshot, head)
+    if smallest is None:
         return None
-    per_instance = min(i.pages_total for i in view.instances)
-    wider = [s for s in _family_sizes(view.num_instances) if s >= size]
-    size = next((s for s in wider if snapshot.prefill_seconds(head, s) <= max_prefill_seconds), wider[-1])
-    need = min(snapshot.pages_for_prompt(head), size * per_instance)
+    wider = [s for s in _family_sizes(view.num_instances) if s >= smallest]
+    size = next((s for s in wider if s in view.cost_model.prefill
+                 and snapshot.prefill_seconds(head, s) <= max_prefill_seconds), wider[-1])
+    need = min(snapshot.pages_for_prompt(head), size * min(i.pages_total for i in view.instances))
     homed: dict[int, int] = {}
     for home in snapshot.homes.values():
         for instance in home:

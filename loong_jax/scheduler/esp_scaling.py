@@ -99,8 +99,7 @@ def commit_placement(snapshot: ClusterSnapshot, request: RequestView, segments) 
     for instance, n_tokens in segments:
         snapshot.pages_free[instance] -= _ceil_div(n_tokens, page_size)
     master, master_tokens = segments[-1]
-    tail = (-master_tokens) % page_size
-    snapshot.reserve[master] += _ceil_div(max(0, snapshot.growth(request) - tail), page_size)
+    snapshot.reserve_growth(request, master, master_tokens)
 
 
 def place_batch(snapshot: ClusterSnapshot, group: tuple[int, ...], requests: list[RequestView]):
