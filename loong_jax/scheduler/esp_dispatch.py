@@ -57,17 +57,31 @@ class ClusterSnapshot:
         claimed: set[int] = set()
         idle_homes: dict[tuple[int, ...], list[RequestView]] = {}
         busy_members: set[int] = set()  # instances holding KV of a decode in flight
-        idle, homes = snapshot.idle, snapshot.homes
+        idle, homes, reserve = snapshot.idle, snapshot.homes, snapshot.reserve
+        page_size, horizon, default_output = view.page_size, growth_horizon, view.default_output_tokens
+        distinct_homes: set[tuple[int, ...]] = set()
+        # The hot loop of every schedule() call (hundreds of decoding requests): `home_group` and
+        # `reserve_growth` inlined for the common single-instance request.
         for request in view.decoding:
-            home = home_group(request, n)
+            kv, master = request.kv, request.master
+            if len(kv) == 1 and (master is None or master in kv):
+                home = (master,) if master is not None else tuple(kv)
+            else:
+                home = home_group(request, n)
             homes[request.request_id] = home
-            claimed.update(home)
-            if request.master is not None:
-                snapshot.reserve_growth(request, request.master, request.kv.get(request.master, 0))
+            distinct_homes.add(home)
+            if master is not None:
+                cap = request.max_new_tokens
+                remaining = default_output if cap is None else cap - request.num_generated
+                beyond_tail = min(remaining, horizon) - (-kv.get(master, 0)) % page_size
+                if beyond_tail > 0:
+                    reserve[master] += -(-beyond_tail // page_size)
             if request.in_flight:
                 busy_members.update(home)
             elif idle.issuperset(home):
                 idle_homes.setdefault(home, []).append(request)
+        for home in distinct_homes:
+            claimed.update(home)
         for request in view.prefilling:
             claimed.update(request.kv)
         outer: list[tuple[int, ...]] = []
