@@ -179,8 +179,11 @@ class EnginePort:
         state, stats = engine.state, engine.executor.programs.stats
         counters = dict(state.counters)
         total, used = self._pages()
+        waiting = state.waiting
+        oldest = max(0.0, engine.clock() - min(r.arrival for r in waiting)) if waiting else 0.0
         return EngineSnapshot(
-            running=len(state.prefilling) + len(state.decoding), waiting=len(state.waiting),
+            running=len(state.prefilling) + len(state.decoding), waiting=len(waiting),
+            oldest_waiting_seconds=oldest, late=getattr(engine.policy, "late_requests", 0),
             kv_pages_total=total, kv_pages_used=used,
             prefill_dop_counts=dict(engine.dop_counts["prefill"]), decode_dop_counts=dict(engine.dop_counts["decode"]),
             scale_downs=counters.get("scale_downs", 0), scale_ups=counters.get("scale_ups", 0),

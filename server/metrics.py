@@ -6,7 +6,7 @@ Data flow:
   2. The servicer records what it sees on the wire: a finished request (`observe_finished`: counter
      by finish reason, token counters, TTFT / end-to-end / queue-time histograms), each streamed
      delta (`observe_tokens`: inter-token latency), each rejection (`observe_rejected`, by code).
-  3. What only the engine knows (running / waiting requests, KV pages per instance, the DoP each
+  3. What only the engine knows (running / waiting / late requests, the oldest wait, KV pages per instance, the DoP each
      prefill and decode batch ran at, scale-downs, scale-ups, migrations, preemptions, compiles) is
      read at scrape time: `EngineCollector` calls `engine_snapshot()` and turns the returned
      `EngineSnapshot` into metric families, so nothing is copied between scrapes.
@@ -35,6 +35,8 @@ class EngineSnapshot:
 
     running: int = 0
     waiting: int = 0
+    oldest_waiting_seconds: float = 0.0  # how long the longest-waiting request has waited (0: none waits)
+    late: int = 0  # waiting requests the policy holds behind every timely one (ESP's overload triage)
     kv_pages_total: tuple[int, ...] = ()  # per instance
     kv_pages_used: tuple[int, ...] = ()  # per instance
     prefill_dop_counts: Mapping[int, int] = dataclasses.field(default_factory=dict)  # DoP -> batches
@@ -68,6 +70,12 @@ class EngineCollector:
                                 value=snap.running)
         yield GaugeMetricFamily("loong_jax_requests_waiting", "Requests waiting for their first schedule.",
                                 value=snap.waiting)
+        yield GaugeMetricFamily("loong_jax_oldest_waiting_seconds",
+                                "Seconds the longest-waiting request has waited (0 when none waits).",
+                                value=snap.oldest_waiting_seconds)
+        yield GaugeMetricFamily("loong_jax_requests_late",
+                                "Waiting requests the scheduler holds behind every timely one: over the overload "
+                                "work limit or past their latency target (ESP only).", value=snap.late)
         used = GaugeMetricFamily("loong_jax_kv_pages_used", "KV pages in use, per instance.",
                                  labels=["instance"])
         total = GaugeMetricFamily("loong_jax_kv_pages_total", "KV pages, per instance.", labels=["instance"])

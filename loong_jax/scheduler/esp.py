@@ -57,6 +57,7 @@ class EspPolicy:
         self.load = OfferedLoad(utilization=target_utilization)  # under overload the largest requests go late
         self.starvation_limit = starvation_limit  # x its latency budget: a request waiting so long goes first
         self._request_costs: dict = {}  # isolated latency and work per request: constant, kept across calls
+        self.late_requests = 0  # waiting requests in the late tiers at the last step (a server metric)
 
     def schedule(self, view: SchedulerView) -> Plan:
         if not view.idle_instances:
@@ -119,6 +120,7 @@ class EspPolicy:
         self.load.observe(snapshot, servable)
         limit = self.load.work_limit(view.num_instances)
         timely, late = deadline_order(snapshot, servable, limit, self.starvation_limit)
+        self.late_requests = len(late)
         if timely:
             return timely
         if view.decoding or view.prefilling:

@@ -111,6 +111,7 @@ def test_under_overload_a_late_giant_waits_for_an_idle_cluster_while_a_late_essa
     chat = decoding("chat", 99, {0: 40}, 0)
     busy_plan = policy.schedule(view(cluster([20_000] * 8, total=20_000), [giant, essay], [chat], now=NOW))
     assert set(prefilled(busy_plan)) == {"essay"} and busy_plan.decodes
+    assert policy.late_requests == 2  # what the server's loong_jax_requests_late gauge shows
     idle_plan = policy.schedule(view(cluster([20_000] * 8, total=20_000), [giant], now=NOW))
     assert "giant" in prefilled(idle_plan)
 

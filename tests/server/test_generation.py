@@ -187,7 +187,8 @@ def test_metrics_endpoint_counts_this_servers_requests(client, server):
         assert after[f'loong_jax_kv_pages_total{{instance="{instance}"}}'] == ENGINE_KV_PAGES
     for name in ("loong_jax_compiles_total", "loong_jax_compile_seconds_total", "loong_jax_preemptions_total",
                  "loong_jax_migrations_total", "loong_jax_scale_ups_total", "loong_jax_scale_downs_total",
-                 "loong_jax_requests_running", "loong_jax_requests_waiting",
+                 "loong_jax_requests_running", "loong_jax_requests_waiting", "loong_jax_requests_late",
+                 "loong_jax_oldest_waiting_seconds",
                  "loong_jax_inter_token_latency_seconds_count", "loong_jax_queue_time_seconds_count",
                  "loong_jax_e2e_request_latency_seconds_count"):
         assert name in after, name
