@@ -20,11 +20,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from loong_jax.simulator.cli import simulate_main
-from loong_jax.simulator.report import load_experiment, plot_experiment
+from loong_jax.simulator.report import ExperimentResult, load_experiment, plot_experiment
 
 RESULTS = Path(__file__).resolve().parent / "results"
 POLICIES = "esp,static-sp,replicas,chunked-prefill,pd-disagg"
@@ -71,6 +73,25 @@ def summary_markdown(documents: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def run_workload(workload: str, policies: list[str], common: list[str], json_path: Path, jobs: int) -> None:
+    """`loong-jax simulate` of one workload; with jobs > 1 the policies run in that many processes (each
+    policy's runs are independent) and their results are merged into one JSON file."""
+    if jobs <= 1:
+        simulate_main(common + ["--policies", ",".join(policies), "--json", str(json_path)])
+        return
+    parts = [policies[k::jobs] for k in range(min(jobs, len(policies)))]
+    with tempfile.TemporaryDirectory() as scratch, ProcessPoolExecutor(len(parts)) as pool:
+        paths = [Path(scratch) / f"part{k}.json" for k in range(len(parts))]
+        futures = [pool.submit(simulate_main, common + ["--policies", ",".join(part), "--json", str(path)])
+                   for part, path in zip(parts, paths)]
+        for future in futures:
+            future.result()
+        results = {label: result for path in paths for label, result in load_experiment(path).policies.items()}
+        first = load_experiment(paths[0])
+    merged = ExperimentResult({**first.config}, first.workload_stats, {label: results[label] for label in policies})
+    json_path.write_text(json.dumps(merged.to_dict(), indent=1) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workloads", default=",".join(WORKLOADS))
@@ -78,9 +99,11 @@ def main() -> None:
     parser.add_argument("--num-requests", type=int, default=1000)
     parser.add_argument("--sharegpt-requests", type=int, default=2000)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--precision", type=float, default=0.05, help="relative precision of the rate search")
     parser.add_argument("--plot-rates", type=int, default=5, help="common rates of complete runs for the plots")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--replot", action="store_true", help="only redraw plots and the table from the JSON files")
+    parser.add_argument("--jobs", type=int, default=1, help="processes per workload (policies run in parallel)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     documents = {}
@@ -95,11 +118,12 @@ def main() -> None:
         started = time.perf_counter()
         count = args.sharegpt_requests if workload == "sharegpt" else args.num_requests
         json_path, png_path = args.out / f"sim_{workload}.json", args.out / f"sim_{workload}.png"
-        simulate_main([
-            "--workload", workload, "--instances", "8", "--tp", "1", "--policies", args.policies,
-            "--num-requests", str(count), "--seed", str(args.seed), "--json", str(json_path),
-            "--plot", str(png_path), "--plot-rates", str(args.plot_rates), "--no-progress",
-        ])
+        common = ["--workload", workload, "--instances", "8", "--tp", "1", "--num-requests", str(count),
+                  "--seed", str(args.seed), "--plot-rates", str(args.plot_rates), "--precision", str(args.precision),
+                  "--no-progress"]
+        run_workload(workload, args.policies.split(","), common, json_path, args.jobs)
+        result = load_experiment(json_path)
+        plot_experiment(result, png_path, title=f"{workload}, 8 instances x tp 1")
         documents[workload] = json.loads(json_path.read_text())
         print(f"[{workload}: {time.perf_counter() - started:.0f} s]\n", flush=True)
     table = summary_markdown(documents)
