@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -80,7 +81,8 @@ def run_workload(workload: str, policies: list[str], common: list[str], json_pat
         simulate_main(common + ["--policies", ",".join(policies), "--json", str(json_path)])
         return
     parts = [policies[k::jobs] for k in range(min(jobs, len(policies)))]
-    with tempfile.TemporaryDirectory() as scratch, ProcessPoolExecutor(len(parts)) as pool:
+    spawn = multiprocessing.get_context("spawn")  # no fork of a process that may hold JAX's threads
+    with tempfile.TemporaryDirectory() as scratch, ProcessPoolExecutor(len(parts), mp_context=spawn) as pool:
         paths = [Path(scratch) / f"part{k}.json" for k in range(len(parts))]
         futures = [pool.submit(simulate_main, common + ["--policies", ",".join(part), "--json", str(path)])
                    for part, path in zip(parts, paths)]
