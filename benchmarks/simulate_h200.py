@@ -6,14 +6,17 @@ Data flow:
   2. Read the JSON files back and write `results/simulation_h200.md`: max throughput under the SLO per policy,
      ESP / each baseline, ESP / best baseline, and the saturation throughput (all requests at t = 0).
 
-Run: python benchmarks/simulate_h200.py [--workloads sharegpt,leval,...] [--num-requests 1000] [--replot]
-(8 to 25 minutes per workload on a shared 2-core machine; runs of different workloads into the same --out
-may go in parallel, then `--replot` writes the table of all of them). Why 1,000 requests per rate: with an SLO of 25x the isolated latency a finite
-run only fails once its backlog exceeds ~25 isolated latencies of work, so with 300 long requests the search
-finds rates up to 2x the cluster's real capacity (finite-run artefact); 1,000 bring the max rate close to the
-saturation throughput. ShareGPT uses --sharegpt-requests (2,000): its 25x SLO (about 40 s) is longer than
-draining even thousands of chat requests (a burst of 6,000 still met it for 99.7% under ESP), so its max rate
-is unbounded and only the saturation throughput (all requests at t = 0) tells policies apart.
+Run: python benchmarks/simulate_h200.py [--workloads sharegpt,leval,...] [--num-requests 1000] [--jobs 2]
+[--replot]. `--jobs N` searches a workload's policies in N processes; runs of different workloads into the
+same --out may also go in parallel, then `--replot` writes the table of all of them.
+
+Why 1,000 requests per rate (8 to 25 minutes per workload on a shared 2-core machine): with an SLO of 25x
+the isolated latency a finite run only fails once its backlog exceeds ~25 isolated latencies of work, so
+with 300 long requests the search finds rates up to 2x the cluster's real capacity (finite-run artefact);
+1,000 bring the max rate close to the saturation throughput. ShareGPT needs --sharegpt-requests (20,000):
+its 25x SLO (about 40 s) is longer than draining thousands of chat requests (with 2,000 every policy met it
+even when all arrived at once, so no rate was too high), and at 20,000 a backlog finally outlasts it
+(about 45 minutes with --jobs 2 --precision 0.1 --plot-rates 0).
 """
 
 from __future__ import annotations
@@ -99,7 +102,7 @@ def main() -> None:
     parser.add_argument("--workloads", default=",".join(WORKLOADS))
     parser.add_argument("--policies", default=POLICIES)
     parser.add_argument("--num-requests", type=int, default=1000)
-    parser.add_argument("--sharegpt-requests", type=int, default=2000)
+    parser.add_argument("--sharegpt-requests", type=int, default=20_000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--precision", type=float, default=0.05, help="relative precision of the rate search")
     parser.add_argument("--plot-rates", type=int, default=5, help="common rates of complete runs for the plots")
