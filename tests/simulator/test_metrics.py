@@ -91,6 +91,8 @@ def test_report_table_and_summary_handle_unbounded_and_missing_rates():
     summary = unbounded.summary()
     assert summary["esp_over_best_baseline"] is None and not summary["esp_beats_every_baseline"]
     assert "unbounded" in format_table(unbounded) and "undefined" in format_table(unbounded)
+    only_esp = ExperimentResult({}, {}, {"esp": PolicyResult("esp", math.inf), "replicas": PolicyResult("replicas", 9.0)})
+    assert only_esp.summary()["esp_beats_every_baseline"] and only_esp.summary()["esp_over_best_baseline"] == math.inf
 
 
 def test_plot_without_any_complete_run_still_writes_a_png(tmp_path):
