@@ -16,7 +16,8 @@ with 300 long requests the search finds rates up to 2x the cluster's real capaci
 1,000 bring the max rate close to the saturation throughput. ShareGPT needs --sharegpt-requests (20,000):
 its 25x SLO (about 40 s) is longer than draining thousands of chat requests (with 2,000 every policy met it
 even when all arrived at once, so no rate was too high), and at 20,000 a backlog finally outlasts it
-(about 45 minutes with --jobs 2 --precision 0.1 --plot-rates 0).
+(slow: with --jobs 2 --precision 0.1 --plot-rates 0 on a 2-core machine, replicas and chunked-prefill took
+57 minutes, ESP 10, and static-sp with pd-disagg over 110).
 """
 
 from __future__ import annotations
