@@ -92,9 +92,10 @@ def run_workload(workload: str, policies: list[str], common: list[str], json_pat
                    for part, path in zip(parts, paths)]
         for future in futures:
             future.result()
-        results = {label: result for path in paths for label, result in load_experiment(path).policies.items()}
-        first = load_experiment(paths[0])
-    merged = ExperimentResult({**first.config}, first.workload_stats, {label: results[label] for label in policies})
+        experiments = [load_experiment(path) for path in paths]
+    results = {label: result for experiment in experiments for label, result in experiment.policies.items()}
+    first = experiments[0]
+    merged = ExperimentResult(first.config, first.workload_stats, {label: results[label] for label in policies})
     json_path.write_text(json.dumps(merged.to_dict(), indent=1) + "\n")
 
 
