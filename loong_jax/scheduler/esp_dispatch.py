@@ -109,7 +109,8 @@ class ClusterSnapshot:
         self._drop_decode_groups_touching(group)
 
     def _drop_decode_groups_touching(self, group) -> None:
-        for touched in [g for g in self.decode_groups if not set(group).isdisjoint(g)]:
+        members = set(group)
+        for touched in [g for g in self.decode_groups if not members.isdisjoint(g)]:
             del self.decode_groups[touched]
 
     def reserve_growth(self, request: RequestView, master: int, master_tokens: int) -> None:
