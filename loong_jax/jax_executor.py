@@ -35,6 +35,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from loong_jax.engine_state import EngineState
+from loong_jax.models.kernels.dispatch import attention_impl_from_env, for_platform
 from loong_jax.models.llama import LlamaForCausalLM
 from loong_jax.outputs import TokenLogprobs
 from loong_jax.program_cache import ProgramCache, ProgramKey
@@ -106,9 +107,12 @@ def abstract_sampling(rows: int, signature: tuple, sharding) -> SamplingBatch | 
 class JaxExecutor:
     def __init__(self, model: LlamaForCausalLM, topology: Topology, pages_per_instance: int, page_size: int,
                  *, eos_token_ids: Sequence[int] = (), buckets: Buckets = Buckets(),
-                 program_cache: ProgramCache | None = None, clock=time.monotonic, in_dispatch_order: bool = False):
+                 program_cache: ProgramCache | None = None, clock=time.monotonic, in_dispatch_order: bool = False,
+                 attention_impl: str | None = None):
         """in_dispatch_order: `wait_next` returns units in the order they were dispatched instead of as they
-        finish (with a logical clock this makes a whole run reproducible, scheduling decisions included)."""
+        finish (with a logical clock this makes a whole run reproducible, scheduling decisions included).
+        attention_impl: "auto" | "interpret" | "reference" | "kernel" (`models.kernels.dispatch`); None reads
+        `LOONG_JAX_ATTENTION` here, once; "auto" is settled here for the platform of the devices."""
         self.config = model.config
         self.topology = topology
         self.buckets = buckets
@@ -116,6 +120,8 @@ class JaxExecutor:
         self.page_size = page_size
         self.clock = clock
         self.in_dispatch_order = in_dispatch_order
+        self.attention_impl = for_platform(attention_impl_from_env() if attention_impl is None else attention_impl,
+                                           topology.devices[0].platform)
         graphdef, weights = nnx.split(model)
         self.graphdef = graphdef
         self.params = place_params(weights, topology)  # one copy per instance, TENSOR-sharded inside
@@ -270,15 +276,18 @@ class JaxExecutor:
         return jax.jit(program, donate_argnames=("pool",), out_shardings=out).lower(params, pool, inputs, sampling)
 
     def _prefill_program(self, params, pool, inputs, sampling, *, mesh, signature):
-        logits, pool = prefill_forward(self.graphdef, params, pool, inputs, mesh=mesh)  # [requests, vocab]
+        logits, pool = prefill_forward(self.graphdef, params, pool, inputs, mesh=mesh,
+                                       attention_impl=self.attention_impl)  # [requests, vocab]
         return sample_tokens(logits, sampling, signature), pool
 
     def _context_prefill_program(self, params, pool, inputs, context, sampling, *, mesh, signature):
-        logits, pool = context_prefill_forward(self.graphdef, params, pool, inputs, context, mesh=mesh)
+        logits, pool = context_prefill_forward(self.graphdef, params, pool, inputs, context, mesh=mesh,
+                                               attention_impl=self.attention_impl)
         return sample_tokens(logits, sampling, signature), pool
 
     def _decode_program(self, params, pool, inputs, sampling, *, mesh, signature):
-        logits, pool = decode_forward(self.graphdef, params, pool, inputs, mesh=mesh)  # [rows, vocab]
+        logits, pool = decode_forward(self.graphdef, params, pool, inputs, mesh=mesh,
+                                      attention_impl=self.attention_impl)  # [rows, vocab]
         return sample_tokens(logits, sampling, signature), pool
 
     @staticmethod

@@ -27,6 +27,11 @@ Data flow of `blocked_partial_attention(q, k, v, q_pos, q_seg, kv_pos, kv_seg)`:
 
 `segment_attention` picks this or the dense `partial_attention` (cheaper when
 both sides fit in about one tile) from the static shapes.
+
+This is the XLA reference path (what CPU programs run). On CUDA the flash
+kernel `models.kernels.prefill_attention` replaces steps 3-4 with one launch,
+visiting the same `key_tile_ranges`; `pad_rows` and `key_tile_ranges` are
+shared with it.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ Q_TILE = 64
 KV_TILE = 64
 
 
-def _pad_rows(x, rows: int, fill):
+def pad_rows(x, rows: int, fill):
     """Pad the leading axis of x to `rows` with `fill`."""
     pad = rows - x.shape[0]
     if pad == 0:
@@ -125,14 +130,14 @@ def blocked_partial_attention(q, k, v, q_positions, q_segments, kv_positions, kv
     q_tile, kv_tile = min(q_tile, q_tokens), min(kv_tile, kv_tokens)
     q_padded = -(-q_tokens // q_tile) * q_tile
     kv_padded = -(-kv_tokens // kv_tile) * kv_tile
-    q_positions, q_segments = _pad_rows(q_positions, q_padded, 0), _pad_rows(q_segments, q_padded, -1)
-    kv_positions, kv_segments = _pad_rows(kv_positions, kv_padded, 0), _pad_rows(kv_segments, kv_padded, -1)
+    q_positions, q_segments = pad_rows(q_positions, q_padded, 0), pad_rows(q_segments, q_padded, -1)
+    kv_positions, kv_segments = pad_rows(kv_positions, kv_padded, 0), pad_rows(kv_segments, kv_padded, -1)
     first_tile, tile_count = key_tile_ranges(q_positions, q_segments, kv_positions, kv_segments, q_tile, kv_tile)
-    q = _pad_rows(q.astype(jnp.float32), q_padded, 0.0).reshape(-1, q_tile, kv_heads, group, head_dim) * scale
+    q = pad_rows(q.astype(jnp.float32), q_padded, 0.0).reshape(-1, q_tile, kv_heads, group, head_dim) * scale
     if kv_rows is None:  # the stream itself: tiles are slices of k, v (padded like the stream)
-        k, v = _pad_rows(k, kv_padded, 0), _pad_rows(v, kv_padded, 0)
+        k, v = pad_rows(k, kv_padded, 0), pad_rows(v, kv_padded, 0)
     else:  # tiles are gathered from the storage
-        kv_rows = _pad_rows(kv_rows, kv_padded, 0)
+        kv_rows = pad_rows(kv_rows, kv_padded, 0)
 
     def key_tile(x, start):
         """[K, kvh, hd] float32 rows start .. start + K - 1 of the key stream."""

@@ -23,7 +23,13 @@ Data flow:
         block-sparse attention (`blocked_attention`, key tiles of
         `pages_per_visit` pages) visits, for each tile of a member's queries,
         only the key tiles of its requests, so the work follows
-        sum(chunk x prefix) per request, not all queries x all prefixes;
+        sum(chunk x prefix) per request, not all queries x all prefixes.
+        That is the reference code (CPU, `lax.map` over the members' row
+        blocks); on CUDA (or with the "interpret" implementation,
+        `models.kernels.dispatch`) one flash kernel launch
+        (`models.kernels.prefill_attention.flash_attention`) covers every
+        member's row block, gathering key tiles from the pool through the same
+        key stream, each query tile visiting only its requests' key tiles;
      c. `all_to_all` returns each row's d partials to the member that owns
         the row, which merges them, then the ring's partial, exactly by
         log-sum-exp (`merge_partials`).
@@ -47,6 +53,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from loong_jax.models.attention import merge_partials
 from loong_jax.models.blocked_attention import KV_TILE, blocked_partial_attention
+from loong_jax.models.kernels import prefill_attention
+from loong_jax.models.kernels.dispatch import AUTO, by_platform, checks_vma
 from loong_jax.sharding.decode_attention import MEMBER_SPEC
 from loong_jax.sharding.kv_pool import POOL_SPEC
 from loong_jax.sharding.prefill_program import PrefillBatch
@@ -128,16 +136,13 @@ def layout_context(starts: Sequence[int], prefix_pages: Sequence[Mapping[int, Se
 
 
 # ---------------------------------------------------------------- device side
-def _held_prefix_partials(q_all, segments_all, pool, layer: int, page_tables, kv_lens, scale: float,
-                          members: int, pages_per_visit: int | None):
-    """Partial attention of every query over this member's prefix tokens of its request.
+def _prefix_key_stream(page_tables, kv_lens, num_pages: int, page_size: int):
+    """The prefix tokens a member holds, as a key stream read straight from its pool.
 
-    q_all: [R, hq, hd], the rows of `members` members one block after another
-    (each block in stream order); segments_all: [R] (-1 = padding);
-    pool: [1, L, 2, pages, page_size, kvh, hd]; page_tables: [requests, max_pages]; kv_lens: [requests].
-    Returns out [R, hq, hd] float32 and lse [R, hq] float32 (-inf: nothing held).
+    page_tables: [requests, max_pages]; kv_lens: [requests].
+    Returns key_rows (slot in a layer's pool), key_positions, key_segments: [E*S] int32
+    (E = requests * max_pages entries of S = page_size keys; segment r = request r, -1 = nothing).
     """
-    num_pages, page_size, kv_heads, head_dim = pool.shape[3:]
     requests, max_pages = page_tables.shape
     # One entry per (request, table position), holding tokens_in_entry tokens of that request.
     tokens_in_entry = jnp.clip(kv_lens[:, None] - jnp.arange(max_pages)[None, :] * page_size, 0, page_size)
@@ -153,6 +158,20 @@ def _held_prefix_partials(q_all, segments_all, pool, layer: int, page_tables, kv
     key_segments = jnp.where(offset < tokens_in_entry[entry], request_of_entry[entry], -1)  # [E*S]
     # The whole prefix precedes the whole chunk: positions 0 make the causal test always pass.
     key_positions = jnp.zeros_like(key_segments)
+    return key_rows, key_positions, key_segments
+
+
+def _held_prefix_partials(q_all, segments_all, pool, layer: int, page_tables, kv_lens, scale: float,
+                          members: int, pages_per_visit: int | None):
+    """Partial attention of every query over this member's prefix tokens of its request (reference).
+
+    q_all: [R, hq, hd], the rows of `members` members one block after another
+    (each block in stream order); segments_all: [R] (-1 = padding);
+    pool: [1, L, 2, pages, page_size, kvh, hd]; page_tables: [requests, max_pages]; kv_lens: [requests].
+    Returns out [R, hq, hd] float32 and lse [R, hq] float32 (-inf: nothing held).
+    """
+    num_pages, page_size, kv_heads, head_dim = pool.shape[3:]
+    key_rows, key_positions, key_segments = _prefix_key_stream(page_tables, kv_lens, num_pages, page_size)
     keys = pool[0, layer, 0].reshape(num_pages * page_size, kv_heads, head_dim)
     values = pool[0, layer, 1].reshape(num_pages * page_size, kv_heads, head_dim)
     kv_tile = page_size * (pages_per_visit or max(1, KV_TILE // page_size))
@@ -167,19 +186,51 @@ def _held_prefix_partials(q_all, segments_all, pool, layer: int, page_tables, kv
     return out.reshape(q_all.shape), lse.reshape(q_all.shape[:2])
 
 
+def _held_prefix_partials_kernel(q_all, segments_all, pool, layer: int, page_tables, kv_lens, scale: float,
+                                 members: int, *, interpret: bool):
+    """`_held_prefix_partials` as one flash kernel launch over all members' row blocks, key tiles
+    gathered from the pool in place (the pool viewed as stores [L * 2, pages * page_size, kvh, hd])."""
+    layers, num_pages, page_size, kv_heads, head_dim = pool.shape[1], *pool.shape[3:]
+    key_rows, key_positions, key_segments = _prefix_key_stream(page_tables, kv_lens, num_pages, page_size)
+    stores = pool.reshape(layers * 2, num_pages * page_size, kv_heads, head_dim)
+    rows_per_member = q_all.shape[0] // members
+    return prefill_attention.flash_attention(
+        q_all, stores, stores, jnp.zeros_like(segments_all), segments_all, key_positions, key_segments, scale,
+        k_index=2 * layer, v_index=2 * layer + 1, kv_rows=key_rows, query_blocks=members, interpret=interpret,
+        q_tile=prefill_attention.stream_tiles(rows_per_member, prefill_attention.Q_TILE),
+        kv_tile=prefill_attention.stream_tiles(key_rows.shape[0], prefill_attention.KV_TILE))
+
+
+def _prefix_partials(q_all, segments_all, pool, layer: int, page_tables, kv_lens, scale: float, members: int,
+                     pages_per_visit: int | None, attention_impl: str):
+    """The reference or the kernel, as `attention_impl` and the platform say."""
+
+    def reference(q_all, segments_all, pool, page_tables, kv_lens):
+        return _held_prefix_partials(q_all, segments_all, pool, layer, page_tables, kv_lens, scale, members,
+                                     pages_per_visit)
+
+    def kernel(q_all, segments_all, pool, page_tables, kv_lens, *, interpret):
+        return _held_prefix_partials_kernel(q_all, segments_all, pool, layer, page_tables, kv_lens, scale,
+                                            members, interpret=interpret)
+
+    usable = prefill_attention.supports(pool.shape[-1])
+    return by_platform(attention_impl, reference, kernel if usable else None,
+                       q_all, segments_all, pool, page_tables, kv_lens)
+
+
 def _member_context_attention(q, segment_ids, pool, page_tables, kv_lens, *, layer: int, members: int,
-                              scale: float, pages_per_visit: int | None):
+                              scale: float, pages_per_visit: int | None, attention_impl: str):
     """Per (member, tensor shard): q [T, hq_local, hd]; segment_ids [T];
     pool [1, L, 2, pages, page_size, kvh_local, hd]; page_tables [1, requests, max_pages];
     kv_lens [1, requests]. Returns the merged context partial of the member's own rows."""
     if members == 1:
-        return _held_prefix_partials(q, segment_ids, pool, layer, page_tables[0], kv_lens[0], scale, 1,
-                                     pages_per_visit)
+        return _prefix_partials(q, segment_ids, pool, layer, page_tables[0], kv_lens[0], scale, 1,
+                                pages_per_visit, attention_impl)
     rows_local = q.shape[0]
     q_all = jax.lax.all_gather(q, SEQ, axis=0, tiled=True)  # [d*T, hq_local, hd]
     segments_all = jax.lax.all_gather(segment_ids, SEQ, axis=0, tiled=True)  # [d*T]
-    out, lse = _held_prefix_partials(q_all, segments_all, pool, layer, page_tables[0], kv_lens[0], scale,
-                                     members, pages_per_visit)
+    out, lse = _prefix_partials(q_all, segments_all, pool, layer, page_tables[0], kv_lens[0], scale,
+                                members, pages_per_visit, attention_impl)
     # Row block j of the partials belongs to member j; afterwards block i holds
     # what member i computed for my rows.
     out = jax.lax.all_to_all(out, SEQ, split_axis=0, concat_axis=0, tiled=True)
@@ -193,20 +244,22 @@ def _member_context_attention(q, segment_ids, pool, page_tables, kv_lens, *, lay
 
 
 def context_attention(mesh: Mesh, layer: int, q, segment_ids, pool, context: ContextInputs,
-                      pages_per_visit: int | None = None):
+                      pages_per_visit: int | None = None, attention_impl: str = AUTO):
     """Attention of the chunk's queries over their requests' prefixes, wherever in the group they sit.
 
     q: [rows, q_heads, head_dim] (HEADS_SPEC); segment_ids: [rows] (ROWS_SPEC);
     pool: group pool with POOL_SPEC (read only); context: `ContextInputs`;
-    pages_per_visit: prefix pages per key tile (None: about one `blocked_attention.KV_TILE`).
+    pages_per_visit: prefix pages per key tile of the reference code (None: about one
+    `blocked_attention.KV_TILE`); attention_impl: `models.kernels.dispatch` implementation (static).
     Returns out [rows, q_heads, head_dim] float32 and lse [rows, q_heads] float32.
     """
     body = functools.partial(_member_context_attention, layer=layer, members=mesh.shape[SEQ],
-                             scale=q.shape[-1] ** -0.5, pages_per_visit=pages_per_visit)
+                             scale=q.shape[-1] ** -0.5, pages_per_visit=pages_per_visit,
+                             attention_impl=attention_impl)
     return jax.shard_map(
         body, mesh=mesh,
         in_specs=(HEADS_SPEC, ROWS_SPEC, POOL_SPEC, MEMBER_SPEC, MEMBER_SPEC),
-        out_specs=(HEADS_SPEC, LSE_SPEC),
+        out_specs=(HEADS_SPEC, LSE_SPEC), check_vma=checks_vma(attention_impl),
     )(q, segment_ids, pool, context.page_tables, context.kv_lens)
 
 
@@ -221,14 +274,16 @@ class ContextPrefillCache:
 
 def context_prefill_forward(graphdef: nnx.GraphDef, params: Any, pool: jax.Array, batch: PrefillBatch,
                             context: ContextInputs, *, mesh: Mesh,
-                            pages_per_visit: int | None = None) -> tuple[jax.Array, jax.Array]:
+                            pages_per_visit: int | None = None,
+                            attention_impl: str = AUTO) -> tuple[jax.Array, jax.Array]:
     """Traceable whole-model prefill of chunks that continue earlier ones.
 
     graphdef, params: `nnx.split(model)`, params as `topology.group_params(...)`;
     pool: group pool [d, layers, 2, pages, page_size, kv_heads, head_dim] with POOL_SPEC;
     batch: `prefill_program.make_prefill_batch(chunk_layout(...), chunk_tokens, placement, mesh)`;
     context: `layout_context(...).to_device(mesh)`, segment r = request r of the batch;
-    pages_per_visit: prefix pages per key tile (None: about one `blocked_attention.KV_TILE`).
+    pages_per_visit: prefix pages per key tile (None: about one `blocked_attention.KV_TILE`);
+    attention_impl: `models.kernels.dispatch` implementation of every attention call (static).
     Returns logits [num_logits, vocab] float32 for `batch.logits_indices` and the
     pool with every placed chunk token's k, v written to its slot.
     """
@@ -237,10 +292,10 @@ def context_prefill_forward(graphdef: nnx.GraphDef, params: Any, pool: jax.Array
     def ring_with_context(layer, q, k, v, positions, segment_ids, cache: ContextPrefillCache):
         ring = cache.ring
         out, lse, pool = ring_attention(mesh, layer, q, k, v, positions, segment_ids,
-                                        ring.placement_member, ring.placement_slot, ring.pool)
+                                        ring.placement_member, ring.placement_slot, ring.pool, attention_impl)
         # Reads only prefix slots, which the ring's writes (new slots) never touch.
         prefix_out, prefix_lse = context_attention(mesh, layer, q, segment_ids, pool, cache.context,
-                                                   pages_per_visit)
+                                                   pages_per_visit, attention_impl)
         out, _ = merge_partials(out, lse, prefix_out, prefix_lse)
         return out.astype(q.dtype), dataclasses.replace(cache, ring=dataclasses.replace(ring, pool=pool))
 
@@ -253,7 +308,8 @@ def context_prefill_forward(graphdef: nnx.GraphDef, params: Any, pool: jax.Array
     return logits, cache.ring.pool
 
 
-def jit_context_prefill(graphdef: nnx.GraphDef, mesh: Mesh, pages_per_visit: int | None = None):
+def jit_context_prefill(graphdef: nnx.GraphDef, mesh: Mesh, pages_per_visit: int | None = None,
+                        attention_impl: str = AUTO):
     """`context_prefill_forward` compiled for one group: call as
     `logits, pool = program(params, pool, batch, context)`. The pool is donated.
     Shapes are static per (group, rows bucket, num_logits, requests, max_pages),
@@ -261,7 +317,7 @@ def jit_context_prefill(graphdef: nnx.GraphDef, mesh: Mesh, pages_per_visit: int
 
     def context_prefill(params, pool, batch, context):
         return context_prefill_forward(graphdef, params, pool, batch, context, mesh=mesh,
-                                       pages_per_visit=pages_per_visit)
+                                       pages_per_visit=pages_per_visit, attention_impl=attention_impl)
 
     return jax.jit(context_prefill, donate_argnames=("pool",),
                    out_shardings=(NamedSharding(mesh, P()), NamedSharding(mesh, POOL_SPEC)))

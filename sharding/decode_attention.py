@@ -19,6 +19,10 @@ not batch x longest request. Per layer, inside `jax.shard_map`:
      and the entries of a row are combined with segment max / sum (exact
      softmax statistics) -> (out, log-sum-exp) per row in float32; chunks
      merge online. A row with no entries on m yields out 0, lse = -inf.
+     That is the reference code (CPU); on CUDA (or with the "interpret"
+     implementation, see `models.kernels.dispatch`) the paged decode kernel
+     `models.kernels.paged_decode_attention` computes the same partials from
+     the pool in place, split-K, visiting only the entries that hold tokens.
   4. All-to-all over SEQ: the partials of master m's rows go back to m.
   5. Exact merge: the master combines the d partials of each of its rows with
      `merge_partials` (log-sum-exp weights), which equals softmax attention
@@ -40,6 +44,8 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
 from loong_jax.models.attention import NEG_INF, merge_partials
+from loong_jax.models.kernels import paged_decode_attention
+from loong_jax.models.kernels.dispatch import AUTO, by_platform, checks_vma
 from loong_jax.sharding.kv_pool import POOL_SPEC
 from loong_jax.sharding.topology import SEQ, TENSOR
 
@@ -152,8 +158,25 @@ def _local_partials(q_all, pool, layer: int, entry_rows, entry_pages, entry_toke
     return out, lse
 
 
+def _member_partials(q_all, pool, layer: int, entry_rows, entry_pages, entry_tokens, scale: float,
+                     pages_per_chunk: int, attention_impl: str):
+    """`_local_partials` (the reference) or the paged decode kernel, as `attention_impl` and the platform say."""
+    page_size, head_dim = pool.shape[4], pool.shape[6]
+
+    def reference(q_all, pool, entry_rows, entry_pages, entry_tokens):
+        return _local_partials(q_all, pool, layer, entry_rows, entry_pages, entry_tokens, scale, pages_per_chunk)
+
+    def kernel(q_all, pool, entry_rows, entry_pages, entry_tokens, *, interpret):
+        return paged_decode_attention.paged_decode_partials(q_all, pool, layer, entry_rows, entry_pages,
+                                                            entry_tokens, scale, interpret=interpret)
+
+    usable = paged_decode_attention.supports(head_dim, page_size)
+    return by_platform(attention_impl, reference, kernel if usable else None,
+                       q_all, pool, entry_rows, entry_pages, entry_tokens)
+
+
 def _member_decode_attention(q, k_new, v_new, pool, entry_rows, entry_pages, entry_tokens, append_slots, *,
-                             layer: int, members: int, scale: float, pages_per_chunk: int):
+                             layer: int, members: int, scale: float, pages_per_chunk: int, attention_impl: str):
     """The body run by every (member, tensor shard) of the group.
 
     q: [B_local, hq_local, hd]; k_new, v_new: [B_local, kvh_local, hd];
@@ -164,10 +187,10 @@ def _member_decode_attention(q, k_new, v_new, pool, entry_rows, entry_pages, ent
     pool = _append_new_kv(pool, layer, k_new, v_new, append_slots)
     entries = (entry_rows[0], entry_pages[0], entry_tokens[0])
     if members == 1:  # a lone member holds all KV of its requests: nothing to exchange
-        out, _ = _local_partials(q, pool, layer, *entries, scale, pages_per_chunk)
+        out, _ = _member_partials(q, pool, layer, *entries, scale, pages_per_chunk, attention_impl)
         return out.astype(q.dtype), pool
     q_all = jax.lax.all_gather(q, SEQ, axis=0, tiled=True)  # [R, hq_local, hd]
-    out, lse = _local_partials(q_all, pool, layer, *entries, scale, pages_per_chunk)
+    out, lse = _member_partials(q_all, pool, layer, *entries, scale, pages_per_chunk, attention_impl)
     # Row block j of the partials belongs to member j; afterwards block i holds
     # what member i computed for *my* rows.
     out = jax.lax.all_to_all(out, SEQ, split_axis=0, concat_axis=0, tiled=True)  # [R, hq, hd]
@@ -182,23 +205,26 @@ def _member_decode_attention(q, k_new, v_new, pool, entry_rows, entry_pages, ent
 
 def decode_attention(layer: int, q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array,
                      segment_ids: jax.Array, kv_cache: DecodeKVCache, *, mesh: Mesh,
-                     pages_per_chunk: int = PAGES_PER_CHUNK) -> tuple[jax.Array, DecodeKVCache]:
+                     pages_per_chunk: int = PAGES_PER_CHUNK,
+                     attention_impl: str = AUTO) -> tuple[jax.Array, DecodeKVCache]:
     """The model's attention hook for one distributed decode step (see module docstring).
 
     q: [d * B_local, q_heads, head_dim]; k, v: [d * B_local, kv_heads, head_dim] (RoPE applied).
     Positions and segment ids are not needed: a decode query sees every token
     its request holds, and padding rows hold nothing (no entries, slot -1).
+    attention_impl: `models.kernels.dispatch` implementation (static).
     Returns out [d * B_local, q_heads, head_dim] in q's dtype and the cache with
     the updated pool.
     """
     del positions, segment_ids
     body = functools.partial(_member_decode_attention, layer=layer, members=mesh.shape[SEQ],
-                             scale=q.shape[-1] ** -0.5, pages_per_chunk=pages_per_chunk)
+                             scale=q.shape[-1] ** -0.5, pages_per_chunk=pages_per_chunk,
+                             attention_impl=attention_impl)
     out, pool = jax.shard_map(
         body,
         mesh=mesh,
         in_specs=(HEADS_SPEC, HEADS_SPEC, HEADS_SPEC, POOL_SPEC, MEMBER_SPEC, MEMBER_SPEC, MEMBER_SPEC, ROW_SPEC),
-        out_specs=(HEADS_SPEC, POOL_SPEC),
+        out_specs=(HEADS_SPEC, POOL_SPEC), check_vma=checks_vma(attention_impl),
     )(q, k, v, kv_cache.pool, kv_cache.entry_rows, kv_cache.entry_pages, kv_cache.entry_tokens,
       kv_cache.append_slots)
     return out, dataclasses.replace(kv_cache, pool=pool)

@@ -32,6 +32,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
+from loong_jax.models.kernels.dispatch import AUTO
 from loong_jax.sharding.decode_attention import (
     MEMBER_SPEC, PAGES_PER_CHUNK, ROW_SPEC, DecodeKVCache, decode_attention)
 from loong_jax.sharding.kv_pool import POOL_SPEC
@@ -156,14 +157,16 @@ def layout_decode_batch(requests: Sequence[DecodeRow], members: int, batch_local
 
 
 def decode_forward(graphdef: nnx.GraphDef, params: Any, pool: jax.Array, inputs: DecodeInputs, *,
-                   mesh: Mesh, pages_per_chunk: int = PAGES_PER_CHUNK) -> tuple[jax.Array, jax.Array]:
+                   mesh: Mesh, pages_per_chunk: int = PAGES_PER_CHUNK,
+                   attention_impl: str = AUTO) -> tuple[jax.Array, jax.Array]:
     """One decode step of the whole model over the group `mesh` (traceable).
 
     graphdef, params: `nnx.split(model)`, params laid out over `mesh`
       (`topology.group_params`: replicated over SEQ, TENSOR-sharded);
     pool: [d, layers, 2, pages, page_size, kv_heads, head_dim] with POOL_SPEC
       (`kv_pool.assemble_group_pool`); inputs: `DecodeBatch.to_device(mesh)`;
-    pages_per_chunk: page entries attended at once per member (bounds the gathered KV).
+    pages_per_chunk: page entries attended at once per member (bounds the gathered KV);
+    attention_impl: `models.kernels.dispatch` implementation (static).
     Returns logits [R, vocab] float32 (padding rows are meaningless) and the pool
     with this step's k, v appended on each request's master.
     """
@@ -171,19 +174,22 @@ def decode_forward(graphdef: nnx.GraphDef, params: Any, pool: jax.Array, inputs:
     segment_ids = jnp.where(inputs.append_slots >= 0, 0, -1).astype(jnp.int32)  # [R]
     cache = DecodeKVCache(pool=pool, entry_rows=inputs.entry_rows, entry_pages=inputs.entry_pages,
                           entry_tokens=inputs.entry_tokens, append_slots=inputs.append_slots)
-    attention = functools.partial(decode_attention, mesh=mesh, pages_per_chunk=pages_per_chunk)
+    attention = functools.partial(decode_attention, mesh=mesh, pages_per_chunk=pages_per_chunk,
+                                  attention_impl=attention_impl)
     logits, cache = model(inputs.tokens, inputs.positions, segment_ids, attention=attention, kv_cache=cache)
     return logits, cache.pool
 
 
-def jit_decode(graphdef: nnx.GraphDef, mesh: Mesh, pages_per_chunk: int = PAGES_PER_CHUNK):
+def jit_decode(graphdef: nnx.GraphDef, mesh: Mesh, pages_per_chunk: int = PAGES_PER_CHUNK,
+               attention_impl: str = AUTO):
     """`decode_forward` compiled for one group: call as
     `logits, pool = program(params, pool, inputs)`. The pool is donated (the
     appends happen in place). Shapes are static per (group, B_local, member_pages)
     bucket, so one wrapper per group compiles once per bucket; keep and reuse it."""
 
     def distributed_decode(params, pool, inputs):
-        return decode_forward(graphdef, params, pool, inputs, mesh=mesh, pages_per_chunk=pages_per_chunk)
+        return decode_forward(graphdef, params, pool, inputs, mesh=mesh, pages_per_chunk=pages_per_chunk,
+                              attention_impl=attention_impl)
 
     return jax.jit(distributed_decode, donate_argnames=("pool",),
                    out_shardings=(NamedSharding(mesh, ROW_SPEC), NamedSharding(mesh, POOL_SPEC)))

@@ -29,6 +29,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from loong_jax.models.kernels.dispatch import AUTO
 from loong_jax.sharding.kv_pool import POOL_SPEC
 from loong_jax.sharding.ring_prefill import ROWS_SPEC, RingPrefillCache, ring_attention
 from loong_jax.sharding.stripe_layout import PackedLayout, Placement
@@ -72,7 +73,7 @@ def make_prefill_batch(layout: PackedLayout, stream_tokens: np.ndarray, placemen
 
 
 def prefill_forward(graphdef: nnx.GraphDef, params: Any, pool: jax.Array, batch: PrefillBatch, *,
-                    mesh: Mesh) -> tuple[jax.Array, jax.Array]:
+                    mesh: Mesh, attention_impl: str = AUTO) -> tuple[jax.Array, jax.Array]:
     """Traceable whole-model ring prefill.
 
     graphdef, params: `nnx.split(model)` of a LlamaForCausalLM, params as the
@@ -81,6 +82,7 @@ def prefill_forward(graphdef: nnx.GraphDef, params: Any, pool: jax.Array, batch:
       (`kv_pool.assemble_group_pool`).
     batch: the rows of the packed prompts (`make_prefill_batch`).
     mesh: the group mesh (static).
+    attention_impl: `models.kernels.dispatch` implementation of the ring steps (static).
 
     Returns logits [num_logits, vocab] float32 for `batch.logits_indices` and
     the pool with every placed token's k, v (RoPE applied) written to its slot.
@@ -89,7 +91,7 @@ def prefill_forward(graphdef: nnx.GraphDef, params: Any, pool: jax.Array, batch:
 
     def ring_hook(layer, q, k, v, positions, segment_ids, cache: RingPrefillCache):
         out, _, pool = ring_attention(mesh, layer, q, k, v, positions, segment_ids,
-                                      cache.placement_member, cache.placement_slot, cache.pool)
+                                      cache.placement_member, cache.placement_slot, cache.pool, attention_impl)
         return out.astype(q.dtype), dataclasses.replace(cache, pool=pool)
 
     cache = RingPrefillCache(pool=pool, placement_member=batch.placement_member,
@@ -99,14 +101,14 @@ def prefill_forward(graphdef: nnx.GraphDef, params: Any, pool: jax.Array, batch:
     return logits, cache.pool
 
 
-def jit_prefill(graphdef: nnx.GraphDef, mesh: Mesh):
+def jit_prefill(graphdef: nnx.GraphDef, mesh: Mesh, attention_impl: str = AUTO):
     """`prefill_forward` compiled for one group: call as
     `logits, pool = program(params, pool, batch)`. The pool is donated (updated
     in place). Shapes are static per (group, rows bucket, num_logits bucket),
     so one wrapper per group compiles once per bucket; keep and reuse it."""
 
     def program(params, pool, batch):
-        return prefill_forward(graphdef, params, pool, batch, mesh=mesh)
+        return prefill_forward(graphdef, params, pool, batch, mesh=mesh, attention_impl=attention_impl)
 
     return jax.jit(program, donate_argnames=("pool",),
                    out_shardings=(NamedSharding(mesh, P()), NamedSharding(mesh, POOL_SPEC)))

@@ -14,7 +14,10 @@ Data flow inside `jax.shard_map`, on member `me` of d, for one layer:
      into a running (output, log-sum-exp) in float32; rows that see no key
      keep output 0 and lse -inf, never NaN. Both sides are in stream order,
      so `blocked_attention.segment_attention` computes only the tile pairs
-     that share a prompt (not all T_local^2 scores of the packed batch).
+     that share a prompt (not all T_local^2 scores of the packed batch). On
+     CUDA (or with the "interpret" implementation, `models.kernels.dispatch`)
+     the flash kernel `models.kernels.prefill_attention` does the same in one
+     launch per step, visiting the same key-tile ranges.
   3. At the same step the member scatters the block's k, v of the tokens
      placed on it into its pool slots (`mode="drop"`: other tokens get an
      out-of-range page and are dropped). After d steps every block has passed
@@ -35,6 +38,8 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 from loong_jax.models.attention import NEG_INF, merge_partials
 from loong_jax.models.blocked_attention import segment_attention
+from loong_jax.models.kernels import prefill_attention
+from loong_jax.models.kernels.dispatch import AUTO, by_platform, checks_vma
 from loong_jax.sharding.kv_pool import POOL_SPEC
 from loong_jax.sharding.topology import SEQ, TENSOR
 
@@ -64,8 +69,24 @@ def _keep_in_pool(pool, layer, k_block, v_block, member_block, slot_block, segme
     return pool.at[0, layer, 1, page, offset].set(v_block.astype(pool.dtype), mode="drop")
 
 
+def step_attention(q, k, v, q_positions, q_segments, kv_positions, kv_segments, scale: float,
+                   attention_impl: str = AUTO):
+    """One ring step's partial attention: `segment_attention` (the reference) or the flash
+    kernel, as `attention_impl` and the platform say. Shapes as `segment_attention`."""
+
+    def reference(*args):
+        return segment_attention(*args, scale)
+
+    def kernel(*args, interpret):
+        return prefill_attention.prefill_partial_attention(*args, scale, interpret=interpret)
+
+    usable = prefill_attention.supports(q.shape[-1])
+    return by_platform(attention_impl, reference, kernel if usable else None,
+                       q, k, v, q_positions, q_segments, kv_positions, kv_segments)
+
+
 def _ring_local(q, k, v, positions, segment_ids, placement_member, placement_slot, pool, *,
-                layer, members, scale):
+                layer, members, scale, attention_impl):
     """The per-member program (inside shard_map). Shapes are local:
     q [T, Hq/tp, D], k/v [T, Hkv/tp, D], per-token [T], pool [1, L, 2, P, S, Hkv/tp, D]."""
     me = jax.lax.axis_index(SEQ)
@@ -75,8 +96,8 @@ def _ring_local(q, k, v, positions, segment_ids, placement_member, placement_slo
 
     def attend(block, out, lse):
         k_block, v_block, meta_block = block
-        block_out, block_lse = segment_attention(q, k_block, v_block, positions, segment_ids,
-                                                 meta_block[:, 0], meta_block[:, 1], scale)
+        block_out, block_lse = step_attention(q, k_block, v_block, positions, segment_ids,
+                                              meta_block[:, 0], meta_block[:, 1], scale, attention_impl)
         return merge_partials(out, lse, block_out, block_lse)
 
     def keep(block, pool):
@@ -104,35 +125,36 @@ def _ring_local(q, k, v, positions, segment_ids, placement_member, placement_slo
 
 
 def ring_attention(mesh: Mesh, layer: int, q, k, v, positions, segment_ids, placement_member,
-                   placement_slot, pool):
+                   placement_slot, pool, attention_impl: str = AUTO):
     """Exact causal attention of a packed, row-laid-out prefill over a group.
 
     q: [rows, q_heads, head_dim]; k, v: [rows, kv_heads, head_dim] (RoPE applied),
     sharded HEADS_SPEC; positions, segment_ids, placement_member,
     placement_slot: [rows] int32, sharded ROWS_SPEC; pool: the group pool
     [d, layers, 2, pages, page_size, kv_heads, head_dim] with POOL_SPEC, or
-    None to attend without keeping KV. `layer` (static) picks the pool layer.
+    None to attend without keeping KV. `layer` (static) picks the pool layer;
+    `attention_impl` (static) the `models.kernels.dispatch` implementation.
 
     Returns out [rows, q_heads, head_dim] float32, lse [rows, q_heads] float32
     (-inf for rows that see no key), and the updated pool.
     """
     members = mesh.shape[SEQ]
-    local = functools.partial(_ring_local, layer=layer, members=members,
-                                  scale=q.shape[-1] ** -0.5)
+    local = functools.partial(_ring_local, layer=layer, members=members, scale=q.shape[-1] ** -0.5,
+                              attention_impl=attention_impl)
     pool_spec = None if pool is None else POOL_SPEC
     program = jax.shard_map(
         local, mesh=mesh,
         in_specs=(HEADS_SPEC, HEADS_SPEC, HEADS_SPEC, ROWS_SPEC, ROWS_SPEC, ROWS_SPEC, ROWS_SPEC, pool_spec),
-        out_specs=(HEADS_SPEC, LSE_SPEC, pool_spec))
+        out_specs=(HEADS_SPEC, LSE_SPEC, pool_spec), check_vma=checks_vma(attention_impl))
     return program(q, k, v, positions, segment_ids, placement_member, placement_slot, pool)
 
 
-def jit_ring_attention(mesh: Mesh, layer: int = 0):
+def jit_ring_attention(mesh: Mesh, layer: int = 0, attention_impl: str = AUTO):
     """`ring_attention` jitted for one group mesh with the pool donated (the
     attention-only program; the whole-model one is in `prefill_program`)."""
 
     def run(q, k, v, positions, segment_ids, placement_member, placement_slot, pool):
         return ring_attention(mesh, layer, q, k, v, positions, segment_ids, placement_member,
-                              placement_slot, pool)
+                              placement_slot, pool, attention_impl)
 
     return jax.jit(run, donate_argnames=("pool",))
