@@ -4,13 +4,16 @@ Data flow:
   1. `AsyncLLM(...)` builds an `LLM` (same arguments) and starts ONE background thread that owns the engine:
      nothing else ever touches it, so the engine needs no locks.
   2. `async for out in engine.generate(prompt, params, request_id)`: the request is tokenized and validated
-     in the caller (ValueError before anything is queued), then posted to the engine thread, which adds it at
-     its next iteration. Each `engine.step()` there produces delta outputs, handed to the caller's event loop
-     (`call_soon_threadsafe`) and yielded as they come; the last one has `finished=True`.
+     in the caller (`LLM.prepare`: a malformed or empty prompt is a ValueError before anything is queued),
+     then posted to the engine thread, which adds it at its next iteration. Each `engine.step()` there
+     produces delta outputs, handed to the caller's event loop (`call_soon_threadsafe`) and yielded as they
+     come; the last one has `finished=True`.
   3. `await engine.abort(request_id)` (or leaving the `async for` early) posts an abort: the engine frees
      the request's pages at its next iteration, or when the unit the request is part of returns (within one
      step); `abort` returns once the pages are free.
   4. `shutdown()` aborts what is left and stops the thread.
+  5. `is_scheduled(request_id)`: the engine has begun the request (scheduled or already answered); a
+     server counts its waiting queue with it, from the engine's state rather than from its own writes.
 """
 
 from __future__ import annotations
@@ -49,6 +52,7 @@ class AsyncLLM:
         self._commands: collections.deque = collections.deque()
         self._wakeup = threading.Event()
         self._streams: dict[str, _Stream] = {}
+        self._unscheduled: set[str] = set()  # streams whose request the engine has not begun yet
         self._aborts: dict[str, list[concurrent.futures.Future]] = {}
         self._stopping = False
         self._dead: BaseException | None = None
@@ -58,16 +62,19 @@ class AsyncLLM:
     # -- public API ---------------------------------------------------------------------------------------------
     async def generate(self, prompt: Prompt, sampling_params: SamplingParams | dict | None = None,
                        request_id: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Stream the deltas of one request; leaving the loop early aborts it."""
+        """Stream the deltas of one request; leaving the loop early aborts it.
+
+        The prompt forms are `LLM.generate`'s (`loong_jax.prompts`): a malformed or empty one raises
+        ValueError at the first iteration, before anything is queued. sampling_params None =
+        `SamplingParams()`: temperature 1.0 (sampling) like vLLM; temperature=0 is greedy."""
         self._check_alive()
         stream = _Stream(asyncio.get_running_loop(), asyncio.Queue())
         with self._lock:
-            if request_id is not None and request_id in self._streams:
-                raise ValueError(f"request id {request_id!r} is already running")
-            request = self.llm.prepare(prompt, sampling_params, request_id)
+            request = self.llm.prepare(prompt, sampling_params, request_id)  # checks the id's type first
             if request.request_id in self._streams:
                 raise ValueError(f"request id {request.request_id!r} is already running")
             self._streams[request.request_id] = stream
+            self._unscheduled.add(request.request_id)
         self._post(("add", request))  # outside the lock: _post takes it (threading.Lock is not reentrant)
         finished = False
         try:
@@ -84,6 +91,7 @@ class AsyncLLM:
                 self._post(("abort", request.request_id, None))
             with self._lock:
                 self._streams.pop(request.request_id, None)
+                self._unscheduled.discard(request.request_id)
 
     async def abort(self, request_id: str) -> bool:
         """Cancel a request; returns once its pages are free (False if it was not running)."""
@@ -91,6 +99,12 @@ class AsyncLLM:
         done: concurrent.futures.Future = concurrent.futures.Future()
         self._post(("abort", request_id, done))
         return await asyncio.wrap_future(done)
+
+    def is_scheduled(self, request_id: str) -> bool:
+        """The request's stream is open and the engine has begun it (False while it waits or before it is
+        posted). Safe from any thread."""
+        with self._lock:
+            return request_id in self._streams and request_id not in self._unscheduled
 
     def stats(self) -> dict:
         return self.llm.stats()
@@ -141,6 +155,7 @@ class AsyncLLM:
                         engine.abort(request_id)
                 if engine.has_unfinished():
                     self._deliver(engine.step())
+                    self._note_scheduled(engine)
                     self._resolve_aborts(engine)
                 elif stopping:
                     return
@@ -174,15 +189,24 @@ class AsyncLLM:
             else:
                 done.set_result(False)
 
+    def _note_scheduled(self, engine) -> None:
+        with self._lock:
+            waiting = list(self._unscheduled)
+        begun = [request_id for request_id in waiting if engine.was_scheduled(request_id)]
+        with self._lock:
+            self._unscheduled.difference_update(begun)
+
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         for output in outputs:
             with self._lock:
+                self._unscheduled.discard(output.request_id)  # answered: begun (or refused, or finished)
                 stream = self._streams.get(output.request_id)
             if stream is not None:
                 stream.loop.call_soon_threadsafe(stream.queue.put_nowait, output)
 
     def _deliver_error(self, request_id: str, error: BaseException) -> None:
         with self._lock:
+            self._unscheduled.discard(request_id)
             stream = self._streams.get(request_id)
         if stream is not None:
             stream.loop.call_soon_threadsafe(stream.queue.put_nowait, error)

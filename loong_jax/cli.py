@@ -9,9 +9,13 @@ Subcommands:
   train-demo  retrain the shipped demo model (`loong_jax.models.train_demo.main`);
   profile     time the real programs on the current devices and fit the cost model (`loong_jax.profile_cli`).
 
-Data flow of `generate`: flags -> `SamplingParams` (invalid values fail before the model loads) -> `LLM` ->
+Data flow of `generate`: flags -> `SamplingParams` (invalid values fail before the model loads) -> `LLM` (with
+`--cpu-devices N` on N simulated CPU devices) -> its start-up summary (`describe_engine`) to stderr ->
 `llm.stream(prompt)` -> each delta's text is written to stdout as it comes; `--stats` prints timings and
 engine counters to stderr at the end.
+
+Importing this module, parsing flags and `--help` never import JAX (the policy names come from the
+scheduler's registry, which does not import it): `loong-jax COMMAND --help` answers at once.
 """
 
 from __future__ import annotations
@@ -22,6 +26,10 @@ import json
 import sys
 from typing import Sequence
 
+from loong_jax.scheduler.policy import DEFAULT_POLICY, policy_names
+
+CPU_DEVICES_HELP = ("run on N simulated CPU devices (selects the CPU platform; set before JAX starts), "
+                    "e.g. 8 to watch ESP choose degrees on a laptop")
 # Subcommands implemented elsewhere: name -> (module, function taking argv).
 DELEGATED = {
     "serve": ("loong_jax.server.cli", "serve_main", "run the gRPC server"),
@@ -40,7 +48,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     engine.add_argument("--model", default=None, help="checkpoint folder (Hugging Face files); default: demo model")
     engine.add_argument("--tp", type=int, default=1, help="devices per instance (tensor parallel)")
     engine.add_argument("--instances", type=int, default=None, help="instances (default: all devices / tp)")
-    engine.add_argument("--policy", default="esp", help="scheduling policy: esp, fixed, static-sp, replicas, pd-disagg")
+    engine.add_argument("--policy", default=DEFAULT_POLICY, choices=policy_names(), metavar="POLICY",
+                        help=f"scheduling policy: {', '.join(policy_names())} (default: %(default)s)")
     engine.add_argument("--prefill-degree", type=int, default=None, help="prefill degree (policy fixed)")
     engine.add_argument("--decode-degree", type=int, default=None, help="decode degree (policy fixed)")
     engine.add_argument("--page-size", type=int, default=16, help="tokens per KV page")
@@ -48,13 +57,15 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     engine.add_argument("--dtype", default=None, choices=("float32", "bfloat16"), help="override the checkpoint dtype")
     engine.add_argument("--compilation-cache-dir", default=None, help="JAX persistent compilation cache folder")
     engine.add_argument("--no-warmup", action="store_true", help="compile programs on demand only")
+    engine.add_argument("--cpu-devices", type=int, default=None, metavar="N", help=CPU_DEVICES_HELP)
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     sampling = parser.add_argument_group("sampling")
     sampling.add_argument("--max-tokens", type=int, default=128)
     sampling.add_argument("--min-tokens", type=int, default=0)
-    sampling.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    sampling.add_argument("--temperature", type=float, default=0.0,
+                          help="0 = greedy (the CLI's default; the Python API defaults to 1.0, like vLLM)")
     sampling.add_argument("--top-p", type=float, default=1.0)
     sampling.add_argument("--top-k", type=int, default=0)
     sampling.add_argument("--min-p", type=float, default=0.0)
@@ -90,7 +101,8 @@ def sampling_params_from_args(args: argparse.Namespace):
 def engine_kwargs_from_args(args: argparse.Namespace) -> dict:
     kwargs = dict(model=args.model, tp=args.tp, instances=args.instances, page_size=args.page_size,
                   kv_pages=args.kv_pages, policy=args.policy, prefill_degree=args.prefill_degree,
-                  decode_degree=args.decode_degree, dtype=args.dtype, warmup=not args.no_warmup)
+                  decode_degree=args.decode_degree, dtype=args.dtype, warmup=not args.no_warmup,
+                  cpu_devices=args.cpu_devices)
     if args.compilation_cache_dir is not None:
         kwargs["compilation_cache_dir"] = args.compilation_cache_dir
     return kwargs
@@ -109,13 +121,14 @@ def generate_main(argv: Sequence[str] | None = None, stdout=None, stdin=None) ->
         prompt = (stdin or sys.stdin).read()
     if not prompt.strip():
         parser.error("the prompt is empty (give it as an argument or on stdin)")
-    from loong_jax.llm import LLM  # imports JAX: only once the flags are good
+    from loong_jax.llm import LLM, format_description  # imports JAX: only once the flags are good
 
     try:
         llm = LLM(**engine_kwargs_from_args(args), progress=sys.stderr.isatty())
     except (ValueError, FileNotFoundError) as error:
         print(f"loong-jax generate: error: {error}", file=sys.stderr)
         return 2
+    print(f"loong-jax generate: {format_description(llm.describe())}", file=sys.stderr, flush=True)
     with llm:
         request = [{"role": "user", "content": prompt}] if args.chat else prompt
         final = None

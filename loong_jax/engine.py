@@ -191,6 +191,11 @@ class Engine:
         """Queued or running (not finished, not aborted to the end)."""
         return request_id in self._requests
 
+    def was_scheduled(self, request_id: str) -> bool:
+        """Running and scheduled at least once (its prefill has begun): no longer waiting in the queue."""
+        record = self._requests.get(request_id)
+        return record is not None and record.metrics.first_scheduled_time is not None
+
     def pages_held(self, request_id: str) -> int:
         """KV pages the request holds right now, over all instances and samples (0 once it is finished)."""
         record = self._requests.get(request_id)

@@ -17,7 +17,7 @@ Data flow:
   3. Load the model (`LLM`), then, `--batch-size` requests at a time: validate each (`LLM.prepare`: an
      invalid request becomes an error line), run the rest together (`LLM.generate`, continuous batching
      inside the engine) and append their answers, flushed after every batch, so an interrupted run loses at
-     most one batch. A progress bar counts lines.
+     most one batch. A progress bar counts lines (on a terminal only; so does the compile progress).
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from typing import Any, Sequence, TextIO
 
 from loong_jax.cli import (add_engine_arguments, add_sampling_arguments, engine_kwargs_from_args,
                            sampling_params_from_args)
+from loong_jax.prompts import check_messages, check_text
 from loong_jax.sampling_params import SamplingParams
 
 PROMPT_KEYS = ("prompt", "messages", "prompt_token_ids")
@@ -40,7 +41,7 @@ PROMPT_KEYS = ("prompt", "messages", "prompt_token_ids")
 class EvalItem:
     id: str
     line: int
-    prompt: Any  # text, chat messages or token ids
+    prompt: dict  # {"prompt": text} or {"messages": chat} or {"prompt_token_ids": ids}: LLM's dict form
     sampling: SamplingParams
 
 
@@ -105,16 +106,18 @@ def parse_item(row: Any, line: int, defaults: dict) -> EvalItem:
     if len(given) != 1:
         raise ValueError(f"a line needs exactly one of {', '.join(PROMPT_KEYS)}, got {given or 'none'}")
     prompt = row[given[0]]
-    if given[0] == "prompt" and not isinstance(prompt, str):
-        raise ValueError("'prompt' must be a string")
-    if given[0] != "prompt" and not isinstance(prompt, list):
+    if given[0] == "prompt":  # checked now, before the model loads; token ids need its vocabulary
+        check_text(prompt, "prompt")
+    elif given[0] == "messages":
+        check_messages(prompt, "messages")
+    elif not isinstance(prompt, list):
         raise ValueError(f"'{given[0]}' must be a list")
     nested = row.get("sampling_params", {})
     if not isinstance(nested, dict):
         raise ValueError("'sampling_params' must be an object")
     overrides = {key: value for key, value in row.items() if key in SamplingParams.field_names()}
     sampling = SamplingParams.from_dict({**defaults, **overrides, **nested})
-    return EvalItem(line_id(row, line), line, prompt, sampling)
+    return EvalItem(line_id(row, line), line, {given[0]: prompt}, sampling)
 
 
 def answer_line(item: EvalItem, output) -> dict:
@@ -219,7 +222,8 @@ def eval_main(argv: Sequence[str] | None = None, llm=None) -> int:
     if not args.no_progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=total, initial=total - len(pending), desc="eval", unit="line")
+        # disable=None: drawn on a terminal only, never as escape codes in a log file or a pipe
+        bar = tqdm(total=total, initial=total - len(pending), desc="eval", unit="line", disable=None)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     with args.output.open("a", encoding="utf-8") as handle:
         writer = Writer(handle, bar)

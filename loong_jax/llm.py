@@ -1,15 +1,22 @@
 """`LLM`: the Python API for notebooks and scripts.
 
 Data flow:
-  1. `LLM(...)` loads the model (the shipped demo model by default) and its tokenizer, cuts the devices into
+  1. `LLM(...)` (with `cpu_devices=N`: first makes JAX's CPU platform show N devices) loads the model (the
+     shipped demo model by default) and its tokenizer, cuts the devices into
      instances of `tp` devices (`Topology`), places the weights on every instance, allocates each
      instance's KV pool (`JaxExecutor`), picks the scheduling policy and compiles the common programs ahead of
-     time (progress bar; JAX's persistent compilation cache makes the next start cheap).
-  2. `generate(prompts, sampling_params)` turns every prompt (text, token ids or chat messages) into token
-     ids, validates ALL requests first (a bad one raises ValueError before anything is queued), queues
-     them, runs `engine.step()` until they are done and returns one cumulative `RequestOutput` per prompt,
-     in input order, with per-request timings (queue, time to first token, decode).
+     time (progress bar; JAX's persistent compilation cache makes the next start cheap). `describe()` is the
+     set-up in force (model, devices, instances x tp, policy, KV pages, cost-model file, compile cache);
+     `format_description` makes it the one start-up line `generate` prints and `serve` logs.
+  2. `generate(prompts, sampling_params)` turns every prompt (text, token ids or chat messages; the forms
+     and their checks are `loong_jax.prompts`, shared with the server) into token ids, validates ALL
+     requests first (a bad or empty prompt raises ValueError before anything is queued), queues them,
+     runs `engine.step()` until they are done and returns one cumulative `RequestOutput` per prompt, in input
+     order, with per-request timings (queue, time to first token, decode).
   3. `stream(prompt, sampling_params)` yields the deltas of one request as they come (what the CLI prints).
+Sampling defaults are vLLM's: without `sampling_params` (or with a dict that leaves temperature out) a
+request SAMPLES at temperature 1.0; pass temperature=0 for greedy (the `loong-jax` commands default to 0).
+Progress bars are drawn only on a terminal (never into files, pipes or logs).
 """
 
 from __future__ import annotations
@@ -19,11 +26,12 @@ import itertools
 import math
 import time
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Iterator, Sequence
 
 import jax
 import numpy as np
 
+from loong_jax.cpu_devices import use_cpu_devices
 from loong_jax.engine import Engine, LogicalClock, PreparedRequest
 from loong_jax.jax_executor import Buckets, JaxExecutor
 from loong_jax.models.demo import resolve_model_path
@@ -32,6 +40,7 @@ from loong_jax.models.loading import load_hf_checkpoint
 from loong_jax.models.tokenizer import Tokenizer
 from loong_jax.outputs import RequestOutput
 from loong_jax.program_cache import DEFAULT_CACHE_DIR, enable_persistent_cache
+from loong_jax.prompts import Prompt, prompt_token_ids, split_prompts
 from loong_jax.sampling_params import SamplingParams
 from loong_jax.scheduler.cost_model import SHIPPED_DIR, CostModel, load_cost_models
 from loong_jax.scheduler.fixed import FixedPolicy, request_token_limits
@@ -40,7 +49,6 @@ from loong_jax.scheduler.policy import make_policy, policy_names
 from loong_jax.scheduler.roofline import TransformerShape, derive_cost_model
 from loong_jax.sharding.topology import Topology
 
-Prompt = Any  # str | list[int] | list[dict] (chat messages)
 CPU_KV_BYTES_PER_INSTANCE = 256 << 20  # default pool size where devices report no memory (CPU)
 
 
@@ -131,10 +139,14 @@ class LLM:
                  devices: Sequence[jax.Device] | None = None, policy_options: dict | None = None,
                  cost_model: CostModel | str | Path | None = None, buckets: Buckets = Buckets(),
                  warmup: bool = True, compilation_cache_dir: str | Path | None = DEFAULT_CACHE_DIR,
-                 kv_memory_fraction: float = 0.5, progress: bool = True, deterministic: bool = False):
+                 kv_memory_fraction: float = 0.5, progress: bool = True, deterministic: bool = False,
+                 cpu_devices: int | None = None):
         """deterministic: units complete in dispatch order and the engine runs on a logical clock, so a run
         (scheduling decisions included) repeats exactly; for debugging and tests (timings become step counts,
-        groups no longer overlap in time)."""
+        groups no longer overlap in time).
+        cpu_devices: run on this many simulated CPU devices; it must come before JAX's first use in the
+        process (ValueError if JAX already started with another count)."""
+        use_cpu_devices(cpu_devices)  # before anything below asks JAX for devices
         if page_size < 1:
             raise ValueError(f"page_size must be >= 1, got {page_size}")
         if kv_pages is not None and kv_pages < 1:
@@ -143,6 +155,7 @@ class LLM:
         self.compilation_cache_dir = enable_persistent_cache(compilation_cache_dir)
         loaded, self.tokenizer = _load(model, tokenizer, dtype)
         self.config = loaded.config
+        self.model_name = _model_name(model, self.config)
         devices = list(jax.devices() if devices is None else devices)
         if tp < 1 or len(devices) < tp:
             raise ValueError(f"tp={tp} needs at least {tp} devices, {len(devices)} available")
@@ -162,6 +175,7 @@ class LLM:
             cost_model = CostModel.load_json(cost_model, tp=tp)
         self.cost_model = cost_model or engine_cost_model(self.config, tp, instances, pages, page_size,
                                                              self.topology.devices[0].platform)
+        self.cost_model.check_instances(instances)
         self.progress = progress
         self._request_ids = itertools.count()
         self.engine: Engine | None = None
@@ -195,15 +209,19 @@ class LLM:
     # -- requests ----------------------------------------------------------------------------------------------
     def prepare(self, prompt: Prompt, sampling_params: SamplingParams | dict | None = None,
                 request_id: str | None = None) -> PreparedRequest:
-        """Tokenize and validate one request (ValueError on any problem); nothing is queued."""
-        text, ids = self._tokenize(prompt)
+        """Tokenize and validate one request (ValueError naming any problem); nothing is queued."""
+        text, ids = prompt_token_ids(prompt, self.tokenizer, self.engine.vocab_size)
         request_id = str(next(self._request_ids)) if request_id is None else request_id
         return self.engine.validate_request(request_id, ids, sampling_params, prompt=text)
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  sampling_params: SamplingParams | dict | Sequence[SamplingParams | dict] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
-        """Complete every prompt; returns one finished, cumulative RequestOutput per prompt, in order."""
+        """Complete every prompt; returns one finished, cumulative RequestOutput per prompt, in order.
+
+        sampling_params: one for all prompts or one per prompt; None = `SamplingParams()`, which samples at
+        temperature 1.0 like vLLM (temperature=0 is greedy). A malformed or empty prompt raises ValueError
+        and nothing runs. use_tqdm: a progress bar, on a terminal only."""
         prompt_list = split_prompts(prompts)
         if isinstance(sampling_params, (list, tuple)):
             if len(sampling_params) != len(prompt_list):
@@ -223,7 +241,7 @@ class LLM:
         if use_tqdm and self.progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=len(prepared), desc="generating", unit="request")
+            bar = tqdm(total=len(prepared), desc="generating", unit="request", disable=None)  # None: tty only
         deltas: dict[str, list[RequestOutput]] = {request_id: [] for request_id in results}
         try:
             pending = set(results)
@@ -249,7 +267,10 @@ class LLM:
 
     def stream(self, prompt: Prompt, sampling_params: SamplingParams | dict | None = None,
                request_id: str | None = None) -> Iterator[RequestOutput]:
-        """Yield the deltas of one request as they are produced (other queued requests run alongside)."""
+        """Yield the deltas of one request as they are produced (other queued requests run alongside).
+
+        sampling_params None = `SamplingParams()`: temperature 1.0 (sampling) like vLLM; pass
+        {"temperature": 0} for greedy. A malformed or empty prompt raises ValueError before anything runs."""
         request = self.prepare(prompt, sampling_params, request_id)
         self.engine.add_request(request)
         finished = False
@@ -271,28 +292,17 @@ class LLM:
             self.engine.step()
         self.engine.take_outputs()
 
-    def _tokenize(self, prompt: Prompt) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, str):
-            return prompt, self.tokenizer.encode(prompt)
-        if isinstance(prompt, dict):
-            if "prompt_token_ids" in prompt:
-                return prompt.get("prompt"), list(prompt["prompt_token_ids"])
-            if "prompt" in prompt:
-                return prompt["prompt"], self.tokenizer.encode(prompt["prompt"])
-            if "messages" in prompt:
-                return self._tokenize(list(prompt["messages"]))
-        if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
-            for index, message in enumerate(prompt):
-                if "role" not in message or "content" not in message:
-                    raise ValueError(f"chat message {index} needs 'role' and 'content', got keys {sorted(message)}")
-            text = self.tokenizer.apply_chat_template(prompt, add_generation_prompt=True)
-            return text, self.tokenizer.encode(text, add_special_tokens=False)
-        if isinstance(prompt, (list, tuple, np.ndarray)):
-            return None, [int(t) if isinstance(t, (np.integer,)) else t for t in list(prompt)]
-        raise ValueError(f"a prompt is a string, a list of token ids or a list of chat messages, "
-                         f"got {type(prompt).__name__}")
-
     # -- introspection / lifetime -----------------------------------------------------------------------------
+    def describe(self) -> dict:
+        """The set-up in force, as plain values (what the start-up summary shows)."""
+        devices = self.topology.devices
+        return {"model": self.model_name, "platform": devices[0].platform, "devices": len(devices),
+                "local_devices": jax.device_count(), "instances": self.topology.num_instances,
+                "tp": self.topology.tp, "policy": self.engine.policy.name,
+                "kv_pages_per_instance": self.executor.pool_shape.pages, "page_size": self.executor.page_size,
+                "cost_model": self.cost_model.source or "none", "cost_model_provenance": self.cost_model.provenance,
+                "compilation_cache_dir": None if self.compilation_cache_dir is None else str(self.compilation_cache_dir)}
+
     def stats(self) -> dict:
         return self.engine.stats()
 
@@ -306,22 +316,22 @@ class LLM:
         self.close()
 
 
-def split_prompts(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
-    """One prompt (text, token ids, chat messages, dict) or a list of them -> a list of prompts."""
-    if isinstance(prompts, (str, dict)):
-        return [prompts]
-    if isinstance(prompts, np.ndarray):
-        prompts = prompts.tolist()
-    if not isinstance(prompts, (list, tuple)):
-        raise ValueError(f"prompts must be a string, token ids, chat messages or a list of those, "
-                         f"got {type(prompts).__name__}")
-    if not prompts:
-        raise ValueError("no prompts given")
-    if all(isinstance(p, (int, np.integer)) and not isinstance(p, bool) for p in prompts):
-        return [list(prompts)]  # one prompt of token ids
-    if all(isinstance(p, dict) and "role" in p for p in prompts):
-        return [list(prompts)]  # one chat
-    return list(prompts)
+def format_description(description: dict) -> str:
+    """`LLM.describe()` as one line, e.g. `model .../demo_model | cpu: 8 of 8 devices | 8 instances x tp 1 |
+    policy esp | KV 512 pages x 16 tokens per instance | cost model .../cpu_demo.json (measured) | ...`."""
+    d = description
+    cost_model = ("none (roofline estimate from the model shape)" if d["cost_model"] == "none"
+                  else f"{d['cost_model']} ({d['cost_model_provenance']})")
+    return (f"model {d['model']} | {d['platform']}: {d['devices']} of {d['local_devices']} devices | "
+            f"{d['instances']} instances x tp {d['tp']} | policy {d['policy']} | "
+            f"KV {d['kv_pages_per_instance']} pages x {d['page_size']} tokens per instance | "
+            f"cost model {cost_model} | compilation cache {d['compilation_cache_dir'] or 'off'}")
+
+
+def _model_name(model, config) -> str:
+    if isinstance(model, LlamaForCausalLM):
+        return f"in-memory {config.model_type}"
+    return str(resolve_model_path(model))
 
 
 def _load(model, tokenizer, dtype):

@@ -3,13 +3,15 @@
 Data flow:
   1. Flags -> a `ProfileGrid` (`--quick` for tests, or the full grid; token counts times `--scale`) and the
      degrees to measure (every aligned degree of the instances, or `--degrees`); `--cpu-devices N` makes the
-     CPU platform show N devices (it must act before JAX starts, so it is applied first).
+     CPU platform show N devices (`cpu_devices.use_cpu_devices`: it must act before JAX starts, so it is
+     applied first).
   2. `build_executor` loads the checkpoint (default: the demo model) onto the devices exactly as the engine
      does; `ProfileBench` measures the grid block by block with a progress bar (compiles untimed, median of
      `--repetitions` interleaved runs).
   3. `fit_profile` fits the cost model; the fit quality (mean relative error per kind and overall, worst
      samples) is printed; the model is written to `--out` with metadata (machine, platform, model shape, date,
-     command, grid, load average, fit error) and the raw samples to `--samples-out` if given.
+     command, grid, load average, fit error) and the raw samples to `--samples-out` if given. On one
+     instance there is nothing to migrate: the model has no migration term, and the report says so.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+from loong_jax.cli import CPU_DEVICES_HELP
 from loong_jax.profiler import ProfileGrid
 
 
@@ -39,8 +42,7 @@ def profile_parser() -> argparse.ArgumentParser:
     parser.add_argument("--page-size", type=int, default=16, help="tokens per KV page")
     parser.add_argument("--kv-pages", type=int, default=None, help="KV pages per instance (default: from memory)")
     parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16"), help="override the checkpoint dtype")
-    parser.add_argument("--cpu-devices", type=int, default=None,
-                        help="simulate this many devices on the CPU platform (before JAX starts)")
+    parser.add_argument("--cpu-devices", type=int, default=None, metavar="N", help=CPU_DEVICES_HELP)
     parser.add_argument("--quick", action="store_true", help="a small grid (seconds; for tests and smoke checks)")
     parser.add_argument("--repetitions", type=int, default=None, help="timed runs per point (median kept)")
     parser.add_argument("--scale", type=int, default=1,
@@ -88,10 +90,14 @@ def profile_main(argv: Sequence[str] | None = None, stdout=None) -> int:
         grid = grid_from_args(args)
     except argparse.ArgumentTypeError as error:
         parser.error(str(error))
+    from loong_jax.cpu_devices import use_cpu_devices
+
+    try:
+        use_cpu_devices(args.cpu_devices)
+    except ValueError as error:
+        parser.error(str(error))
     import jax
 
-    if args.cpu_devices is not None:
-        jax.config.update("jax_num_cpu_devices", args.cpu_devices)
     from loong_jax.llm import model_shape
     from loong_jax.profiler import ProfileBench, build_executor, degrees_for, fit_profile, fit_report, grid_blocks
     from loong_jax.program_cache import DEFAULT_CACHE_DIR, enable_persistent_cache
@@ -135,6 +141,9 @@ def profile_main(argv: Sequence[str] | None = None, stdout=None) -> int:
     model = fit_profile(samples, bench, args.tp, description, metadata)
     for line in fit_report(model, samples).lines():
         print(line, file=stdout)
+    if not model.has_migration:
+        print("one instance: no migration measured, so the model has no migration term "
+              "(it serves one instance only)", file=stdout)
     model.save_json(args.out, name=name)
     print(f"wrote {args.out} ({len(samples)} samples, {metadata['profile_seconds']} s)", file=stdout)
     if args.samples_out:
@@ -151,7 +160,7 @@ def _measure(bench, blocks, repetitions: int, progress: bool) -> list:
     from tqdm.auto import tqdm
 
     runs = (1 + repetitions) * sum(len(block) for block in blocks)
-    with tqdm(total=runs, desc="profiling", unit="run") as bar:
+    with tqdm(total=runs, desc="profiling", unit="run", disable=None) as bar:
         def advance(point) -> None:
             bar.set_postfix_str(str(point), refresh=False)
             bar.update(1)

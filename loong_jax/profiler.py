@@ -17,7 +17,8 @@ Data flow:
      `executor.wait_next()` returns the sampled tokens on the host (the program has finished): host input
      preparation, dispatch and device time, which is what one engine step pays. The sample is the median.
   4. `fit_profile` fits `fit_cost_model` to the samples and `fit_report` gives the mean relative error per
-     kind and overall, with the worst samples (`profile_cli` prints it and writes the files).
+     kind and overall, with the worst samples (`profile_cli` prints it and writes the files). One instance
+     gives no migration samples: the model is fitted without a migration term.
 """
 
 from __future__ import annotations

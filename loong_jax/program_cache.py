@@ -8,7 +8,8 @@ Data flow:
   1. The executor names a program by a `ProgramKey` and gives the cache a `lower(key)` function that returns
      `jax.jit(...).lower(...)` of that program on abstract, sharded inputs (nothing runs).
   2. Start-up: `warm_up(keys)` compiles the common programs ahead of time (`lower(key).compile()`) with a
-     progress bar, so the first requests do not wait for XLA.
+     progress bar (on a terminal only) that names each program readably (`ProgramKey.describe()`, e.g.
+     "prefill d=8 (0-7) rows<=16 requests<=8 greedy"), so the first requests do not wait for XLA.
   3. Running: `get(key)` returns a compiled program (a hit), waits for one already compiling, or compiles it
      now (a miss). `request(key)` compiles in a background thread (programs the executor expects to need
      soon, or units waiting for their program while the other groups keep running).
@@ -36,17 +37,55 @@ logger = logging.getLogger(__name__)
 DEFAULT_CACHE_DIR = Path(os.environ.get("LOONG_JAX_CACHE_DIR", Path.home() / ".cache" / "loong_jax" / "jax_cache"))
 
 
+# What each kind's bucket tuple holds, in order (`unit_inputs` builds them); "sampling" is the sampling
+# signature (history widths, logprobs columns, plain greedy or not).
+BUCKET_FIELDS = {
+    "prefill": ("rows", "requests", "sampling"),  # rows per member, requests in the unit
+    "prefill_context": ("rows", "requests", "pages", "sampling"),  # + KV pages of earlier chunks
+    "decode": ("batch", "pages", "sampling"),  # requests per master, pages per member
+    "migrate": ("slots",),  # token slots moved
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class ProgramKey:
-    """One compiled program: `kind` is "prefill", "decode" or "migrate"; `group` the ordered instances it
-    runs on; `bucket` its static shapes (kind-specific tuple of ints and small tuples)."""
+    """One compiled program: `kind` is "prefill", "prefill_context", "decode" or "migrate"; `group` the
+    ordered instances it runs on; `bucket` its static shapes (kind-specific tuple, see BUCKET_FIELDS)."""
 
     kind: str
     group: tuple[int, ...]
     bucket: tuple
 
     def __str__(self) -> str:
+        """The exact key (logs, debugging)."""
         return f"{self.kind}{list(self.group)}{self.bucket}"
+
+    def describe(self) -> str:
+        """A readable name for people, e.g. "decode d=1 (3) batch<=8 pages<=64 greedy"."""
+        fields = BUCKET_FIELDS.get(self.kind)
+        if fields is None or len(fields) != len(self.bucket):
+            return f"{self.kind} d={len(self.group)} ({_instances(self.group)}) {self.bucket}"
+        parts = [_sampling_label(value) if name == "sampling" else f"{name}<={value}"
+                 for name, value in zip(fields, self.bucket)]
+        if self.kind == "migrate":
+            return f"migrate {self.group[0]}->{self.group[-1]} {' '.join(parts)}"
+        return f"{self.kind} d={len(self.group)} ({_instances(self.group)}) {' '.join(parts)}"
+
+
+def _instances(group: tuple[int, ...]) -> str:
+    """(0, 1, 2, 3) -> "0-3"; anything not a run of consecutive instances is listed."""
+    if len(group) > 2 and list(group) == list(range(group[0], group[0] + len(group))):
+        return f"{group[0]}-{group[-1]}"
+    return ",".join(map(str, group))
+
+
+def _sampling_label(signature: Any) -> str:
+    """A sampling signature (stop ids, prompt / output history widths, logprobs columns, plain greedy)."""
+    if not isinstance(signature, tuple) or len(signature) != 5:
+        return f"sampling={signature}"
+    logprobs, plain_greedy = signature[3], signature[4]
+    label = "greedy" if plain_greedy else "sampling"
+    return label if logprobs is None else f"{label} logprobs<={logprobs}"
 
 
 @dataclasses.dataclass
@@ -138,7 +177,7 @@ class ProgramCache:
         return future
 
     def warm_up(self, keys: Sequence[ProgramKey], progress: bool = True, description: str = "compiling programs"):
-        """Compile `keys` ahead of time, in this thread, with a progress bar."""
+        """Compile `keys` ahead of time, in this thread, with a progress bar (drawn on a terminal only)."""
         todo = [key for key in dict.fromkeys(keys) if not self.is_ready(key)]
         if not todo:
             return
@@ -146,11 +185,11 @@ class ProgramCache:
         if progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=len(todo), desc=description, unit="program", leave=False)
+            bar = tqdm(total=len(todo), desc=description, unit="program", leave=False, disable=None)  # tty only
         try:
             for key in todo:
                 if bar is not None:
-                    bar.set_postfix_str(str(key), refresh=False)
+                    bar.set_postfix_str(key.describe())  # drawn now: the compile may take seconds
                 self.get(key)
                 if bar is not None:
                     bar.update(1)
@@ -187,7 +226,7 @@ class ProgramCache:
             self.stats.compile_seconds += seconds
             if background:
                 self.stats.background_compiles += 1
-        logger.debug("compiled %s in %.2fs%s", key, seconds, " (background)" if background else "")
+        logger.debug("compiled %s [%s] in %.2fs%s", key.describe(), key, seconds, " (background)" if background else "")
         future.set_result(program)
 
     def describe(self, keys: Iterable[ProgramKey] | None = None) -> list[str]:

@@ -13,7 +13,8 @@ Data flow:
      `loong_jax.sampler.pack_sampling_batch`.
 
 Semantics follow vLLM where vLLM defines them:
-  * temperature 0 means greedy (argmax of the penalised logits);
+  * temperature 0 means greedy (argmax of the penalised logits); the default is vLLM's 1.0, so
+    `SamplingParams()` and a dict without "temperature" SAMPLE (the `loong-jax` commands default to 0);
   * top_k 0 or -1 means off (normalised to 0); top_p 1 means off; min_p 0 means off;
   * repetition_penalty divides positive / multiplies negative logits of every
     token seen in the prompt or the output; presence_penalty and
@@ -117,7 +118,10 @@ def _check_stop_token_ids(value: Any) -> tuple[int, ...]:
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
-    """How one request is sampled and when it stops. See the module docstring for semantics."""
+    """How one request is sampled and when it stops. See the module docstring for semantics.
+
+    Defaults are vLLM's: temperature=1.0 samples from the model's distribution (temperature=0.0 is
+    greedy; the `loong-jax` command-line tools default to 0), max_tokens=16."""
 
     n: int = 1
     max_tokens: int = 16

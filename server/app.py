@@ -1,17 +1,19 @@
 """Server assembly: a grpc.aio server around one engine, with health, reflection, auth, TLS, metrics, drain.
 
 Data flow:
-  1. `GenerationServer(engine_port, options)`; `await start()` builds the grpc.aio server (message-size
-     limits; the API-key interceptor when keys are given), registers the Generation servicer, the
-     standard health service and reflection, binds `host:port` (TLS when configured; port 0 picks a
-     free one), starts the Prometheus endpoint, and starts two watchers:
+  1. `GenerationServer(engine_port, options)`; `await start()` first checks that `host:port` and the
+     metrics port can be listened on (a taken one is a `ListenError` naming it: one line, no
+     traceback), builds the grpc.aio server (message-size limits; the API-key interceptor when keys
+     are given), registers the Generation servicer, the standard health service and reflection, binds
+     `host:port` (TLS when configured; port 0 picks a free one), starts the Prometheus endpoint, and
+     starts two watchers:
        - warm-up: the port loads the engine (weights, KV pools, ahead-of-time compilation) in a
          worker thread; health of "loong_jax.v1.Generation" turns SERVING when that is done
          ("" = liveness is SERVING from the start; calls before then get UNAVAILABLE);
        - death: if the engine loop dies, every health status turns NOT_SERVING and every open
          Generate ends with INTERNAL (the servicer waits on the same event).
   2. `await drain(timeout)`: health NOT_SERVING, new calls UNAVAILABLE, open requests run to the end;
-     at the deadline the rest are aborted (their calls end UNAVAILABLE).
+     at the deadline, or at a second signal, the rest are aborted (their calls end UNAVAILABLE).
   3. `await stop()`: the gRPC server and the metrics endpoint close.
   4. `serve_until_signal(server)` is what `loong-jax serve` runs: start, wait for SIGTERM / SIGINT,
      drain (a second signal ends the wait early), stop, return exit code 0. If the engine dies while
@@ -25,6 +27,7 @@ import asyncio
 import dataclasses
 import logging
 import signal
+import socket
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -44,6 +47,7 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generation"].full_name  # "loong_
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+DEFAULT_WRITE_TIMEOUT_S = 30.0
 ENGINE_POLL_S = 0.1
 
 
@@ -56,6 +60,7 @@ class ServerOptions:
     max_prompt_tokens: int | None = None  # None = the model's context length - 1
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
     drain_timeout: float = 30.0
+    write_timeout: float = DEFAULT_WRITE_TIMEOUT_S  # a client that takes no response for this long loses its call
     api_keys: ApiKeySet | None = None
     tls: TlsConfig | None = None
     metrics_port: int | None = None  # None = no endpoint; 0 = any free port
@@ -71,6 +76,8 @@ class ServerOptions:
             raise ValueError("--max-message-bytes must be >= 1024")
         if self.drain_timeout < 0:
             raise ValueError("--drain-timeout must be >= 0 seconds")
+        if not self.write_timeout > 0:
+            raise ValueError("--write-timeout must be > 0 seconds")
         if not 0 <= self.port <= 65535:
             raise ValueError(f"--port must be in [0, 65535], got {self.port}")
 
@@ -104,12 +111,14 @@ def _guard_unary(method, metrics: ServerMetrics):
 
 
 def _guard_stream(method, metrics: ServerMetrics):
+    """A server-streaming method writes with `context.write` (a coroutine, not an async generator), so that
+    each write can have a deadline."""
+
     async def handle(request, context):
         if isinstance(request, _Malformed):
             metrics.observe_rejected(grpc.StatusCode.INVALID_ARGUMENT.name)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
-        async for response in method(request, context):
-            yield response
+        await method(request, context)
 
     return handle
 
@@ -139,7 +148,8 @@ class GenerationServer:
         self.options = options
         self.limits = ServingLimits(max_prompt_tokens=options.max_prompt_tokens,
                                     max_queued_requests=options.max_queued_requests,
-                                    max_queued_tokens=options.max_queued_tokens)
+                                    max_queued_tokens=options.max_queued_tokens,
+                                    write_timeout_s=options.write_timeout)
         self.metrics = ServerMetrics(engine.metrics_snapshot)
         self.state: ServingState | None = None
         self.servicer: GenerationServicer | None = None
@@ -153,8 +163,12 @@ class GenerationServer:
 
     # ------------------------------------------------------------------ lifetime
     async def start(self) -> int:
-        """Binds and starts serving; returns the bound port."""
+        """Binds and starts serving; returns the bound port. A port that is taken raises `ListenError`."""
         options = self.options
+        metrics_host = options.metrics_host or options.host
+        check_can_listen(options.host, options.port)  # grpc's own failure is a C-core log line, no reason
+        if options.metrics_port is not None:
+            check_can_listen(metrics_host, options.metrics_port, " (metrics)")
         self.state = ServingState()  # its asyncio.Event belongs to the running loop
         self.servicer = GenerationServicer(self.engine, self.limits, self.metrics, self.state)
         interceptors = []
@@ -175,16 +189,24 @@ class GenerationServer:
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
         address = f"{_bracketed(options.host)}:{options.port}"
-        if options.tls is not None:
-            port = server.add_secure_port(address, options.tls.server_credentials())
-        else:
-            port = server.add_insecure_port(address)
+        try:
+            if options.tls is not None:
+                port = server.add_secure_port(address, options.tls.server_credentials())
+            else:
+                port = server.add_insecure_port(address)
+        except RuntimeError:  # "Failed to bind": taken between the check and now
+            port = 0
         if port == 0:
-            raise OSError(f"could not bind {address}")
+            raise ListenError(f"cannot listen on {address}: address already in use or not of this machine")
+        if options.metrics_port is not None:
+            try:
+                self.metrics_port = self.metrics.start_http(metrics_host, options.metrics_port)
+            except OSError as err:  # taken between the check and now
+                await server.stop(None)
+                raise ListenError(f"cannot listen on {_bracketed(metrics_host)}:{options.metrics_port} (metrics): "
+                                  f"{_reason(err)}") from None
         await server.start()
         self._server, self.port = server, port
-        if options.metrics_port is not None:
-            self.metrics_port = self.metrics.start_http(options.metrics_host or options.host, options.metrics_port)
         self._watchers = [asyncio.create_task(self._watch_warm_up(), name="loong-jax-warm-up-watch"),
                           asyncio.create_task(self._watch_engine_death(), name="loong-jax-death-watch")]
         logger.info("serving %s on %s:%d (%s)", SERVICE_NAME, options.host, port,
@@ -195,6 +217,8 @@ class GenerationServer:
 
     async def _watch_warm_up(self) -> None:
         await self.engine.wait_ready()
+        if self.engine.is_ready():  # a walk over the vocabulary, done once, off the event loop
+            await asyncio.to_thread(lambda: self.engine.longest_token_bytes)
         self.was_ready = True
         if not self.state.draining and self.state.dead_reason is None:
             await self.health.set(SERVICE_NAME, SERVING)
@@ -222,9 +246,14 @@ class GenerationServer:
             await asyncio.sleep(0.05)
         drained = self.servicer.open_requests == 0
         if not drained:
-            aborted = await self.servicer.abort_all_for_shutdown()
-            logger.warning("drain timeout: aborted %d requests", aborted,
-                           extra={"fields": {"event": "drain_timeout", "aborted": aborted}})
+            open_requests = self.servicer.open_requests
+            if hurry is not None and hurry.is_set():  # not a timeout: the operator asked twice
+                logger.warning("second signal: aborting %d open requests", open_requests,
+                               extra={"fields": {"event": "drain_interrupted", "aborted": open_requests}})
+            else:
+                logger.warning("drain timeout: aborting %d open requests", open_requests,
+                               extra={"fields": {"event": "drain_timeout", "aborted": open_requests}})
+            await self.servicer.abort_all_for_shutdown()
             grace_deadline = loop.time() + 5.0  # aborted requests end within a step or two
             while self.servicer.open_requests and loop.time() < grace_deadline:
                 await asyncio.sleep(0.05)
@@ -240,11 +269,35 @@ class GenerationServer:
         if self._server is not None:
             await self._server.stop(grace)
         self.metrics.stop_http()
-        logger.info("stopped", extra={"fields": {"event": "stopped"}})
+        if self._server is not None:  # a server that never listened has nothing to report
+            logger.info("stopped", extra={"fields": {"event": "stopped"}})
 
 
 def _bracketed(host: str) -> str:
     return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+class ListenError(OSError):
+    """A port this server cannot listen on; the message names the address and why, in one line."""
+
+
+def _reason(error: OSError) -> str:
+    return (error.strerror or str(error)).lower()
+
+
+def check_can_listen(host: str, port: int, what: str = "") -> None:
+    """Raises ListenError when (host, port) cannot be bound (taken, or an address not of this machine)."""
+    if port == 0:  # any free port
+        return
+    shown = f"{_bracketed(host)}:{port}"
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host.strip("[]"), port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as servers bind: TIME_WAIT is no conflict
+            probe.bind(address)
+    except OSError as err:  # socket.gaierror included
+        raise ListenError(f"cannot listen on {shown}{what}: {_reason(err)}") from None
 
 
 async def serve_until_signal(server: GenerationServer, on_started=None) -> int:

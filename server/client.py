@@ -11,6 +11,8 @@ Data flow:
   3. `complete(...)` is generate + fold in one call; `abort`, `tokenize`, `detokenize`,
      `model_info`, `server_info` and `health` are plain unary calls.
   4. Errors arrive as `grpc.RpcError` (sync) / `grpc.aio.AioRpcError` (async) with the server's code.
+  5. `loong-jax client` (`client_main`) waits for readiness when asked (`--wait-ready`), and tells "no
+     server at HOST:PORT: connection refused" apart from a server that is still warming up.
 """
 
 from __future__ import annotations
@@ -258,6 +260,16 @@ class AsyncLoongClient(_ClientBase):
 
 
 # ====================================================================== command line
+def _connection_failure(details: str, target: str) -> str | None:
+    """Why nothing answered, from an UNAVAILABLE status's details, or None when a server answered (it is
+    still starting). gRPC ends them with the socket error: "failed to connect to all addresses; last error:
+    UNKNOWN: ipv4:127.0.0.1:1: Failed to connect to remote host: Connection refused"."""
+    if "failed to connect" not in details.lower():
+        return None
+    reason = details.rsplit(":", 1)[-1].strip().lower() or "cannot connect"
+    return f"no server at {target}: {reason}"
+
+
 def client_main(argv: Sequence[str] | None = None, stdout=None) -> int:
     """`loong-jax client "prompt"`: stream one completion from a running server to stdout."""
     import argparse
@@ -284,6 +296,7 @@ def client_main(argv: Sequence[str] | None = None, stdout=None) -> int:
                      client_key=args.tls_key) as client:
         deadline = time.monotonic() + args.wait_ready
         while True:
+            unreachable = None
             try:
                 if client.health(SERVICE_NAME, timeout=5) == "SERVING":
                     break
@@ -291,8 +304,9 @@ def client_main(argv: Sequence[str] | None = None, stdout=None) -> int:
                 if error.code() != grpc.StatusCode.UNAVAILABLE:  # not "still starting": report it
                     print(f"loong-jax client: {error.code().name}: {error.details()}", file=sys.stderr)
                     return 1
+                unreachable = _connection_failure(error.details() or "", args.target)
             if time.monotonic() >= deadline:
-                print(f"loong-jax client: {args.target} is not ready", file=sys.stderr)
+                print(f"loong-jax client: {unreachable or f'{args.target} is not ready'}", file=sys.stderr)
                 return 1
             time.sleep(0.5)
         prompt = [{"role": "user", "content": args.prompt}] if args.chat else args.prompt

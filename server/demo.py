@@ -5,14 +5,18 @@ Data flow:
      process (demo model unless `--model` is given; extra flags after `--` go
      to the server).
   2. `loong-jax client` waits until the service reports ready (warm-up done),
-     sends one request and streams the answer to stdout.
-  3. SIGTERM the server: it drains and exits 0. The demo's exit status is the
-     client's, or the server's if the client succeeded and the server did not.
+     sends one request and collects the streamed answer.
+  3. SIGTERM the server: it drains and exits 0. Only then is the answer
+     printed, on its own lines after a header on stderr, so that no server
+     log line can land in the middle of it (stdout holds the answer alone).
+     The demo's exit status is the client's, or the server's if the client
+     succeeded and the server did not.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import signal
 import socket
 import subprocess
@@ -49,19 +53,33 @@ def demo_main(argv: Sequence[str] | None = None) -> int:
     command = [sys.executable, "-m", "loong_jax.server.cli", "--host", "127.0.0.1", "--port", str(port),
                *(["--model", args.model] if args.model else []), *serve_flags]
     print(f"loong-jax demo: starting the server on 127.0.0.1:{port}", file=sys.stderr)
-    server = subprocess.Popen(command)
+    server = subprocess.Popen(command, stdout=sys.stderr)  # its "serving on" line joins its logs, not the answer
+    answer = io.StringIO()
     try:
         client_status = client_main([args.prompt, "--target", f"127.0.0.1:{port}",
                                      "--max-tokens", str(args.max_tokens),
-                                     "--wait-ready", str(args.ready_timeout)])
+                                     "--wait-ready", str(args.ready_timeout)], stdout=answer)
     finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server_status = server.wait(timeout=120)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server_status = server.wait()
+        server_status = _stop(server)
+    if client_status == 0:
+        _print_answer(args.prompt, answer.getvalue())
     return client_status or server_status
+
+
+def _stop(server: subprocess.Popen) -> int:
+    """SIGTERM, then wait for the drain (its logs end before the answer is shown)."""
+    server.send_signal(signal.SIGTERM)
+    try:
+        return server.wait(timeout=120)
+    except subprocess.TimeoutExpired:
+        server.kill()
+        return server.wait()
+
+
+def _print_answer(prompt: str, answer: str) -> None:
+    print(f"\nloong-jax demo: the model's completion of {prompt!r}:", file=sys.stderr, flush=True)
+    sys.stdout.write(answer.rstrip("\n") + "\n")
+    sys.stdout.flush()
 
 
 if __name__ == "__main__":

@@ -3,16 +3,19 @@
 Data flow:
   1. `EnginePort.create(**llm_kwargs)` returns at once; `await port.load()` builds the `AsyncLLM`
      (weights, KV pools, ahead-of-time compilation) in a worker thread, so the server can listen —
-     and answer health checks with NOT_SERVING — while the model loads and warms up.
+     and answer health checks with NOT_SERVING — while the model loads and warms up; then it logs
+     the engine's start-up summary (`LLM.describe()`).
      `EnginePort.wrap(async_llm)` serves an engine that already exists (tests share one engine
      between several servers).
   2. Requests: `generate(token_ids, params, request_id)` is `AsyncLLM.generate`; leaving it early
-     aborts the request (pages freed within one step); `abort(request_id)` returns once pages are free.
+     aborts the request (pages freed within one step); `abort(request_id)` returns once pages are free;
+     `is_scheduled(request_id)` says whether the engine has begun it (the server's waiting queue).
   3. Lifecycle: `is_ready` / `wait_ready` (engine built and warmed up), `dead_reason` / `wait_dead`
      (the engine thread died, or loading failed).
   4. Introspection, read from the engine thread's state without stopping it (plain integer reads,
      and the program cache's own lock): `metrics_snapshot()` for Prometheus, `server_info()` and
-     `model_info()` for the RPCs of the same names.
+     `model_info()` for the RPCs of the same names (the model's name, never its path on this disk).
+     `longest_token_bytes` (computed once) bounds how many bytes one token can stand for.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Sequence
 
 from loong_jax.async_llm import AsyncLLM, EngineDeadError
+from loong_jax.llm import format_description
 from loong_jax.outputs import RequestOutput
 from loong_jax.sampling_params import SamplingParams
 from loong_jax.server.generated import generation_pb2 as pb
@@ -54,6 +58,7 @@ class EnginePort:
         self._owns_engine = owns_engine
         self._model_path = None if model_path is None else Path(model_path)
         self._load_error: str | None = None
+        self._longest_token_bytes: int | None = None
         self._version = _package_version()
 
     @classmethod
@@ -81,6 +86,10 @@ class EnginePort:
         except Exception as error:  # reported through health and logs; the process decides what to do
             logger.exception("engine failed to load")
             self._load_error = f"loading failed: {type(error).__name__}: {error}"
+            return
+        description = self._engine.llm.describe()  # the start-up summary: what this server runs on
+        logger.info("engine: %s", format_description(description),
+                    extra={"fields": {"event": "engine_loaded", **description}})
 
     def is_ready(self) -> bool:
         return self._engine is not None and self.dead_reason() is None
@@ -122,6 +131,10 @@ class EnginePort:
             return False
         return await self.engine.abort(request_id)
 
+    def is_scheduled(self, request_id: str) -> bool:
+        """The engine has begun this request (False while it waits in the queue or is not posted yet)."""
+        return self.engine.is_scheduled(request_id)
+
     # ------------------------------------------------------------------ model facts
     @property
     def tokenizer(self):
@@ -138,6 +151,20 @@ class EnginePort:
     @property
     def vocab_size(self) -> int:
         return self.config.vocab_size
+
+    @property
+    def longest_token_bytes(self) -> int:
+        """The most UTF-8 bytes any vocabulary entry is spelled with. A token's spelling is never shorter
+        than the text it stands for (byte-level BPE spells one byte as one or two bytes, SentencePiece
+        spells a space as the 3-byte "\u2581", byte fallback as "<0xAB>"), so a text of B bytes is at
+        least B / longest_token_bytes tokens: a bound that rejects a huge prompt before tokenizing it.
+        Assumes the tokenizer's normalizer does not delete text (none of the byte-level or SentencePiece
+        ones do)."""
+        if self._longest_token_bytes is None:
+            tokenizer = self.tokenizer
+            spellings = (tokenizer.id_to_token(token_id) for token_id in range(tokenizer.vocab_size))
+            self._longest_token_bytes = max(len(spelling.encode()) for spelling in spellings if spelling)
+        return self._longest_token_bytes
 
     def token_limits(self) -> tuple[int, int]:
         """(longest prompt, largest prompt + max_tokens - 1) that can ever fit this cluster's KV."""
@@ -159,11 +186,22 @@ class EnginePort:
         if tokenizer.pad_token_id is not None:
             special_tokens.pad_token_id = tokenizer.pad_token_id
         return pb.ModelInfo(
-            model=str(self._model_path or ""), architecture=architecture, model_type=config.model_type,
+            model=self.model_name(), architecture=architecture, model_type=config.model_type,
             context_length=self.context_length, max_prompt_tokens=max_prompt_tokens,
             vocab_size=config.vocab_size, num_layers=config.num_layers, hidden_size=config.hidden_size,
             num_heads=config.num_heads, num_kv_heads=config.num_kv_heads, dtype=config.dtype,
             special_tokens=special_tokens, has_chat_template=tokenizer.chat_template is not None)
+
+    def model_name(self) -> str:
+        """What clients see: "demo" for the shipped model, else the checkpoint folder's name (the full path
+        would tell every client how this server's disk is laid out)."""
+        from loong_jax.models.demo import DEMO_MODEL_DIR, DEMO_MODEL_NAME
+
+        if self._model_path is None:
+            return ""
+        if self._model_path.resolve() == DEMO_MODEL_DIR.resolve():
+            return DEMO_MODEL_NAME
+        return self._model_path.resolve().name
 
     # ------------------------------------------------------------------ live state
     def _pages(self) -> tuple[tuple[int, ...], tuple[int, ...]]:

@@ -4,11 +4,15 @@ Data flow of one Generate call:
   1. Refuse early: UNAVAILABLE while the engine loads and warms up, while draining, or once the
      engine has died.
   2. Admit (`admission.Admission`): request id, validated `SamplingParams`, prompt token ids, and
-     the limits (prompt length, context, KV capacity, duplicate id, waiting queue); a refusal is the
-     call's status code with a message naming the field.
-  3. Stream: a `started` message, then one `delta` per new piece of a sample, then `finished`
-     (finish reason per sample, usage, timings). The engine's outputs are awaited together with the
-     engine's death, so a dead engine ends the call with INTERNAL instead of leaving it hanging.
+     the limits (prompt length, context, KV capacity, duplicate id); then the waiting queue is checked
+     and the call recorded with no await in between (concurrent admissions cannot overshoot it). A
+     refusal is the call's status code with a message naming the field. The waiting queue is what
+     the engine has not begun yet (`EnginePort.is_scheduled`), whatever the client has read.
+  3. Hand the request to the engine, then stream: a `started` message, one `delta` per new piece of a
+     sample, then `finished` (finish reason per sample, usage, timings). The engine's outputs are
+     awaited together with the engine's death, so a dead engine ends the call with INTERNAL instead of
+     leaving it hanging. Each message is written with a deadline (`write_timeout_s`): a client that
+     stops reading loses its call (and the engine its request) instead of holding them forever.
   4. Whatever way the call ends (finished, client cancel, deadline, error), `finally` closes the
      engine stream and waits for the abort of a request still running — its KV pages are free when
      the id is released — then records the metrics and the request's one log line.
@@ -55,7 +59,7 @@ class _Call:
     prompt_tokens: int
     peer: str
     arrival: float = dataclasses.field(default_factory=time.monotonic)
-    queued: bool = True  # accepted, no token streamed yet
+    scheduled: bool = False  # the engine has begun it (sticky: read from the engine until true)
     shutdown_aborted: bool = False  # aborted by the server's drain deadline, not by a client
     first_token_at: float | None = None
     last_token_at: float | None = None
@@ -76,7 +80,7 @@ class _Call:
         gap = None if self.last_token_at is None else now - self.last_token_at
         self.first_token_at = self.first_token_at or now
         self.last_token_at = now
-        self.queued = False
+        self.scheduled = True
         return gap
 
     def end(self, outcome: str, code: grpc.StatusCode, detail: str = "") -> None:
@@ -102,8 +106,13 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         return len(self._calls)
 
     def queued(self) -> tuple[int, int]:
-        """(requests, prompt tokens) accepted by this server that have not streamed a token yet."""
-        waiting = [call for call in self._calls.values() if call.queued]
+        """(requests, prompt tokens) of this server's calls that the engine has not begun: waiting in its
+        queue or about to be handed to it. Read from the engine, not from what was written to the client,
+        so a client that never reads holds no queue slot once its request runs."""
+        for request_id, call in self._calls.items():
+            if not call.scheduled:
+                call.scheduled = self._engine.is_scheduled(request_id)
+        waiting = [call for call in self._calls.values() if not call.scheduled]
         return len(waiting), sum(call.prompt_tokens for call in waiting)
 
     async def abort_all_for_shutdown(self) -> int:
@@ -131,9 +140,16 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         if not self._engine.is_ready():
             await self._reject(context, grpc.StatusCode.UNAVAILABLE, "the model is loading and warming up; retry")
 
-    async def _next_or_death(self, outputs, dead_waiter: asyncio.Future) -> RequestOutput:
-        """The engine's next output; raises EngineDeadError as soon as the engine dies."""
-        next_output = asyncio.ensure_future(outputs.__anext__())
+    async def _write(self, context, message: pb.GenerateResponse) -> None:
+        """One response message, taken by the client (HTTP/2 flow control) within `write_timeout_s`."""
+        try:
+            async with asyncio.timeout(self._limits.write_timeout_s):
+                await context.write(message)
+        except TimeoutError:
+            raise _ClientNotReading() from None
+
+    async def _next_or_death(self, next_output: asyncio.Future, dead_waiter: asyncio.Future) -> RequestOutput:
+        """The engine's next output (`next_output`); raises EngineDeadError as soon as the engine dies."""
         try:
             await asyncio.wait({next_output, dead_waiter}, return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:  # client cancel or deadline: let the engine stream close first
@@ -145,11 +161,14 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         raise EngineDeadError(self._dead_reason() or "the engine loop died")
 
     # ------------------------------------------------------------------ Generate
-    async def Generate(self, request: pb.GenerateRequest, context):
+    async def Generate(self, request: pb.GenerateRequest, context) -> None:
+        """Server streaming through `context.write` (not `yield`), so that every write has a deadline."""
         peer = context.peer()  # read while the call is alive: grpc.aio crashes on peer() of a cancelled call
         await self._refuse_if_unavailable(context)
         try:
-            admitted = await self._admission.admit(request, self._calls, self.queued())
+            admitted = await self._admission.admit(request, self._calls)
+            # No await from here to the call's record: the queue count cannot change in between.
+            self._admission.check_queue(len(admitted.prompt_ids), *self.queued())
         except Rejected as err:
             await self._reject(context, err.code, err.message)
         request_id = admitted.request_id
@@ -157,33 +176,46 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         self._metrics.open_streams.inc()
         dead_waiter = asyncio.ensure_future(self._state.engine_dead.wait())
         outputs = self._engine.generate(admitted.prompt_ids, admitted.params, request_id)
+        # Started now, not after the first write: the request reaches the engine even if that write stalls.
+        next_output: asyncio.Future | None = asyncio.ensure_future(anext(outputs))
         try:
-            yield pb.GenerateResponse(request_id=request_id, started=pb.GenerateStarted(
-                prompt_tokens=call.prompt_tokens))
+            await self._write(context, pb.GenerateResponse(request_id=request_id, started=pb.GenerateStarted(
+                prompt_tokens=call.prompt_tokens)))
             while call.final is None:
-                output = await self._next_or_death(outputs, dead_waiter)
+                output = await self._next_or_death(next_output or asyncio.ensure_future(anext(outputs)),
+                                                   dead_waiter)
+                next_output = None
                 now = time.monotonic()
                 for sample in output.outputs:
                     call.note_finish(sample)
                     if sample.token_ids or sample.text:
                         self._metrics.observe_tokens(len(sample.token_ids), call.note_tokens(sample, now))
-                        yield pb.GenerateResponse(request_id=request_id, delta=delta_to_proto(sample))
+                        await self._write(context, pb.GenerateResponse(request_id=request_id,
+                                                                       delta=delta_to_proto(sample)))
                 if output.finished:
                     call.final = output
             if call.shutdown_aborted:
                 call.end("shutdown", grpc.StatusCode.UNAVAILABLE, "drain timeout passed")
                 await context.abort(call.code, "server shut down before the request finished (drain timeout)")
             call.end(call.final.finish_reason or "stop", grpc.StatusCode.OK)
-            yield pb.GenerateResponse(request_id=request_id, finished=finished_to_proto(
-                call.prompt_tokens, admitted.params.n, call.finishes, call.completion_tokens, call.final.metrics))
+            await self._write(context, pb.GenerateResponse(request_id=request_id, finished=finished_to_proto(
+                call.prompt_tokens, admitted.params.n, call.finishes, call.completion_tokens, call.final.metrics)))
         except (EngineDeadError, StopAsyncIteration) as err:  # a stream must end with a finished output
             call.end("error", grpc.StatusCode.INTERNAL, self._dead_reason() or str(err) or "stream ended early")
             await context.abort(call.code, f"the engine loop died: {call.detail}")
         except ValueError as err:  # the engine's own validation (e.g. an id running via another server)
             call.end("rejected", grpc.StatusCode.INVALID_ARGUMENT, str(err))
             await self._reject(context, call.code, str(err))
+        except _ClientNotReading:
+            detail = f"the client took no response message for {self._limits.write_timeout_s:g} s"
+            call.end("stalled", grpc.StatusCode.CANCELLED, detail)
+            # No status can reach a client that does not read (it would queue behind the stuck message, and
+            # grpc refuses a second send while one is pending): end the handler as a cancelled call does.
+            raise asyncio.CancelledError(detail) from None
         finally:
             dead_waiter.cancel()
+            if next_output is not None:  # the engine stream must be idle before it is closed
+                await _cancel_and_wait(next_output)
             await self._release(request_id, call, outputs)
 
     async def _release(self, request_id: str, call: _Call, outputs) -> None:
@@ -233,7 +265,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                 raise Rejected(grpc.StatusCode.INVALID_ARGUMENT,
                                "add_special_tokens: applies to text only (a chat template writes its own)")
             else:
-                ids = render_chat(tokenizer, chat_messages_from_proto(request.messages))
+                ids = await render_chat(tokenizer, chat_messages_from_proto(request.messages))
         except Rejected as err:
             await self._reject(context, err.code, err.message)
         return pb.TokenizeResponse(token_ids=ids, tokens=[tokenizer.id_to_token(i) or "" for i in ids])
@@ -264,6 +296,10 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         info.max_queued_tokens = self._limits.max_queued_tokens
         info.open_streams = len(self._calls)
         return info
+
+
+class _ClientNotReading(Exception):
+    """A response message was not taken within the write deadline."""
 
 
 async def _cancel_and_wait(task: asyncio.Future) -> None:

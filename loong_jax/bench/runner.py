@@ -59,7 +59,7 @@ async def run_load(client: Any, requests: Sequence[BenchRequest], send_times: Se
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(requests), desc=description, unit="req")
+        bar = tqdm(total=len(requests), desc=description, unit="req", disable=None)
     start = time.perf_counter()
 
     async def scheduled(request: BenchRequest) -> RequestResult:

@@ -12,19 +12,22 @@ Data flow:
        decode(d, batch, context) = a_d + b_d·batch + c_d·Σcontext
        migration(bytes)          = latency + seconds_per_byte·bytes
      by weighted least squares on RELATIVE error (weights 1/measured², i.e. every row divided by its
-     measurement), with coefficients kept non-negative (exact: the best non-negative subset).
+     measurement), with coefficients kept non-negative (exact: the best non-negative subset). A profile of
+     one instance has no migration samples (nothing to move between): its model has no migration term
+     (`has_migration` is False, saved as null) and serves one instance only (`check_instances`).
   3. The fitted `CostModel` (one tensor-parallel size `tp`, plus the KV geometry: bytes per token, pages
      per instance, page size) is saved to / loaded from JSON with a schema version; a file may hold
      several `tp` sections (`save_cost_models` / `CostModel.load_json(path, tp=...)`).
-  4. Consumers call `prefill_time(d, lengths)`, `decode_time(d, batch, total_context)`,
-     `migration_time(n_tokens)`; `mean_relative_error(samples)` reports fit quality.
+  4. Consumers call `check_instances(n)` once (a model without migration refuses n > 1), then
+     `prefill_time(d, lengths)`, `decode_time(d, batch, total_context)`, `migration_time(n_tokens)`;
+     `mean_relative_error(samples)` reports fit quality. `source` names the file a model was loaded from.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -111,7 +114,7 @@ class CostModel:
     tp: int
     prefill: dict[int, PrefillCoefficients]
     decode: dict[int, DecodeCoefficients]
-    migration_seconds_per_byte: float
+    migration_seconds_per_byte: float | None  # None: profiled on one instance, no migration term
     migration_latency_s: float
     kv_bytes_per_token: int  # bytes of K and V of one token, all layers, one instance
     pages_per_instance: int  # KV pool size of one instance
@@ -119,12 +122,25 @@ class CostModel:
     description: str = ""
     provenance: str = "measured"  # "measured" (profiled) or "projected" (derived from hardware ceilings)
     metadata: dict = field(default_factory=dict, compare=False)
+    source: str = field(default="", compare=False)  # the file it was loaded from ("" = built in memory)
 
     # -- queries ------------------------------------------------------------------------------------------------
     @property
     def dops(self) -> tuple[int, ...]:
         """Degrees of parallelism with both a prefill and a decode entry, ascending."""
         return tuple(sorted(set(self.prefill) & set(self.decode)))
+
+    @property
+    def has_migration(self) -> bool:
+        return self.migration_seconds_per_byte is not None
+
+    def check_instances(self, num_instances: int) -> None:
+        """ValueError unless the model can price every step on `num_instances` instances: one without a
+        migration term (profiled on one instance) cannot price moving KV between two."""
+        if num_instances > 1 and not self.has_migration:
+            where = f" ({self.source})" if self.source else ""
+            raise ValueError(f"the cost model{where} has no migration term (it was profiled on one instance), so "
+                             f"it cannot serve {num_instances} instances; profile on at least two instances")
 
     @property
     def tokens_per_instance(self) -> int:
@@ -146,6 +162,9 @@ class CostModel:
     def migration_time_bytes(self, num_bytes: float) -> float:
         if num_bytes <= 0:
             return 0.0
+        if not self.has_migration:
+            raise ValueError("the cost model has no migration term (profiled on one instance): "
+                             "it cannot price a migration")
         return self.migration_latency_s + self.migration_seconds_per_byte * num_bytes
 
     def migration_time(self, n_tokens: int) -> float:
@@ -201,7 +220,7 @@ class CostModel:
             tp=int(section["tp"]),
             prefill={int(d): PrefillCoefficients(**c) for d, c in section["prefill"].items()},
             decode={int(d): DecodeCoefficients(**c) for d, c in section["decode"].items()},
-            migration_seconds_per_byte=float(section["migration_seconds_per_byte"]),
+            migration_seconds_per_byte=_optional_float(section["migration_seconds_per_byte"]),
             migration_latency_s=float(section["migration_latency_s"]),
             kv_bytes_per_token=int(section["kv_bytes_per_token"]),
             pages_per_instance=int(section["pages_per_instance"]),
@@ -247,7 +266,12 @@ def load_cost_models(path: str | Path) -> dict[int, CostModel]:
     version = document.get("schema_version")
     if version != SCHEMA_VERSION:
         raise ValueError(f"{path}: cost-model schema_version {version!r} is not supported (expected {SCHEMA_VERSION})")
-    return {m.tp: m for m in (CostModel.from_dict(section) for section in document["sections"])}
+    models = (CostModel.from_dict(section) for section in document["sections"])
+    return {m.tp: replace(m, source=str(path)) for m in models}
+
+
+def _optional_float(value) -> float | None:
+    return None if value is None else float(value)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -299,7 +323,9 @@ def fit_cost_model(
     provenance: str = "measured",
     metadata: dict | None = None,
 ) -> CostModel:
-    """Fit prefill and decode coefficients per DoP (and migration, if sampled) from profile samples."""
+    """Fit prefill and decode coefficients per DoP and migration from profile samples. Without migration
+    samples the given `migration_seconds_per_byte` is kept; None (one instance: nothing to move) leaves the
+    model without a migration term."""
     samples = list(samples)
     prefill: dict[int, PrefillCoefficients] = {}
     decode: dict[int, DecodeCoefficients] = {}
@@ -320,13 +346,11 @@ def fit_cost_model(
         migration_latency_s, migration_seconds_per_byte = relative_nonnegative_least_squares(
             features, [s.seconds for s in migrations]
         )
-    if migration_seconds_per_byte is None:
-        raise ValueError("no migration samples: pass migration_seconds_per_byte")
     return CostModel(
         tp=tp,
         prefill=prefill,
         decode=decode,
-        migration_seconds_per_byte=float(migration_seconds_per_byte),
+        migration_seconds_per_byte=_optional_float(migration_seconds_per_byte),
         migration_latency_s=float(migration_latency_s),
         kv_bytes_per_token=kv_bytes_per_token,
         pages_per_instance=pages_per_instance,

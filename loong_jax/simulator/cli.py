@@ -3,14 +3,17 @@
 Data flow:
   1. Parse arguments; build the workload (synthetic generator or trace file) once, so every policy and every
      rate serves the same requests (only the arrival times scale with the rate).
-  2. Load the cost model (default: the shipped, projected H200 Llama-2-7B file) for the chosen `--tp`.
+  2. Load the cost model (default: the shipped, projected H200 Llama-2-7B file) for the chosen `--tp`; one
+     without a migration term (profiled on one instance) is refused for more than one instance.
   3. For each policy: with `--request-rates`, run every listed rate to completion; without, search the rate
      (doubling, then bisection) until the SLO attainment crosses the target. A tqdm bar counts the runs.
   4. Print the table (max rate per policy, ESP / best baseline), write `--json` and `--plot` if asked.
 
-Example:
+Examples (wall times on a shared 2-core CPU):
+  loong-jax simulate --workload leval --instances 8 --policies esp,replicas --num-requests 150 --plot-rates 0
+      (about a minute: the rate search only)
   loong-jax simulate --workload mixed --instances 8 --tp 1 --policies esp,chunked-prefill,pd-disagg \
-      --num-requests 300 --json mixed.json --plot mixed.png
+      --num-requests 300 --json mixed.json --plot mixed.png  (several minutes: search plus plotted rates)
 """
 
 from __future__ import annotations
@@ -143,10 +146,14 @@ def simulate_main(argv: Sequence[str] | None = None) -> int:
     if args.instances < 1 or args.tp < 1 or args.num_requests < 1:
         raise SystemExit("--instances, --tp and --num-requests must be >= 1")
     cost_model = CostModel.load_json(args.cost_model, tp=args.tp)
+    try:
+        cost_model.check_instances(args.instances)  # a one-instance profile cannot price migrations
+    except ValueError as error:
+        raise SystemExit(f"loong-jax simulate: error: {error}") from None
     workload = _workload(args)
     from tqdm import tqdm
 
-    with tqdm(desc="simulate", unit="run", disable=args.no_progress, file=sys.stderr) as progress:
+    with tqdm(desc="simulate", unit="run", disable=True if args.no_progress else None, file=sys.stderr) as progress:
         policies = run_policies(args, workload, cost_model, progress)
     isolated = isolated_latencies(workload.requests(1.0), cost_model, args.instances)
     config = {

@@ -97,3 +97,18 @@ def test_eval_answers_errors_and_resume(tmp_path, llm, reference_model):
     retried = read_rows(answers)[len(resumed):]
     assert sorted(row["id"] for row in retried) == sorted(k for k, row in by_id.items()
                                                           if "error" in row and k != "line-7")
+
+
+def test_eval_writes_no_progress_noise_into_files_or_pipes(tmp_path, llm, capsys):
+    """stderr is not a terminal here (a file, a pipe, a log): no bar, no carriage returns or escape codes."""
+    source, answers = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_text(json.dumps({"id": "a", "prompt": "Benchmarks", "max_tokens": 2}) + "\n"
+                      + json.dumps({"id": "empty", "prompt": ""}) + "\n"
+                      + json.dumps({"id": "role", "messages": [{"role": 1, "content": "x"}]}) + "\n")
+    assert eval_main([str(source), str(answers)], llm=llm) == 0  # progress on (no --no-progress)
+    err = capsys.readouterr().err
+    assert "\r" not in err and "\x1b[" not in err
+    assert err.startswith("loong-jax eval: 1 answered, 2 errors")  # the summary is all there is
+    rows = {row["id"]: row for row in read_rows(answers)}
+    assert "the prompt is empty" in rows["empty"]["error"]
+    assert "messages[0].role must be a non-empty string" in rows["role"]["error"]

@@ -11,6 +11,7 @@ import pytest
 from loong_jax.outputs import RequestOutput
 from loong_jax.sampling_params import SamplingParams
 from tests.engine.conftest import KV_PAGES, PAGE_SIZE, TEST_BUCKETS, mixed_prompts
+from tests.engine.test_prompts import BAD_PROMPTS
 
 LONG = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
 
@@ -112,6 +113,22 @@ def test_async_streams_and_aborts(async_llm, reference):
         asyncio.run(anext(async_llm.generate([], short)))
     asyncio.run(_until_idle(async_llm))
     async_llm.llm.engine.check_all_free()
+
+
+@pytest.mark.parametrize("prompt, message", BAD_PROMPTS)
+def test_async_bad_prompt_is_refused_and_changes_nothing(async_llm, prompt, message):
+    with pytest.raises(ValueError, match=message):
+        asyncio.run(anext(async_llm.generate(prompt, LONG)))
+    assert not async_llm._streams and not async_llm._commands  # nothing registered, nothing posted
+    assert not async_llm.llm.engine.has_unfinished()
+    async_llm.llm.engine.check_all_free()
+
+
+@pytest.mark.parametrize("request_id", [5, ["a"], ""])
+def test_async_bad_request_id_is_a_value_error(async_llm, request_id):
+    with pytest.raises(ValueError, match="request_id must be a non-empty string"):
+        asyncio.run(anext(async_llm.generate("The quick brown fox", LONG, request_id)))
+    assert not async_llm._streams and not async_llm.llm.engine.has_unfinished()
 
 
 async def _until_idle(async_llm, timeout_s: float = 30.0):

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import io
 import logging
 import re
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -95,5 +97,43 @@ def test_program_cache_statistics_and_background():
         with pytest.raises(RuntimeError, match="cannot lower"):
             cache.get(ProgramKey("broken", (0,), (1,)))
         assert not cache.is_ready(ProgramKey("broken", (0,), (1,)))
+    finally:
+        cache.close()
+
+
+GREEDY_SIGNATURE = (8, 1, 1, None, True)  # unit_inputs.PLAIN_GREEDY
+
+
+@pytest.mark.parametrize("key, label", [
+    (ProgramKey("prefill", tuple(range(8)), (16, 8, GREEDY_SIGNATURE)),
+     "prefill d=8 (0-7) rows<=16 requests<=8 greedy"),
+    (ProgramKey("prefill_context", (2, 3), (32, 4, 64, (8, 16, 16, 5, False))),
+     "prefill_context d=2 (2,3) rows<=32 requests<=4 pages<=64 sampling logprobs<=5"),
+    (ProgramKey("decode", (3,), (8, 64, (8, 32, 32, None, False))), "decode d=1 (3) batch<=8 pages<=64 sampling"),
+    (ProgramKey("decode", (0, 2, 4, 6), (8, 64, GREEDY_SIGNATURE)), "decode d=4 (0,2,4,6) batch<=8 pages<=64 greedy"),
+    (ProgramKey("migrate", (1, 5), (64,)), "migrate 1->5 slots<=64"),
+    (ProgramKey("add", (0,), (4,)), "add d=1 (0) (4,)"),  # a kind without a field table
+])
+def test_program_key_describe_is_readable(key, label):
+    assert key.describe() == label
+    assert str(key).startswith(key.kind + "[")  # the exact key stays available for logs
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_warm_up_progress_only_on_a_terminal(capsys, monkeypatch):
+    cache = ProgramCache(_lowering)
+    prefill = ProgramKey("prefill", (0, 1, 2, 3), (16, 8, GREEDY_SIGNATURE))
+    try:
+        cache.warm_up([ProgramKey("add", (0,), (4,))], progress=True)
+        assert capsys.readouterr().err == ""  # stderr is not a terminal here: no bar, no escape codes
+        terminal = _Terminal()
+        monkeypatch.setattr(sys, "stderr", terminal)
+        cache.warm_up([prefill], progress=True)
+        assert "compiling programs" in terminal.getvalue()
+        assert "prefill d=4 (0-3) rows<=16 requests<=8 greedy" in terminal.getvalue()  # not the raw key
     finally:
         cache.close()

@@ -10,6 +10,7 @@ import pytest
 from loong_jax.cli import generate_main, main
 from loong_jax.sampling_params import SamplingParams
 from tests.engine.conftest import KV_PAGES, PAGE_SIZE
+from tests.engine.test_prompts import BAD_PROMPTS
 
 GREEDY = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
 
@@ -68,7 +69,7 @@ def test_validation_happens_before_anything_is_queued(llm):
         ([good, []], GREEDY, "empty"),
         ([good, list(range(4, 4 + 256))], GREEDY, "context of 256"),
         ([list(range(4, 4 + 252))], GREEDY, "252 tokens \\+ max_tokens 6 exceeds the model's context length \\(256\\)"),
-        ([good, [5, 10**6]], GREEDY, "not a token id"),
+        ([good, [5, 10**6]], GREEDY, "must be a token id in"),
         ([good], {"max_tokens": 4, "temprature": 0.0}, "temprature"),
         ([good, good], [GREEDY], "2 prompts"),
         ([good], SamplingParams(stop_token_ids=[llm.config.vocab_size]), "stop_token_ids"),
@@ -87,6 +88,27 @@ def test_validation_happens_before_anything_is_queued(llm):
         llm.set_policy("fixed", prefill_degree=16, warmup=False)
     llm.set_policy("fixed", 1, 1, warmup=False)
     llm.engine.check_all_free()
+
+
+@pytest.mark.parametrize("method", ["generate", "stream", "prepare"])
+@pytest.mark.parametrize("prompt, message", BAD_PROMPTS)
+def test_bad_prompt_is_refused_and_changes_nothing(llm, method, prompt, message):
+    calls = {
+        "generate": lambda: llm.generate(["The quick brown fox", prompt], GREEDY, use_tqdm=False),
+        "stream": lambda: next(llm.stream(prompt, GREEDY)),
+        "prepare": lambda: llm.prepare(prompt, GREEDY),
+    }
+    with pytest.raises(ValueError, match=message):
+        calls[method]()
+    assert llm.engine.num_unfinished == 0 and not llm.engine.has_unfinished()  # the good prompt was not queued
+    llm.engine.check_all_free()  # no pages held
+
+
+def test_generate_progress_bar_only_on_a_terminal(llm, capsys, monkeypatch):
+    monkeypatch.setattr(llm, "progress", True)
+    llm.generate(["The quick brown fox", "lazy dog"], GREEDY, use_tqdm=True)
+    err = capsys.readouterr().err  # captured: not a terminal
+    assert "\r" not in err and "\x1b[" not in err and "generating" not in err
 
 
 def test_cli_generate_streams_to_stdout(checkpoint_dir, compile_cache_dir, llm, monkeypatch):

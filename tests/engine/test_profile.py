@@ -51,6 +51,28 @@ def test_profile_quick_end_to_end(checkpoint_dir, compile_cache_dir, tmp_path, c
     assert model.metadata["model_shape"]["hidden"] == 64
 
 
+def test_profile_on_one_instance_fits_without_migration_and_is_used(checkpoint_dir, compile_cache_dir, tmp_path,
+                                                                      capsys):
+    # What `loong-jax profile` does on a 1-device machine: one instance, nothing to migrate.
+    from loong_jax.llm import LLM
+
+    out = tmp_path / "one.json"
+    code = cli_main(["profile", "--model", str(checkpoint_dir), "--instances", "1", "--quick", "--repetitions", "1",
+                     "--out", str(out), "--no-progress", "--compilation-cache-dir", str(compile_cache_dir)])
+    assert code == 0
+    assert "no migration term" in capsys.readouterr().out
+    model = CostModel.load_json(out)
+    assert model.dops == (1,) and not model.has_migration
+    assert "migration" not in model.metadata["fit"]["samples"]
+    kwargs = dict(page_size=16, kv_pages=64, warmup=False, compilation_cache_dir=compile_cache_dir, progress=False)
+    with LLM(checkpoint_dir, instances=1, cost_model=out, **kwargs) as llm:
+        assert llm.cost_model.source == str(out) and llm.describe()["cost_model"] == str(out)
+        (output,) = llm.generate([[5, 6, 7, 8]], {"max_tokens": 3, "ignore_eos": True}, use_tqdm=False)
+        assert len(output.outputs[0].token_ids) == 3
+    with pytest.raises(ValueError, match="no migration term"):  # two instances would need one
+        LLM(checkpoint_dir, instances=2, cost_model=out, **kwargs)
+
+
 def test_profile_command_line():
     args = profile_parser().parse_args(["--quick", "--degrees", "1,4", "--repetitions", "3", "--tp", "2"])
     assert parse_degrees(args.degrees) == [1, 4] and args.tp == 2 and args.out == "cost_model.json"

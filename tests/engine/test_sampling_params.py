@@ -27,6 +27,22 @@ def test_defaults_and_normalisation():
         params.temperature = 2.0
 
 
+def test_temperature_defaults_to_vllms_and_the_cli_says_it_differs():
+    """The Python API samples by default (vLLM's 1.0); the commands are greedy by default and say so."""
+    import argparse
+
+    from loong_jax.cli import add_sampling_arguments
+
+    assert SamplingParams().temperature == 1.0 and not SamplingParams().greedy
+    assert SamplingParams.from_dict({"max_tokens": 16}).temperature == 1.0
+    assert "vLLM's: temperature=1.0" in SamplingParams.__doc__
+    parser = argparse.ArgumentParser()
+    add_sampling_arguments(parser)
+    assert parser.parse_args([]).temperature == 0.0
+    (flag,) = [action for action in parser._actions if "--temperature" in action.option_strings]
+    assert "0 = greedy" in flag.help and "CLI's default" in flag.help and "1.0, like vLLM" in flag.help
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(top_p=1.5), r"top_p must be a finite number in \(0, 1\], got 1.5"),
     (dict(top_p=0.0), r"top_p .* \(0, 1\]"),

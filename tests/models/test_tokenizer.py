@@ -181,3 +181,19 @@ def test_missing_tokenizer_json_is_one_clear_line(tmp_path):
     with pytest.raises(TokenizerError, match="missing tokenizer: no tokenizer.json") as caught:
         Tokenizer.from_dir(tmp_path)
     assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("fox \ud800 dog", "not valid Unicode: surrogates not allowed at character 4"),  # a lone surrogate
+    (b"fox", "must be a str, got bytes"),
+    (None, "must be a str, got NoneType"),
+])
+def test_untokenizable_text_is_a_tokenizer_error_not_a_type_error(ours, text, message):
+    with pytest.raises(TokenizerError, match=message):
+        ours.encode(text)
+
+
+def test_chat_template_type_error_is_a_tokenizer_error(ours):
+    # The template concatenates 'unknown role ' + role: a None role is a TypeError inside jinja.
+    with pytest.raises(TokenizerError, match="chat_template of .* failed"):
+        ours.apply_chat_template([{"role": None, "content": "hi"}])

@@ -121,6 +121,25 @@ def test_queries():
         model.decode_time(8, 1, 10)
 
 
+def test_one_instance_profile_fits_without_a_migration_term(tmp_path):
+    # One instance has nothing to migrate: no migration samples, and the model says it has no such term.
+    samples = [s for s in synthetic_samples(noise=0.0) if not isinstance(s, MigrationSample)]
+    model = fit_cost_model(samples, **GEOMETRY)
+    assert not model.has_migration and model.migration_seconds_per_byte is None
+    assert model.prefill_time(1, [100]) > 0 and model.migration_time(0) == 0.0
+    model.check_instances(1)
+    path = tmp_path / "one_instance.json"
+    model.save_json(path)
+    assert json.loads(path.read_text())["sections"][0]["migration_seconds_per_byte"] is None
+    loaded = CostModel.load_json(path)
+    assert loaded == model and not loaded.has_migration and loaded.source == str(path)
+    with pytest.raises(ValueError, match=r"no migration term .* cannot serve 2 instances"):
+        loaded.check_instances(2)
+    with pytest.raises(ValueError, match="cannot price a migration"):
+        loaded.migration_time(16)
+    assert fit_cost_model(synthetic_samples(noise=0.0), **GEOMETRY).has_migration
+
+
 def test_json_round_trip_with_several_tp_sections(tmp_path):
     model = fit_cost_model(synthetic_samples(noise=0.01), description="synthetic", metadata={"k": 1}, **GEOMETRY)
     other = CostModel(**{**model.__dict__, "tp": 2, "pages_per_instance": 2500})

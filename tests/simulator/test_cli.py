@@ -88,3 +88,12 @@ def test_json_loads_back_into_the_same_summary(tmp_path, capsys):
     loaded = load_experiment(out_json)
     assert format_table(loaded) in printed
     assert loaded.policies["esp"].burst.metrics.request_rate == float("inf")
+
+
+def test_cli_refuses_a_one_instance_cost_model_for_several_instances(tmp_path):
+    # A profile of one device has no migration term: it cannot time the moves of 2 instances.
+    one_instance = replace(CostModel.load_json(tp=1), migration_seconds_per_byte=None)
+    path = tmp_path / "one.json"
+    one_instance.save_json(path)
+    with pytest.raises(SystemExit, match="no migration term"):
+        simulate_main(["--cost-model", str(path), "--instances", "2", "--num-requests", "4", "--no-progress"])
