@@ -4,7 +4,7 @@ down, at a few request rates, once per scheduling policy (esp, chunked-prefill, 
     python benchmarks/bench_sweep.py --out-dir benchmarks/results/sweep
 
 Data flow:
-  1. For each policy: start `python -m loong_jax.cli serve --port 0 --policy P` with 8 simulated CPU devices
+  1. For each policy: start `python -m loong_jax.entrypoints.cli serve --port 0 --policy P` with 8 simulated CPU devices
      (`--xla_force_host_platform_device_count=8`), read the bound port from its first stdout line.
   2. Run `loong-jax bench` in this process against it (`bench_main`: Mixed workload, `--length-scale` for
      inputs and `--output-length-scale` for outputs, the same seeded requests and arrival pattern for every
@@ -39,7 +39,7 @@ def start_server(policy: str, devices: int, extra: Sequence[str], log_path: Path
     """The server process and its port, or (process, None) when it did not come up."""
     env = {**os.environ, "JAX_PLATFORMS": "cpu",
            "XLA_FLAGS": f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"}
-    command = [sys.executable, "-m", "loong_jax.cli", "serve", "--port", "0", "--policy", policy, *extra]
+    command = [sys.executable, "-m", "loong_jax.entrypoints.cli", "serve", "--port", "0", "--policy", policy, *extra]
     log = log_path.open("w")
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True, env=env)
     found: dict = {}

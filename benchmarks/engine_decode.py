@@ -30,9 +30,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from loong_jax.jax_executor import Buckets
-from loong_jax.llm import LLM
-from loong_jax.sampling_params import SamplingParams
+from loong_jax.executor.jax_executor import Buckets
+from loong_jax.entrypoints.llm import LLM
+from loong_jax.sampling.params import SamplingParams
 from loong_jax.sharding.decode_program import DecodeInputs, DecodeRow, decode_forward, layout_decode_batch
 from loong_jax.sharding.kv_pool import assemble_group_pool
 

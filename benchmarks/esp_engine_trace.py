@@ -35,9 +35,9 @@ if __name__ == "__main__":  # 8 simulated devices, before JAX starts
 
 import numpy as np
 
-from loong_jax.outputs import RequestOutput
-from loong_jax.sampling_params import SamplingParams
-from loong_jax.scheduler.cost_model import CostModel
+from loong_jax.engine.outputs import RequestOutput
+from loong_jax.sampling.params import SamplingParams
+from loong_jax.scheduler.cost.model import CostModel
 
 # 128 token slots per instance (1,024 in the cluster) for ~4,000 tokens of prompts and outputs; a small
 # growth reservation admits optimistically, so decodes outgrow their masters' pages.
@@ -155,7 +155,7 @@ def main(argv=None) -> int:
                         help="the policy's cost model: the H200 projection, or the engine's own choice")
     args = parser.parse_args(argv)
 
-    from loong_jax.llm import LLM
+    from loong_jax.entrypoints.llm import LLM
     from loong_jax.models.demo import resolve_model_path
     from loong_jax.models.generate import generate
     from loong_jax.models.loading import load_hf_checkpoint

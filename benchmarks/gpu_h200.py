@@ -24,7 +24,7 @@ Data flow:
      (`scheduler.roofline`) calibrated with the ceilings and efficiencies measured here (one GPU cannot
      measure NVLink: the link figures stay the published ones, written in the file's metadata).
   5. Everything goes to one JSON (`--out`) and the cost model to `--cost-model-out` (the schema of
-     `loong_jax/scheduler/cost_model.py`).
+     `loong_jax/scheduler/cost/model.py`).
 """
 
 from __future__ import annotations
@@ -47,8 +47,8 @@ from flax import nnx
 from loong_jax.models.attention import dense_attention
 from loong_jax.models.config import ModelConfig
 from loong_jax.models.llama import init_model
-from loong_jax.scheduler.cost_model import CostModel, DecodeSample, PrefillSample, fit_cost_model, save_cost_models
-from loong_jax.scheduler.roofline import HardwareCeilings, TransformerShape, derive_cost_model
+from loong_jax.scheduler.cost.model import CostModel, DecodeSample, PrefillSample, fit_cost_model, save_cost_models
+from loong_jax.scheduler.cost.roofline import HardwareCeilings, TransformerShape, derive_cost_model
 from loong_jax.sharding.decode_program import DecodeRow, jit_decode, layout_decode_batch
 from loong_jax.sharding.kv_pool import PoolShape, assemble_group_pool, create_pool
 from loong_jax.sharding.prefill_program import jit_prefill, make_prefill_batch

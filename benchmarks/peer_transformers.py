@@ -84,7 +84,7 @@ def run_transformers(folder: Path, prompts: list[list[int]], max_new_tokens: int
 
 
 def run_loong(llm, prompts: list[list[int]], max_new_tokens: int, eos_ids: list[int]) -> list[list[int]]:
-    from loong_jax.sampling_params import SamplingParams
+    from loong_jax.sampling.params import SamplingParams
 
     params = SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
     results = llm.generate(prompts, params, use_tqdm=False)
@@ -128,7 +128,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import jax
 
-    from loong_jax.llm import LLM
+    from loong_jax.entrypoints.llm import LLM
     from loong_jax.models.demo import resolve_model_path
     from loong_jax.models.tokenizer import Tokenizer
 

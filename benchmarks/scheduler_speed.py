@@ -20,8 +20,8 @@ import random
 import statistics
 import time
 
-from loong_jax.engine_state import BatchResult, EngineState
-from loong_jax.scheduler.cost_model import CostModel
+from loong_jax.engine.state import BatchResult, EngineState
+from loong_jax.scheduler.cost.model import CostModel
 from loong_jax.scheduler.plan import Plan, PrefillBatch
 from loong_jax.scheduler.policy import make_policy, policy_names
 

@@ -14,9 +14,9 @@ __all__ = ["LLM", "AsyncLLM", "SamplingParams", "__version__"]
 
 # public name -> the module that defines it
 _LAZY_EXPORTS = {
-    "LLM": "loong_jax.llm",
-    "AsyncLLM": "loong_jax.async_llm",
-    "SamplingParams": "loong_jax.sampling_params",
+    "LLM": "loong_jax.entrypoints.llm",
+    "AsyncLLM": "loong_jax.entrypoints.async_llm",
+    "SamplingParams": "loong_jax.sampling.params",
 }
 
 

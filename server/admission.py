@@ -4,7 +4,7 @@ Data flow of `Admission.admit(request, running_ids)`:
   1. The request id: the client's (1-128 printable ASCII characters) or a fresh one.
   2. `SamplingParams` from the proto; a bad value raises INVALID_ARGUMENT naming the field (the
      engine's own validation is the single source of the ranges).
-  3. The prompt as token ids, checked by `loong_jax.prompts` as the Python API checks it (so both refuse
+  3. The prompt as token ids, checked by `loong_jax.entrypoints.prompts` as the Python API checks it (so both refuse
      the same prompts: empty text, ids or chat, ids outside the vocabulary, empty roles): text is tokenized
      (long texts off the event loop), chat messages go through the model's template. Before that, text
      and chat contents longer in bytes than `max_prompt_tokens` tokens can ever spell are refused
@@ -29,8 +29,8 @@ from typing import Container, Sequence
 
 import grpc
 
-from loong_jax import prompts
-from loong_jax.sampling_params import SamplingParams
+from loong_jax.entrypoints import prompts
+from loong_jax.sampling.params import SamplingParams
 from loong_jax.server.engine_port import EnginePort
 from loong_jax.server.generated import generation_pb2 as pb
 from loong_jax.server.wire import chat_messages_from_proto, sampling_from_proto

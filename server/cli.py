@@ -20,7 +20,7 @@ import asyncio
 import logging
 import sys
 
-from loong_jax.cli import add_engine_arguments, engine_kwargs_from_args
+from loong_jax.entrypoints.cli import add_engine_arguments, engine_kwargs_from_args
 from loong_jax.server.logging_setup import LOG_FORMATS, configure_logging  # the standard library only
 
 logger = logging.getLogger("loong_jax.server.cli")

@@ -26,10 +26,10 @@ import logging
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Sequence
 
-from loong_jax.async_llm import AsyncLLM, EngineDeadError
-from loong_jax.llm import format_description
-from loong_jax.outputs import RequestOutput
-from loong_jax.sampling_params import SamplingParams
+from loong_jax.entrypoints.async_llm import AsyncLLM, EngineDeadError
+from loong_jax.entrypoints.llm import format_description
+from loong_jax.engine.outputs import RequestOutput
+from loong_jax.sampling.params import SamplingParams
 from loong_jax.server.generated import generation_pb2 as pb
 from loong_jax.server.metrics import EngineSnapshot
 

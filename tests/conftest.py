@@ -7,3 +7,13 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
+
+# The engine's shared fixtures (a tiny checkpoint, its reference model, one LLM whose compiled programs
+# the engine, sampling and entry-point tests reuse), registered once for the whole suite.
+from tests.engine_fixtures import (  # noqa: E402,F401
+    checkpoint_dir,
+    compile_cache_dir,
+    reference,
+    reference_model,
+    shared_llm,
+)

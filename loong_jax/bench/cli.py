@@ -222,7 +222,7 @@ def bench_main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     check_args(parser, args)
-    from loong_jax.scheduler.cost_model import CostModel
+    from loong_jax.scheduler.cost.model import CostModel
     from loong_jax.server.client import LoongClient
 
     cost_model = CostModel.load_json(args.slo_cost_model) if args.slo_cost_model else None

@@ -30,7 +30,7 @@ from typing import Sequence
 
 import numpy as np
 
-from loong_jax.scheduler.cost_model import CostModel
+from loong_jax.scheduler.cost.model import CostModel
 from loong_jax.simulator.metrics import DEFAULT_SLO_SCALE, RequestRecord, isolated_latencies, summarize
 from loong_jax.simulator.workloads import RequestSpec
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
-from loong_jax.scheduler.estimates import decode_seconds
+from loong_jax.scheduler.cost.estimates import decode_seconds
 from loong_jax.scheduler.groups import covering_group, parent_group
 from loong_jax.scheduler.plan import DecodeBatch, Preemption
 from loong_jax.scheduler.view import RequestView, SchedulerView

@@ -21,12 +21,12 @@ DEFAULT_POLICY = "esp"
 
 # name -> (module, class); imported on first use so that importing the registry stays cheap.
 _POLICY_CLASSES = MappingProxyType({
-    "esp": ("loong_jax.scheduler.esp", "EspPolicy"),
-    "static-sp": ("loong_jax.scheduler.baselines", "StaticSpPolicy"),
-    "replicas": ("loong_jax.scheduler.baselines", "ReplicasPolicy"),
-    "chunked-prefill": ("loong_jax.scheduler.chunked_prefill", "ChunkedPrefillPolicy"),
-    "pd-disagg": ("loong_jax.scheduler.pd_disagg", "PdDisaggPolicy"),
-    "fixed": ("loong_jax.scheduler.fixed", "FixedPolicy"),
+    "esp": ("loong_jax.scheduler.esp.policy", "EspPolicy"),
+    "static-sp": ("loong_jax.scheduler.baselines.static", "StaticSpPolicy"),
+    "replicas": ("loong_jax.scheduler.baselines.static", "ReplicasPolicy"),
+    "chunked-prefill": ("loong_jax.scheduler.baselines.chunked_prefill", "ChunkedPrefillPolicy"),
+    "pd-disagg": ("loong_jax.scheduler.baselines.pd_disagg", "PdDisaggPolicy"),
+    "fixed": ("loong_jax.scheduler.baselines.fixed", "FixedPolicy"),
 })
 
 

@@ -78,7 +78,7 @@ class SchedulerView:
     waiting: tuple[RequestView, ...]  # FIFO: arrival order, preempted requests back in their place
     decoding: tuple[RequestView, ...]  # hold KV of their whole context but the newest token
     page_size: int
-    cost_model: object  # loong_jax.scheduler.cost_model.CostModel (or anything with its interface)
+    cost_model: object  # loong_jax.scheduler.cost.model.CostModel (or anything with its interface)
     now: float = 0.0
     prefilling: tuple[RequestView, ...] = ()  # part of the prompt computed (chunked prefill)
     ready_programs: frozenset | None = None  # {(kind, group, bucket)}; None = every program is ready

@@ -27,7 +27,7 @@ from typing import Sequence
 
 import numpy as np
 
-from loong_jax.scheduler.cost_model import DEFAULT_COST_MODEL_PATH, CostModel
+from loong_jax.scheduler.cost.model import DEFAULT_COST_MODEL_PATH, CostModel
 from loong_jax.scheduler.policy import policy_names
 from loong_jax.simulator.metrics import DEFAULT_ATTAINMENT_TARGET, DEFAULT_SLO_SCALE, isolated_latencies
 from loong_jax.simulator.report import ExperimentResult, PolicyResult, format_table, plot_experiment

@@ -27,7 +27,7 @@ from typing import Sequence
 
 import numpy as np
 
-from loong_jax.scheduler.cost_model import CostModel, isolated_latency
+from loong_jax.scheduler.cost.model import CostModel, isolated_latency
 from loong_jax.simulator.workloads import RequestSpec
 
 DEFAULT_SLO_SCALE = 25.0

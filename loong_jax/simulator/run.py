@@ -26,8 +26,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from loong_jax.engine_state import EngineState, make_state_for
-from loong_jax.scheduler.cost_model import CostModel
+from loong_jax.engine.state import EngineState, make_state_for
+from loong_jax.scheduler.cost.model import CostModel
 from loong_jax.scheduler.policy import Policy, make_policy
 from loong_jax.simulator.metrics import (
     DEFAULT_ATTAINMENT_TARGET,

@@ -26,8 +26,8 @@ import itertools
 from collections import Counter
 from typing import Hashable, Mapping
 
-from loong_jax.engine_state import BatchResult, EngineState
-from loong_jax.scheduler.cost_model import CostModel
+from loong_jax.engine.state import BatchResult, EngineState
+from loong_jax.scheduler.cost.model import CostModel
 from loong_jax.scheduler.plan import DecodeBatch, MigrationBatch, Plan, PrefillBatch, WorkUnit
 
 NEW_TOKEN_ID = 0  # the simulator produces no real tokens; every generated token is id 0

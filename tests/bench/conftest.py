@@ -10,7 +10,7 @@ from flax import nnx
 from tokenizers import Tokenizer as FastTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-from loong_jax.jax_executor import Buckets
+from loong_jax.executor.jax_executor import Buckets
 from loong_jax.models.config import ModelConfig
 from loong_jax.models.llama import init_model
 from loong_jax.models.loading import save_hf_checkpoint

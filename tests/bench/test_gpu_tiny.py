@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from loong_jax.scheduler.cost_model import CostModel
+from loong_jax.scheduler.cost.model import CostModel
 from tests.scripts import load_benchmark_script
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from loong_jax.bench.metrics import RequestResult, compute_metrics, meets_slos, parse_goodput
-from loong_jax.scheduler.cost_model import CostModel, DecodeCoefficients, PrefillCoefficients
+from loong_jax.scheduler.cost.model import CostModel, DecodeCoefficients, PrefillCoefficients
 
 
 def hand_made_run():

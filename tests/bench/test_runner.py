@@ -73,7 +73,7 @@ def test_runner_follows_the_send_times():
 
 @pytest.fixture(scope="module")
 def server_port(tiny_checkpoint, compile_cache):
-    from loong_jax.async_llm import AsyncLLM
+    from loong_jax.entrypoints.async_llm import AsyncLLM
     from loong_jax.server.app import GenerationServer, ServerOptions
     from loong_jax.server.engine_port import EnginePort
 

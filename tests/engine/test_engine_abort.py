@@ -8,10 +8,10 @@ import asyncio
 
 import pytest
 
-from loong_jax.outputs import RequestOutput
-from loong_jax.sampling_params import SamplingParams
-from tests.engine.conftest import KV_PAGES, PAGE_SIZE, TEST_BUCKETS, mixed_prompts
-from tests.engine.test_prompts import BAD_PROMPTS
+from loong_jax.engine.outputs import RequestOutput
+from loong_jax.sampling.params import SamplingParams
+from tests.engine_fixtures import KV_PAGES, PAGE_SIZE, TEST_BUCKETS, mixed_prompts
+from tests.entrypoints.test_prompts import BAD_PROMPTS
 
 LONG = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True)
 
@@ -65,7 +65,7 @@ def test_abort_frees_pages_within_one_step(shared_llm, reference):
 
 @pytest.fixture(scope="module")
 def async_llm(checkpoint_dir, compile_cache_dir):
-    from loong_jax.async_llm import AsyncLLM
+    from loong_jax.entrypoints.async_llm import AsyncLLM
 
     engine = AsyncLLM(checkpoint_dir, instances=1, page_size=PAGE_SIZE, kv_pages=KV_PAGES, policy="fixed",
                       prefill_degree=1, decode_degree=1, buckets=TEST_BUCKETS, warmup=False,

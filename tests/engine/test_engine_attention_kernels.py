@@ -4,14 +4,14 @@ equal the single-device reference loop's."""
 
 from __future__ import annotations
 
-from loong_jax.sampling_params import SamplingParams
-from tests.engine.conftest import KV_PAGES, PAGE_SIZE, TEST_BUCKETS, mixed_prompts
+from loong_jax.sampling.params import SamplingParams
+from tests.engine_fixtures import KV_PAGES, PAGE_SIZE, TEST_BUCKETS, mixed_prompts
 
 MAX_TOKENS = 4
 
 
 def test_interpreted_kernels_match_reference(checkpoint_dir, compile_cache_dir, reference, monkeypatch):
-    from loong_jax.llm import LLM
+    from loong_jax.entrypoints.llm import LLM
 
     monkeypatch.setenv("LOONG_JAX_ATTENTION", "interpret")
     llm = LLM(checkpoint_dir, page_size=PAGE_SIZE, kv_pages=KV_PAGES, policy="fixed", prefill_degree=2,

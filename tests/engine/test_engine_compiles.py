@@ -16,9 +16,9 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from loong_jax.program_cache import ProgramCache, ProgramKey
-from loong_jax.sampling_params import SamplingParams
-from tests.engine.conftest import mixed_prompts
+from loong_jax.executor.program_cache import ProgramCache, ProgramKey
+from loong_jax.sampling.params import SamplingParams
+from tests.engine_fixtures import mixed_prompts
 
 # JAX logs every compilation ("Compiling <name> ...") when jax_log_compiles is on.
 _COMPILING = re.compile(r"Compiling (\w+)")

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 
-from loong_jax.sampling_params import SamplingParams
-from tests.engine.conftest import mixed_prompts, record_plans
+from loong_jax.sampling.params import SamplingParams
+from tests.engine_fixtures import mixed_prompts, record_plans
 
 MAX_TOKENS = 8
 DEGREES = [(p, d) for p in (1, 2, 4, 8) for d in (1, 2, 4)]

@@ -9,16 +9,16 @@ from __future__ import annotations
 
 import pytest
 
-from loong_jax.outputs import RequestOutput
-from loong_jax.sampling_params import SamplingParams
-from tests.engine.conftest import PAGE_SIZE, TEST_BUCKETS, mixed_prompts, record_plans
+from loong_jax.engine.outputs import RequestOutput
+from loong_jax.sampling.params import SamplingParams
+from tests.engine_fixtures import PAGE_SIZE, TEST_BUCKETS, mixed_prompts, record_plans
 
 SCARCE_PAGES = 16  # 64 token slots per instance, 128 in the cluster, for ~10 requests of up to ~54 tokens
 
 
 @pytest.fixture(scope="module")
 def scarce_llm(checkpoint_dir, compile_cache_dir):
-    from loong_jax.llm import LLM
+    from loong_jax.entrypoints.llm import LLM
 
     # A small growth horizon admits optimistically, so decodes outgrow their masters (scale-up) and the
     # pages (preemption), and the queue makes consolidating a decode group worth a migration.

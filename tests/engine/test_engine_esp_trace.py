@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import pytest
 
-from loong_jax.sampling_params import SamplingParams
-from tests.engine.conftest import TEST_BUCKETS
+from loong_jax.sampling.params import SamplingParams
+from tests.engine_fixtures import TEST_BUCKETS
 from tests.scripts import load_benchmark_script
 
 
@@ -22,7 +22,7 @@ def trace_script():
 
 
 def test_esp_engine_run_shows_every_elastic_move(trace_script, checkpoint_dir, compile_cache_dir, reference):
-    from loong_jax.llm import LLM
+    from loong_jax.entrypoints.llm import LLM
 
     script = trace_script
     llm = LLM(checkpoint_dir, page_size=script.PAGE_SIZE, kv_pages=script.KV_PAGES, policy="esp",

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import math
 
-from loong_jax.sampling_params import SamplingParams
-from tests.engine.conftest import mixed_prompts
+from loong_jax.sampling.params import SamplingParams
+from tests.engine_fixtures import mixed_prompts
 
 MAX_TOKENS = 8
 

@@ -12,8 +12,8 @@ import pytest
 import transformers
 
 from loong_jax.models.demo import DEMO_MODEL_DIR
-from loong_jax.sampling_params import SamplingParams
-from tests.engine.conftest import PAGE_SIZE, TEST_BUCKETS, record_plans
+from loong_jax.sampling.params import SamplingParams
+from tests.engine_fixtures import PAGE_SIZE, TEST_BUCKETS, record_plans
 from tests.models.tiny_hf import build_hf_model, hf_greedy, save_hf_model
 
 MAX_TOKENS = 8
@@ -32,7 +32,7 @@ def checkpoint(request, checkpoint_dir, tmp_path_factory):
 
 
 def test_engine_matches_transformers(checkpoint, compile_cache_dir):
-    from loong_jax.llm import LLM
+    from loong_jax.entrypoints.llm import LLM
 
     folder, hf_model = checkpoint
     llm = LLM(folder, instances=2, page_size=PAGE_SIZE, kv_pages=64, policy="fixed", prefill_degree=2,

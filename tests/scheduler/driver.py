@@ -12,8 +12,8 @@ import heapq
 import itertools
 from dataclasses import dataclass, field
 
-from loong_jax.engine_state import BatchResult, EngineState
-from loong_jax.scheduler.estimates import unit_seconds
+from loong_jax.engine.state import BatchResult, EngineState
+from loong_jax.scheduler.cost.estimates import unit_seconds
 from loong_jax.scheduler.plan import DecodeBatch, MigrationBatch, PrefillBatch
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from loong_jax.scheduler.cost_model import CostModel, DecodeCoefficients, PrefillCoefficients
+from loong_jax.scheduler.cost.model import CostModel, DecodeCoefficients, PrefillCoefficients
 from loong_jax.scheduler.view import DECODING, WAITING, InstanceView, RequestView, SchedulerView
 
 PAGE = 16

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from loong_jax.scheduler.cost_model import (
+from loong_jax.scheduler.cost.model import (
     DEFAULT_COST_MODEL_PATH,
     CostModel,
     DecodeCoefficients,
@@ -21,7 +21,7 @@ from loong_jax.scheduler.cost_model import (
     sample_to_dict,
     save_cost_models,
 )
-from loong_jax.scheduler.roofline import HardwareCeilings, Roofline, TransformerShape, derive_cost_model, roofline_samples
+from loong_jax.scheduler.cost.roofline import HardwareCeilings, Roofline, TransformerShape, derive_cost_model, roofline_samples
 
 TRUE_PREFILL = {1: PrefillCoefficients(3e-3, 2.5e-5, 6e-10), 4: PrefillCoefficients(4.5e-3, 6.5e-6, 1.5e-10)}
 TRUE_DECODE = {1: DecodeCoefficients(5e-3, 1.2e-5, 1.7e-7), 4: DecodeCoefficients(5.6e-3, 1e-5, 4.4e-8)}

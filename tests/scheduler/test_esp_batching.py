@@ -7,7 +7,7 @@ import random
 import numpy as np
 import pytest
 
-from loong_jax.scheduler.esp_batching import plan_batches, split_points
+from loong_jax.scheduler.esp.batching import plan_batches, split_points
 from loong_jax.scheduler.groups import aligned_groups, capacity_by_threshold, free_blocks
 
 from tests.scheduler.helpers import synthetic_cost

@@ -5,10 +5,10 @@ head's reservation with backfill, evacuation of the reserved group's decodes, co
 
 import math
 
-from loong_jax.scheduler.esp import EspPolicy
-from loong_jax.scheduler.esp_dispatch import ClusterSnapshot
-from loong_jax.scheduler.esp_queue import OfferedLoad, deadline_order, reserve_for_head
-from loong_jax.scheduler.esp_scaling import place_request
+from loong_jax.scheduler.esp.policy import EspPolicy
+from loong_jax.scheduler.esp.dispatch import ClusterSnapshot
+from loong_jax.scheduler.esp.queue import OfferedLoad, deadline_order, reserve_for_head
+from loong_jax.scheduler.esp.scaling import place_request
 from loong_jax.scheduler.view import InstanceView, RequestView
 
 from tests.scheduler.helpers import decoding, view

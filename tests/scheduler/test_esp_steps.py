@@ -5,9 +5,9 @@ import json
 import random
 from collections import Counter
 
-from loong_jax.engine_state import BatchResult, EngineState
-from loong_jax.scheduler.esp import EspPolicy
-from loong_jax.scheduler.esp_dispatch import ClusterSnapshot, admit_fifo
+from loong_jax.engine.state import BatchResult, EngineState
+from loong_jax.scheduler.esp.policy import EspPolicy
+from loong_jax.scheduler.esp.dispatch import ClusterSnapshot, admit_fifo
 from loong_jax.scheduler.plan import Plan, PrefillBatch
 from loong_jax.scheduler.view import power_of_two_bucket
 

@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from loong_jax.engine_state import EngineState
+from loong_jax.engine.state import EngineState
 from loong_jax.scheduler.plan import Plan
 from loong_jax.scheduler.policy import Policy, make_policy, policy_names
 from loong_jax.scheduler.view import PREFILLING, RequestView

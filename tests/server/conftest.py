@@ -29,7 +29,7 @@ def loop_thread():
 
 @pytest.fixture(scope="session")
 def engine(model_dir):
-    from loong_jax.async_llm import AsyncLLM
+    from loong_jax.entrypoints.async_llm import AsyncLLM
 
     async_llm = AsyncLLM(model=str(model_dir), instances=ENGINE_INSTANCES, kv_pages=ENGINE_KV_PAGES,
                          progress=False)
@@ -47,7 +47,7 @@ def engine_port(engine, model_dir):
 @pytest.fixture(scope="session")
 def reference_llm(model_dir):
     """A second engine, on ONE instance: the streamed answers must equal its LLM.generate."""
-    from loong_jax.llm import LLM
+    from loong_jax.entrypoints.llm import LLM
 
     llm = LLM(model=str(model_dir), instances=1, kv_pages=ENGINE_KV_PAGES, progress=False)
     yield llm

@@ -1,5 +1,5 @@
 """Admission and the Python API refuse the same malformed and empty prompts (one shared validation,
-`loong_jax.prompts`): the server with INVALID_ARGUMENT, `LLM.prepare` with ValueError, both naming the
+`loong_jax.entrypoints.prompts`): the server with INVALID_ARGUMENT, `LLM.prepare` with ValueError, both naming the
 problem in the same words, and nothing reaches the engine."""
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ PROMPTS = ["Return the number of", "This module provides", "Create a new socket"
 def _start_server(model_dir) -> tuple[subprocess.Popen, str, queue.Queue]:
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(
-        [sys.executable, "-m", "loong_jax.cli", "serve", "--model", str(model_dir), "--host", "127.0.0.1",
+        [sys.executable, "-m", "loong_jax.entrypoints.cli", "serve", "--model", str(model_dir), "--host", "127.0.0.1",
          "--port", "0", "--kv-pages", "256", "--drain-timeout", "60", "--log-format", "json"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     stdout_lines: queue.Queue = queue.Queue()
@@ -47,7 +47,7 @@ def _start_server(model_dir) -> tuple[subprocess.Popen, str, queue.Queue]:
 
 
 def test_sigterm_drains_in_flight_requests_and_exits_zero(model_dir, reference_llm):
-    from loong_jax.sampling_params import SamplingParams
+    from loong_jax.sampling.params import SamplingParams
 
     expected = reference_llm.generate(PROMPTS, SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0,
                                                               ignore_eos=True), use_tqdm=False)

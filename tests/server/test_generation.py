@@ -11,7 +11,7 @@ import urllib.request
 import grpc
 import pytest
 
-from loong_jax.sampling_params import SamplingParams
+from loong_jax.sampling.params import SamplingParams
 from loong_jax.server.client import LoongClient
 from loong_jax.server.generated import generation_pb2 as pb
 from loong_jax.server.logging_setup import configure_logging

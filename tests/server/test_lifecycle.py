@@ -97,7 +97,7 @@ def test_drain_deadline_aborts_what_is_left(loop_thread, engine_port):
 
 
 def test_engine_death_ends_open_calls_with_internal_and_health_not_serving(loop_thread, model_dir):
-    from loong_jax.async_llm import AsyncLLM
+    from loong_jax.entrypoints.async_llm import AsyncLLM
 
     doomed = AsyncLLM(model=str(model_dir), instances=1, kv_pages=256, progress=False)
     handle = start_server(loop_thread, EnginePort.wrap(doomed, model_dir))

@@ -6,7 +6,7 @@ import asyncio
 
 import grpc
 
-from loong_jax.sampling_params import SamplingParams
+from loong_jax.sampling.params import SamplingParams
 from loong_jax.server.client import AsyncLoongClient
 from tests.server.harness import start_server, wait_pages_free, wait_until
 

@@ -14,7 +14,7 @@ from loong_jax.server.engine_port import EnginePort
 
 HELP_SCRIPT = """
 import sys
-from loong_jax.cli import main
+from loong_jax.entrypoints.cli import main
 for argv in (["--help"], ["serve", "--help"], ["generate", "--help"]):
     try:
         main(argv)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from loong_jax import cli
+from loong_jax.entrypoints import cli
 from loong_jax.server import regenerate_stubs
 from loong_jax.server.cli import serve_main
 from loong_jax.server.generated import generation_pb2 as pb

@@ -7,7 +7,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from loong_jax.scheduler.cost_model import CostModel
+from loong_jax.scheduler.cost.model import CostModel
 from loong_jax.scheduler.policy import policy_names
 from loong_jax.simulator.cli import simulate_main
 from loong_jax.simulator.run import PolicySpec, simulate

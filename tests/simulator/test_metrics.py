@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 
-from loong_jax.scheduler.cost_model import CostModel, DecodeCoefficients, PrefillCoefficients
+from loong_jax.scheduler.cost.model import CostModel, DecodeCoefficients, PrefillCoefficients
 from loong_jax.simulator.metrics import RequestRecord, isolated_latencies, slo_met, summarize
 from loong_jax.simulator.workloads import RequestSpec
 

@@ -4,8 +4,8 @@ import math
 
 import pytest
 
-from loong_jax.engine_state import EngineState
-from loong_jax.scheduler.cost_model import CostModel, DecodeCoefficients, PrefillCoefficients
+from loong_jax.engine.state import EngineState
+from loong_jax.scheduler.cost.model import CostModel, DecodeCoefficients, PrefillCoefficients
 from loong_jax.scheduler.plan import DecodeBatch, MigrationBatch, Migration, Plan, PrefillBatch
 from loong_jax.simulator.run import SchedulerStalled, search_max_rate, simulate
 from loong_jax.simulator.sim_executor import SimExecutor

@@ -1,0 +1,325 @@
+"""The engine loop: requests in, streamed outputs out, one scheduling event per `step()`.
+
+Data flow of `step()`:
+  1. plan = policy.schedule(view): the policy sees numbers only (free pages, queues, ready programs) and plans
+     work for the idle instances;
+  2. state.on_dispatched(plan): pages are taken (placements, masters, migrations), preempted requests go back
+     to waiting, and the plan's units become in flight;
+  3. executor.submit(plan): every unit is dispatched to its group asynchronously;
+  4. results = executor.wait_next(): the unit(s) that finish first come back with their sampled tokens;
+  5. the tokens are detokenized (stop strings, stop tokens, max_tokens decide which requests finish),
+     state.apply(result) frees the pages of finished requests, and the step returns the new output of every
+     request it touched (deltas: new token ids, text and logprobs, with the finish reason at the end).
+
+Requests are validated at the edge (`validate_request`): a bad prompt, bad sampling parameters or a
+request that could never fit the cluster's KV raises ValueError before anything is queued. A request with
+`n > 1` samples runs as n sequences (one engine request each, own random stream) gathered into one output.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+import logging
+import time
+from typing import Sequence
+
+from loong_jax.sampling.detokenizer import SequenceDetokenizer
+from loong_jax.engine.state import BatchResult, EngineState
+from loong_jax.executor.jax_executor import JaxExecutor, UnitResult
+from loong_jax.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from loong_jax.sampling.batch import SamplingRow
+from loong_jax.sampling.params import SamplingParams
+from loong_jax.scheduler.plan import Plan
+from loong_jax.scheduler.view import FINISHED
+
+logger = logging.getLogger(__name__)
+
+
+class LogicalClock:
+    """A clock that advances one millisecond per reading: with an executor returning units in dispatch
+    order, every scheduling decision (and so the whole run) is reproducible. Timings become step counts."""
+
+    def __init__(self, tick: float = 1e-3):
+        self._tick = tick
+        self._readings = itertools.count(1)
+
+    def __call__(self) -> float:
+        return next(self._readings) * self._tick
+
+
+class SchedulerStalled(RuntimeError):
+    """Requests wait, nothing runs and the policy plans nothing: a policy bug, reported instead of hanging."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PreparedRequest:
+    """A validated request, ready to be queued."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: tuple[int, ...]
+    params: SamplingParams
+
+
+@dataclasses.dataclass
+class _Sequence:
+    """One sample of a request: one engine (scheduler) request with its own detokenizer."""
+
+    engine_id: int
+    request: "_Request"
+    index: int
+    detokenizer: SequenceDetokenizer
+
+
+@dataclasses.dataclass
+class _Request:
+    prepared: PreparedRequest
+    metrics: RequestMetrics
+    sequences: list[_Sequence] = dataclasses.field(default_factory=list)
+
+    @property
+    def finished(self) -> bool:
+        return all(sequence.detokenizer.finished for sequence in self.sequences)
+
+
+class Engine:
+    def __init__(self, executor: JaxExecutor, tokenizer, policy, cost_model, *, max_context: int,
+                 request_token_limit=None, clock=time.monotonic, compile_aware: bool = True):
+        """`request_token_limit(pages_per_instance)` -> (longest prompt, largest peak KV) the policy can
+        serve; default: the whole cluster's KV. `compile_aware`: the policy is told which programs are
+        compiled and what a compilation costs (off for reproducible runs: compile times vary)."""
+        self.executor = executor
+        self.tokenizer = tokenizer
+        self.policy = policy
+        self.cost_model = cost_model
+        self.max_context = max_context
+        self.clock = clock
+        self.vocab_size = executor.config.vocab_size
+        self.eos_token_ids = tuple(getattr(tokenizer, "eos_token_ids", ()) or ())
+        self.state = EngineState(executor.num_instances, executor.pool_shape.pages, executor.page_size)
+        executor.bind(self.state, self)
+        self._request_token_limit = request_token_limit
+        self.compile_aware = compile_aware
+        self._requests: dict[str, _Request] = {}
+        self._sequences: dict[int, _Sequence] = {}
+        self._engine_ids = itertools.count()
+        self._deltas: dict[str, tuple[_Request, dict[int, CompletionOutput]]] = {}  # not yet emitted
+        self._ready_programs = (None, frozenset())  # (compile count it was computed at, keys)
+        # DoP -> batches dispatched, per phase (the server's Prometheus histograms read these)
+        self.dop_counts: dict[str, collections.Counter] = {"prefill": collections.Counter(),
+                                                           "decode": collections.Counter()}
+
+    # -- requests -------------------------------------------------------------------------------------------------
+    def token_limits(self) -> tuple[int, int]:
+        """(longest prompt, largest prompt + max_tokens - 1) in tokens that can ever be served here."""
+        capacity = self.state.capacity_tokens
+        if self._request_token_limit is None:
+            return capacity, capacity
+        longest_prompt, largest_peak = self._request_token_limit(self.executor.pool_shape.pages)
+        return min(longest_prompt, capacity), min(largest_peak, capacity)
+
+    def validate_request(self, request_id: str, prompt_token_ids: Sequence[int],
+                         params: SamplingParams | dict | None = None, prompt: str | None = None) -> PreparedRequest:
+        """Checks one request without queueing it; raises ValueError naming the problem."""
+        if params is None:
+            params = SamplingParams()
+        elif isinstance(params, dict):
+            params = SamplingParams.from_dict(params)
+        elif not isinstance(params, SamplingParams):
+            raise ValueError(f"sampling params must be a SamplingParams or a dict, got {type(params).__name__}")
+        params.check_vocab(self.vocab_size)
+        if not isinstance(request_id, str) or not request_id:
+            raise ValueError(f"request_id must be a non-empty string, got {request_id!r}")
+        if request_id in self._requests:
+            raise ValueError(f"request id {request_id!r} is already running")
+        ids = list(prompt_token_ids)
+        if not ids:
+            raise ValueError("the prompt is empty: give at least one token")
+        for position, token in enumerate(ids):
+            if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < self.vocab_size:
+                raise ValueError(f"prompt token {position} is {token!r}, not a token id in [0, {self.vocab_size - 1}]")
+        if len(ids) >= self.max_context:
+            raise ValueError(f"prompt of {len(ids)} tokens does not fit the model's context of {self.max_context} "
+                             "tokens (at least one token must be generated)")
+        max_tokens = params.max_tokens
+        if len(ids) + max_tokens > self.max_context:  # the server's rule too: refuse, never shorten silently
+            raise ValueError(f"prompt of {len(ids)} tokens + max_tokens {max_tokens} exceeds the model's context "
+                             f"length ({self.max_context}); lower max_tokens to at most "
+                             f"{self.max_context - len(ids)} or shorten the prompt")
+        longest_prompt, largest_peak = self.token_limits()
+        if len(ids) > longest_prompt:
+            raise ValueError(f"prompt of {len(ids)} tokens can never fit: this engine holds at most "
+                             f"{longest_prompt} prompt tokens of KV for one request (raise kv_pages or use more "
+                             "instances)")
+        peak = len(ids) + max_tokens - 1
+        if peak > largest_peak:
+            raise ValueError(f"request needs KV for {peak} tokens (prompt {len(ids)} + max_tokens {max_tokens} - 1) "
+                             f"but at most {largest_peak} fit for one request; lower max_tokens, shorten the "
+                             "prompt, raise kv_pages or use more instances")
+        return PreparedRequest(request_id, prompt, tuple(ids), params)
+
+    def add_request(self, request: PreparedRequest, arrival: float | None = None) -> None:
+        """Queue a validated request (`validate_request`)."""
+        if request.request_id in self._requests:
+            raise ValueError(f"request id {request.request_id!r} is already running")
+        now = self.clock() if arrival is None else arrival
+        record = _Request(request, RequestMetrics(arrival_time=now))
+        for index in range(request.params.n):
+            engine_id = next(self._engine_ids)
+            detokenizer = SequenceDetokenizer(self.tokenizer, request.params, request.prompt_token_ids,
+                                              self.eos_token_ids, index=index)
+            sequence = _Sequence(engine_id, record, index, detokenizer)
+            self.state.add_request(engine_id, len(request.prompt_token_ids), request.params.max_tokens, arrival=now)
+            record.sequences.append(sequence)
+            self._sequences[engine_id] = sequence
+        self._requests[request.request_id] = record
+
+    def abort(self, request_id: str) -> bool:
+        """Cancel a request: its pages are freed now, or when the unit it is part of returns (within one
+        step). Its final output (finish_reason "abort") comes with the next step."""
+        record = self._requests.get(request_id)
+        if record is None:
+            return False
+        for sequence in record.sequences:
+            self.state.abort(sequence.engine_id, self.clock())
+            self._finish_if_done(sequence)
+        return True
+
+    def is_running(self, request_id: str) -> bool:
+        """Queued or running (not finished, not aborted to the end)."""
+        return request_id in self._requests
+
+    def was_scheduled(self, request_id: str) -> bool:
+        """Running and scheduled at least once (its prefill has begun): no longer waiting in the queue."""
+        record = self._requests.get(request_id)
+        return record is not None and record.metrics.first_scheduled_time is not None
+
+    def pages_held(self, request_id: str) -> int:
+        """KV pages the request holds right now, over all instances and samples (0 once it is finished)."""
+        record = self._requests.get(request_id)
+        if record is None:
+            return 0
+        allocator = self.state.allocator
+        return sum(len(allocator.page_table(sequence.engine_id, instance))
+                   for sequence in record.sequences if allocator.has_request(sequence.engine_id)
+                   for instance in allocator.kv_layout(sequence.engine_id))
+
+    def has_unfinished(self) -> bool:
+        return bool(self._requests) or bool(self._deltas)
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self._requests)
+
+    # -- RequestSource (what the executor reads) -------------------------------------------------------------
+    def token_ids(self, engine_id: int) -> list[int]:
+        sequence = self._sequences[engine_id]
+        return list(sequence.request.prepared.prompt_token_ids) + self.state.requests[engine_id].generated
+
+    def sampling_row(self, engine_id: int) -> SamplingRow:
+        sequence = self._sequences[engine_id]
+        prepared = sequence.request.prepared
+        return SamplingRow(prepared.params, prepared.prompt_token_ids, self.state.requests[engine_id].generated,
+                           sample_index=sequence.index)
+
+    # -- the loop -------------------------------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """One scheduling event (see the module docstring); returns the outputs it produced (deltas)."""
+        plan = self.policy.schedule(self._view())
+        self.state.on_dispatched(plan, self.clock())
+        self._note_dispatched(plan)
+        self.executor.submit(plan)
+        stalled = plan.is_empty and not self.executor.in_flight and self.state.has_unfinished()
+        for result in self.executor.wait_next():
+            self._apply(result)
+        if stalled and not self._deltas:
+            raise SchedulerStalled(f"policy {getattr(self.policy, 'name', self.policy)!r} planned nothing while "
+                                   f"{len(self.state.waiting)} requests wait and nothing runs")
+        return self.take_outputs()
+
+    def take_outputs(self) -> list[RequestOutput]:
+        """The delta output of every request that changed since the last call, in the order they changed."""
+        outputs = []
+        for request_id, (record, deltas) in self._deltas.items():
+            outputs.append(RequestOutput(
+                request_id=request_id, prompt=record.prepared.prompt,
+                prompt_token_ids=list(record.prepared.prompt_token_ids),
+                outputs=[deltas[index] for index in sorted(deltas)], finished=record.finished,
+                metrics=record.metrics, delta=True))
+        self._deltas = {}
+        return outputs
+
+    def _view(self):
+        if not self.compile_aware:
+            return self.state.view(self.cost_model, self.clock())
+        stats = self.executor.programs.stats
+        if self._ready_programs[0] != stats.compiles:
+            self._ready_programs = (stats.compiles, self.executor.ready_programs())
+        compile_cost = stats.compile_seconds / stats.compiles if stats.compiles else 30.0
+        return self.state.view(self.cost_model, self.clock(), ready_programs=self._ready_programs[1],
+                               compile_cost_s=compile_cost)
+
+    def _note_dispatched(self, plan: Plan) -> None:
+        now = self.clock()
+        for batch in plan.decodes:
+            self.dop_counts["decode"][len(batch.group)] += 1
+        fused = [d.fused_prefill for d in plan.decodes if d.fused_prefill is not None]
+        for batch in list(plan.prefills) + fused:
+            self.dop_counts["prefill"][len(batch.group)] += 1
+            for engine_id in batch.request_ids:
+                self._sequences[engine_id].request.metrics.record_scheduled(now)
+        for engine_id in plan.rejections:  # policies reject only what validation could not foresee
+            logger.warning("policy %s rejected request %r: it can never fit the groups it uses",
+                           getattr(self.policy, "name", "?"), self._sequences[engine_id].request.prepared.request_id)
+            self._finish_if_done(self._sequences[engine_id])
+
+    def _apply(self, result: UnitResult) -> None:
+        finished = set()
+        requests, sequences, all_logprobs = self.state.requests, self._sequences, result.logprobs
+        for engine_id, token in result.new_tokens.items():
+            if requests[engine_id].aborted:
+                continue  # its unit was running when it was aborted; the token is dropped
+            sequence = sequences[engine_id]
+            detokenizer, logprobs = sequence.detokenizer, all_logprobs.get(engine_id)
+            self._record(sequence, detokenizer.update((token,), None if logprobs is None else (logprobs,)))
+            sequence.request.metrics.record_token(result.finish_time)
+            if detokenizer.finished:
+                finished.add(engine_id)
+        self.state.apply(BatchResult(result.unit, result.new_tokens, frozenset(finished), result.finish_time))
+        fused = getattr(result.unit, "fused_prefill", None)
+        for engine_id in result.unit.request_ids + (fused.request_ids if fused is not None else ()):
+            request = requests.get(engine_id)
+            if request is not None and request.status == FINISHED:  # the common case (running) skips the call
+                self._finish_if_done(sequences[engine_id])
+
+    def _finish_if_done(self, sequence: _Sequence) -> None:
+        """Once the state has finished a sequence (stop, length, abort, rejection), close its records."""
+        state = self.state.requests.get(sequence.engine_id)
+        if state is None or state.status != FINISHED:
+            return
+        if not sequence.detokenizer.finished:  # aborted or rejected: the detokenizer did not end it
+            self._record(sequence, sequence.detokenizer.abort())
+        self.state.forget(sequence.engine_id)
+        del self._sequences[sequence.engine_id]
+        record = sequence.request
+        if record.finished and self._requests.get(record.prepared.request_id) is record:
+            del self._requests[record.prepared.request_id]
+            record.metrics.record_finished(self.clock())
+
+    def _record(self, sequence: _Sequence, delta: CompletionOutput) -> None:
+        record = sequence.request
+        _, deltas = self._deltas.setdefault(record.prepared.request_id, (record, {}))
+        earlier = deltas.get(sequence.index)
+        deltas[sequence.index] = delta if earlier is None else earlier.merged(delta)
+
+    # -- introspection --------------------------------------------------------------------------------------------
+    def stats(self) -> dict:
+        """Engine counters: elastic moves (state), units run (executor), program cache statistics."""
+        return {**self.state.counters, **{f"units_{k}": v for k, v in self.executor.counters.items()},
+                **{f"programs_{k}": v for k, v in self.executor.programs.stats.as_dict().items()}}
+
+    def check_all_free(self) -> None:
+        """Every page of every instance is free (nothing running): what tests assert after a workload."""
+        self.state.allocator.assert_all_free()

@@ -1,0 +1,397 @@
+"""Engine state on the host: requests, queues, busy instances and the KV page allocator.
+
+The engine loop is event driven (programs on disjoint groups run side by side):
+  1. `add_request(...)` validates and queues a request (FIFO); one that can never fit the cluster's KV is
+     rejected here with a ValueError.
+  2. `view(cost_model, now)` hands the policy a `SchedulerView`; the policy returns a `Plan` for idle instances.
+  3. `on_dispatched(plan, now)` checks the plan (idle, disjoint instances; pages available; requests in the
+     right phase) and applies its page accounting in order: rejections, preemptions (recompute: KV freed,
+     request back to waiting with its generated tokens kept), migrations (destination pages taken, source
+     pages held until done), prefills (pages per placement), decodes (one slot on each master). The units'
+     instances and requests are now in flight.
+  4. `apply(BatchResult)` when a unit finishes: its instances become idle, new tokens are recorded, prefills
+     that reached the end of their prompt start decoding, finished or aborted requests free their pages.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass, field
+from typing import Hashable
+
+from loong_jax.engine.kv_allocator import KVAllocator, MigrationTicket
+from loong_jax.scheduler.plan import DecodeBatch, MigrationBatch, Plan, PrefillBatch, WorkUnit
+from loong_jax.scheduler.view import (
+    DECODING, FINISHED, PREFILLING, WAITING, InstanceView, RequestView, SchedulerView,
+)
+
+RequestId = Hashable
+
+
+class PlanError(ValueError):
+    """A policy produced a plan the state cannot carry out (a policy bug, never a user error)."""
+
+
+@dataclass(slots=True, eq=False)
+class RequestState(RequestView):
+    """A request's live record: the numbers of its `RequestView` plus tokens and timings."""
+
+    generated: list[int] = field(default_factory=list)
+    first_scheduled_time: float | None = None
+    first_token_time: float | None = None
+    finish_time: float | None = None
+    finish_reason: str | None = None  # "finished", "abort", "rejected"
+    num_preemptions: int = 0
+    aborted: bool = False  # abort asked while in flight: pages freed when its unit comes back
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """What a finished unit reports. `new_tokens` has one token per request that produced one (every decode
+    request, and prefill requests whose chunk reached the end of the prompt); `finished` names requests the
+    engine decided are done (length, stop) after this step."""
+
+    batch: WorkUnit
+    new_tokens: dict = field(default_factory=dict)
+    finished: frozenset = frozenset()
+    finish_time: float = 0.0
+
+
+@dataclass
+class _InFlight:
+    unit: WorkUnit
+    dispatched_at: float
+    tickets: list[MigrationTicket] = field(default_factory=list)
+
+
+class EngineState:
+    def __init__(self, num_instances: int, pages_per_instance: int | list[int], page_size: int):
+        self.allocator = KVAllocator(pages_per_instance, page_size, num_instances)
+        self.num_instances = self.allocator.num_instances
+        self.page_size = page_size
+        self.requests: dict[RequestId, RequestState] = {}
+        self._waiting: list[RequestState] = []  # sorted by seq
+        self.prefilling: dict[RequestId, RequestState] = {}
+        self.decoding: dict[RequestId, RequestState] = {}
+        self.finished: dict[RequestId, RequestState] = {}
+        self._busy: list[WorkUnit | None] = [None] * self.num_instances
+        self._busy_until = [0.0] * self.num_instances
+        self._in_flight: dict[WorkUnit, _InFlight] = {}
+        self._next_seq = 0
+        self.counters = {"preemptions": 0, "migrations": 0, "scale_ups": 0, "scale_downs": 0, "rejections": 0}
+
+    # -- requests -----------------------------------------------------------------------------------------------
+    @property
+    def capacity_tokens(self) -> int:
+        return self.allocator.total_pages * self.page_size
+
+    def add_request(self, request_id: RequestId, prompt_len: int, max_new_tokens: int | None = None,
+                    arrival: float = 0.0) -> RequestState:
+        if request_id in self.requests:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if prompt_len < 1:
+            raise ValueError(f"prompt_len must be >= 1, got {prompt_len}")
+        if max_new_tokens is not None and max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        # KV holds every token but the last generated one.
+        peak_tokens = prompt_len + (max_new_tokens or 1) - 1
+        if peak_tokens > self.capacity_tokens:
+            raise ValueError(
+                f"request {request_id!r} needs KV for {peak_tokens} tokens (prompt {prompt_len} + max_new_tokens "
+                f"{max_new_tokens} - 1) but the whole cluster holds {self.capacity_tokens} tokens "
+                f"({self.num_instances} instances x {self.allocator.total_pages // self.num_instances} pages x "
+                f"{self.page_size}); shorten the prompt or lower max_new_tokens"
+            )
+        request = RequestState(request_id=request_id, seq=self._next_seq, arrival=arrival, prompt_len=prompt_len,
+                               max_new_tokens=max_new_tokens)
+        self._next_seq += 1
+        self.requests[request_id] = request
+        self._waiting.append(request)
+        return request
+
+    @property
+    def waiting(self) -> tuple[RequestState, ...]:
+        return tuple(self._waiting)
+
+    def has_unfinished(self) -> bool:
+        return bool(self._waiting or self.prefilling or self.decoding)
+
+    def abort(self, request_id: RequestId, now: float = 0.0) -> bool:
+        """Finish a request as aborted; pages are freed now, or when its running unit returns."""
+        request = self.requests.get(request_id)
+        if request is None or request.status == FINISHED:
+            return False
+        if request.in_flight:
+            request.aborted = True
+            return True
+        self._finish(request, "abort", now)
+        return True
+
+    def forget(self, request_id: RequestId) -> None:
+        """Drop a finished request's record (a long-running engine would otherwise keep every one)."""
+        request = self.requests.get(request_id)
+        if request is None or request.status != FINISHED:
+            raise ValueError(f"only finished requests can be forgotten, {request_id!r} is "
+                             f"{'unknown' if request is None else request.status}")
+        del self.requests[request_id]
+        self.finished.pop(request_id, None)
+
+    # -- what the policy sees -----------------------------------------------------------------------------------
+    def view(self, cost_model, now: float = 0.0, **options) -> SchedulerView:
+        instances = tuple(
+            InstanceView(i, self.allocator.num_pages(i), self.allocator.pages_free(i), self._busy[i] is not None,
+                         self._busy_until[i])
+            for i in range(self.num_instances)
+        )
+        return SchedulerView(
+            instances=instances, waiting=tuple(self._waiting), decoding=tuple(self.decoding.values()),
+            prefilling=tuple(self.prefilling.values()), page_size=self.page_size, cost_model=cost_model, now=now,
+            **options,
+        )
+
+    def is_busy(self, instance: int) -> bool:
+        return self._busy[instance] is not None
+
+    def in_flight_units(self) -> list[WorkUnit]:
+        return list(self._in_flight)
+
+    def migration_tickets(self, unit: MigrationBatch) -> list[MigrationTicket]:
+        """Source/destination page tables of a dispatched migration unit (what the executor copies)."""
+        return list(self._in_flight[unit].tickets)
+
+    # -- dispatch -----------------------------------------------------------------------------------------------
+    def on_dispatched(self, plan: Plan, now: float = 0.0) -> list[WorkUnit]:
+        """Check the plan, apply its accounting, mark its units in flight; returns the units to execute."""
+        units = list(plan.work_units())
+        self._validate(plan, units)
+        for request_id in plan.rejections:
+            self.counters["rejections"] += 1
+            self._finish(self.requests[request_id], "rejected", now)
+        for preemption in plan.preemptions:
+            self._preempt(self.requests[preemption.request_id])
+        for unit in units:
+            record = _InFlight(unit, now)
+            if isinstance(unit, MigrationBatch):
+                for move in unit.migrations:
+                    request = self.requests[move.request_id]
+                    record.tickets.append(self.allocator.begin_migration(move.request_id, move.src_instance,
+                                                                         move.dst_instance))
+                    if request.master == move.src_instance:
+                        request.master = move.dst_instance
+                    request.kv = self.allocator.kv_layout(move.request_id)
+                    request.in_flight = True
+                    self.counters["migrations"] += 1
+            elif isinstance(unit, PrefillBatch):
+                self._dispatch_prefill(unit, now)
+            else:
+                if unit.fused_prefill is not None:
+                    self._dispatch_prefill(unit.fused_prefill, now)
+                for request_id, master in zip(unit.request_ids, unit.masters):
+                    request = self.requests[request_id]
+                    if master not in request.kv:
+                        self.counters["scale_ups"] += 1
+                    self.allocator.allocate(request_id, master, 1)
+                    request.kv[master] = request.kv.get(master, 0) + 1
+                    request.master = master
+                    request.in_flight = True
+            for instance in unit.group:
+                self._busy[instance] = unit
+                self._busy_until[instance] = now + unit.estimated_s
+            self._in_flight[unit] = record
+        return units
+
+    def _dispatch_prefill(self, batch: PrefillBatch, now: float) -> None:
+        if batch.leaving_instances:
+            self.counters["scale_downs"] += 1
+        for request_id, (start, _), segments in zip(batch.request_ids, batch.chunks, batch.placement):
+            request = self.requests[request_id]
+            if request.status == WAITING:
+                self._remove_waiting(request)
+                request.status = PREFILLING
+                self.prefilling[request_id] = request
+            if request.first_scheduled_time is None:
+                request.first_scheduled_time = now
+            position = start
+            for instance, n_tokens in segments:
+                self.allocator.allocate(request_id, instance, n_tokens, start_position=position)
+                position += n_tokens
+            request.kv = self.allocator.kv_layout(request_id)
+            request.master = segments[-1][0]
+            request.in_flight = True
+
+    def _validate(self, plan: Plan, units: list[WorkUnit]) -> None:
+        owner: dict[int, WorkUnit] = {}
+        for unit in units:
+            if not unit.request_ids and not (isinstance(unit, DecodeBatch) and unit.fused_prefill):
+                raise PlanError(f"empty unit {unit}")
+            for instance in unit.group:
+                if not 0 <= instance < self.num_instances:
+                    raise PlanError(f"instance {instance} does not exist ({self.num_instances} instances)")
+                if self._busy[instance] is not None:
+                    raise PlanError(f"instance {instance} is busy but the plan uses it in {type(unit).__name__}")
+                if instance in owner:
+                    raise PlanError(f"instance {instance} is in two units of one plan")
+                owner[instance] = unit
+        seen: set = set()
+
+        def claim(request_id, allowed: tuple[str, ...], what: str) -> RequestState:
+            request = self.requests.get(request_id)
+            if request is None:
+                raise PlanError(f"{what}: unknown request {request_id!r}")
+            if request_id in seen:
+                raise PlanError(f"{what}: request {request_id!r} appears twice in the plan")
+            if request.in_flight:
+                raise PlanError(f"{what}: request {request_id!r} is already in flight")
+            if request.status not in allowed:
+                raise PlanError(f"{what}: request {request_id!r} is {request.status}, expected {allowed}")
+            seen.add(request_id)
+            return request
+
+        freed = [0] * self.num_instances
+        for request_id in plan.rejections:
+            claim(request_id, (WAITING,), "rejection")
+        for preemption in plan.preemptions:
+            claim(preemption.request_id, (PREFILLING, DECODING), "preemption")
+            for instance, pages in self.allocator.exclusive_pages(preemption.request_id).items():
+                freed[instance] += pages
+        demand: dict[tuple, int] = {}  # (request, instance) -> tokens appended there by this plan
+
+        def check_prefill(batch: PrefillBatch) -> None:
+            for request_id, (start, length), segments in zip(batch.request_ids, batch.chunks, batch.placement):
+                request = claim(request_id, (WAITING, PREFILLING), "prefill")
+                if start != request.num_computed:
+                    raise PlanError(f"prefill of {request_id!r} starts at {start} but {request.num_computed} tokens are computed")
+                if start + length > request.prefill_target:
+                    raise PlanError(f"prefill of {request_id!r} runs to {start + length} > prompt {request.prefill_target}")
+                for instance, n_tokens in segments:
+                    demand[(request_id, instance)] = demand.get((request_id, instance), 0) + n_tokens
+
+        for unit in units:
+            if isinstance(unit, MigrationBatch):
+                for move in unit.migrations:
+                    request = claim(move.request_id, (PREFILLING, DECODING), "migration")
+                    held = request.kv.get(move.src_instance, 0)
+                    if held != move.n_tokens:
+                        raise PlanError(f"migration of {move.request_id!r} moves {move.n_tokens} tokens from "
+                                        f"{move.src_instance} which holds {held} (a migration moves a whole share)")
+                    key = (move.request_id, move.dst_instance)
+                    demand[key] = demand.get(key, 0) + move.n_tokens
+            elif isinstance(unit, PrefillBatch):
+                check_prefill(unit)
+            else:
+                if unit.fused_prefill is not None:
+                    check_prefill(unit.fused_prefill)
+                group = set(unit.group)
+                for request_id, master in zip(unit.request_ids, unit.masters):
+                    request = claim(request_id, (DECODING,), "decode")
+                    if not group.issuperset(request.kv):
+                        raise PlanError(f"decode of {request_id!r}: KV on {sorted(request.kv)} not inside group {unit.group}")
+                    demand[(request_id, master)] = demand.get((request_id, master), 0) + 1
+        needed = [0] * self.num_instances
+        for (request_id, instance), n_tokens in demand.items():
+            needed[instance] += self.allocator.pages_needed(request_id, instance, n_tokens)
+        for instance in range(self.num_instances):
+            available = self.allocator.pages_free(instance) + freed[instance]
+            if needed[instance] > available:
+                raise PlanError(f"instance {instance}: plan needs {needed[instance]} pages, {available} available")
+
+    # -- results ------------------------------------------------------------------------------------------------
+    def apply(self, result: BatchResult) -> list[RequestState]:
+        """Record a finished unit; returns the requests that finished with it (including aborted ones)."""
+        record = self._in_flight.pop(result.batch, None)
+        if record is None:
+            raise PlanError(f"result for a unit that is not in flight: {result.batch}")
+        unit = record.unit
+        for instance in unit.group:
+            self._busy[instance] = None
+        now = result.finish_time
+        touched: list[RequestState] = []
+        if isinstance(unit, MigrationBatch):
+            for ticket in record.tickets:
+                self.allocator.finish_migration(ticket)
+            touched = [self.requests[r] for r in unit.request_ids]
+        else:
+            prefill = unit if isinstance(unit, PrefillBatch) else unit.fused_prefill
+            if prefill is not None:
+                for request_id, (start, length) in zip(prefill.request_ids, prefill.chunks):
+                    request = self.requests[request_id]
+                    touched.append(request)
+                    if start + length == request.prefill_target and not request.aborted:
+                        self._take_token(request, result, now)
+                        del self.prefilling[request_id]
+                        request.status = DECODING
+                        self.decoding[request_id] = request
+            if isinstance(unit, DecodeBatch):
+                for request_id in unit.request_ids:
+                    request = self.requests[request_id]
+                    touched.append(request)
+                    if not request.aborted:
+                        self._take_token(request, result, now)
+        done: list[RequestState] = []
+        for request in touched:
+            request.in_flight = False
+            if request.aborted:
+                self._finish(request, "abort", now)
+                done.append(request)
+            elif request.request_id in result.finished:
+                self._finish(request, "finished", now)
+                done.append(request)
+        return done
+
+    def _take_token(self, request: RequestState, result: BatchResult, now: float) -> None:
+        try:
+            token = result.new_tokens[request.request_id]
+        except KeyError:
+            raise PlanError(f"result of {type(result.batch).__name__} lacks a token for {request.request_id!r}") from None
+        request.generated.append(int(token))
+        request.num_generated += 1
+        if request.first_token_time is None:
+            request.first_token_time = now
+
+    # -- state changes --------------------------------------------------------------------------------------------
+    def _remove_waiting(self, request: RequestState) -> None:
+        index = bisect.bisect_left(self._waiting, request.seq, key=lambda r: r.seq)
+        if index >= len(self._waiting) or self._waiting[index] is not request:
+            raise PlanError(f"request {request.request_id!r} is not waiting")
+        del self._waiting[index]
+
+    def _preempt(self, request: RequestState) -> None:
+        self.allocator.free_request(request.request_id)
+        self.prefilling.pop(request.request_id, None)
+        self.decoding.pop(request.request_id, None)
+        request.kv = {}
+        request.master = None
+        request.status = WAITING
+        request.num_preemptions += 1
+        self.counters["preemptions"] += 1
+        bisect.insort(self._waiting, request, key=lambda r: r.seq)
+
+    def _finish(self, request: RequestState, reason: str, now: float) -> None:
+        self.allocator.free_request(request.request_id)
+        if request.status == WAITING:
+            self._remove_waiting(request)
+        self.prefilling.pop(request.request_id, None)
+        self.decoding.pop(request.request_id, None)
+        request.kv = {}
+        request.status = FINISHED
+        request.finish_reason = reason
+        request.finish_time = now
+        self.finished[request.request_id] = request
+
+    def check_invariants(self) -> None:
+        """Cross-check the request records against the allocator (tests call this after every step)."""
+        self.allocator.check_invariants()
+        for request_id, request in self.requests.items():
+            layout = self.allocator.kv_layout(request_id)
+            assert request.kv == layout, f"{request_id!r}: view kv {request.kv} != allocator {layout}"
+            if request.status in (WAITING, FINISHED):
+                assert not layout, f"{request_id!r} is {request.status} but holds KV"
+            if request.status == DECODING and not request.in_flight:
+                assert request.num_computed == request.context_len - 1, f"{request_id!r}: decode KV count"
+        units = {u for u in self._busy if u is not None}
+        assert units == set(self._in_flight), "busy instances and in-flight units disagree"
+
+
+def make_state_for(cost_model, num_instances: int) -> EngineState:
+    """An EngineState with the KV geometry the cost model describes (same capacity for every policy)."""
+    return EngineState(num_instances, cost_model.pages_per_instance, cost_model.page_size)

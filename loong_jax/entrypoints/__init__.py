@@ -1,0 +1,1 @@
+"""What users call: `LLM`, `AsyncLLM`, the `loong-jax` command line, batch evaluation and profiling."""

@@ -1,0 +1,1 @@
+"""Sampling: parameters, the packed per-row batch, the jitted sampler, stop strings and detokenization."""

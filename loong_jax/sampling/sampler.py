@@ -1,0 +1,204 @@
+"""Device side of sampling: batched logits in, next tokens (and logprobs) out.
+
+Data flow of `sample_logits(logits, batch)` (all rows at once, each with its
+own parameters from a `SamplingBatch`; vLLM's order of operations):
+  1. Raw logprobs = log_softmax(logits) when logprobs are asked for (vLLM's
+     default "raw_logprobs": what the model said, before any processing).
+  2. Penalties (skipped at run time by `lax.cond` when no row uses them):
+     repetition_penalty on tokens seen in prompt or output (divide positive
+     logits, multiply negative ones), then frequency_penalty * count and
+     presence_penalty * [count > 0] subtracted for tokens seen in the output.
+  3. min_tokens: EOS and stop_token_ids get -inf while step < min_tokens.
+  4. Greedy rows (temperature 0) take the argmax of these logits.
+  5. Sampled rows (skipped when every row is greedy): divide by temperature,
+     apply min_p (keep p >= min_p * p_max), then top_k and top_p together as
+     one logit threshold per row (top_p on the distribution left by top_k),
+     found among the 256 largest logits or, for rows whose nucleus is wider,
+     by a full sort; then draw with the Gumbel-max trick. Row r at step s
+     uses the key
+     fold_in(fold_in(fold_in(fold_in(key(0), seed_lo), seed_hi), sample_index), s),
+     so its draw depends only on its own request: the same seed gives the same
+     tokens whatever the batch size, the row order or the degree of parallelism.
+  6. Tokens, the sampled token's logprob and rank, and the top-k ids and
+     logprobs are packed into one int32 matrix [batch, 3 + 2k] (floats by
+     their bits) so the host fetches a step's results in one transfer;
+     `sampling_batch.unpack_sampler_output` reads it.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+
+from loong_jax.sampling.batch import (SampledRows, SamplingBatch, SamplingRow, num_logprobs_columns,
+                                      pack_sampling_batch, unpack_sampler_output)
+
+NEG_INF = float("-inf")
+TOP_CANDIDATES = 256  # largest logits searched first for top_k / top_p; a full sort otherwise
+
+
+def token_counts(token_ids: jax.Array, vocab_size: int) -> jax.Array:
+    """How often each vocabulary id occurs per row; padding ids (>= vocab_size) are dropped."""
+    # vmap of a 1-D scatter rather than a 2-D fancy index: it partitions cleanly along the
+    # batch axis when the rows are sharded over a decode group.
+    count_row = lambda ids: jnp.zeros((vocab_size,), jnp.int32).at[ids].add(1, mode="drop")
+    return jax.vmap(count_row)(token_ids)  # [batch, vocab]
+
+
+def apply_penalties(logits: jax.Array, batch: SamplingBatch) -> jax.Array:
+    """Repetition (prompt + output), frequency and presence (output only) penalties."""
+    vocab = logits.shape[-1]
+    output_counts = token_counts(batch.output_token_ids, vocab)  # [batch, vocab]
+    seen = (token_counts(batch.prompt_token_ids, vocab) > 0) | (output_counts > 0)  # [batch, vocab]
+    repetition = jnp.where(seen, batch.repetition_penalty[:, None], 1.0)  # [batch, vocab]
+    logits = jnp.where(logits > 0, logits / repetition, logits * repetition)
+    logits = logits - batch.frequency_penalty[:, None] * output_counts.astype(jnp.float32)
+    return logits - batch.presence_penalty[:, None] * (output_counts > 0).astype(jnp.float32)
+
+
+def apply_min_tokens(logits: jax.Array, batch: SamplingBatch) -> jax.Array:
+    """EOS and stop ids cannot be drawn before min_tokens tokens exist."""
+    blocked = jnp.where((batch.step < batch.min_tokens)[:, None], batch.stop_token_ids,
+                        logits.shape[-1])  # [batch, stops]; out of range = dropped
+    return jax.vmap(lambda row, ids: row.at[ids].set(NEG_INF, mode="drop"))(logits, blocked)
+
+
+def apply_min_p(scaled: jax.Array, min_p: jax.Array) -> jax.Array:
+    """Keep tokens with p >= min_p * p_max, i.e. logit >= max logit + log(min_p)."""
+    floor = jnp.max(scaled, axis=-1, keepdims=True) + jnp.log(min_p)[:, None]  # [batch, 1]
+    return jnp.where(scaled >= floor, scaled, NEG_INF)
+
+
+def _nucleus_threshold(descending: jax.Array, log_norm: jax.Array, top_k: jax.Array,
+                       top_p: jax.Array, vocab: int) -> tuple[jax.Array, jax.Array]:
+    """Per-row logit threshold of top_k then top_p, from the row's `width` largest logits.
+
+    descending: [batch, width] the largest scaled logits, sorted; log_norm: [batch, 1] the
+    log-sum-exp of the whole row. Returns (threshold [batch, 1], settled [batch]); a row is
+    settled when its answer cannot depend on logits beyond the first `width`.
+    """
+    width = descending.shape[-1]
+    ranks = jnp.arange(width)[None, :]  # [1, width]
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)[:, None]  # [batch, 1]
+    in_k = ranks < k  # [batch, width]
+    probs = jnp.where(in_k, jnp.exp(descending - log_norm), 0.0)  # share of the whole row
+    top_k_mass = jnp.where(k < vocab, jnp.sum(probs, axis=-1, keepdims=True), 1.0)  # [batch, 1]
+    mass_before = jnp.cumsum(probs, axis=-1) - probs  # exclusive prefix sum
+    within_p = (top_p[:, None] >= 1.0) | (mass_before < top_p[:, None] * top_k_mass)
+    kept = jnp.maximum(jnp.sum(in_k & within_p, axis=-1, keepdims=True), 1)  # [batch, 1]
+    threshold = jnp.take_along_axis(descending, kept - 1, axis=-1)  # [batch, 1]
+    # Settled: top_k ends inside the prefix (so does everything kept), or top_k is off and
+    # top_p stopped before the prefix ran out.
+    settled = (width == vocab) | (k[:, 0] <= width) | ((k[:, 0] >= vocab) & (kept[:, 0] < width))
+    unfiltered = (k[:, 0] >= vocab) & (top_p >= 1.0)
+    return jnp.where(unfiltered[:, None], NEG_INF, threshold), settled | unfiltered
+
+
+def apply_top_k_top_p(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+    """Keep the top_k largest logits, then the smallest head of them whose mass reaches top_p.
+
+    Works with a per-row threshold (ties with it are kept). Fast path: the
+    threshold from the TOP_CANDIDATES largest logits (lax.top_k); rows whose
+    nucleus reaches past them (flat distributions, large top_k) take it from a
+    full sort instead, computed only when such a row exists. Each row's path
+    depends on that row alone, so the batch around it never changes its result.
+    """
+    vocab = scaled.shape[-1]
+    log_norm = jax.nn.logsumexp(scaled, axis=-1, keepdims=True)  # [batch, 1]
+    width = min(TOP_CANDIDATES, vocab)
+    head = jax.lax.top_k(scaled, width)[0]  # [batch, width], descending
+    threshold, settled = _nucleus_threshold(head, log_norm, top_k, top_p, vocab)
+    if width < vocab:
+        def from_full_sort():
+            descending = -jnp.sort(-scaled, axis=-1)  # [batch, vocab]
+            return _nucleus_threshold(descending, log_norm, top_k, top_p, vocab)[0]
+
+        full = jax.lax.cond(jnp.all(settled), lambda: threshold, from_full_sort)
+        threshold = jnp.where(settled[:, None], threshold, full)
+    return jnp.where(scaled >= threshold, scaled, NEG_INF)
+
+
+def first_argmax(values: jax.Array) -> jax.Array:
+    """jnp.argmax along the last axis (first index of the maximum) as two plain reductions,
+    which XLA:CPU runs several times faster than its variadic arg-reduce. A NaN row yields
+    the last id rather than an out-of-range one."""
+    vocab = values.shape[-1]
+    best = jnp.max(values, axis=-1, keepdims=True)  # [batch, 1]
+    ids = jax.lax.broadcasted_iota(jnp.int32, values.shape, values.ndim - 1)
+    return jnp.minimum(jnp.min(jnp.where(values == best, ids, vocab), axis=-1), vocab - 1)
+
+
+def row_keys(batch: SamplingBatch) -> jax.Array:
+    """One PRNG key per row from (seed, sample index, step) only: batch-independent."""
+
+    def key_of(seed_words, sample_index, step):
+        key = jax.random.key(0)
+        key = jax.random.fold_in(key, seed_words[0])
+        key = jax.random.fold_in(key, seed_words[1])
+        key = jax.random.fold_in(key, sample_index)
+        return jax.random.fold_in(key, step)
+
+    return jax.vmap(key_of)(batch.seed_words, batch.sample_index, batch.step)
+
+
+def _draw(logits: jax.Array, batch: SamplingBatch) -> jax.Array:
+    """Random draws for every row (greedy rows included, their result is discarded)."""
+    temperature = jnp.where(batch.temperature > 0, batch.temperature, 1.0)[:, None]
+    scaled = apply_min_p(logits / temperature, batch.min_p)
+    sampled_rows = batch.temperature > 0  # greedy and padding rows must not force a full sort
+    top_k = jnp.where(sampled_rows, batch.top_k, 0)
+    top_p = jnp.where(sampled_rows, batch.top_p, 1.0)
+    filters_on = jnp.any((top_k > 0) | (top_p < 1.0))
+    scaled = jax.lax.cond(filters_on, apply_top_k_top_p, lambda s, k, p: s, scaled, top_k, top_p)
+    vocab = logits.shape[-1]
+    gumbel = jax.vmap(lambda key: jax.random.gumbel(key, (vocab,), jnp.float32))(row_keys(batch))
+    return first_argmax(scaled + gumbel)
+
+
+def sample_logits(logits: jax.Array, batch: SamplingBatch,
+                  num_top_logprobs: int | None = None) -> jax.Array:
+    """Next token per row, packed with logprobs; traceable inside a larger jit.
+
+    logits: [batch, vocab] (cast to float32). Returns int32 [batch, 1] when
+    num_top_logprobs is None, else [batch, 3 + 2 * num_top_logprobs]:
+    token, sampled logprob bits, sampled rank, top ids, top logprob bits.
+    """
+    logits = logits.astype(jnp.float32)  # [batch, vocab]
+    penalties_on = jnp.any((batch.repetition_penalty != 1.0) | (batch.presence_penalty != 0.0)
+                           | (batch.frequency_penalty != 0.0))
+    processed = jax.lax.cond(penalties_on, apply_penalties, lambda l, b: l, logits, batch)
+    processed = apply_min_tokens(processed, batch)
+    greedy_tokens = first_argmax(processed)  # [batch]
+    is_greedy = batch.temperature <= 0.0
+    drawn = jax.lax.cond(jnp.all(is_greedy), lambda l, b: greedy_tokens, _draw, processed, batch)
+    tokens = jnp.where(is_greedy, greedy_tokens, drawn)  # [batch]
+    if num_top_logprobs is None:
+        return tokens[:, None]
+
+    logprobs = jax.nn.log_softmax(logits, axis=-1)  # [batch, vocab], raw model distribution
+    sampled = jnp.take_along_axis(logprobs, tokens[:, None], axis=-1)  # [batch, 1]
+    rank = 1 + jnp.sum(logprobs > sampled, axis=-1, dtype=jnp.int32)  # [batch]
+    top_values, top_ids = jax.lax.top_k(logprobs, num_top_logprobs)  # [batch, k]
+    as_bits = functools.partial(jax.lax.bitcast_convert_type, new_dtype=jnp.int32)
+    return jnp.concatenate([tokens[:, None], as_bits(sampled), rank[:, None],
+                            top_ids.astype(jnp.int32), as_bits(top_values)], axis=-1)
+
+
+sample = jax.jit(sample_logits, static_argnames=("num_top_logprobs",))
+
+
+def sample_rows(logits: jax.Array, rows: Sequence[SamplingRow], eos_token_ids: Sequence[int] = (),
+                batch_bucket: int | None = None) -> SampledRows:
+    """Host convenience around `sample`: pack, run, fetch once, unpack.
+
+    logits: [batch_bucket, vocab], rows in the same order as its first rows.
+    Returns `sampling_batch.SampledRows` for the real rows.
+    """
+    vocab = logits.shape[-1]
+    batch = pack_sampling_batch(rows, vocab, eos_token_ids,
+                                batch_bucket=batch_bucket if batch_bucket is not None else logits.shape[0])
+    packed = sample(logits, batch, num_top_logprobs=num_logprobs_columns(rows))
+    return unpack_sampler_output(jax.device_get(packed), rows)

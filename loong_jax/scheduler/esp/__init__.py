@@ -1,0 +1,2 @@
+"""The elastic sequence parallelism policy: queue order and triage, batching, allocation, dispatch,
+scaling."""

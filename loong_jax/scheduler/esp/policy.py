@@ -1,0 +1,206 @@
+"""The ESP policy (default): LoongServe §5 scalable scheduling, one `schedule(view)` per engine event.
+
+Data flow of one call:
+  1. Snapshot (`esp_dispatch`): free pages, growth reservations, decode groups, free instances. Requests
+     that can never fit are rejected; idle partial prefills (left by another policy) are preempted.
+  2. Queue (`esp_queue`): earliest latency deadline first. Under overload (the arriving work exceeds
+     `target_utilization` x the instances) the largest requests are late: they start only when no timely
+     request waits, so the most requests meet their SLOs (they are served, never rejected). When the head
+     does not fit the free instances it gets a reservation: a group that is held for it (or drains for
+     it) and that it prefills on once idle; the small decodes living on the group's idle members first
+     migrate off it (`plan_evacuation`), so they keep decoding elsewhere instead of stalling for the
+     whole prefill.
+  3. Allocation + dispatching + batching (`esp_allocation`, `esp_batching`): candidate prefill instance
+     sets, admission in queue order under memory (with backfilling), the batching DP per candidate (which
+     may defer a request to a later step), and the delay-decode cost/gain test choose which instances
+     prefill which batches at which DoP. DoPs become concrete aligned groups, ready programs first.
+  4. If nothing prefills, consolidation by migration may free a decode instance for the queue.
+  5. Scaling plan (`esp_scaling`, `decode_planner`): placement of every prompt's KV (scale-down), then decode
+     batches on every other idle instance with masters, scale-up and newest-first preemption.
+"""
+
+from __future__ import annotations
+
+from loong_jax.scheduler.decode_planner import plan_decodes
+from loong_jax.scheduler.esp.allocation import BatchingLimits, choose_prefill, plan_consolidation, plan_evacuation
+from loong_jax.scheduler.esp.dispatch import ClusterSnapshot, group_pages
+from loong_jax.scheduler.esp.queue import (OfferedLoad, deadline_order, fits_free_instances, never_fitting,
+                                           reserve_for_head)
+from loong_jax.scheduler.esp.scaling import place_batch
+from loong_jax.scheduler.cost.estimates import prefill_seconds
+from loong_jax.scheduler.groups import free_blocks, pack_sizes
+from loong_jax.scheduler.plan import Plan, Preemption, PrefillBatch
+from loong_jax.scheduler.view import SchedulerView
+
+
+class EspPolicy:
+    name = "esp"
+
+    def __init__(self, max_batches: int = 8, max_boundaries: int = 24, max_admit: int = 256,
+                 growth_horizon: int = 512, max_lent_groups: int = 8, migration: bool = True,
+                 max_tokens_per_instance: int | None = None, slo_scale: float = 25.0,
+                 evacuation_wait: float = 0.2, queue_order: str = "deadline", target_utilization: float = 0.8,
+                 starvation_limit: float = 4.0):
+        if max_batches < 1 or max_boundaries < 2 or max_admit < 1 or growth_horizon < 0 or max_lent_groups < 0:
+            raise ValueError("EspPolicy: max_batches, max_admit >= 1, max_boundaries >= 2, others >= 0")
+        if target_utilization <= 0 or starvation_limit <= 0:
+            raise ValueError("EspPolicy: target_utilization and starvation_limit must be > 0")
+        if queue_order not in ("deadline", "fifo"):
+            raise ValueError(f"EspPolicy: queue_order must be 'deadline' or 'fifo', got {queue_order!r}")
+        self.limits = BatchingLimits(max_batches, max_boundaries, max_admit, max_tokens_per_instance)
+        self.growth_horizon = growth_horizon
+        self.max_lent_groups = max_lent_groups
+        self.migration = migration
+        self.slo_scale = slo_scale
+        self.queue_order = queue_order  # "fifo": arrival order (LoongServe's), for comparison
+        self.evacuation_wait = evacuation_wait  # wait up to this x the head's prefill for an evacuation target
+        self.load = OfferedLoad(utilization=target_utilization)  # under overload the largest requests go late
+        self.starvation_limit = starvation_limit  # x its latency budget: a request waiting so long goes first
+        self._request_costs: dict = {}  # isolated latency and work per request: constant, kept across calls
+        self.late_requests = 0  # waiting requests in the late tiers at the last step (a server metric)
+
+    def schedule(self, view: SchedulerView) -> Plan:
+        if not view.idle_instances:
+            return Plan()
+        if len(self._request_costs) > 4 * (len(view.waiting) + len(view.decoding)) + 1024:
+            self._request_costs.clear()  # forget finished requests now and then
+        snapshot = ClusterSnapshot.build(view, self.growth_horizon, self.slo_scale, self._request_costs)
+        rejections, servable = never_fitting(view, self.limits.max_tokens_per_instance)
+        if self.queue_order == "deadline":
+            servable = self._triage(snapshot, servable)
+        queue = servable[: self.limits.max_admit]
+        preemptions = [Preemption(r.request_id) for r in view.prefilling if not r.in_flight]
+        nothing_running = not view.decoding and not view.prefilling and len(view.idle_instances) == view.num_instances
+
+        reservation, must_run, migrations, mode = None, frozenset(), [], "go"
+        if queue and not fits_free_instances(snapshot, queue[0]):
+            reservation = reserve_for_head(snapshot, queue[0], self.load.typical_latency())
+        if reservation is not None and reservation.fits:
+            migrations, mode = self._clear_reservation(snapshot, reservation, queue)
+        if reservation is not None:
+            if reservation.ready and mode == "go":
+                snapshot.release(reservation.group)
+                must_run = frozenset([queue[0].request_id])
+            else:  # held, being cleared or draining: the head waits; shorter requests backfill elsewhere
+                snapshot.withhold(reservation.group)
+                queue = queue[1:]
+
+        option = choose_prefill(snapshot, queue, self.limits, self.max_lent_groups, nothing_running, must_run)
+        if self.migration and queue and not must_run and not migrations and (option is None or option.lent_groups):
+            # Consolidating a decode group may beat both waiting and lending it (a short move, then the
+            # freed instance prefills while the group keeps decoding).
+            migrations = plan_consolidation(snapshot, queue, self.limits, None if option is None else option.lend_cost)
+            if migrations and option is not None:
+                option = choose_prefill(snapshot, queue, self.limits, 0, nothing_running)  # free instances only
+        prefills, used = self._prefills(snapshot, option)
+        if migrations:
+            moving = {i for m in migrations for i in (m.src_instance, m.dst_instance)}
+            used.update(moving)
+            used.update(i for g in snapshot.decode_groups if moving & set(g) for i in g)
+        allowed = snapshot.idle - used
+        decoding = [r for r in view.decoding if not r.in_flight]
+        decodes = plan_decodes(view, decoding, allowed, snapshot.pages_free, homes=snapshot.homes)
+        batches = decodes.batches
+        if reservation is not None and reservation.fits and not must_run and mode != "drain":
+            # Held members only run a decode step that ends before the busy members free (none while
+            # their decodes wait to be evacuated).
+            held, until = set(reservation.group), 0.0 if mode == "hold" else reservation.ready_in
+            batches = [b for b in batches if not held.intersection(b.group) or b.estimated_s < until]
+        return Plan(
+            prefills=tuple(prefills), decodes=tuple(batches), migrations=tuple(migrations),
+            preemptions=tuple(preemptions) + tuple(decodes.preemptions), rejections=rejections,
+        )
+
+    def _triage(self, snapshot: ClusterSnapshot, servable):
+        """The queue this step: timely requests in deadline order; when none waits, the late ones. While
+        anything runs, a late request over the overload work limit only starts if its prefill holds its
+        instances no longer than a typical request's whole latency (a 300K prompt, 12 s on every instance,
+        waits for an idle cluster; a long chat does not)."""
+        view = snapshot.view
+        self.load.observe(snapshot, servable)
+        limit = self.load.work_limit(view.num_instances)
+        timely, late = deadline_order(snapshot, servable, limit, self.starvation_limit)
+        self.late_requests = len(late)
+        if timely:
+            return timely
+        if view.decoding or view.prefilling:
+            typical = self.load.typical_latency()
+            return [r for r in late if snapshot.work(r) <= limit or snapshot.fastest_prefill_seconds(r) <= typical]
+        return late
+
+    def _clear_reservation(self, snapshot: ClusterSnapshot, reservation, queue) -> tuple[list, str]:
+        """(migrations, mode) that keep the reserved group's decodes from stalling for the head's prefill.
+
+        Evacuate single-instance homes to instances outside the group; or wait a moment ("hold": the group
+        starts nothing) for a destination to come idle when their stall outweighs the head's wait; or
+        consolidate a wider decode group so that an instance comes free for the head instead. Mode "go":
+        the head may prefill once the group is idle; "drain": its decodes run on and it waits (decode
+        groups are never lent with `max_lent_groups=0`)."""
+        head, members = queue[0], set(reservation.group)
+        stalled = [r for r in snapshot.view.decoding if members.intersection(snapshot.homes[r.request_id])]
+        if not stalled:
+            return [], "go"
+        if not self.migration:
+            return [], "go" if self.max_lent_groups else "drain"
+        seconds = snapshot.prefill_seconds(head, len(reservation.group))
+        migrations, wait_for_target = plan_evacuation(snapshot, reservation.group, seconds)
+        for move in migrations:
+            snapshot.withhold((move.dst_instance,))
+        if migrations:
+            return migrations, "hold"
+        stall_cost = seconds * snapshot.urgency(stalled)
+        if 0 < wait_for_target < self.evacuation_wait * seconds:
+            if wait_for_target * snapshot.urgency(queue[:1]) < stall_cost:
+                return [], "hold"
+        if not self.max_lent_groups:
+            return plan_consolidation(snapshot, queue, self.limits), "drain"
+        if reservation.ready:  # merging a wider decode group may free an instance at less cost
+            migrations = plan_consolidation(snapshot, queue, self.limits, stall_cost, across_singles=False)
+        return migrations, "hold" if migrations else "go"
+
+    def _prefills(self, snapshot: ClusterSnapshot, option):
+        """Prefill batches of the chosen option and the instances they (and lent decode groups) occupy."""
+        view = snapshot.view
+        if option is None:
+            return [], set()
+        used = set(i for g in option.lent_groups for i in g)
+        choices = list(option.batching.batches)
+        groups = pack_sizes([c.dop for c in choices], free_blocks(option.instances, view.num_instances))
+        if groups is None:
+            return [], set()
+        groups = self._match_groups(snapshot, choices, groups, option.admitted, option.instances)
+        prefills = []
+        for choice, group in zip(choices, groups):
+            requests = [option.admitted[i] for i in choice.indices]
+            placed, _ = place_batch(snapshot, group, requests)
+            if not placed:
+                continue
+            used.update(group)
+            lengths = [r.prefill_target for r, _ in placed]
+            estimate = prefill_seconds(view.cost_model, len(group), lengths)
+            estimate += view.compile_penalty_s("prefill", group, sum(lengths))
+            prefills.append(PrefillBatch(
+                group=group,
+                request_ids=tuple(r.request_id for r, _ in placed),
+                chunks=tuple((0, r.prefill_target) for r, _ in placed),
+                placement=tuple(segments for _, segments in placed),
+                estimated_s=estimate,
+            ))
+        if not prefills:  # nothing prefills after all: lent decode groups keep decoding
+            return [], set()
+        return prefills, used
+
+    @staticmethod
+    def _match_groups(snapshot: ClusterSnapshot, choices, groups, admitted, instances):
+        """Move each batch (largest DoP, then most tokens first) to the best family group of its size that is
+        free of the others: a ready program first, then the most free pages."""
+        view = snapshot.view
+        family = [g for g in view.group_family if set(g) <= instances]
+        tokens = [sum(admitted[i].prefill_target for i in c.indices) for c in choices]
+        result = list(groups)
+        for k in sorted(range(len(result)), key=lambda k: (-len(result[k]), -tokens[k])):
+            taken = {i for j, g in enumerate(result) if j != k for i in g}
+            options = [g for g in family if len(g) == len(result[k]) and not taken.intersection(g)]
+            result[k] = min(options, key=lambda g: (not view.program_ready("prefill", g, tokens[k]),
+                                                    -group_pages(snapshot, g), g))
+        return result

@@ -1,0 +1,115 @@
+"""ESP step 4, the scaling plan for prefill: where each prompt's KV stays (proactive scale-down).
+
+During a ring prefill every KV block passes every member of the group, so any member can keep any token at
+no extra cost. The plan keeps each request on as few members as can hold its prompt plus its expected decode
+growth; members keeping nothing leave the group when the prefill ends.
+
+Data flow, per batch (longest request first):
+  1. Try sub-groups of the batch group from size 1 upwards (aligned, so the request's decode group stays in
+     the family), no wider than the fewest instances whose whole pools hold the request; among those of the
+     smallest size that fit, prefer instances that already hold decodes, then the most free pages.
+  2. Split the prompt over that sub-group in balanced page-aligned shares; the member with the most room
+     becomes the master (its segment is last), and it keeps room for the growth.
+  3. A request that fits nowhere with its growth room is placed without it (decode scale-up finds the room
+     later); one that fits nowhere at all, or only spread wider than it needs, stays waiting.
+Decode scale-up (a master out of pages) lives in `decode_planner`.
+"""
+
+from __future__ import annotations
+
+from loong_jax.scheduler.esp.dispatch import ClusterSnapshot
+from loong_jax.scheduler.groups import power_of_two_sizes
+from loong_jax.scheduler.view import RequestView
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def split_tokens(n_tokens: int, capacities: list[int], growth: int, page_size: int) -> list[int] | None:
+    """Tokens per member (page-aligned balanced shares; the last member is the master and keeps `growth`
+    slots free); None if the members cannot hold them."""
+    members = len(capacities)
+    share = _ceil_div(_ceil_div(n_tokens, members), page_size) * page_size
+    limits = [c * page_size for c in capacities]
+    limits[-1] -= growth
+    if limits[-1] < 1 or sum(max(0, x) for x in limits) < n_tokens:
+        return None
+    shares = [0] * members
+    remaining = n_tokens
+    for k in range(members - 1):  # non-masters take their balanced share first
+        shares[k] = max(0, min(share, limits[k], remaining - 1))
+        remaining -= shares[k]
+    shares[-1] = min(remaining, limits[-1])
+    remaining -= shares[-1]
+    for k in range(members - 1):  # overflow of the master spills back onto the others
+        extra = min(remaining, limits[k] - shares[k])
+        if extra > 0:
+            shares[k] += extra
+            remaining -= extra
+    return shares if remaining == 0 else None
+
+
+def place_request(snapshot: ClusterSnapshot, group: tuple[int, ...], request: RequestView):
+    """Segments (instance, n_tokens) for the whole prompt of `request` inside `group`, or None."""
+    full_growth = snapshot.growth(request)
+    for growth in (full_growth, 0) if full_growth else (0,):
+        segments = _place(snapshot, group, request.prefill_target, growth)
+        if segments is not None:
+            return segments
+    return None
+
+
+def _place(snapshot: ClusterSnapshot, group: tuple[int, ...], n_tokens: int, growth: int):
+    page_size = snapshot.view.page_size
+    per_instance = min(snapshot.view.instances[i].pages_total for i in group)
+    widest = compact_size(_ceil_div(n_tokens + growth, page_size) + 1, per_instance, len(group))
+    for size in power_of_two_sizes(widest):
+        best = None
+        for start in range(0, len(group) - size + 1, size):
+            members = group[start:start + size]
+            room = sum(snapshot.usable_pages(i) for i in members)
+            if room * page_size < n_tokens + growth:
+                continue
+            ordered = sorted(members, key=lambda i: snapshot.usable_pages(i))  # most room last: the master
+            shares = split_tokens(n_tokens, [snapshot.usable_pages(i) for i in ordered], growth, page_size)
+            # Instances already holding decodes first, so that free ones stay free for the next prefill.
+            key = (not snapshot.free.intersection(members), room)
+            if shares is not None and (best is None or key > best[0]):
+                best = (key, ordered, shares)
+        if best is not None:
+            _, ordered, shares = best
+            ordered_members = [i for i in group if i in ordered[:-1]] + [ordered[-1]]
+            by_instance = dict(zip(ordered, shares))
+            return tuple((i, by_instance[i]) for i in ordered_members if by_instance[i] > 0)
+    return None
+
+
+def compact_size(pages: int, per_instance: int, limit: int) -> int:
+    """Fewest instances (a power of two, at most `limit`) whose whole pools hold `pages`: a placement never
+    spreads a prompt wider, since its decode group would then claim instances it does not need."""
+    size = 1
+    while size * per_instance < pages and size * 2 <= limit:
+        size *= 2
+    return size
+
+
+def commit_placement(snapshot: ClusterSnapshot, request: RequestView, segments) -> None:
+    page_size = snapshot.view.page_size
+    for instance, n_tokens in segments:
+        snapshot.pages_free[instance] -= _ceil_div(n_tokens, page_size)
+    master, master_tokens = segments[-1]
+    snapshot.reserve_growth(request, master, master_tokens)
+
+
+def place_batch(snapshot: ClusterSnapshot, group: tuple[int, ...], requests: list[RequestView]):
+    """(placed [(request, segments)], left waiting [request]) for one prefill batch on `group`."""
+    placed, left = [], []
+    for request in sorted(requests, key=lambda r: -r.prefill_target):
+        segments = place_request(snapshot, group, request)
+        if segments is None:
+            left.append(request)
+            continue
+        commit_placement(snapshot, request, segments)
+        placed.append((request, segments))
+    return placed, left
