@@ -35,7 +35,7 @@ if __name__ == "__main__":  # 8 simulated devices, before JAX starts
 
 import numpy as np
 
-from loong_jax.engine.outputs import RequestOutput
+from loong_jax.outputs import RequestOutput
 from loong_jax.sampling.params import SamplingParams
 from loong_jax.scheduler.cost.model import CostModel
 
@@ -124,7 +124,7 @@ def run_esp_trace(llm, prompts, params: SamplingParams, arrivals=None, examples_
                 note("preemption", f"request {preemption.request_id} recomputes later")
             return plan
 
-    engine.policy = Recording()
+    engine.core.policy = Recording()
     started = time.perf_counter()
     try:
         requests = [llm.prepare(prompt, params) for prompt in prompts]
@@ -140,9 +140,9 @@ def run_esp_trace(llm, prompts, params: SamplingParams, arrivals=None, examples_
             engine.state.check_invariants()
         engine.check_all_free()
     finally:
-        engine.policy = policy
-    return EspTrace(counters=engine.stats(), prefill_degrees=dict(engine.dop_counts["prefill"]),
-                    decode_degrees=dict(engine.dop_counts["decode"]), examples=dict(examples),
+        engine.core.policy = policy
+    return EspTrace(counters=engine.stats(), prefill_degrees=dict(engine.core.dops.prefill),
+                    decode_degrees=dict(engine.core.dops.decode), examples=dict(examples),
                     outputs=[results[r.request_id].outputs[0].token_ids for r in requests],
                     seconds=time.perf_counter() - started)
 

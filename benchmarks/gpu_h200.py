@@ -13,10 +13,12 @@ Data flow:
   2. Prefill of one prompt of 4K, 16K, 32K tokens, three ways: single device with the model's reference
      attention (`dense_attention`), single device with the fused attention JAX offers
      (`jax.nn.dot_product_attention`, cuDNN on GPU), and the serving path, the ring program
-     (`sharding.prefill_program.jit_prefill`) on a group of d = 1 that also writes the KV into a pool.
+     (`executor.programs.prefill_program`, greedy sampler fused: the engine's program) on a group of
+     d = 1 that also writes the KV into a pool.
      Throughput in tokens/s, MFU = useful FLOPs / s over the measured matmul ceiling, and the ring's
      overhead ratio over the single-device programs. A case that runs out of memory is recorded as such.
-  3. Decode step (`sharding.decode_program.jit_decode`, d = 1) at batch 1 and 32 with 4K and 32K contexts:
+  3. Decode step (`executor.programs.decode_program`, greedy sampler fused, d = 1) at batch 1 and 32 with
+     4K and 32K contexts:
      step time and achieved HBM bandwidth (weights + KV read per step / step time) over the measured copy
      bandwidth. Cases whose KV cannot fit the device are skipped with the reason.
   4. A profile grid (ring prefill of packed batches, decode at more batch x context points) joins the ring
@@ -43,15 +45,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import NamedSharding
 
 from loong_jax.models.attention import dense_attention
 from loong_jax.models.config import ModelConfig
 from loong_jax.models.llama import init_model
 from loong_jax.scheduler.cost.model import CostModel, DecodeSample, PrefillSample, fit_cost_model, save_cost_models
 from loong_jax.scheduler.cost.roofline import HardwareCeilings, TransformerShape, derive_cost_model
-from loong_jax.sharding.decode_program import DecodeRow, jit_decode, layout_decode_batch
+from loong_jax.executor.programs import decode_program, prefill_program
+from loong_jax.sampling.batch import PLAIN_GREEDY, SamplingRow, greedy_batch
+from loong_jax.sampling.params import SamplingParams
+from loong_jax.sharding.decode_program import DecodeRow, layout_decode_batch
 from loong_jax.sharding.kv_pool import PoolShape, assemble_group_pool, create_pool
-from loong_jax.sharding.prefill_program import jit_prefill, make_prefill_batch
+from loong_jax.sharding.prefill_program import make_prefill_inputs
+from loong_jax.sharding.specs import BY_MEMBER_SPEC, REPLICATED_SPEC
 from loong_jax.sharding.stripe_layout import Placement, striped_layout
 from loong_jax.sharding.topology import Topology, group_params, place_params
 
@@ -192,10 +199,16 @@ class ModelBench:
         self.group = (0,)
         self.mesh = self.topology.group_mesh(self.group)
         self.params = group_params(place_params(self.state, self.topology), self.topology, self.group)
-        self.prefill_program = jit_prefill(self.graphdef, self.mesh)
-        self.decode_program = jit_decode(self.graphdef, self.mesh)
+        # The engine's programs for plain greedy requests (what `LLM.warm_up` compiles).
+        self.prefill_program = prefill_program(self.graphdef, self.mesh, signature=PLAIN_GREEDY)
+        self.decode_program = decode_program(self.graphdef, self.mesh, signature=PLAIN_GREEDY)
         self.rng = np.random.default_rng(seed)
         self._single = {}
+
+    def greedy_sampling(self, rows: int, spec):
+        """The sampling inputs of `rows` plain greedy rows (past min_tokens), on the group mesh."""
+        greedy_rows = [SamplingRow(SamplingParams(temperature=0.0, max_tokens=1), (), ())] * rows
+        return jax.device_put(greedy_batch(greedy_rows, self.config.vocab_size, ()), NamedSharding(self.mesh, spec))
 
     def tokens(self, count: int) -> np.ndarray:
         return self.rng.integers(0, self.config.vocab_size, size=count).astype(np.int32)
@@ -228,13 +241,14 @@ class ModelBench:
         total = int(sum(lengths))
         layout = striped_layout(lengths, members=1)
         placement = Placement(member=np.zeros(total, np.int32), slot=np.arange(total, dtype=np.int32))
-        batch = make_prefill_batch(layout, self.tokens(total), placement, self.mesh,
-                                   num_logits=max(LOGITS_BUCKET, len(lengths)))
+        requests = max(LOGITS_BUCKET, len(lengths))
+        batch = make_prefill_inputs(layout, self.tokens(total), placement, self.mesh, num_logits=requests)
+        sampling = self.greedy_sampling(requests, REPLICATED_SPEC)
         state = {"pool": self.pool(total)}
 
         def run():
-            logits, state["pool"] = self.prefill_program(self.params, state["pool"], batch)
-            return logits
+            tokens, state["pool"] = self.prefill_program(self.params, state["pool"], batch, sampling)
+            return tokens
 
         try:
             return median_seconds(run, self.settings.repeats, self.settings.warmup)
@@ -251,11 +265,12 @@ class ModelBench:
                           kv_lens={0: context + 1}) for r in range(batch)]
         inputs = layout_decode_batch(rows, members=1, batch_local=batch, member_pages=batch * pages_per_request,
                                      page_size=page_size).to_device(self.mesh)
+        sampling = self.greedy_sampling(batch, BY_MEMBER_SPEC)
         state = {"pool": self.pool(batch * pages_per_request * page_size)}
 
         def run():
-            logits, state["pool"] = self.decode_program(self.params, state["pool"], inputs)
-            return logits
+            tokens, state["pool"] = self.decode_program(self.params, state["pool"], inputs, sampling)
+            return tokens
 
         try:
             return median_seconds(run, self.settings.repeats, self.settings.warmup)

@@ -20,7 +20,8 @@ import random
 import statistics
 import time
 
-from loong_jax.engine.state import BatchResult, EngineState
+from loong_jax.engine.state import EngineState
+from loong_jax.executor.protocol import UnitResult
 from loong_jax.scheduler.cost.model import CostModel
 from loong_jax.scheduler.plan import Plan, PrefillBatch
 from loong_jax.scheduler.policy import make_policy, policy_names
@@ -55,7 +56,7 @@ def build_state(cost: CostModel, decode_instances, num_waiting: int, num_decodin
         state.add_request(request_id, length, max_new_tokens=rng.randint(16, 1_024))
         batch = PrefillBatch((instance,), (request_id,), ((0, length),), (((instance, length),),))
         state.on_dispatched(Plan(prefills=(batch,)))
-        state.apply(BatchResult(batch, {request_id: 1}, frozenset(), 0.0))
+        state.apply(UnitResult(batch, {request_id: 1}, frozenset(), 0.0))
         budget[instance] -= length
         placed += 1
     for k in range(num_waiting):

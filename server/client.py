@@ -72,8 +72,21 @@ def _generate_request(prompt: Prompt, request_id: str | None, sampling: Mapping[
 
 
 class _ClientBase:
-    def __init__(self, api_key: str | None):
+    """The channel, stubs and call metadata both clients share; `_channels` is grpc or grpc.aio."""
+
+    _channels: Any
+
+    def __init__(self, target: str = DEFAULT_TARGET, *, api_key: str | None = None, tls: bool = False,
+                 root_ca: bytes | str | Path | None = None, client_cert: bytes | str | Path | None = None,
+                 client_key: bytes | str | Path | None = None,
+                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, options: Sequence[tuple[str, Any]] = ()):
         self._metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
+        credentials = _credentials(root_ca, client_cert, client_key, tls)
+        channel_options = _channel_options(max_message_bytes, options)
+        self.channel = (self._channels.secure_channel(target, credentials, options=channel_options) if credentials
+                        else self._channels.insecure_channel(target, options=channel_options))
+        self.stub = pb_grpc.GenerationStub(self.channel)
+        self._health = health_pb2_grpc.HealthStub(self.channel)
 
     def _call_metadata(self, extra: Sequence[tuple[str, str]] | None) -> tuple[tuple[str, str], ...]:
         return self._metadata + tuple(extra or ())
@@ -117,17 +130,7 @@ class GenerateStream(_StreamBase):
 class LoongClient(_ClientBase):
     """Blocking client. `tls=True` or a `root_ca` switches to TLS; `client_cert` + `client_key` to mTLS."""
 
-    def __init__(self, target: str = DEFAULT_TARGET, *, api_key: str | None = None, tls: bool = False,
-                 root_ca: bytes | str | Path | None = None, client_cert: bytes | str | Path | None = None,
-                 client_key: bytes | str | Path | None = None,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, options: Sequence[tuple[str, Any]] = ()):
-        super().__init__(api_key)
-        credentials = _credentials(root_ca, client_cert, client_key, tls)
-        channel_options = _channel_options(max_message_bytes, options)
-        self.channel = (grpc.secure_channel(target, credentials, options=channel_options) if credentials
-                        else grpc.insecure_channel(target, options=channel_options))
-        self.stub = pb_grpc.GenerationStub(self.channel)
-        self._health = health_pb2_grpc.HealthStub(self.channel)
+    _channels = grpc  # blocking channels
 
     def generate(self, prompt: Prompt, *, request_id: str | None = None, timeout: float | None = None,
                  sampling: Mapping[str, Any] | None = None, metadata=None, **sampling_kwargs) -> GenerateStream:
@@ -196,17 +199,7 @@ class AsyncGenerateStream(_StreamBase):
 class AsyncLoongClient(_ClientBase):
     """asyncio client; create and use it inside one running event loop."""
 
-    def __init__(self, target: str = DEFAULT_TARGET, *, api_key: str | None = None, tls: bool = False,
-                 root_ca: bytes | str | Path | None = None, client_cert: bytes | str | Path | None = None,
-                 client_key: bytes | str | Path | None = None,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, options: Sequence[tuple[str, Any]] = ()):
-        super().__init__(api_key)
-        credentials = _credentials(root_ca, client_cert, client_key, tls)
-        channel_options = _channel_options(max_message_bytes, options)
-        self.channel = (grpc.aio.secure_channel(target, credentials, options=channel_options) if credentials
-                        else grpc.aio.insecure_channel(target, options=channel_options))
-        self.stub = pb_grpc.GenerationStub(self.channel)
-        self._health = health_pb2_grpc.HealthStub(self.channel)
+    _channels = grpc.aio  # asyncio channels
 
     def generate(self, prompt: Prompt, *, request_id: str | None = None, timeout: float | None = None,
                  sampling: Mapping[str, Any] | None = None, metadata=None,

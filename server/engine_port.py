@@ -12,10 +12,11 @@ Data flow:
      `is_scheduled(request_id)` says whether the engine has begun it (the server's waiting queue).
   3. Lifecycle: `is_ready` / `wait_ready` (engine built and warmed up), `dead_reason` / `wait_dead`
      (the engine thread died, or loading failed).
-  4. Introspection, read from the engine thread's state without stopping it (plain integer reads,
-     and the program cache's own lock): `metrics_snapshot()` for Prometheus, `server_info()` and
-     `model_info()` for the RPCs of the same names (the model's name, never its path on this disk).
-     `longest_token_bytes` (computed once) bounds how many bytes one token can stand for.
+  4. Introspection reads only `AsyncLLM`'s public face: its `snapshot()` (the engine's state at one
+     instant, taken without stopping the engine thread) feeds `metrics_snapshot()` for Prometheus,
+     `server_info()` for GetServerInfo and `token_limits()` for admission; `describe()` (the set-up,
+     read once), `tokenizer` and `model_config` feed `model_info()` (the model's name, never its path on
+     this disk). `longest_token_bytes` (computed once) bounds how many bytes one token can stand for.
 """
 
 from __future__ import annotations
@@ -28,10 +29,10 @@ from typing import Any, AsyncIterator, Callable, Sequence
 
 from loong_jax.entrypoints.async_llm import AsyncLLM, EngineDeadError
 from loong_jax.entrypoints.llm import format_description
-from loong_jax.engine.outputs import RequestOutput
+from loong_jax.outputs import RequestOutput
 from loong_jax.sampling.params import SamplingParams
 from loong_jax.server.generated import generation_pb2 as pb
-from loong_jax.server.metrics import EngineSnapshot
+from loong_jax.engine.snapshot import EngineSnapshot, TokenLimits
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ class EnginePort:
         self._model_path = None if model_path is None else Path(model_path)
         self._load_error: str | None = None
         self._longest_token_bytes: int | None = None
+        self._description: dict | None = None  # the engine's set-up: fixed once it is built
         self._version = _package_version()
 
     @classmethod
@@ -87,7 +89,7 @@ class EnginePort:
             logger.exception("engine failed to load")
             self._load_error = f"loading failed: {type(error).__name__}: {error}"
             return
-        description = self._engine.llm.describe()  # the start-up summary: what this server runs on
+        description = self.description()  # the start-up summary: what this server runs on
         logger.info("engine: %s", format_description(description),
                     extra={"fields": {"event": "engine_loaded", **description}})
 
@@ -138,11 +140,17 @@ class EnginePort:
     # ------------------------------------------------------------------ model facts
     @property
     def tokenizer(self):
-        return self.engine.llm.tokenizer
+        return self.engine.tokenizer
 
     @property
     def config(self):
-        return self.engine.llm.config
+        return self.engine.model_config
+
+    def description(self) -> dict:
+        """The engine's set-up (`LLM.describe`: model, devices, instances x tp, policy, KV pages, ...)."""
+        if self._description is None:
+            self._description = self.engine.describe()
+        return self._description
 
     @property
     def context_length(self) -> int:
@@ -166,9 +174,9 @@ class EnginePort:
             self._longest_token_bytes = max(len(spelling.encode()) for spelling in spellings if spelling)
         return self._longest_token_bytes
 
-    def token_limits(self) -> tuple[int, int]:
+    def token_limits(self) -> TokenLimits:
         """(longest prompt, largest prompt + max_tokens - 1) that can ever fit this cluster's KV."""
-        return self.engine.llm.engine.token_limits()
+        return self.engine.snapshot().token_limits
 
     def model_info(self, max_prompt_tokens: int) -> pb.ModelInfo:
         config, tokenizer = self.config, self.tokenizer
@@ -204,51 +212,27 @@ class EnginePort:
         return self._model_path.resolve().name
 
     # ------------------------------------------------------------------ live state
-    def _pages(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        allocator = self.engine.llm.engine.state.allocator
-        instances = range(allocator.num_instances)
-        return (tuple(allocator.num_pages(i) for i in instances),
-                tuple(allocator.num_pages(i) - allocator.pages_free(i) for i in instances))
-
     def metrics_snapshot(self) -> EngineSnapshot:
-        if self._engine is None:
-            return EngineSnapshot()
-        engine = self._engine.llm.engine
-        state, stats = engine.state, engine.executor.programs.stats
-        counters = dict(state.counters)
-        total, used = self._pages()
-        waiting = state.waiting
-        oldest = max(0.0, engine.clock() - min(r.arrival for r in waiting)) if waiting else 0.0
-        return EngineSnapshot(
-            running=len(state.prefilling) + len(state.decoding), waiting=len(waiting),
-            oldest_waiting_seconds=oldest, late=getattr(engine.policy, "late_requests", 0),
-            kv_pages_total=total, kv_pages_used=used,
-            prefill_dop_counts=dict(engine.dop_counts["prefill"]), decode_dop_counts=dict(engine.dop_counts["decode"]),
-            scale_downs=counters.get("scale_downs", 0), scale_ups=counters.get("scale_ups", 0),
-            migrations=counters.get("migrations", 0), preemptions=counters.get("preemptions", 0),
-            compiles=stats.compiles, compile_seconds=stats.compile_seconds,
-            programs_ready=len(engine.executor.programs.ready_keys()))
+        return EngineSnapshot() if self._engine is None else self._engine.snapshot()
 
     def server_info(self) -> pb.ServerInfo:
         info = pb.ServerInfo(version=self._version)
         if self._engine is None:
             return info
-        llm = self._engine.llm
-        state = llm.engine.state
-        total, used = self._pages()
-        waiting = state.waiting
-        info.num_instances = llm.topology.num_instances
-        info.tp = llm.topology.tp
-        info.page_size = llm.executor.page_size
-        info.instances.extend(pb.InstanceInfo(index=i, kv_pages_total=t, kv_pages_used=u, kv_pages_free=t - u)
-                              for i, (t, u) in enumerate(zip(total, used)))
-        info.programs_ready = len(llm.executor.programs.ready_keys())
-        info.queue_length = len(waiting)
-        info.queued_tokens = sum(request.prompt_len for request in waiting)
-        info.running = len(state.prefilling) + len(state.decoding)
-        info.policy = getattr(llm.engine.policy, "name", type(llm.engine.policy).__name__)
+        snapshot = self._engine.snapshot()
+        info.num_instances = snapshot.num_instances
+        info.tp = self.description()["tp"]
+        info.page_size = snapshot.page_size
+        info.instances.extend(pb.InstanceInfo(index=i, kv_pages_total=total, kv_pages_used=used,
+                                              kv_pages_free=total - used)
+                              for i, (total, used) in enumerate(zip(snapshot.kv_pages_total, snapshot.kv_pages_used)))
+        info.programs_ready = snapshot.programs_ready
+        info.queue_length = snapshot.waiting
+        info.queued_tokens = snapshot.queued_tokens
+        info.running = snapshot.running
+        info.policy = snapshot.policy
         return info
 
     def pages_used(self) -> int:
         """KV pages in use over all instances (0 when every request has released its pages)."""
-        return sum(self._pages()[1]) if self._engine is not None else 0
+        return sum(self._engine.snapshot().kv_pages_used) if self._engine is not None else 0

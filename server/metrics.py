@@ -9,13 +9,13 @@ Data flow:
   3. What only the engine knows (running / waiting / late requests, the oldest wait, KV pages per instance, the DoP each
      prefill and decode batch ran at, scale-downs, scale-ups, migrations, preemptions, compiles) is
      read at scrape time: `EngineCollector` calls `engine_snapshot()` and turns the returned
-     `EngineSnapshot` into metric families, so nothing is copied between scrapes.
+     `EngineSnapshot` (`loong_jax.engine.snapshot`, the engine's one description of its state) into
+     metric families, so nothing is copied between scrapes.
   4. `start_http(host, port)` serves `/metrics` from a background thread; `stop_http()` ends it.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import threading
 from typing import Callable, Mapping
 
@@ -23,31 +23,12 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import start_http_server
 
+from loong_jax.engine.snapshot import EngineSnapshot
+
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0,
                    60.0, 120.0, 300.0)
 INTER_TOKEN_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.15, 0.3, 0.6, 1.0, 2.5, 5.0)
 DOP_BUCKETS = (1, 2, 4, 8, 16, 32, 64)
-
-
-@dataclasses.dataclass(frozen=True)
-class EngineSnapshot:
-    """The engine's state and cumulative counts at one instant (what a scrape shows)."""
-
-    running: int = 0
-    waiting: int = 0
-    oldest_waiting_seconds: float = 0.0  # how long the longest-waiting request has waited (0: none waits)
-    late: int = 0  # waiting requests the policy holds behind every timely one (ESP's overload triage)
-    kv_pages_total: tuple[int, ...] = ()  # per instance
-    kv_pages_used: tuple[int, ...] = ()  # per instance
-    prefill_dop_counts: Mapping[int, int] = dataclasses.field(default_factory=dict)  # DoP -> batches
-    decode_dop_counts: Mapping[int, int] = dataclasses.field(default_factory=dict)
-    scale_downs: int = 0
-    scale_ups: int = 0
-    migrations: int = 0
-    preemptions: int = 0
-    compiles: int = 0
-    compile_seconds: float = 0.0
-    programs_ready: int = 0
 
 
 def _dop_histogram(name: str, documentation: str, counts: Mapping[int, int]) -> HistogramMetricFamily:

@@ -27,7 +27,7 @@ import time
 
 import grpc
 
-from loong_jax.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from loong_jax.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from loong_jax.server.admission import (Admission, Rejected, ServingLimits, check_token_ids, encode_text,
                                         render_chat)
 from loong_jax.server.engine_port import EngineDeadError, EnginePort

@@ -8,7 +8,7 @@ Data flow:
      `ValueError` naming the field); `chat_messages_from_proto` gives the template's input.
   3. Server side: `delta_to_proto` / `finished_to_proto` turn the engine's `RequestOutput` deltas into
      the streamed `GenerateDelta`s and the closing `GenerateFinished`; client side `delta_from_proto`
-     turns them back into `Delta` values with `loong_jax.engine.outputs.TokenLogprobs`.
+     turns them back into `Delta` values with `loong_jax.outputs.TokenLogprobs`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Mapping, Sequence
 
-from loong_jax.engine.outputs import CompletionOutput, TokenLogprobs
+from loong_jax.outputs import CompletionOutput, TokenLogprobs
 from loong_jax.sampling.params import SamplingParams
 from loong_jax.server.generated import generation_pb2 as pb
 

@@ -49,17 +49,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
 
 from loong_jax.models.attention import merge_partials
 from loong_jax.models.blocked_attention import KV_TILE, blocked_partial_attention
 from loong_jax.models.kernels import prefill_attention
 from loong_jax.models.kernels.dispatch import AUTO, by_platform, checks_vma
-from loong_jax.sharding.decode_attention import MEMBER_SPEC
-from loong_jax.sharding.kv_pool import POOL_SPEC
-from loong_jax.sharding.prefill_program import PrefillBatch
-from loong_jax.sharding.ring_prefill import (
-    HEADS_SPEC, LSE_SPEC, ROWS_SPEC, RingPrefillCache, ring_attention)
+from loong_jax.sharding.prefill_program import PrefillInputs
+from loong_jax.sharding.ring_prefill import RingPrefillCache, ring_attention
+from loong_jax.sharding.specs import BY_MEMBER_SPEC, HEADS_SPEC, LSE_SPEC, POOL_SPEC
 from loong_jax.sharding.stripe_layout import (
     PackedLayout, Placement, stream_positions, stream_segments, striped_layout)
 from loong_jax.sharding.topology import SEQ
@@ -81,7 +79,7 @@ def chunk_layout(chunks: Sequence[tuple[int, int]], members: int,
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class ContextInputs:
-    """Where each request's prefix sits, on the group mesh (MEMBER_SPEC)."""
+    """Where each request's prefix sits, on the group mesh (BY_MEMBER_SPEC)."""
 
     page_tables: jax.Array  # [d, requests, max_pages] int32: member m's pages of request r, in order
     kv_lens: jax.Array  # [d, requests] int32: prefix tokens of r held on m (0 = none)
@@ -96,9 +94,9 @@ class ContextTables:
     kv_lens: np.ndarray  # [d, requests] int32
 
     def to_device(self, mesh: Mesh) -> ContextInputs:
-        members = NamedSharding(mesh, MEMBER_SPEC)
-        return ContextInputs(page_tables=jax.device_put(self.page_tables, members),
-                             kv_lens=jax.device_put(self.kv_lens, members))
+        by_member = NamedSharding(mesh, BY_MEMBER_SPEC)
+        return ContextInputs(page_tables=jax.device_put(self.page_tables, by_member),
+                             kv_lens=jax.device_put(self.kv_lens, by_member))
 
 
 def layout_context(starts: Sequence[int], prefix_pages: Sequence[Mapping[int, Sequence[int]]],
@@ -247,7 +245,7 @@ def context_attention(mesh: Mesh, layer: int, q, segment_ids, pool, context: Con
                       pages_per_visit: int | None = None, attention_impl: str = AUTO):
     """Attention of the chunk's queries over their requests' prefixes, wherever in the group they sit.
 
-    q: [rows, q_heads, head_dim] (HEADS_SPEC); segment_ids: [rows] (ROWS_SPEC);
+    q: [rows, q_heads, head_dim] (HEADS_SPEC); segment_ids: [rows] (BY_MEMBER_SPEC);
     pool: group pool with POOL_SPEC (read only); context: `ContextInputs`;
     pages_per_visit: prefix pages per key tile of the reference code (None: about one
     `blocked_attention.KV_TILE`); attention_impl: `models.kernels.dispatch` implementation (static).
@@ -258,7 +256,7 @@ def context_attention(mesh: Mesh, layer: int, q, segment_ids, pool, context: Con
                              attention_impl=attention_impl)
     return jax.shard_map(
         body, mesh=mesh,
-        in_specs=(HEADS_SPEC, ROWS_SPEC, POOL_SPEC, MEMBER_SPEC, MEMBER_SPEC),
+        in_specs=(HEADS_SPEC, BY_MEMBER_SPEC, POOL_SPEC, BY_MEMBER_SPEC, BY_MEMBER_SPEC),
         out_specs=(HEADS_SPEC, LSE_SPEC), check_vma=checks_vma(attention_impl),
     )(q, segment_ids, pool, context.page_tables, context.kv_lens)
 
@@ -272,7 +270,7 @@ class ContextPrefillCache:
     context: ContextInputs
 
 
-def context_prefill_forward(graphdef: nnx.GraphDef, params: Any, pool: jax.Array, batch: PrefillBatch,
+def context_prefill_forward(graphdef: nnx.GraphDef, params: Any, pool: jax.Array, batch: PrefillInputs,
                             context: ContextInputs, *, mesh: Mesh,
                             pages_per_visit: int | None = None,
                             attention_impl: str = AUTO) -> tuple[jax.Array, jax.Array]:
@@ -280,7 +278,7 @@ def context_prefill_forward(graphdef: nnx.GraphDef, params: Any, pool: jax.Array
 
     graphdef, params: `nnx.split(model)`, params as `topology.group_params(...)`;
     pool: group pool [d, layers, 2, pages, page_size, kv_heads, head_dim] with POOL_SPEC;
-    batch: `prefill_program.make_prefill_batch(chunk_layout(...), chunk_tokens, placement, mesh)`;
+    batch: `prefill_program.make_prefill_inputs(chunk_layout(...), chunk_tokens, placement, mesh)`;
     context: `layout_context(...).to_device(mesh)`, segment r = request r of the batch;
     pages_per_visit: prefix pages per key tile (None: about one `blocked_attention.KV_TILE`);
     attention_impl: `models.kernels.dispatch` implementation of every attention call (static).
@@ -307,17 +305,3 @@ def context_prefill_forward(graphdef: nnx.GraphDef, params: Any, pool: jax.Array
                           kv_cache=cache, logits_indices=batch.logits_indices)
     return logits, cache.ring.pool
 
-
-def jit_context_prefill(graphdef: nnx.GraphDef, mesh: Mesh, pages_per_visit: int | None = None,
-                        attention_impl: str = AUTO):
-    """`context_prefill_forward` compiled for one group: call as
-    `logits, pool = program(params, pool, batch, context)`. The pool is donated.
-    Shapes are static per (group, rows bucket, num_logits, requests, max_pages),
-    so one wrapper per group compiles once per bucket; keep and reuse it."""
-
-    def context_prefill(params, pool, batch, context):
-        return context_prefill_forward(graphdef, params, pool, batch, context, mesh=mesh,
-                                       pages_per_visit=pages_per_visit, attention_impl=attention_impl)
-
-    return jax.jit(context_prefill, donate_argnames=("pool",),
-                   out_shardings=(NamedSharding(mesh, P()), NamedSharding(mesh, POOL_SPEC)))

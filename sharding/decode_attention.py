@@ -41,20 +41,13 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
 
 from loong_jax.models.attention import NEG_INF, merge_partials
 from loong_jax.models.kernels import paged_decode_attention
 from loong_jax.models.kernels.dispatch import AUTO, by_platform, checks_vma
-from loong_jax.sharding.kv_pool import POOL_SPEC
-from loong_jax.sharding.topology import SEQ, TENSOR
-
-# Per-request arrays of the batch: rows split over the members (their masters).
-ROW_SPEC = P(SEQ)
-# q/k/v of the batch: rows over members, heads over the devices of an instance.
-HEADS_SPEC = P(SEQ, TENSOR, None)
-# Per-member arrays with a leading member axis ([d, ...]).
-MEMBER_SPEC = P(SEQ)
+from loong_jax.sharding.specs import BY_MEMBER_SPEC, HEADS_SPEC, POOL_SPEC
+from loong_jax.sharding.topology import SEQ
 # Page entries a member attends at once; more are visited chunk by chunk with an
 # online log-sum-exp merge, which bounds the gathered KV however much is held.
 PAGES_PER_CHUNK = 1024
@@ -223,7 +216,7 @@ def decode_attention(layer: int, q: jax.Array, k: jax.Array, v: jax.Array, posit
     out, pool = jax.shard_map(
         body,
         mesh=mesh,
-        in_specs=(HEADS_SPEC, HEADS_SPEC, HEADS_SPEC, POOL_SPEC, MEMBER_SPEC, MEMBER_SPEC, MEMBER_SPEC, ROW_SPEC),
+        in_specs=(HEADS_SPEC,) * 3 + (POOL_SPEC,) + (BY_MEMBER_SPEC,) * 4,  # q, k, v; pool; entries, append slots
         out_specs=(HEADS_SPEC, POOL_SPEC), check_vma=checks_vma(attention_impl),
     )(q, k, v, kv_cache.pool, kv_cache.entry_rows, kv_cache.entry_pages, kv_cache.entry_tokens,
       kv_cache.append_slots)

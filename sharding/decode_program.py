@@ -6,17 +6,17 @@ Data flow:
      d blocks of B_local rows, block m holding the requests member m is master
      of (padding rows: slot -1, nothing held), and lists per member the page
      entries it holds (row, page, tokens in that page), sorted by row and padded
-     to `member_pages` entries. `DecodeBatch.to_device(mesh)` places every
-     array sharded over SEQ (`DecodeInputs`). d, B_local and member_pages are the
-     static bucket: the work follows the pages held, not the longest request.
+     to `member_pages` entries (`DecodeLayout`). `DecodeLayout.to_device(mesh)`
+     places every array sharded BY_MEMBER_SPEC (`DecodeInputs`). d, B_local
+     and member_pages are the static bucket: the work follows the pages held, not the longest request.
   2. Device (`decode_forward`, traceable): the model runs on the group with
      GSPMD for its dense layers (rows split over members, heads/MLP split over
      TENSOR) and `decode_attention` as its attention hook, which appends each
      new token's k, v on its master and merges partial attention over every
      member's pages. Returns logits [d * B_local, vocab] float32 and the pool.
-  3. `jit_decode(graphdef, mesh)` is the compiled program of one group; it
-     donates the group pool, so the appends happen in place and the caller
-     gets the same buffers back.
+  3. `loong_jax.executor.programs.decode_program` jits it for one group with
+     the sampler fused; it donates the group pool, so the appends happen in
+     place and the caller gets the same buffers back.
 """
 
 from __future__ import annotations
@@ -33,9 +33,8 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from loong_jax.models.kernels.dispatch import AUTO
-from loong_jax.sharding.decode_attention import (
-    MEMBER_SPEC, PAGES_PER_CHUNK, ROW_SPEC, DecodeKVCache, decode_attention)
-from loong_jax.sharding.kv_pool import POOL_SPEC
+from loong_jax.sharding.decode_attention import PAGES_PER_CHUNK, DecodeKVCache, decode_attention
+from loong_jax.sharding.specs import BY_MEMBER_SPEC
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,17 +54,18 @@ class DecodeRow:
 class DecodeInputs:
     """Per-step inputs of a decode program, on the group mesh (R = d * B_local rows)."""
 
-    tokens: jax.Array  # [R] int32, ROW_SPEC
-    positions: jax.Array  # [R] int32, ROW_SPEC
-    append_slots: jax.Array  # [R] int32, ROW_SPEC; -1 = padding row
-    entry_rows: jax.Array  # [d, E] int32, MEMBER_SPEC; row of each page entry, sorted
-    entry_pages: jax.Array  # [d, E] int32, MEMBER_SPEC; page read by the entry
-    entry_tokens: jax.Array  # [d, E] int32, MEMBER_SPEC; tokens held in it (0 = padding)
+    tokens: jax.Array  # [R] int32, BY_MEMBER_SPEC
+    positions: jax.Array  # [R] int32, BY_MEMBER_SPEC
+    append_slots: jax.Array  # [R] int32, BY_MEMBER_SPEC; -1 = padding row
+    entry_rows: jax.Array  # [d, E] int32, BY_MEMBER_SPEC; row of each page entry, sorted
+    entry_pages: jax.Array  # [d, E] int32, BY_MEMBER_SPEC; page read by the entry
+    entry_tokens: jax.Array  # [d, E] int32, BY_MEMBER_SPEC; tokens held in it (0 = padding)
 
 
 @dataclasses.dataclass(frozen=True)
-class DecodeBatch:
-    """Host arrays of one decode step for a group of d members (R = d * B_local rows)."""
+class DecodeLayout:
+    """Host arrays of one decode step for a group of d members (R = d * B_local rows): where each request
+    sits in the batch and which page entries every member attends."""
 
     tokens: np.ndarray  # [R] int32
     positions: np.ndarray  # [R] int32
@@ -77,15 +77,14 @@ class DecodeBatch:
 
     def to_device(self, mesh: Mesh) -> DecodeInputs:
         """The inputs of the decode program, sharded over the group's SEQ axis."""
-        rows = NamedSharding(mesh, ROW_SPEC)
-        members = NamedSharding(mesh, MEMBER_SPEC)
-        return DecodeInputs(
-            tokens=jax.device_put(self.tokens, rows),
-            positions=jax.device_put(self.positions, rows),
-            append_slots=jax.device_put(self.append_slots, rows),
-            entry_rows=jax.device_put(self.entry_rows, members),
-            entry_pages=jax.device_put(self.entry_pages, members),
-            entry_tokens=jax.device_put(self.entry_tokens, members))
+        by_member = NamedSharding(mesh, BY_MEMBER_SPEC)
+        return jax.device_put(self.inputs(), by_member)
+
+    def inputs(self) -> DecodeInputs:
+        """The program's inputs as host arrays (the executor's `ProgramCall` carries these)."""
+        return DecodeInputs(tokens=self.tokens, positions=self.positions, append_slots=self.append_slots,
+                            entry_rows=self.entry_rows, entry_pages=self.entry_pages,
+                            entry_tokens=self.entry_tokens)
 
 
 def pages_held(requests: Sequence[DecodeRow], members: int, page_size: int) -> int:
@@ -98,7 +97,7 @@ def pages_held(requests: Sequence[DecodeRow], members: int, page_size: int) -> i
 
 
 def layout_decode_batch(requests: Sequence[DecodeRow], members: int, batch_local: int, member_pages: int,
-                        page_size: int) -> DecodeBatch:
+                        page_size: int) -> DecodeLayout:
     """Places each request in its master's block of rows and lists every member's page entries."""
     total_rows = members * batch_local
     tokens = np.zeros(total_rows, np.int32)
@@ -153,7 +152,7 @@ def layout_decode_batch(requests: Sequence[DecodeRow], members: int, batch_local
         entry_rows[member, :count] = np.asarray(held_rows, np.int32)[order]
         entry_pages[member, :count] = np.asarray(held_pages, np.int32)[order]
         entry_tokens[member, :count] = np.asarray(held_tokens, np.int32)[order]
-    return DecodeBatch(tokens, positions, append_slots, entry_rows, entry_pages, entry_tokens, tuple(rows))
+    return DecodeLayout(tokens, positions, append_slots, entry_rows, entry_pages, entry_tokens, tuple(rows))
 
 
 def decode_forward(graphdef: nnx.GraphDef, params: Any, pool: jax.Array, inputs: DecodeInputs, *,
@@ -164,7 +163,7 @@ def decode_forward(graphdef: nnx.GraphDef, params: Any, pool: jax.Array, inputs:
     graphdef, params: `nnx.split(model)`, params laid out over `mesh`
       (`topology.group_params`: replicated over SEQ, TENSOR-sharded);
     pool: [d, layers, 2, pages, page_size, kv_heads, head_dim] with POOL_SPEC
-      (`kv_pool.assemble_group_pool`); inputs: `DecodeBatch.to_device(mesh)`;
+      (`kv_pool.assemble_group_pool`); inputs: `DecodeLayout.to_device(mesh)`;
     pages_per_chunk: page entries attended at once per member (bounds the gathered KV);
     attention_impl: `models.kernels.dispatch` implementation (static).
     Returns logits [R, vocab] float32 (padding rows are meaningless) and the pool
@@ -179,17 +178,3 @@ def decode_forward(graphdef: nnx.GraphDef, params: Any, pool: jax.Array, inputs:
     logits, cache = model(inputs.tokens, inputs.positions, segment_ids, attention=attention, kv_cache=cache)
     return logits, cache.pool
 
-
-def jit_decode(graphdef: nnx.GraphDef, mesh: Mesh, pages_per_chunk: int = PAGES_PER_CHUNK,
-               attention_impl: str = AUTO):
-    """`decode_forward` compiled for one group: call as
-    `logits, pool = program(params, pool, inputs)`. The pool is donated (the
-    appends happen in place). Shapes are static per (group, B_local, member_pages)
-    bucket, so one wrapper per group compiles once per bucket; keep and reuse it."""
-
-    def distributed_decode(params, pool, inputs):
-        return decode_forward(graphdef, params, pool, inputs, mesh=mesh, pages_per_chunk=pages_per_chunk,
-                              attention_impl=attention_impl)
-
-    return jax.jit(distributed_decode, donate_argnames=("pool",),
-                   out_shardings=(NamedSharding(mesh, ROW_SPEC), NamedSharding(mesh, POOL_SPEC)))

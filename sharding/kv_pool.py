@@ -5,7 +5,7 @@ group's pool is just the members' buffers side by side):
 
     [1, layers, 2, pages, page_size, kv_heads, head_dim]     (axis 2: 0 = k, 1 = v)
 
-placed on `instance_mesh(i)` with `POOL_SPEC` (kv heads split over TENSOR).
+placed on `instance_mesh(i)` with `specs.POOL_SPEC` (kv heads split over TENSOR).
 A flat slot of an instance's pool is `page * page_size + offset`.
 
 Data flow of a program over a group:
@@ -26,12 +26,11 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
 
 from loong_jax.models.config import ModelConfig
-from loong_jax.sharding.topology import SEQ, TENSOR, Topology
-
-POOL_SPEC = P(SEQ, None, None, None, None, TENSOR, None)
+from loong_jax.sharding.specs import POOL_SPEC
+from loong_jax.sharding.topology import Topology
 
 
 @dataclasses.dataclass(frozen=True)

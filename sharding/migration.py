@@ -1,6 +1,6 @@
 """Migration: moving KV pages between members of a group with a collective permute.
 
-This is the only way KV ever moves (DESIGN.md, mechanism 4): the scheduler
+This is the only way KV ever moves (ESP mechanism 4, docs/ARCHITECTURE.md): the scheduler
 frees an instance by sending its pages to another one.
 
 Data flow:
@@ -13,9 +13,10 @@ Data flow:
      them along `moves`, and each destination writes what it received at its
      receive pages. Padding entries (-1) are dropped by a scatter with
      mode="drop"; members outside `moves` receive zeros and write nothing.
-  3. `jit_migrate(mesh, moves)` is the compiled program; it donates the pool,
-     so pages are written in place. The host then updates its page tables and may reuse the
-     source pages at once.
+  3. `loong_jax.executor.programs.migration_program` jits it (token slots for
+     the engine, whole pages for `layout_migration`'s plans); it donates the
+     pool, so pages are written in place. The host then updates its page
+     tables and may reuse the source pages at once.
 """
 
 from __future__ import annotations
@@ -29,8 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 
-from loong_jax.sharding.decode_attention import MEMBER_SPEC
-from loong_jax.sharding.kv_pool import POOL_SPEC
+from loong_jax.sharding.specs import BY_MEMBER_SPEC, POOL_SPEC
 from loong_jax.sharding.topology import SEQ
 
 Moves = tuple[tuple[int, int], ...]  # (source member, destination member) pairs
@@ -52,10 +52,9 @@ class MigrationPlan:
     send_pages: np.ndarray  # [d, n] int32, -1 = padding
     receive_pages: np.ndarray  # [d, n] int32, -1 = padding
 
-    def to_device(self, mesh: Mesh) -> dict[str, jax.Array]:
-        members = NamedSharding(mesh, MEMBER_SPEC)
-        return {"send_pages": jax.device_put(self.send_pages, members),
-                "receive_pages": jax.device_put(self.receive_pages, members)}
+    def to_device(self, mesh: Mesh) -> tuple[jax.Array, jax.Array]:
+        """(send_pages, receive_pages) on the group mesh, as the migration program takes them."""
+        return jax.device_put((self.send_pages, self.receive_pages), NamedSharding(mesh, BY_MEMBER_SPEC))
 
 
 def layout_migration(transfers: Sequence[PageTransfer], members: int, max_pages: int) -> MigrationPlan:
@@ -102,25 +101,14 @@ def migrate_pages(pool: jax.Array, send_pages: jax.Array, receive_pages: jax.Arr
     """Moves pages between members of the group `mesh` (traceable; see module docstring).
 
     pool: [d, layers, 2, pages, page_size, kv_heads, head_dim] (POOL_SPEC);
-    send_pages, receive_pages: [d, n] int32 (MEMBER_SPEC). Returns the pool.
+    send_pages, receive_pages: [d, n] int32 (BY_MEMBER_SPEC). Returns the pool.
     """
     if not moves:
         return pool
     return jax.shard_map(
         functools.partial(_member_migrate, moves=moves),
         mesh=mesh,
-        in_specs=(POOL_SPEC, MEMBER_SPEC, MEMBER_SPEC),
+        in_specs=(POOL_SPEC, BY_MEMBER_SPEC, BY_MEMBER_SPEC),
         out_specs=POOL_SPEC,
     )(pool, send_pages, receive_pages)
 
-
-def jit_migrate(mesh: Mesh, moves: Moves):
-    """`migrate_pages` compiled for one group and one set of moves: call as
-    `pool = program(pool, send_pages, receive_pages)` (or `program(pool,
-    **plan.to_device(mesh))`). The pool is donated (pages written in place);
-    compiled once per bucket n."""
-
-    def page_migration(pool, send_pages, receive_pages):
-        return migrate_pages(pool, send_pages, receive_pages, mesh=mesh, moves=moves)
-
-    return jax.jit(page_migration, donate_argnames=("pool",), out_shardings=NamedSharding(mesh, POOL_SPEC))

@@ -4,9 +4,10 @@ this group with this placement".
 Data flow:
   1. Host: `stripe_layout` lays the prompts out in rows (member m owns rows
      [m * T_local, (m + 1) * T_local)) and turns the placement into per-row
-     (member, slot); `make_prefill_batch` puts those arrays on the group mesh,
-     sharded P(SEQ) over rows.
-  2. Device, one jitted program (`jit_prefill`), pool donated:
+     (member, slot); `make_prefill_inputs` puts those arrays (`PrefillInputs`)
+     on the group mesh, sharded BY_MEMBER_SPEC over rows.
+  2. Device, `prefill_forward` (traceable; jitted with the pool donated and
+     the sampler fused by `loong_jax.executor.programs.prefill_program`):
      a. the model's dense layers (embedding, projections, MLP, norms) run under
         GSPMD: rows over SEQ, weights over TENSOR per the logical-axis table,
         on the weights' zero-copy group view (`topology.group_params`);
@@ -27,30 +28,30 @@ from typing import Any
 import jax
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
 
 from loong_jax.models.kernels.dispatch import AUTO
-from loong_jax.sharding.kv_pool import POOL_SPEC
-from loong_jax.sharding.ring_prefill import ROWS_SPEC, RingPrefillCache, ring_attention
+from loong_jax.sharding.ring_prefill import RingPrefillCache, ring_attention
+from loong_jax.sharding.specs import BY_MEMBER_SPEC, REPLICATED_SPEC
 from loong_jax.sharding.stripe_layout import PackedLayout, Placement
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
-class PrefillBatch:
-    """Per-row inputs of a prefill program, on the group mesh."""
+class PrefillInputs:
+    """Per-row inputs of a prefill program (numpy on the host, on the group mesh for the device)."""
 
-    tokens: jax.Array  # [rows] int32, sharded P(SEQ); 0 on padding rows
+    tokens: jax.Array  # [rows] int32, sharded BY_MEMBER_SPEC; 0 on padding rows
     positions: jax.Array  # [rows] int32, global position within the prompt
     segment_ids: jax.Array  # [rows] int32, prompt index within the batch, -1 = padding
     placement_member: jax.Array  # [rows] int32, member keeping the token's KV, -1 = nowhere
     placement_slot: jax.Array  # [rows] int32, flat slot in the keeper's pool
-    logits_indices: jax.Array  # [num_logits] int32, replicated: rows to score
+    logits_indices: jax.Array  # [num_logits] int32, REPLICATED_SPEC: rows to score
 
 
-def make_prefill_batch(layout: PackedLayout, stream_tokens: np.ndarray, placement: Placement, mesh: Mesh,
-                       num_logits: int | None = None) -> PrefillBatch:
-    """Host arrays in stream order -> a PrefillBatch on `mesh`.
+def make_prefill_inputs(layout: PackedLayout, stream_tokens: np.ndarray, placement: Placement, mesh: Mesh,
+                        num_logits: int | None = None) -> PrefillInputs:
+    """Host arrays in stream order -> `PrefillInputs` on `mesh`.
 
     stream_tokens: [total] token ids of the packed prompts. num_logits pads
     the scored rows to a bucket (extra entries repeat the first prompt's last
@@ -62,17 +63,17 @@ def make_prefill_batch(layout: PackedLayout, stream_tokens: np.ndarray, placemen
         raise ValueError(f"num_logits={num_logits} is less than the {len(last_rows)} prompts")
     logits_indices = np.concatenate([last_rows, np.full(num_logits - len(last_rows), last_rows[0])])
     member_rows, slot_rows = placement.rows(layout)
-    rows = NamedSharding(mesh, ROWS_SPEC)
-    return PrefillBatch(
+    rows = NamedSharding(mesh, BY_MEMBER_SPEC)
+    return PrefillInputs(
         tokens=jax.device_put(layout.to_rows(np.asarray(stream_tokens, np.int32), fill=0), rows),
         positions=jax.device_put(layout.positions, rows),
         segment_ids=jax.device_put(layout.segment_ids, rows),
         placement_member=jax.device_put(member_rows.astype(np.int32), rows),
         placement_slot=jax.device_put(slot_rows.astype(np.int32), rows),
-        logits_indices=jax.device_put(logits_indices.astype(np.int32), NamedSharding(mesh, P())))
+        logits_indices=jax.device_put(logits_indices.astype(np.int32), NamedSharding(mesh, REPLICATED_SPEC)))
 
 
-def prefill_forward(graphdef: nnx.GraphDef, params: Any, pool: jax.Array, batch: PrefillBatch, *,
+def prefill_forward(graphdef: nnx.GraphDef, params: Any, pool: jax.Array, batch: PrefillInputs, *,
                     mesh: Mesh, attention_impl: str = AUTO) -> tuple[jax.Array, jax.Array]:
     """Traceable whole-model ring prefill.
 
@@ -80,7 +81,7 @@ def prefill_forward(graphdef: nnx.GraphDef, params: Any, pool: jax.Array, batch:
       group view from `topology.group_params` (replicated over SEQ, TENSOR-sharded).
     pool: group pool [d, layers, 2, pages, page_size, kv_heads, head_dim] with POOL_SPEC
       (`kv_pool.assemble_group_pool`).
-    batch: the rows of the packed prompts (`make_prefill_batch`).
+    batch: the rows of the packed prompts (`make_prefill_inputs`).
     mesh: the group mesh (static).
     attention_impl: `models.kernels.dispatch` implementation of the ring steps (static).
 
@@ -100,15 +101,3 @@ def prefill_forward(graphdef: nnx.GraphDef, params: Any, pool: jax.Array, batch:
                           kv_cache=cache, logits_indices=batch.logits_indices)
     return logits, cache.pool
 
-
-def jit_prefill(graphdef: nnx.GraphDef, mesh: Mesh, attention_impl: str = AUTO):
-    """`prefill_forward` compiled for one group: call as
-    `logits, pool = program(params, pool, batch)`. The pool is donated (updated
-    in place). Shapes are static per (group, rows bucket, num_logits bucket),
-    so one wrapper per group compiles once per bucket; keep and reuse it."""
-
-    def program(params, pool, batch):
-        return prefill_forward(graphdef, params, pool, batch, mesh=mesh, attention_impl=attention_impl)
-
-    return jax.jit(program, donate_argnames=("pool",),
-                   out_shardings=(NamedSharding(mesh, P()), NamedSharding(mesh, POOL_SPEC)))

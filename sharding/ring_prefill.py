@@ -2,8 +2,8 @@
 into the pool of the member that keeps it (proactive scale-down).
 
 Every per-token array is laid out in rows: member m holds rows
-[m * T_local, (m + 1) * T_local) (see `stripe_layout`), sharded P(SEQ) over
-the group mesh; q, k, v are additionally split over heads with TENSOR.
+[m * T_local, (m + 1) * T_local) (see `stripe_layout`), sharded BY_MEMBER_SPEC over
+the group mesh (`specs`); q, k, v are additionally split over heads with TENSOR.
 
 Data flow inside `jax.shard_map`, on member `me` of d, for one layer:
   1. The member holds its own queries and, initially, its own KV block with the
@@ -34,18 +34,14 @@ import functools
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
 
 from loong_jax.models.attention import NEG_INF, merge_partials
 from loong_jax.models.blocked_attention import segment_attention
 from loong_jax.models.kernels import prefill_attention
 from loong_jax.models.kernels.dispatch import AUTO, by_platform, checks_vma
-from loong_jax.sharding.kv_pool import POOL_SPEC
-from loong_jax.sharding.topology import SEQ, TENSOR
-
-HEADS_SPEC = P(SEQ, TENSOR, None)  # [tokens, heads, head_dim]
-LSE_SPEC = P(SEQ, TENSOR)  # [tokens, heads]
-ROWS_SPEC = P(SEQ)  # [tokens]
+from loong_jax.sharding.specs import BY_MEMBER_SPEC, HEADS_SPEC, LSE_SPEC, POOL_SPEC
+from loong_jax.sharding.topology import SEQ
 
 
 @jax.tree_util.register_dataclass
@@ -130,7 +126,7 @@ def ring_attention(mesh: Mesh, layer: int, q, k, v, positions, segment_ids, plac
 
     q: [rows, q_heads, head_dim]; k, v: [rows, kv_heads, head_dim] (RoPE applied),
     sharded HEADS_SPEC; positions, segment_ids, placement_member,
-    placement_slot: [rows] int32, sharded ROWS_SPEC; pool: the group pool
+    placement_slot: [rows] int32, sharded BY_MEMBER_SPEC; pool: the group pool
     [d, layers, 2, pages, page_size, kv_heads, head_dim] with POOL_SPEC, or
     None to attend without keeping KV. `layer` (static) picks the pool layer;
     `attention_impl` (static) the `models.kernels.dispatch` implementation.
@@ -144,17 +140,7 @@ def ring_attention(mesh: Mesh, layer: int, q, k, v, positions, segment_ids, plac
     pool_spec = None if pool is None else POOL_SPEC
     program = jax.shard_map(
         local, mesh=mesh,
-        in_specs=(HEADS_SPEC, HEADS_SPEC, HEADS_SPEC, ROWS_SPEC, ROWS_SPEC, ROWS_SPEC, ROWS_SPEC, pool_spec),
+        in_specs=(HEADS_SPEC,) * 3 + (BY_MEMBER_SPEC,) * 4 + (pool_spec,),  # q, k, v; per-row arrays; pool
         out_specs=(HEADS_SPEC, LSE_SPEC, pool_spec), check_vma=checks_vma(attention_impl))
     return program(q, k, v, positions, segment_ids, placement_member, placement_slot, pool)
 
-
-def jit_ring_attention(mesh: Mesh, layer: int = 0, attention_impl: str = AUTO):
-    """`ring_attention` jitted for one group mesh with the pool donated (the
-    attention-only program; the whole-model one is in `prefill_program`)."""
-
-    def run(q, k, v, positions, segment_ids, placement_member, placement_slot, pool):
-        return ring_attention(mesh, layer, q, k, v, positions, segment_ids, placement_member,
-                              placement_slot, pool, attention_impl)
-
-    return jax.jit(run, donate_argnames=("pool",))

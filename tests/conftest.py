@@ -17,3 +17,4 @@ from tests.engine_fixtures import (  # noqa: E402,F401
     reference_model,
     shared_llm,
 )
+from tests.bench_fixtures import compile_cache, tiny_checkpoint  # noqa: E402,F401  (bench and eval tests)

@@ -124,5 +124,8 @@ def record_plans(llm) -> list:
             plans.append(policy.schedule(view))
             return plans[-1]
 
-    llm.engine.policy = Recording()
+        def __getattr__(self, attribute):  # the policy's other answers (token limits, warm-up groups, ...)
+            return getattr(policy, attribute)
+
+    llm.engine.core.policy = Recording()
     return plans

@@ -22,9 +22,12 @@ Data flow:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Hashable, Iterable, Sequence
+from typing import Iterable, Sequence
 
-RequestId = Hashable
+from loong_jax.executor.protocol import MigrationTicket
+from loong_jax.scheduler.plan import RequestId
+from loong_jax.scheduler.view import ceil_div
+
 
 
 class OutOfPages(RuntimeError):
@@ -48,25 +51,6 @@ class PageCopy:
     src_page: int
     dst_page: int
     n_slots: int
-
-
-@dataclass(frozen=True)
-class MigrationTicket:
-    """What the executor needs to move one share: token j goes from source slot j to destination slot
-    `dst_first_slot + j` (slots map to pages through the page tables)."""
-
-    ticket_id: int
-    request_id: RequestId
-    src_instance: int
-    dst_instance: int
-    n_tokens: int
-    src_pages: tuple[int, ...]
-    dst_first_slot: int
-    dst_pages: tuple[int, ...]  # the request's whole page table on the destination after the move
-
-
-def _ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 class KVAllocator:
@@ -155,7 +139,7 @@ class KVAllocator:
             return 0
         share = self._shares.get(request_id, {}).get(instance)
         have = share.n_tokens if share else 0
-        needed = _ceil_div(have + n_tokens, self.page_size) - _ceil_div(have, self.page_size)
+        needed = ceil_div(have + n_tokens, self.page_size) - ceil_div(have, self.page_size)
         if share and have % self.page_size and self._refcount[instance][share.pages[-1]] > 1:
             needed += 1  # copy-on-write of the shared, partly filled last page
         return needed
@@ -293,7 +277,7 @@ class KVAllocator:
                 share = shares.get(instance)
                 if share is None:
                     continue
-                expected_pages = _ceil_div(share.n_tokens, self.page_size)
+                expected_pages = ceil_div(share.n_tokens, self.page_size)
                 assert len(share.pages) == expected_pages, (
                     f"request {request_id!r} on {instance}: {len(share.pages)} pages for {share.n_tokens} tokens")
                 assert sum(n for _, n in share.ranges) == share.n_tokens, f"ranges of {request_id!r} on {instance}"

@@ -1,14 +1,15 @@
 """The engine loop: requests in, streamed outputs out, one scheduling event per `step()`.
 
-Data flow of `step()`:
-  1. plan = policy.schedule(view): the policy sees numbers only (free pages, queues, ready programs) and plans
+Data flow of `step()`, over the `EngineCore` (`loong_jax.engine.core`) that the simulator and the profiler
+drive too:
+  1. plan = core.schedule(): the policy sees numbers only (free pages, queues, ready programs) and plans
      work for the idle instances;
-  2. state.on_dispatched(plan): pages are taken (placements, masters, migrations), preempted requests go back
-     to waiting, and the plan's units become in flight;
-  3. executor.submit(plan): every unit is dispatched to its group asynchronously;
-  4. results = executor.wait_next(): the unit(s) that finish first come back with their sampled tokens;
-  5. the tokens are detokenized (stop strings, stop tokens, max_tokens decide which requests finish),
-     state.apply(result) frees the pages of finished requests, and the step returns the new output of every
+  2. core.dispatch(plan, sampling rows): pages are taken (placements, masters, migrations), preempted
+     requests go back to waiting, and every unit goes to the executor with its inputs (each request's
+     sampling row, which holds its tokens, and its page tables): nothing calls back into the engine;
+  3. results = core.wait(): the unit(s) that finish first come back with their sampled tokens;
+  4. the tokens are detokenized (stop strings, stop tokens, max_tokens decide which requests finish),
+     core.apply(result) frees the pages of finished requests, and the step returns the new output of every
      request it touched (deltas: new token ids, text and logprobs, with the finish reason at the end).
 
 Requests are validated at the edge (`validate_request`): a bad prompt, bad sampling parameters or a
@@ -18,7 +19,6 @@ request that could never fit the cluster's KV raises ValueError before anything 
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import itertools
 import logging
@@ -26,9 +26,11 @@ import time
 from typing import Sequence
 
 from loong_jax.sampling.detokenizer import SequenceDetokenizer
-from loong_jax.engine.state import BatchResult, EngineState
-from loong_jax.executor.jax_executor import JaxExecutor, UnitResult
-from loong_jax.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from loong_jax.engine.core import EngineCore, SchedulerStalled
+from loong_jax.engine.snapshot import EngineSnapshot, capture as capture_snapshot
+from loong_jax.engine.state import EngineState
+from loong_jax.executor.protocol import Executor, UnitResult
+from loong_jax.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from loong_jax.sampling.batch import SamplingRow
 from loong_jax.sampling.params import SamplingParams
 from loong_jax.scheduler.plan import Plan
@@ -47,10 +49,6 @@ class LogicalClock:
 
     def __call__(self) -> float:
         return next(self._readings) * self._tick
-
-
-class SchedulerStalled(RuntimeError):
-    """Requests wait, nothing runs and the policy plans nothing: a policy bug, reported instead of hanging."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,39 +83,32 @@ class _Request:
 
 
 class Engine:
-    def __init__(self, executor: JaxExecutor, tokenizer, policy, cost_model, *, max_context: int,
-                 request_token_limit=None, clock=time.monotonic, compile_aware: bool = True):
-        """`request_token_limit(pages_per_instance)` -> (longest prompt, largest peak KV) the policy can
-        serve; default: the whole cluster's KV. `compile_aware`: the policy is told which programs are
-        compiled and what a compilation costs (off for reproducible runs: compile times vary)."""
-        self.executor = executor
+    def __init__(self, executor: Executor, tokenizer, policy, cost_model, *, max_context: int, vocab_size: int,
+                 pages_per_instance: int, page_size: int, clock=time.monotonic, compile_aware: bool = True):
+        """`compile_aware`: the policy is told which programs are compiled and what a compilation costs (off
+        for reproducible runs: compile times vary)."""
+        self.state = EngineState(executor.num_instances, pages_per_instance, page_size)
+        self.core = EngineCore(self.state, policy, cost_model, executor, clock=clock, compile_aware=compile_aware)
         self.tokenizer = tokenizer
-        self.policy = policy
-        self.cost_model = cost_model
-        self.max_context = max_context
-        self.clock = clock
-        self.vocab_size = executor.config.vocab_size
         self.eos_token_ids = tuple(getattr(tokenizer, "eos_token_ids", ()) or ())
-        self.state = EngineState(executor.num_instances, executor.pool_shape.pages, executor.page_size)
-        executor.bind(self.state, self)
-        self._request_token_limit = request_token_limit
-        self.compile_aware = compile_aware
+        self.max_context, self.vocab_size, self.pages_per_instance = max_context, vocab_size, pages_per_instance
+        self._token_limits = self._policy_token_limits(policy)
         self._requests: dict[str, _Request] = {}
         self._sequences: dict[int, _Sequence] = {}
         self._engine_ids = itertools.count()
         self._deltas: dict[str, tuple[_Request, dict[int, CompletionOutput]]] = {}  # not yet emitted
-        self._ready_programs = (None, frozenset())  # (compile count it was computed at, keys)
-        # DoP -> batches dispatched, per phase (the server's Prometheus histograms read these)
-        self.dop_counts: dict[str, collections.Counter] = {"prefill": collections.Counter(),
-                                                           "decode": collections.Counter()}
 
     # -- requests -------------------------------------------------------------------------------------------------
     def token_limits(self) -> tuple[int, int]:
         """(longest prompt, largest prompt + max_tokens - 1) in tokens that can ever be served here."""
+        return self._token_limits
+
+    def _policy_token_limits(self, policy) -> tuple[int, int]:
         capacity = self.state.capacity_tokens
-        if self._request_token_limit is None:
+        limits = policy.request_token_limits(self.state.num_instances, self.pages_per_instance, self.state.page_size)
+        if limits is None:  # the policy may spread one request over the whole cluster
             return capacity, capacity
-        longest_prompt, largest_peak = self._request_token_limit(self.executor.pool_shape.pages)
+        longest_prompt, largest_peak = limits
         return min(longest_prompt, capacity), min(largest_peak, capacity)
 
     def validate_request(self, request_id: str, prompt_token_ids: Sequence[int],
@@ -213,30 +204,32 @@ class Engine:
     def num_unfinished(self) -> int:
         return len(self._requests)
 
-    # -- RequestSource (what the executor reads) -------------------------------------------------------------
-    def token_ids(self, engine_id: int) -> list[int]:
-        sequence = self._sequences[engine_id]
-        return list(sequence.request.prepared.prompt_token_ids) + self.state.requests[engine_id].generated
+    @property
+    def policy(self):
+        return self.core.policy
 
-    def sampling_row(self, engine_id: int) -> SamplingRow:
-        sequence = self._sequences[engine_id]
-        prepared = sequence.request.prepared
-        return SamplingRow(prepared.params, prepared.prompt_token_ids, self.state.requests[engine_id].generated,
-                           sample_index=sequence.index)
+    @property
+    def executor(self) -> Executor:
+        return self.core.executor
+
+    @property
+    def clock(self):
+        return self.core.clock
+
+    @property
+    def cost_model(self):
+        return self.core.cost_model
 
     # -- the loop -------------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """One scheduling event (see the module docstring); returns the outputs it produced (deltas)."""
-        plan = self.policy.schedule(self._view())
-        self.state.on_dispatched(plan, self.clock())
+        plan = self.core.schedule()
+        self.core.dispatch(plan, self._sampling_rows(plan))
         self._note_dispatched(plan)
-        self.executor.submit(plan)
-        stalled = plan.is_empty and not self.executor.in_flight and self.state.has_unfinished()
-        for result in self.executor.wait_next():
+        for result in self.core.wait():
             self._apply(result)
-        if stalled and not self._deltas:
-            raise SchedulerStalled(f"policy {getattr(self.policy, 'name', self.policy)!r} planned nothing while "
-                                   f"{len(self.state.waiting)} requests wait and nothing runs")
+        if not self._deltas:
+            self.core.check_progress(plan)
         return self.take_outputs()
 
     def take_outputs(self) -> list[RequestOutput]:
@@ -251,28 +244,26 @@ class Engine:
         self._deltas = {}
         return outputs
 
-    def _view(self):
-        if not self.compile_aware:
-            return self.state.view(self.cost_model, self.clock())
-        stats = self.executor.programs.stats
-        if self._ready_programs[0] != stats.compiles:
-            self._ready_programs = (stats.compiles, self.executor.ready_programs())
-        compile_cost = stats.compile_seconds / stats.compiles if stats.compiles else 30.0
-        return self.state.view(self.cost_model, self.clock(), ready_programs=self._ready_programs[1],
-                               compile_cost_s=compile_cost)
+    def _sampling_rows(self, plan: Plan) -> dict[int, SamplingRow]:
+        """What each request of the plan samples with, and the tokens it feeds (prompt + generated)."""
+        rows = {}
+        for unit in plan.work_units():
+            for engine_id in unit.all_request_ids:
+                sequence, request = self._sequences[engine_id], self.state.requests[engine_id]
+                prepared = sequence.request.prepared
+                rows[engine_id] = SamplingRow(prepared.params, prepared.prompt_token_ids, request.generated,
+                                              sample_index=sequence.index)
+        return rows
 
     def _note_dispatched(self, plan: Plan) -> None:
         now = self.clock()
-        for batch in plan.decodes:
-            self.dop_counts["decode"][len(batch.group)] += 1
         fused = [d.fused_prefill for d in plan.decodes if d.fused_prefill is not None]
         for batch in list(plan.prefills) + fused:
-            self.dop_counts["prefill"][len(batch.group)] += 1
             for engine_id in batch.request_ids:
                 self._sequences[engine_id].request.metrics.record_scheduled(now)
         for engine_id in plan.rejections:  # policies reject only what validation could not foresee
             logger.warning("policy %s rejected request %r: it can never fit the groups it uses",
-                           getattr(self.policy, "name", "?"), self._sequences[engine_id].request.prepared.request_id)
+                           getattr(self.core.policy, "name", "?"), self._sequences[engine_id].request.prepared.request_id)
             self._finish_if_done(self._sequences[engine_id])
 
     def _apply(self, result: UnitResult) -> None:
@@ -287,9 +278,8 @@ class Engine:
             sequence.request.metrics.record_token(result.finish_time)
             if detokenizer.finished:
                 finished.add(engine_id)
-        self.state.apply(BatchResult(result.unit, result.new_tokens, frozenset(finished), result.finish_time))
-        fused = getattr(result.unit, "fused_prefill", None)
-        for engine_id in result.unit.request_ids + (fused.request_ids if fused is not None else ()):
+        self.core.apply(result.finishing(frozenset(finished)))
+        for engine_id in result.unit.all_request_ids:
             request = requests.get(engine_id)
             if request is not None and request.status == FINISHED:  # the common case (running) skips the call
                 self._finish_if_done(sequences[engine_id])
@@ -317,8 +307,15 @@ class Engine:
     # -- introspection --------------------------------------------------------------------------------------------
     def stats(self) -> dict:
         """Engine counters: elastic moves (state), units run (executor), program cache statistics."""
-        return {**self.state.counters, **{f"units_{k}": v for k, v in self.executor.counters.items()},
-                **{f"programs_{k}": v for k, v in self.executor.programs.stats.as_dict().items()}}
+        return {**self.state.counters, **self.executor.stats()}
+
+    def snapshot(self) -> EngineSnapshot:
+        """The state at this instant as immutable values (metrics, server info, admission limits); safe to
+        call from another thread while this one steps (see `loong_jax.engine.snapshot`)."""
+        dops = self.core.dops
+        return capture_snapshot(self.state, self.clock, policy=self.policy, prefill_dops=dops.prefill,
+                                decode_dops=dops.decode, executor_stats=self.executor.stats(),
+                                token_limits=self.token_limits())
 
     def check_all_free(self) -> None:
         """Every page of every instance is free (nothing running): what tests assert after a workload."""

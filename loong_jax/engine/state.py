@@ -9,7 +9,9 @@ The engine loop is event driven (programs on disjoint groups run side by side):
      request back to waiting with its generated tokens kept), migrations (destination pages taken, source
      pages held until done), prefills (pages per placement), decodes (one slot on each master). The units'
      instances and requests are now in flight.
-  4. `apply(BatchResult)` when a unit finishes: its instances become idle, new tokens are recorded, prefills
+  4. `step_inputs(plan, sampling_rows)`: what travels with the plan to the executor (each request's page
+     tables and KV layout after this dispatch, each migration's tickets).
+  5. `apply(UnitResult)` when a unit finishes: its instances become idle, new tokens are recorded, prefills
      that reached the end of their prompt start decoding, finished or aborted requests free their pages.
 """
 
@@ -17,15 +19,16 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass, field
-from typing import Hashable
+from typing import Mapping
 
-from loong_jax.engine.kv_allocator import KVAllocator, MigrationTicket
-from loong_jax.scheduler.plan import DecodeBatch, MigrationBatch, Plan, PrefillBatch, WorkUnit
+from loong_jax.engine.kv_allocator import KVAllocator
+from loong_jax.executor.protocol import MigrationTicket, RequestInputs, StepInputs, UnitResult
+from loong_jax.sampling.batch import SamplingRow
+from loong_jax.scheduler.plan import DecodeBatch, MigrationBatch, Plan, PrefillBatch, RequestId, WorkUnit
 from loong_jax.scheduler.view import (
     DECODING, FINISHED, PREFILLING, WAITING, InstanceView, RequestView, SchedulerView,
 )
 
-RequestId = Hashable
 
 
 class PlanError(ValueError):
@@ -43,18 +46,6 @@ class RequestState(RequestView):
     finish_reason: str | None = None  # "finished", "abort", "rejected"
     num_preemptions: int = 0
     aborted: bool = False  # abort asked while in flight: pages freed when its unit comes back
-
-
-@dataclass(frozen=True)
-class BatchResult:
-    """What a finished unit reports. `new_tokens` has one token per request that produced one (every decode
-    request, and prefill requests whose chunk reached the end of the prompt); `finished` names requests the
-    engine decided are done (length, stop) after this step."""
-
-    batch: WorkUnit
-    new_tokens: dict = field(default_factory=dict)
-    finished: frozenset = frozenset()
-    finish_time: float = 0.0
 
 
 @dataclass
@@ -155,9 +146,18 @@ class EngineState:
     def in_flight_units(self) -> list[WorkUnit]:
         return list(self._in_flight)
 
-    def migration_tickets(self, unit: MigrationBatch) -> list[MigrationTicket]:
-        """Source/destination page tables of a dispatched migration unit (what the executor copies)."""
-        return list(self._in_flight[unit].tickets)
+    def step_inputs(self, plan: Plan, sampling_rows: Mapping[RequestId, SamplingRow]) -> StepInputs:
+        """What the executor needs beside a dispatched plan: every request's sampling row (given by the
+        engine, which knows prompts and parameters), page tables and KV layout; every migration's tickets."""
+        allocator = self.allocator
+        requests = {}
+        for request_id, row in sampling_rows.items():
+            layout = allocator.kv_layout(request_id)
+            requests[request_id] = RequestInputs(row, {i: allocator.page_table(request_id, i) for i in layout},
+                                                 layout)
+        migrations = {unit: tuple(self._in_flight[unit].tickets)
+                      for unit in plan.work_units() if isinstance(unit, MigrationBatch)}
+        return StepInputs(requests, migrations)
 
     # -- dispatch -----------------------------------------------------------------------------------------------
     def on_dispatched(self, plan: Plan, now: float = 0.0) -> list[WorkUnit]:
@@ -296,11 +296,11 @@ class EngineState:
                 raise PlanError(f"instance {instance}: plan needs {needed[instance]} pages, {available} available")
 
     # -- results ------------------------------------------------------------------------------------------------
-    def apply(self, result: BatchResult) -> list[RequestState]:
+    def apply(self, result: UnitResult) -> list[RequestState]:
         """Record a finished unit; returns the requests that finished with it (including aborted ones)."""
-        record = self._in_flight.pop(result.batch, None)
+        record = self._in_flight.pop(result.unit, None)
         if record is None:
-            raise PlanError(f"result for a unit that is not in flight: {result.batch}")
+            raise PlanError(f"result for a unit that is not in flight: {result.unit}")
         unit = record.unit
         for instance in unit.group:
             self._busy[instance] = None
@@ -338,11 +338,11 @@ class EngineState:
                 done.append(request)
         return done
 
-    def _take_token(self, request: RequestState, result: BatchResult, now: float) -> None:
+    def _take_token(self, request: RequestState, result: UnitResult, now: float) -> None:
         try:
             token = result.new_tokens[request.request_id]
         except KeyError:
-            raise PlanError(f"result of {type(result.batch).__name__} lacks a token for {request.request_id!r}") from None
+            raise PlanError(f"result of {type(result.unit).__name__} lacks a token for {request.request_id!r}") from None
         request.generated.append(int(token))
         request.num_generated += 1
         if request.first_token_time is None:

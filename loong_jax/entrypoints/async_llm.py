@@ -1,8 +1,9 @@
 """`AsyncLLM`: the engine for asyncio programs (servers, notebooks that stream).
 
 Data flow:
-  1. `AsyncLLM(...)` builds an `LLM` (same arguments) and starts ONE background thread that owns the engine:
-     nothing else ever touches it, so the engine needs no locks.
+  1. `AsyncLLM(...)` builds an `LLM` (same arguments: `EngineConfig`'s options, or `engine_config=`) and
+     starts ONE background thread that owns the engine: nothing else ever steps or changes it, so the
+     engine needs no locks.
   2. `async for out in engine.generate(prompt, params, request_id)`: the request is tokenized and validated
      in the caller (`LLM.prepare`: a malformed or empty prompt is a ValueError before anything is queued),
      then posted to the engine thread, which adds it at its next iteration. Each `engine.step()` there
@@ -14,6 +15,9 @@ Data flow:
   4. `shutdown()` aborts what is left and stops the thread.
   5. `is_scheduled(request_id)`: the engine has begun the request (scheduled or already answered); a
      server counts its waiting queue with it, from the engine's state rather than from its own writes.
+  6. Introspection from any thread: `snapshot()` (the engine's state at this instant, read without
+     stopping the engine thread: `loong_jax.engine.snapshot`), `describe()` (the set-up in force),
+     `tokenizer` and `model_config`; a server needs nothing else of the engine.
 """
 
 from __future__ import annotations
@@ -27,8 +31,9 @@ import threading
 from typing import Any, AsyncIterator
 
 from loong_jax.engine.llm_engine import PreparedRequest
+from loong_jax.engine.snapshot import EngineSnapshot
 from loong_jax.entrypoints.llm import LLM, Prompt
-from loong_jax.engine.outputs import RequestOutput
+from loong_jax.outputs import RequestOutput
 from loong_jax.sampling.params import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -108,6 +113,24 @@ class AsyncLLM:
 
     def stats(self) -> dict:
         return self.llm.stats()
+
+    def snapshot(self) -> EngineSnapshot:
+        """The engine's state at this instant (queues, KV pages, DoPs, programs, token limits). Safe from any
+        thread: plain reads of the engine thread's state, nothing waits for a step."""
+        return self.llm.snapshot()
+
+    def describe(self) -> dict:
+        """The set-up in force (`LLM.describe`): model, devices, instances x tp, policy, KV pages, ..."""
+        return self.llm.describe()
+
+    @property
+    def tokenizer(self):
+        return self.llm.tokenizer
+
+    @property
+    def model_config(self):
+        """The model's config: context length, vocabulary size, layers, heads, dtype."""
+        return self.llm.config
 
     @property
     def dead_error(self) -> BaseException | None:

@@ -10,7 +10,7 @@ Subcommands:
   profile     time the real programs on the current devices and fit the cost model (`loong_jax.entrypoints.profile_cli`).
 
 Data flow of `generate`: flags -> `SamplingParams` (invalid values fail before the model loads) -> `LLM` (with
-`--cpu-devices N` on N simulated CPU devices) -> its start-up summary (`describe_engine`) to stderr ->
+`--cpu-devices N` on N simulated CPU devices) -> its start-up summary (`LLM.describe`, `format_description`) to stderr ->
 `llm.stream(prompt)` -> each delta's text is written to stdout as it comes; `--stats` prints timings and
 engine counters to stderr at the end.
 

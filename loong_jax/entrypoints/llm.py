@@ -1,13 +1,16 @@
 """`LLM`: the Python API for notebooks and scripts.
 
 Data flow:
-  1. `LLM(...)` (with `cpu_devices=N`: first makes JAX's CPU platform show N devices) loads the model (the
-     shipped demo model by default) and its tokenizer, cuts the devices into
-     instances of `tp` devices (`Topology`), places the weights on every instance, allocates each
-     instance's KV pool (`JaxExecutor`), picks the scheduling policy and compiles the common programs ahead of
-     time (progress bar; JAX's persistent compilation cache makes the next start cheap). `describe()` is the
-     set-up in force (model, devices, instances x tp, policy, KV pages, cost-model file, compile cache);
-     `format_description` makes it the one start-up line `generate` prints and `serve` logs.
+  1. `LLM(...)` takes `EngineConfig`'s options (or `LLM(engine_config=...)`) and has
+     `loong_jax.entrypoints.engine_config` build the engine's parts: with `cpu_devices=N` JAX's CPU platform
+     first shows N devices; the model (the shipped demo model by default) and its tokenizer are loaded, the
+     devices cut into instances of `tp` devices (`Topology`), the weights placed on every instance and each
+     instance's KV pool allocated (`JaxExecutor`); then the scheduling policy is built and the programs it
+     runs most (`Policy.warmup_groups`) are compiled ahead of time (progress bar; JAX's persistent
+     compilation cache makes the next start cheap). `describe()` is the set-up in force (model, devices,
+     instances x tp, policy, KV pages, cost-model file, compile cache); `format_description` makes it the
+     one start-up line `generate` prints and `serve` logs. `snapshot()` is the engine's state at this
+     instant (`loong_jax.engine.snapshot`).
   2. `generate(prompts, sampling_params)` turns every prompt (text, token ids or chat messages; the forms
      and their checks are `loong_jax.entrypoints.prompts`, shared with the server) into token ids, validates ALL
      requests first (a bad or empty prompt raises ValueError before anything is queued), queues them,
@@ -21,165 +24,39 @@ Progress bars are drawn only on a terminal (never into files, pipes or logs).
 
 from __future__ import annotations
 
-import dataclasses
 import itertools
-import math
-import time
-from pathlib import Path
 from typing import Iterator, Sequence
 
 import jax
-import numpy as np
 
-from loong_jax.entrypoints.cpu_devices import use_cpu_devices
-from loong_jax.engine.llm_engine import Engine, LogicalClock, PreparedRequest
-from loong_jax.executor.jax_executor import Buckets, JaxExecutor
-from loong_jax.models.demo import resolve_model_path
-from loong_jax.models.llama import LlamaForCausalLM
-from loong_jax.models.loading import load_hf_checkpoint
-from loong_jax.models.tokenizer import Tokenizer
-from loong_jax.engine.outputs import RequestOutput
-from loong_jax.executor.program_cache import DEFAULT_CACHE_DIR, enable_persistent_cache
+from loong_jax.engine.llm_engine import Engine, PreparedRequest
+from loong_jax.engine.snapshot import EngineSnapshot
+from loong_jax.entrypoints.engine_config import EngineConfig, build_engine, build_engine_parts
 from loong_jax.entrypoints.prompts import Prompt, prompt_token_ids, split_prompts
+from loong_jax.outputs import RequestOutput
 from loong_jax.sampling.params import SamplingParams
-from loong_jax.scheduler.cost.model import SHIPPED_DIR, CostModel, load_cost_models
-from loong_jax.scheduler.baselines.fixed import FixedPolicy, request_token_limits
-from loong_jax.scheduler.groups import aligned_groups
-from loong_jax.scheduler.policy import make_policy, policy_names
-from loong_jax.scheduler.cost.roofline import TransformerShape, derive_cost_model
-from loong_jax.sharding.topology import Topology
-
-CPU_KV_BYTES_PER_INSTANCE = 256 << 20  # default pool size where devices report no memory (CPU)
-
-
-def build_policy(name: str, num_instances: int, prefill_degree: int | None, decode_degree: int | None,
-                 options: dict | None = None):
-    """A policy by name; the degrees apply to `fixed` (and `static-sp`, whose single degree is prefill_degree)."""
-    options = dict(options or {})
-    if name not in policy_names():
-        raise ValueError(f"unknown policy {name!r}; choose one of {', '.join(policy_names())}")
-    if name == "fixed":
-        policy = make_policy(name, prefill_degree=prefill_degree, decode_degree=decode_degree, **options)
-        policy.degrees(num_instances)  # fails now, with the reason, if a degree does not divide the cluster
-        return policy
-    if name in ("static-sp", "chunked-prefill") and (decode_degree is None or decode_degree == prefill_degree):
-        return make_policy(name, degree=prefill_degree, **options)
-    if prefill_degree is not None or decode_degree is not None:
-        raise ValueError(f"prefill_degree / decode_degree apply to policy 'fixed' (or one degree to 'static-sp' "
-                         f"and 'chunked-prefill'), not {name!r}")
-    return make_policy(name, **options)
-
-
-def policy_token_limit(policy, num_instances: int, page_size: int):
-    """(pages per instance) -> (longest prompt, largest peak KV) the policy can serve, or None = whole cluster."""
-    if isinstance(policy, FixedPolicy):
-        return lambda pages: request_token_limits(num_instances, pages, page_size, policy.prefill_degree,
-                                                  policy.decode_degree)
-    degree = getattr(policy, "degree", None)
-    if getattr(policy, "name", "") in ("static-sp", "replicas", "chunked-prefill"):
-        degree = degree or num_instances
-        return lambda pages: (degree * pages * page_size,) * 2
-    return None
-
-
-def default_kv_pages(config, topology: Topology, page_size: int, memory_fraction: float) -> int:
-    """Pages per instance: a fraction of the free device memory, or a fixed budget on CPU."""
-    bytes_per_page = (config.num_layers * 2 * page_size * config.num_kv_heads * config.head_dim
-                      * np.dtype(config.dtype).itemsize)
-    stats = topology.devices[0].memory_stats() if hasattr(topology.devices[0], "memory_stats") else None
-    if stats and "bytes_limit" in stats:
-        free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
-        budget = free * memory_fraction * topology.tp  # each device holds 1/tp of the instance's pool
-    else:
-        budget = CPU_KV_BYTES_PER_INSTANCE
-    wanted = math.ceil(2 * config.max_context / page_size)  # two full-context requests per instance
-    return max(1, min(wanted, int(budget // bytes_per_page)))
-
-
-def model_shape(config) -> dict:
-    """What a step's cost depends on in a model's config (a measured cost model records it)."""
-    return {"model_type": config.model_type, "layers": config.num_layers, "hidden": config.hidden_size,
-            "heads": config.num_heads, "kv_heads": config.num_kv_heads, "head_dim": config.head_dim,
-            "intermediate": config.intermediate_size, "vocab": config.vocab_size, "dtype": config.dtype}
-
-
-def measured_cost_model(config, tp: int, dops: Sequence[int], platform: str) -> CostModel | None:
-    """A shipped cost model measured (`loong-jax profile`) for this model shape on this platform, with an
-    entry for every degree `dops` names, or None."""
-    shape = model_shape(config)
-    for path in sorted(SHIPPED_DIR.glob("*.json")):
-        section = load_cost_models(path).get(tp)
-        if (section is not None and section.provenance == "measured" and section.metadata.get("platform") == platform
-                and section.metadata.get("model_shape") == shape and set(dops) <= set(section.dops)):
-            return section
-    return None
-
-
-def engine_cost_model(config, tp: int, num_instances: int, pages: int, page_size: int,
-                      platform: str | None = None) -> CostModel:
-    """The cost model the engine's policy compares step costs with: a shipped measured profile of this
-    model shape on this platform when there is one, else a roofline derivation of the shape."""
-    dops = tuple(sorted({len(g) for g in aligned_groups(num_instances)}))
-    measured = measured_cost_model(config, tp, dops, platform or jax.default_backend())
-    if measured is not None:
-        return dataclasses.replace(measured, pages_per_instance=pages, page_size=page_size)
-    shape = TransformerShape(name=config.model_type, layers=config.num_layers, hidden=config.hidden_size,
-                             heads=config.num_heads, kv_heads=config.num_kv_heads, head_dim=config.head_dim,
-                             intermediate=config.intermediate_size, vocab=config.vocab_size,
-                             bytes_per_value=np.dtype(config.dtype).itemsize)
-    model = derive_cost_model(shape, tp=tp, dops=dops, page_size=page_size)
-    return dataclasses.replace(model, pages_per_instance=pages, page_size=page_size)
 
 
 class LLM:
-    def __init__(self, model: str | Path | LlamaForCausalLM | None = None, tp: int = 1, instances: int | None = None,
-                 page_size: int = 16, kv_pages: int | None = None, policy: str = "esp",
-                 prefill_degree: int | None = None, decode_degree: int | None = None, *,
-                 tokenizer: Tokenizer | str | Path | None = None, dtype: str | None = None,
-                 devices: Sequence[jax.Device] | None = None, policy_options: dict | None = None,
-                 cost_model: CostModel | str | Path | None = None, buckets: Buckets = Buckets(),
-                 warmup: bool = True, compilation_cache_dir: str | Path | None = DEFAULT_CACHE_DIR,
-                 kv_memory_fraction: float = 0.5, progress: bool = True, deterministic: bool = False,
-                 cpu_devices: int | None = None):
-        """deterministic: units complete in dispatch order and the engine runs on a logical clock, so a run
-        (scheduling decisions included) repeats exactly; for debugging and tests (timings become step counts,
-        groups no longer overlap in time).
-        cpu_devices: run on this many simulated CPU devices; it must come before JAX's first use in the
-        process (ValueError if JAX already started with another count)."""
-        use_cpu_devices(cpu_devices)  # before anything below asks JAX for devices
-        if page_size < 1:
-            raise ValueError(f"page_size must be >= 1, got {page_size}")
-        if kv_pages is not None and kv_pages < 1:
-            raise ValueError(f"kv_pages must be >= 1, got {kv_pages}")
-        # The directory in force: the first one configured in this process wins (JAX's cache is global).
-        self.compilation_cache_dir = enable_persistent_cache(compilation_cache_dir)
-        loaded, self.tokenizer = _load(model, tokenizer, dtype)
-        self.config = loaded.config
-        self.model_name = _model_name(model, self.config)
-        devices = list(jax.devices() if devices is None else devices)
-        if tp < 1 or len(devices) < tp:
-            raise ValueError(f"tp={tp} needs at least {tp} devices, {len(devices)} available")
-        instances = len(devices) // tp if instances is None else instances
-        if instances < 1 or instances * tp > len(devices):
-            raise ValueError(f"{instances} instances of tp={tp} need {instances * tp} devices, {len(devices)} available")
-        self.topology = Topology(devices[:instances * tp], tp)
-        pages = kv_pages or default_kv_pages(self.config, self.topology, page_size, kv_memory_fraction)
-        self.deterministic = deterministic
-        self._clock = LogicalClock() if deterministic else time.monotonic
-        # The executor places one copy of the weights per instance; the loaded copy is not kept.
-        self.executor = JaxExecutor(loaded, self.topology, pages, page_size,
-                                    eos_token_ids=self.tokenizer.eos_token_ids, buckets=buckets,
-                                    clock=self._clock, in_dispatch_order=deterministic)
-        del loaded
-        if isinstance(cost_model, (str, Path)):
-            cost_model = CostModel.load_json(cost_model, tp=tp)
-        self.cost_model = cost_model or engine_cost_model(self.config, tp, instances, pages, page_size,
-                                                             self.topology.devices[0].platform)
-        self.cost_model.check_instances(instances)
-        self.progress = progress
+    def __init__(self, *args, engine_config: EngineConfig | None = None, **options):
+        """`LLM(model, tp, instances, page_size, kv_pages, policy, prefill_degree, decode_degree, *, ...)`: the
+        options and their meaning are `EngineConfig`'s; or one `engine_config=EngineConfig(...)`."""
+        if engine_config is None:
+            engine_config = EngineConfig(*args, **options)
+        elif args or options:
+            raise ValueError("give LLM either engine_config or its options, not both")
+        self.engine_config = engine_config
+        parts = build_engine_parts(engine_config)
+        self._parts = parts
+        self.tokenizer, self.config, self.model_name = parts.tokenizer, parts.model_config, parts.model_name
+        self.topology, self.executor, self.cost_model = parts.topology, parts.executor, parts.cost_model
+        self.compilation_cache_dir = parts.compilation_cache_dir
+        self.deterministic = engine_config.deterministic
+        self.progress = engine_config.progress
         self._request_ids = itertools.count()
         self.engine: Engine | None = None
-        self.set_policy(policy, prefill_degree, decode_degree, policy_options, warmup=warmup)
+        self.set_policy(engine_config.policy, engine_config.prefill_degree, engine_config.decode_degree,
+                        engine_config.policy_options, warmup=engine_config.warmup)
 
     # -- configuration ----------------------------------------------------------------------------------------
     def set_policy(self, policy: str = "esp", prefill_degree: int | None = None, decode_degree: int | None = None,
@@ -187,22 +64,13 @@ class LLM:
         """Switch the scheduling policy (between generate calls); compiled programs are kept."""
         if self.engine is not None and self.engine.has_unfinished():
             raise RuntimeError("cannot switch policy while requests are running")
-        n = self.topology.num_instances
-        built = build_policy(policy, n, prefill_degree, decode_degree, policy_options)
-        self.engine = Engine(self.executor, self.tokenizer, built, self.cost_model,
-                             max_context=self.config.max_context,
-                             request_token_limit=policy_token_limit(built, n, self.executor.page_size),
-                             clock=self._clock, compile_aware=not self.deterministic)
+        self.engine = build_engine(self._parts, policy, prefill_degree, decode_degree, policy_options)
         if warmup:
             self.warm_up()
 
     def warm_up(self) -> None:
         """Compile the programs this policy runs most, ahead of time (with a progress bar)."""
-        policy, n = self.engine.policy, self.topology.num_instances
-        if isinstance(policy, FixedPolicy):
-            prefill_groups, decode_groups = policy.groups(n)
-        else:  # elastic policies: whole-cluster prefill, single-instance decode; the rest on demand
-            prefill_groups, decode_groups = [tuple(range(n))], [(i,) for i in range(n)]
+        prefill_groups, decode_groups = self.engine.policy.warmup_groups(self.topology.num_instances)
         self.executor.programs.warm_up(self.executor.common_keys(prefill_groups, decode_groups),
                                        progress=self.progress)
 
@@ -306,6 +174,10 @@ class LLM:
     def stats(self) -> dict:
         return self.engine.stats()
 
+    def snapshot(self) -> EngineSnapshot:
+        """The engine's state at this instant (queues, KV pages, DoPs, programs, token limits)."""
+        return self.engine.snapshot()
+
     def close(self) -> None:
         self.executor.close()
 
@@ -327,24 +199,3 @@ def format_description(description: dict) -> str:
             f"KV {d['kv_pages_per_instance']} pages x {d['page_size']} tokens per instance | "
             f"cost model {cost_model} | compilation cache {d['compilation_cache_dir'] or 'off'}")
 
-
-def _model_name(model, config) -> str:
-    if isinstance(model, LlamaForCausalLM):
-        return f"in-memory {config.model_type}"
-    return str(resolve_model_path(model))
-
-
-def _load(model, tokenizer, dtype):
-    if isinstance(model, LlamaForCausalLM):
-        if tokenizer is None:
-            raise ValueError("an in-memory model needs its tokenizer (tokenizer=Tokenizer or a folder)")
-        loaded = model if dtype is None or dtype == model.config.dtype else None
-        if loaded is None:
-            raise ValueError("dtype cannot be changed for an in-memory model")
-    else:
-        path = resolve_model_path(model)
-        loaded, _ = load_hf_checkpoint(path, dtype)
-        tokenizer = tokenizer if tokenizer is not None else path
-    if not isinstance(tokenizer, Tokenizer):
-        tokenizer = Tokenizer.from_dir(tokenizer)
-    return loaded, tokenizer

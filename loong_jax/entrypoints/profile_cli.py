@@ -5,9 +5,9 @@ Data flow:
      degrees to measure (every aligned degree of the instances, or `--degrees`); `--cpu-devices N` makes the
      CPU platform show N devices (`cpu_devices.use_cpu_devices`: it must act before JAX starts, so it is
      applied first).
-  2. `build_executor` loads the checkpoint (default: the demo model) onto the devices exactly as the engine
-     does; `ProfileBench` measures the grid block by block with a progress bar (compiles untimed, median of
-     `--repetitions` interleaved runs).
+  2. The flags become an `EngineConfig`, and `engine_config.build_executor` loads the checkpoint (default:
+     the demo model) onto the devices exactly as `LLM` does; `ProfileBench` measures the grid block by block
+     with a progress bar (compiles untimed, median of `--repetitions` interleaved runs).
   3. `fit_profile` fits the cost model; the fit quality (mean relative error per kind and overall, worst
      samples) is printed; the model is written to `--out` with metadata (machine, platform, model shape, date,
      command, grid, load average, fit error) and the raw samples to `--samples-out` if given. On one
@@ -98,15 +98,18 @@ def profile_main(argv: Sequence[str] | None = None, stdout=None) -> int:
         parser.error(str(error))
     import jax
 
-    from loong_jax.entrypoints.llm import model_shape
-    from loong_jax.entrypoints.profiler import ProfileBench, build_executor, degrees_for, fit_profile, fit_report, grid_blocks
+    from loong_jax.entrypoints.engine_config import (EngineConfig, build_executor, build_topology, load_checkpoint,
+                                                     model_shape)
+    from loong_jax.entrypoints.profiler import ProfileBench, degrees_for, fit_profile, fit_report, grid_blocks
     from loong_jax.executor.program_cache import DEFAULT_CACHE_DIR, enable_persistent_cache
     from loong_jax.scheduler.cost.model import sample_to_dict
 
     enable_persistent_cache(args.compilation_cache_dir or DEFAULT_CACHE_DIR)
     started, load_before = time.perf_counter(), os.getloadavg()
     try:
-        executor = build_executor(args.model, args.tp, args.instances, args.page_size, args.kv_pages, args.dtype)
+        config = EngineConfig(args.model, args.tp, args.instances, args.page_size, args.kv_pages, dtype=args.dtype)
+        topology = build_topology(config.devices, config.tp, config.instances)
+        executor = build_executor(config, load_checkpoint(config.model, config.dtype), topology)
         degrees = degrees_for(executor.num_instances, degrees)
     except (ValueError, FileNotFoundError) as error:
         print(f"loong-jax profile: error: {error}", file=sys.stderr)

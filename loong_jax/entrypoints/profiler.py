@@ -1,9 +1,10 @@
 """`loong-jax profile`: time the engine's real programs on the current devices and fit the cost model.
 
 Data flow:
-  1. `ProfileBench(executor)` binds the engine's own `JaxExecutor` (weights on every instance, KV pools, program
-     cache: `build_executor` makes it as `LLM` does) to a bare `EngineState` and a synthetic request source
-     (random prompt ids, greedy sampling), so the programs timed are exactly the ones the engine runs.
+  1. `ProfileBench(executor)` drives the engine's own `EngineCore` over the engine's own `JaxExecutor` (weights
+     on every instance, KV pools, program cache: `engine_config.build_executor` makes it as `LLM` does) with a bare
+     `EngineState` and synthetic requests (random prompt ids, greedy sampling), so the programs timed are
+     exactly the ones the engine runs, with the inputs the engine gives them.
   2. A measurement is a one-unit `Plan` on the aligned group (0..d-1) of d instances:
        prefill   a `PrefillBatch` of n prompts of total length Σl, each prompt kept in d equal runs (one per
                  member, the last run on a different member for each prompt);
@@ -13,8 +14,8 @@ Data flow:
   3. Points are measured in blocks (`grid_blocks`: one per degree, one of migrations): each point of a block
      is set up and run untimed (its program compiles; a migration once per direction), then `repetitions`
      rounds run every point of the block once, so load from other processes falls on the whole block alike
-     (its per-degree fit sees it as a common factor). A run is timed from `executor.submit(plan)` until
-     `executor.wait_next()` returns the sampled tokens on the host (the program has finished): host input
+     (its per-degree fit sees it as a common factor). A run is timed from `core.dispatch(plan, rows)` until
+     `core.wait()` returns the sampled tokens on the host (the program has finished): host input
      preparation, dispatch and device time, which is what one engine step pays. The sample is the median.
   4. `fit_profile` fits `fit_cost_model` to the samples and `fit_report` gives the mean relative error per
      kind and overall, with the worst samples (`profile_cli` prints it and writes the files). One instance
@@ -31,8 +32,9 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from loong_jax.engine.state import BatchResult, EngineState
-from loong_jax.executor.jax_executor import Buckets, JaxExecutor
+from loong_jax.engine.core import EngineCore
+from loong_jax.engine.state import EngineState
+from loong_jax.executor.jax_executor import JaxExecutor
 from loong_jax.sampling.batch import SamplingRow
 from loong_jax.sampling.params import SamplingParams
 from loong_jax.scheduler.cost.model import (
@@ -158,7 +160,7 @@ def grid_blocks(grid: ProfileGrid, degrees: Sequence[int], num_instances: int, p
 
 
 class SyntheticRequests:
-    """The executor's `RequestSource`: random prompt ids, greedy sampling, tokens generated so far."""
+    """Random prompt ids per request, sampled greedily: what the profiled units feed and sample."""
 
     def __init__(self, state: EngineState, vocab_size: int, seed: int):
         self._state = state
@@ -172,12 +174,9 @@ class SyntheticRequests:
     def drop(self, request_id: int) -> None:
         del self._prompts[request_id]
 
-    def token_ids(self, request_id: int) -> list[int]:
-        return self._prompts[request_id] + self._state.requests[request_id].generated
-
-    def sampling_row(self, request_id: int) -> SamplingRow:
-        return SamplingRow(GREEDY, self._prompts[request_id], self._state.requests[request_id].generated)
-
+    def sampling_rows(self, plan: Plan) -> dict[int, SamplingRow]:
+        return {request_id: SamplingRow(GREEDY, self._prompts[request_id], self._state.requests[request_id].generated)
+                for unit in plan.work_units() for request_id in unit.all_request_ids}
 
 @dataclasses.dataclass
 class _Trial:
@@ -200,7 +199,7 @@ class ProfileBench:
         self.repetitions = repetitions
         self.state = EngineState(executor.num_instances, executor.pool_shape.pages, executor.page_size)
         self.requests = SyntheticRequests(self.state, executor.config.vocab_size, seed)
-        executor.bind(self.state, self.requests)
+        self.core = EngineCore(self.state, None, None, executor, compile_aware=False)  # plans come from here
         self._ids = itertools.count()
 
     @property
@@ -296,14 +295,14 @@ class ProfileBench:
             self.requests.drop(request_id)
 
     def _run(self, plan: Plan) -> float:
-        """Seconds from submitting the plan's one unit until its result is on the host."""
-        self.state.on_dispatched(plan)
+        """Seconds from dispatching the plan's one unit until its result is on the host."""
+        rows = self.requests.sampling_rows(plan)
         self.executor.programs.wait_background()  # a compile the executor started must not share the timing
         start = time.perf_counter()
-        self.executor.submit(plan)
-        (result,) = self.executor.wait_next()
+        self.core.dispatch(plan, rows)
+        (result,) = self.core.wait()
         seconds = time.perf_counter() - start
-        self.state.apply(BatchResult(result.unit, dict(result.new_tokens), frozenset(), result.finish_time))
+        self.core.apply(result)
         return seconds
 
 
@@ -365,23 +364,3 @@ def _describe(sample: ProfileSample) -> str:
     if isinstance(sample, DecodeSample):
         return f"decode d={sample.dop} batch={sample.batch} Σcontext={sample.total_context}"
     return f"migration bytes={sample.num_bytes}"
-
-
-def build_executor(model=None, tp: int = 1, instances: int | None = None, page_size: int = 16,
-                   kv_pages: int | None = None, dtype: str | None = None, buckets: Buckets = Buckets()):
-    """The engine's executor over the current devices (what `LLM` builds), without an engine."""
-    import jax
-
-    from loong_jax.entrypoints.llm import default_kv_pages
-    from loong_jax.models.demo import resolve_model_path
-    from loong_jax.models.loading import load_hf_checkpoint
-    from loong_jax.sharding.topology import Topology
-
-    devices = jax.devices()
-    instances = len(devices) // tp if instances is None else instances
-    if tp < 1 or instances < 1 or instances * tp > len(devices):
-        raise ValueError(f"{instances} instances of tp={tp} need {instances * tp} devices, {len(devices)} available")
-    loaded, _ = load_hf_checkpoint(resolve_model_path(model), dtype)
-    topology = Topology(devices[:instances * tp], tp)
-    pages = kv_pages or default_kv_pages(loaded.config, topology, page_size, memory_fraction=0.5)
-    return JaxExecutor(loaded, topology, pages, page_size, buckets=buckets)

@@ -1,18 +1,19 @@
 """JaxExecutor: runs a scheduler plan on devices (the real twin of `simulator.SimExecutor`).
 
-It holds the topology, one KV pool per instance, and the weights placed once on every instance. The engine
-loop calls `submit(plan)` right after `state.on_dispatched(plan)` (so the allocator already holds the pages the
-plan takes), then `wait_next()` for the units that finish first.
+It holds the topology, one KV pool per instance, and the weights placed once on every instance. It
+implements the executor contract (`loong_jax.executor.protocol`): the engine core calls `submit(plan, inputs)`
+right after the engine state accounted the plan (its `StepInputs` carry the page tables of the pages the
+plan takes, and each request's tokens and sampling row), then `wait_next()` for the units that finish first.
 
 Data flow of one work unit:
-  1. Host (`unit_inputs.UnitInputs`, numpy only): the unit and the allocator's page tables become its
+  1. Host (`unit_inputs.UnitInputs`, numpy only): the unit and its step inputs become its
      program's key and inputs, padded to power-of-two buckets: striped tokens and KV placement (prefill,
      with the earlier chunks' pages for a chunked prefill), rows per master with each member's ragged page
      entries (decode), token slots to move (migration), and the sampling parameters in the same row order.
   2. Device: ONE jitted program per unit (two when a chunked prefill rides in a decode step), forward and
-     sampling fused (prefill, decode) or the slot move (migration), taken from the `ProgramCache` by
-     (kind, group, bucket). The group's pool is assembled from the members' pools without a copy and
-     donated, so KV is updated in place; the members get their buffers back (`split_group_pool`) at once.
+     sampling fused (prefill, decode) or the slot move (migration), as `programs` defines each kind, taken
+     from the `ProgramCache` by (kind, group, bucket), which compiles with `programs.lowering`. The group's
+     pool is assembled from the members' pools without a copy and donated, so KV is updated in place; the members get their buffers back (`split_group_pool`) at once.
      Dispatch is asynchronous: programs on disjoint groups run side by side, and a unit whose program is
      still compiling waits in the background while the others run.
   3. `wait_next()` returns the units that finished first, each with ONE small device->host transfer: the
@@ -23,48 +24,27 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import functools
 import time
 from collections import Counter
-from typing import Any, Hashable, Sequence
+from typing import Any, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 
-from loong_jax.engine.state import EngineState
 from loong_jax.models.kernels.dispatch import attention_impl_from_env, for_platform
 from loong_jax.models.llama import LlamaForCausalLM
-from loong_jax.engine.outputs import TokenLogprobs
 from loong_jax.executor.program_cache import ProgramCache, ProgramKey
-from loong_jax.sampling.sampler import apply_min_tokens, sample_logits
-from loong_jax.sampling.batch import SamplingBatch, unpack_sampler_output
+from loong_jax.executor.programs import ProgramContext, lowering
+from loong_jax.sampling.batch import PLAIN_GREEDY, unpack_sampler_output
 from loong_jax.scheduler.plan import DecodeBatch, MigrationBatch, Plan, PrefillBatch, WorkUnit
-from loong_jax.sharding.context_prefill import ContextInputs, context_prefill_forward
-from loong_jax.sharding.decode_attention import MEMBER_SPEC, ROW_SPEC
-from loong_jax.sharding.decode_program import DecodeInputs, decode_forward
-from loong_jax.sharding.kv_pool import POOL_SPEC, PoolShape, assemble_group_pool, create_pool, split_group_pool
-from loong_jax.sharding.migration import migrate_pages
-from loong_jax.sharding.prefill_program import PrefillBatch as PrefillInputs
-from loong_jax.sharding.prefill_program import prefill_forward
-from loong_jax.sharding.ring_prefill import ROWS_SPEC
+from loong_jax.sharding.kv_pool import PoolShape, assemble_group_pool, create_pool, split_group_pool
 from loong_jax.sharding.topology import Topology, group_params, place_params
-from loong_jax.executor.unit_inputs import PLAIN_GREEDY, Buckets, GreedyBatch, ProgramCall, RequestSource, UnitInputs
+from loong_jax.executor.unit_inputs import Buckets, ProgramCall, UnitInputs
+from loong_jax.executor.protocol import StepInputs, UnitResult
 
-RequestId = Hashable
-__all__ = ["Buckets", "JaxExecutor", "UnitResult", "PLAIN_GREEDY"]
-
-
-@dataclasses.dataclass(frozen=True)
-class UnitResult:
-    """What a finished unit produced: one token (and logprobs when asked) per request that sampled."""
-
-    unit: WorkUnit
-    new_tokens: dict[RequestId, int]
-    logprobs: dict[RequestId, TokenLogprobs | None]
-    finish_time: float
+__all__ = ["Buckets", "JaxExecutor", "PLAIN_GREEDY"]
+DEFAULT_COMPILE_COST_S = 30.0  # what the scheduler assumes a compile costs before the first one is timed
 
 
 @dataclasses.dataclass
@@ -80,28 +60,6 @@ class _Running:
     launch: _Launch
     outputs: list[jax.Array]  # per program: the packed sampler output (or the migrated pool)
     fetch: concurrent.futures.Future | None = None
-
-
-def sample_tokens(logits: jax.Array, batch: SamplingBatch | GreedyBatch, signature: tuple) -> jax.Array:
-    """The sampler of a program: int32 [rows, 1 (+ logprobs columns)] (see `sampler.sample_logits`)."""
-    if signature[4]:  # plain greedy rows: exactly sample_logits' greedy path (argmax after min_tokens)
-        return jnp.argmax(apply_min_tokens(logits.astype(jnp.float32), batch), axis=-1).astype(jnp.int32)[:, None]
-    return sample_logits(logits, batch, signature[3])
-
-
-def abstract_sampling(rows: int, signature: tuple, sharding) -> SamplingBatch | GreedyBatch:
-    stops, prompt_width, output_width = signature[:3]
-    s = functools.partial(jax.ShapeDtypeStruct, sharding=sharding)
-    if signature[4]:
-        return GreedyBatch(step=s((rows,), np.int32), min_tokens=s((rows,), np.int32),
-                           stop_token_ids=s((rows, stops), np.int32))
-    return SamplingBatch(
-        temperature=s((rows,), np.float32), top_p=s((rows,), np.float32), top_k=s((rows,), np.int32),
-        min_p=s((rows,), np.float32), repetition_penalty=s((rows,), np.float32),
-        presence_penalty=s((rows,), np.float32), frequency_penalty=s((rows,), np.float32),
-        seed_words=s((rows, 2), np.uint32), sample_index=s((rows,), np.int32), step=s((rows,), np.int32),
-        min_tokens=s((rows,), np.int32), stop_token_ids=s((rows, stops), np.int32),
-        prompt_token_ids=s((rows, prompt_width), np.int32), output_token_ids=s((rows, output_width), np.int32))
 
 
 class JaxExecutor:
@@ -127,25 +85,15 @@ class JaxExecutor:
         self.params = place_params(weights, topology)  # one copy per instance, TENSOR-sharded inside
         self.pool_shape = PoolShape.for_model(self.config, pages_per_instance, page_size)
         self.pools = [create_pool(self.pool_shape, topology, i) for i in range(topology.num_instances)]
-        self.programs = program_cache or ProgramCache(self._lower)
+        self.programs = program_cache or ProgramCache(lowering(ProgramContext(
+            graphdef, topology, self.params, self.pool_shape, self.attention_impl)))
         self._group_params: dict[tuple[int, ...], Any] = {}
         self._running: list[_Running] = []
         self._compiling: list[tuple[_Launch, list[concurrent.futures.Future]]] = []
         self._fetchers = concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="loong-jax-fetch")
-        self.state: EngineState | None = None
-        self.source: RequestSource | None = None
-        self.unit_inputs: UnitInputs | None = None
+        self.unit_inputs = UnitInputs(self.buckets, page_size, self.config.vocab_size, self.eos_token_ids)
         self.counters = Counter()
-
-    def bind(self, state: EngineState, source: RequestSource) -> None:
-        """Attach the engine state (page tables) and the request source (tokens, sampling) of an engine."""
-        if state.num_instances != self.topology.num_instances or state.page_size != self.page_size:
-            raise ValueError("engine state and executor disagree on instances or page size")
-        if self._running or self._compiling:
-            raise RuntimeError("cannot rebind an executor with units in flight")
-        self.state, self.source = state, source
-        self.unit_inputs = UnitInputs(state, source, self.buckets, self.page_size, self.config.vocab_size,
-                                      self.eos_token_ids)
+        self._ready_programs: tuple[int, frozenset] = (-1, frozenset())  # (compile count, scheduler keys)
 
     @property
     def num_instances(self) -> int:
@@ -156,10 +104,10 @@ class JaxExecutor:
         return len(self._running) + len(self._compiling)
 
     # -- the executor interface -----------------------------------------------------------------------------------
-    def submit(self, plan: Plan) -> None:
-        """Dispatch every unit of an already dispatched plan (`state.on_dispatched(plan)` came first)."""
+    def submit(self, plan: Plan, inputs: StepInputs) -> None:
+        """Dispatch every unit of a plan the engine state has accounted, with its step inputs."""
         for unit in plan.work_units():
-            launch = self._prepare(unit)
+            launch = self._prepare(unit, inputs)
             if all(self.programs.is_ready(part.key) for part in launch.programs):
                 self._dispatch(launch)
             else:  # compile in the background; other groups keep running meanwhile
@@ -192,8 +140,25 @@ class JaxExecutor:
         self.programs.close()
 
     # -- programs ----------------------------------------------------------------------------------------------
+    def stats(self) -> dict:
+        """Units run per program kind and the program cache's statistics (with the programs ready to run)."""
+        return {**{f"units_{kind}": count for kind, count in self.counters.items()},
+                **{f"programs_{name}": value for name, value in self.programs.stats.as_dict().items()},
+                "programs_ready": len(self.programs.ready_keys())}
+
+    def compile_seconds_per_program(self) -> float:
+        stats = self.programs.stats
+        return stats.compile_seconds / stats.compiles if stats.compiles else DEFAULT_COMPILE_COST_S
+
     def ready_programs(self) -> frozenset:
-        """Scheduler keys (kind, group, token/batch bucket) that a compiled program serves."""
+        """Scheduler keys (kind, group, token/batch bucket) that a compiled program serves (recomputed only
+        when a compile has finished since the last call)."""
+        compiles = self.programs.stats.compiles
+        if self._ready_programs[0] != compiles:
+            self._ready_programs = (compiles, self._scheduler_keys())
+        return self._ready_programs[1]
+
+    def _scheduler_keys(self) -> frozenset:
         ready = set()
         for key in self.programs.ready_keys():
             kind = "prefill" if key.kind == "prefill_context" else key.kind
@@ -226,90 +191,17 @@ class JaxExecutor:
             self._group_params[group] = params
         return params
 
-    def _lower(self, key: ProgramKey):
-        """`jax.jit(program).lower(abstract inputs)` for one key (nothing runs)."""
-        group, mesh = key.group, self.topology.group_mesh(key.group)
-        members = len(group)
-        pool = jax.ShapeDtypeStruct(self.pool_shape.group_shape(members), np.dtype(self.pool_shape.dtype),
-                                    sharding=NamedSharding(mesh, POOL_SPEC))
-        if key.kind == "migrate":
-            (slots,) = key.bucket
-            tables = jax.ShapeDtypeStruct((members, slots), np.int32, sharding=NamedSharding(mesh, MEMBER_SPEC))
-            return jax.jit(functools.partial(self._migrate_program, mesh=mesh), donate_argnames=("pool",),
-                           out_shardings=NamedSharding(mesh, POOL_SPEC)).lower(pool, tables, tables)
-        params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
-                              self._params_for(group))
-        replicated, out = NamedSharding(mesh, P()), (NamedSharding(mesh, P()), NamedSharding(mesh, POOL_SPEC))
-        if key.kind in ("prefill", "prefill_context"):
-            rows_per_member, requests, signature = key.bucket[0], key.bucket[1], key.bucket[-1]
-            rows = jax.ShapeDtypeStruct((members * rows_per_member,), np.int32,
-                                        sharding=NamedSharding(mesh, ROWS_SPEC))
-            inputs = PrefillInputs(tokens=rows, positions=rows, segment_ids=rows, placement_member=rows,
-                                   placement_slot=rows,
-                                   logits_indices=jax.ShapeDtypeStruct((requests,), np.int32, sharding=replicated))
-            sampling = abstract_sampling(requests, signature, replicated)
-            program = functools.partial(self._prefill_program, mesh=mesh, signature=signature)
-            if key.kind == "prefill_context":
-                max_pages, per_member = key.bucket[2], NamedSharding(mesh, MEMBER_SPEC)
-                context = ContextInputs(
-                    page_tables=jax.ShapeDtypeStruct((members, requests, max_pages), np.int32, sharding=per_member),
-                    kv_lens=jax.ShapeDtypeStruct((members, requests), np.int32, sharding=per_member))
-                program = functools.partial(self._context_prefill_program, mesh=mesh, signature=signature)
-                return jax.jit(program, donate_argnames=("pool",), out_shardings=out).lower(
-                    params, pool, inputs, context, sampling)
-        elif key.kind == "decode":
-            batch_local, member_pages, signature = key.bucket
-            batch_rows = members * batch_local
-            row = NamedSharding(mesh, ROW_SPEC)
-            per_member = NamedSharding(mesh, MEMBER_SPEC)
-            inputs = DecodeInputs(
-                tokens=jax.ShapeDtypeStruct((batch_rows,), np.int32, sharding=row),
-                positions=jax.ShapeDtypeStruct((batch_rows,), np.int32, sharding=row),
-                append_slots=jax.ShapeDtypeStruct((batch_rows,), np.int32, sharding=row),
-                entry_rows=jax.ShapeDtypeStruct((members, member_pages), np.int32, sharding=per_member),
-                entry_pages=jax.ShapeDtypeStruct((members, member_pages), np.int32, sharding=per_member),
-                entry_tokens=jax.ShapeDtypeStruct((members, member_pages), np.int32, sharding=per_member))
-            sampling = abstract_sampling(batch_rows, signature, row)
-            program = functools.partial(self._decode_program, mesh=mesh, signature=signature)
-        else:
-            raise ValueError(f"unknown program kind {key.kind!r}")
-        return jax.jit(program, donate_argnames=("pool",), out_shardings=out).lower(params, pool, inputs, sampling)
-
-    def _prefill_program(self, params, pool, inputs, sampling, *, mesh, signature):
-        logits, pool = prefill_forward(self.graphdef, params, pool, inputs, mesh=mesh,
-                                       attention_impl=self.attention_impl)  # [requests, vocab]
-        return sample_tokens(logits, sampling, signature), pool
-
-    def _context_prefill_program(self, params, pool, inputs, context, sampling, *, mesh, signature):
-        logits, pool = context_prefill_forward(self.graphdef, params, pool, inputs, context, mesh=mesh,
-                                               attention_impl=self.attention_impl)
-        return sample_tokens(logits, sampling, signature), pool
-
-    def _decode_program(self, params, pool, inputs, sampling, *, mesh, signature):
-        logits, pool = decode_forward(self.graphdef, params, pool, inputs, mesh=mesh,
-                                      attention_impl=self.attention_impl)  # [rows, vocab]
-        return sample_tokens(logits, sampling, signature), pool
-
-    @staticmethod
-    def _migrate_program(pool, send_slots, receive_slots, *, mesh):
-        # Token slots, not pages: a share appended to a partly filled page on the destination lands at an
-        # offset, so the move is expressed on the pool viewed with pages of one slot.
-        members, layers, kv, pages, page_size, heads, head_dim = pool.shape
-        slots_view = pool.reshape(members, layers, kv, pages * page_size, 1, heads, head_dim)
-        moved = migrate_pages(slots_view, send_slots, receive_slots, mesh=mesh, moves=((0, 1),))
-        return moved.reshape(pool.shape)
-
     # -- host side: plan units -> program inputs --------------------------------------------------------------
-    def _prepare(self, unit: WorkUnit) -> _Launch:
+    def _prepare(self, unit: WorkUnit, step: StepInputs) -> _Launch:
         inputs = self.unit_inputs
         if isinstance(unit, PrefillBatch):
-            calls = [inputs.prefill(unit)]
+            calls = [inputs.prefill(unit, step.requests)]
         elif isinstance(unit, DecodeBatch):
-            calls = [] if unit.fused_prefill is None else [inputs.prefill(unit.fused_prefill)]
+            calls = [] if unit.fused_prefill is None else [inputs.prefill(unit.fused_prefill, step.requests)]
             if unit.request_ids:
-                calls.append(inputs.decode(unit))
+                calls.append(inputs.decode(unit, step.requests))
         elif isinstance(unit, MigrationBatch):
-            calls = [inputs.migration(unit, self.state.migration_tickets(unit))]
+            calls = [inputs.migration(unit, step.migrations[unit])]
         else:
             raise TypeError(f"unknown work unit {type(unit).__name__}")
         for call in calls:
@@ -364,4 +256,4 @@ class JaxExecutor:
             for request_id, row in part.sampled:
                 tokens[request_id] = token_ids[row]
                 logprobs[request_id] = sampled.logprobs[row]
-        return UnitResult(run.launch.unit, tokens, logprobs, self.clock())
+        return UnitResult(run.launch.unit, tokens, finish_time=self.clock(), logprobs=logprobs)

@@ -32,13 +32,15 @@ from typing import Any, Callable, Iterable, Sequence
 
 import jax
 
+from loong_jax.sampling.batch import SamplingSignature
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_CACHE_DIR = Path(os.environ.get("LOONG_JAX_CACHE_DIR", Path.home() / ".cache" / "loong_jax" / "jax_cache"))
 
 
-# What each kind's bucket tuple holds, in order (`unit_inputs` builds them); "sampling" is the sampling
-# signature (history widths, logprobs columns, plain greedy or not).
+# What each kind's bucket tuple holds, in order (`unit_inputs` builds them, `programs.abstract_inputs` reads
+# them); "sampling" is the `sampling.batch.SamplingSignature` (history widths, logprobs columns, plain greedy).
 BUCKET_FIELDS = {
     "prefill": ("rows", "requests", "sampling"),  # rows per member, requests in the unit
     "prefill_context": ("rows", "requests", "pages", "sampling"),  # + KV pages of earlier chunks
@@ -80,12 +82,12 @@ def _instances(group: tuple[int, ...]) -> str:
 
 
 def _sampling_label(signature: Any) -> str:
-    """A sampling signature (stop ids, prompt / output history widths, logprobs columns, plain greedy)."""
-    if not isinstance(signature, tuple) or len(signature) != 5:
+    """A `SamplingSignature` (or the plain tuple of one): "greedy" or "sampling", and its logprobs columns."""
+    if not isinstance(signature, tuple) or len(signature) != len(SamplingSignature._fields):
         return f"sampling={signature}"
-    logprobs, plain_greedy = signature[3], signature[4]
-    label = "greedy" if plain_greedy else "sampling"
-    return label if logprobs is None else f"{label} logprobs<={logprobs}"
+    signature = SamplingSignature(*signature)
+    label = "greedy" if signature.plain_greedy else "sampling"
+    return label if signature.logprobs_columns is None else f"{label} logprobs<={signature.logprobs_columns}"
 
 
 @dataclasses.dataclass

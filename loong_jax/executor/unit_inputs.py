@@ -1,4 +1,4 @@
-"""Host side of the executor: a plan's work unit + the allocator's page tables -> a program's inputs.
+"""Host side of the executor: a plan's work unit + its step inputs (page tables, tokens) -> a program's inputs.
 
 Everything here is numpy (no device work), so it runs while earlier units still compute.
 
@@ -6,16 +6,17 @@ Data flow, per unit (`UnitInputs.prefill` / `decode` / `migration` -> `ProgramCa
   1. PrefillBatch: the prompts (or prompt chunks) are striped over the group's members
      (`context_prefill.chunk_layout`: token j of a chunk on member j mod d, at its global position); the
      plan's placement segments say which member keeps each token's KV, and that member's pages of the
-     request (from the allocator) give its flat slot (dense per request and member). A chunk that continues
+     request (from its `RequestInputs`) give its flat slot (dense per request and member). A chunk that continues
      a prompt also gets, per member, the pages and token counts of the prompt's earlier KV (`layout_context`).
   2. DecodeBatch: one `DecodeRow` per request in its master's block: the newest token, its position, the
      slot of its KV on the master (allocated by `state.on_dispatched`), and every member's pages and token
      counts of the request, flattened per member into the ragged page entries the batch holds there
      (`layout_decode_batch`; the bucket counts the busiest member's pages, not batch x longest request).
-  3. MigrationBatch: the allocator's tickets give, for every moved token, its slot on the source and its
+  3. MigrationBatch: the unit's migration tickets give, for every moved token, its slot on the source and its
      slot on the destination (a share appended after the destination's own tokens may start mid-page).
   4. Each request that samples gets its `SamplingRow` at its output row (padding rows are greedy); the
-     rows become a `SamplingBatch` whose static shapes (`sampling_signature`) are part of the program key.
+     rows become a `SamplingBatch` (a `GreedyBatch` when all are plain greedy) whose static shapes
+     (`sampling.batch.sampling_signature`) are part of the program key.
 Every dimension is padded to a power-of-two bucket (`Buckets`), so few distinct programs exist.
 """
 
@@ -23,38 +24,23 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter
-from typing import Hashable, Protocol, Sequence
+from typing import Mapping, Sequence
 
-import jax
 import numpy as np
 
-from loong_jax.engine.state import EngineState
-from loong_jax.engine.kv_allocator import MigrationTicket
 from loong_jax.executor.program_cache import ProgramKey
-from loong_jax.sampling.batch import (STOP_IDS_BUCKET_MIN, SamplingBatch, SamplingRow, bucket_size,
-                                      num_logprobs_columns, pack_sampling_batch)
+from loong_jax.executor.protocol import MigrationTicket, RequestInputs
+from loong_jax.sampling.batch import (GreedyBatch, SamplingBatch, SamplingRow, SamplingSignature, greedy_batch,
+                                      is_plain_greedy, pack_sampling_batch, sampling_signature)
 from loong_jax.sampling.params import SamplingParams
-from loong_jax.scheduler.plan import DecodeBatch, MigrationBatch, PrefillBatch
+from loong_jax.scheduler.plan import DecodeBatch, MigrationBatch, PrefillBatch, RequestId
 from loong_jax.sharding.context_prefill import ContextInputs, chunk_layout, layout_context
-from loong_jax.sharding.decode_program import DecodeInputs, DecodeRow, layout_decode_batch, pages_held
-from loong_jax.sharding.prefill_program import PrefillBatch as PrefillInputs
+from loong_jax.sharding.decode_program import DecodeRow, layout_decode_batch, pages_held
+from loong_jax.sharding.prefill_program import PrefillInputs
 from loong_jax.sharding.stripe_layout import Placement, rows_needed, striped_members
 
-RequestId = Hashable
 # Rows that pad a sampling batch: greedy, never read back.
 PADDING_ROW = SamplingRow(SamplingParams(temperature=0.0, max_tokens=1, seed=0), (), ())
-# Sampling signature of the common case: greedy, no penalties, no logprobs.
-PLAIN_GREEDY = (STOP_IDS_BUCKET_MIN, 1, 1, None, True)
-
-
-class RequestSource(Protocol):
-    """What the executor needs to know about a request beyond the allocator (the engine implements it)."""
-
-    def token_ids(self, request_id: RequestId) -> Sequence[int]:
-        """Prompt followed by every token generated so far."""
-
-    def sampling_row(self, request_id: RequestId) -> SamplingRow:
-        """The request's sampling parameters and histories for its next token."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,45 +68,6 @@ class ProgramCall:
     next_key: ProgramKey | None = None  # a program these requests will need soon (compiled in the background)
 
 
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class GreedyBatch:
-    """What plain greedy rows need of a `SamplingBatch` (`sampler.apply_min_tokens`'s fields), so that a
-    greedy program carries 3 small arrays instead of 14."""
-
-    step: np.ndarray  # [batch] int32, tokens generated so far
-    min_tokens: np.ndarray  # [batch] int32
-    stop_token_ids: np.ndarray  # [batch, stops] int32, padded with vocab_size
-
-
-def is_plain_greedy(rows: Sequence[SamplingRow]) -> bool:
-    return all(row.params.temperature == 0.0 and not row.params.uses_penalties and row.params.logprobs is None
-               for row in rows)
-
-
-def sampling_signature(rows: Sequence[SamplingRow], batch: SamplingBatch | GreedyBatch) -> tuple:
-    """The static part of a sampling batch: history widths, logprobs columns, and whether every row is
-    plain greedy (then the program's sampler is an argmax and skips compiling the random path)."""
-    if isinstance(batch, GreedyBatch):
-        return (batch.stop_token_ids.shape[1], 1, 1, None, True)
-    return (batch.stop_token_ids.shape[1], batch.prompt_token_ids.shape[1], batch.output_token_ids.shape[1],
-            num_logprobs_columns(rows), False)
-
-
-def greedy_batch(rows: Sequence[SamplingRow], vocab_size: int, eos_token_ids: Sequence[int]) -> GreedyBatch:
-    """The min_tokens inputs of plain greedy rows (EOS and stop ids are masked while step < min_tokens)."""
-    steps = np.fromiter((len(row.output_token_ids) for row in rows), np.int32, len(rows))
-    minimums = np.fromiter((row.params.min_tokens for row in rows), np.int32, len(rows))
-    blocked = [row.params.all_stop_token_ids(tuple(eos_token_ids)) if row.params.min_tokens > step else ()
-               for row, step in zip(rows, steps)]
-    width = bucket_size(max(map(len, blocked)), STOP_IDS_BUCKET_MIN)
-    stops = np.full((len(rows), width), vocab_size, np.int32)
-    for index, ids in enumerate(blocked):
-        if ids:  # most rows are past min_tokens: nothing to block
-            stops[index, :len(ids)] = ids
-    return GreedyBatch(step=steps, min_tokens=minimums, stop_token_ids=stops)
-
-
 def _flat_slots(pages: Sequence[int], first: int, count: int, page_size: int) -> np.ndarray:
     """[count] flat slots of the tokens first..first+count-1 of a share stored densely in `pages`."""
     pages_array = np.asarray(pages, dtype=np.int64)
@@ -129,21 +76,19 @@ def _flat_slots(pages: Sequence[int], first: int, count: int, page_size: int) ->
 
 
 class UnitInputs:
-    """Builds `ProgramCall`s from plan units, reading the engine state's allocator and the request source."""
+    """Builds `ProgramCall`s from plan units and the `RequestInputs` of their requests (numpy only)."""
 
-    def __init__(self, state: EngineState, source: RequestSource, buckets: Buckets, page_size: int,
-                 vocab_size: int, eos_token_ids: Sequence[int]):
-        self.state = state
-        self.source = source
+    def __init__(self, buckets: Buckets, page_size: int, vocab_size: int, eos_token_ids: Sequence[int]):
         self.buckets = buckets
         self.page_size = page_size
         self.vocab_size = vocab_size
         self.eos_token_ids = tuple(eos_token_ids)
 
-    def _slots(self, request_id: RequestId, instance: int, first: int, count: int) -> np.ndarray:
-        return _flat_slots(self.state.allocator.page_table(request_id, instance), first, count, self.page_size)
+    def _slots(self, request: RequestInputs, instance: int, first: int, count: int) -> np.ndarray:
+        return _flat_slots(request.page_tables[instance], first, count, self.page_size)
 
-    def _sampling(self, rows: list[SamplingRow], batch_rows: int) -> tuple[SamplingBatch | GreedyBatch, tuple]:
+    def _sampling(self, rows: list[SamplingRow],
+                  batch_rows: int) -> tuple[SamplingBatch | GreedyBatch, SamplingSignature]:
         rows = list(rows) + [PADDING_ROW] * (batch_rows - len(rows))
         if is_plain_greedy(rows):
             batch = greedy_batch(rows, self.vocab_size, self.eos_token_ids)
@@ -151,15 +96,16 @@ class UnitInputs:
             batch = pack_sampling_batch(rows, self.vocab_size, self.eos_token_ids, batch_bucket=batch_rows)
         return batch, sampling_signature(rows, batch)
 
-    def prefill(self, batch: PrefillBatch) -> ProgramCall:
+    def prefill(self, batch: PrefillBatch, request_inputs: Mapping[RequestId, RequestInputs]) -> ProgramCall:
         """A ring prefill of the batch's chunks; chunks that continue a prompt (start > 0) also attend to
         the KV their earlier chunks left in the group (`context_prefill`)."""
-        allocator, group = self.state.allocator, batch.group
+        group = batch.group
         member_of = {instance: m for m, instance in enumerate(group)}
         tokens, keep_member, keep_slot, prefix_pages, prefix_lens, rows, sampled = [], [], [], [], [], [], []
         for index, (request_id, (start, length), segments) in enumerate(
                 zip(batch.request_ids, batch.chunks, batch.placement)):
-            request_tokens = self.source.token_ids(request_id)
+            request = request_inputs[request_id]
+            request_tokens = request.token_ids
             if start + length > len(request_tokens):
                 raise ValueError(f"prefill of {request_id!r} covers tokens {start}..{start + length - 1}, "
                                  f"request has {len(request_tokens)}")
@@ -168,19 +114,19 @@ class UnitInputs:
             placed_here = Counter()
             for instance, n_tokens in segments:
                 placed_here[instance] += n_tokens
-            held = allocator.kv_layout(request_id)  # this chunk's tokens included
+            held = request.kv_tokens  # this chunk's tokens included
             held_before = {i: n - placed_here[i] for i, n in held.items() if n > placed_here[i]}
             if set(held_before) - set(member_of) or sum(held_before.values()) != start:
                 raise ValueError(f"prefill of {request_id!r} at {start}: earlier KV {held_before} is not in {group}")
-            prefix_pages.append({member_of[i]: allocator.page_table(request_id, i) for i in held_before})
+            prefix_pages.append({member_of[i]: request.page_tables[i] for i in held_before})
             prefix_lens.append({member_of[i]: n for i, n in held_before.items()})
             next_index = {i: held_before.get(i, 0) for i in placed_here}
             for instance, n_tokens in segments:
                 keep_member.append(np.full(n_tokens, member_of[instance], np.int32))
-                keep_slot.append(self._slots(request_id, instance, next_index[instance], n_tokens))
+                keep_slot.append(self._slots(request, instance, next_index[instance], n_tokens))
                 next_index[instance] += n_tokens
             if start + length == len(request_tokens):  # the chunk ends the prompt: it samples a token
-                rows.append(self.source.sampling_row(request_id))
+                rows.append(request.sampling)
                 sampled.append((request_id, index))
             else:
                 rows.append(PADDING_ROW)
@@ -207,21 +153,22 @@ class UnitInputs:
         key = ProgramKey("prefill_context", group, (rows_per_member, requests, max_pages, signature))
         return ProgramCall(key, (inputs, context, sampling), sampled, rows)
 
-    def decode(self, batch: DecodeBatch) -> ProgramCall:
+    def decode(self, batch: DecodeBatch, request_inputs: Mapping[RequestId, RequestInputs]) -> ProgramCall:
         """One multi-master decode step: each request in its master's block of rows."""
-        allocator, group, page_size, requests = self.state.allocator, batch.group, self.page_size, self.state.requests
+        group, page_size = batch.group, self.page_size
         member_of = {instance: m for m, instance in enumerate(group)}
         rows = []
         for request_id, master in zip(batch.request_ids, batch.masters):
-            request = requests[request_id]  # decoding: its newest token is the last generated
+            request = request_inputs[request_id]  # decoding: its newest token is the last generated
             pages, kv_lens = {}, {}
-            for instance, held in allocator.kv_layout(request_id).items():  # tokens, this step's append included
+            for instance, held in request.kv_tokens.items():  # tokens, this step's append included
                 member = member_of[instance]
-                pages[member], kv_lens[member] = allocator.page_table(request_id, instance), held
+                pages[member], kv_lens[member] = request.page_tables[instance], held
             master_member = member_of[master]
             index, master_pages = kv_lens[master_member] - 1, pages[master_member]
             rows.append(DecodeRow(
-                token=int(request.generated[-1]), position=request.context_len - 1, master=master_member,
+                token=int(request.sampling.output_token_ids[-1]), position=request.context_len - 1,
+                master=master_member,
                 append_slot=master_pages[index // page_size] * page_size + index % page_size,
                 pages=pages, kv_lens=kv_lens))
         b, members = self.buckets, len(group)
@@ -230,12 +177,10 @@ class UnitInputs:
         batch_local = b.round(busiest_master, b.decode_batch)
         member_pages = b.round(most_pages, b.decode_batch * b.decode_pages)
         host = layout_decode_batch(rows, members, batch_local, member_pages, self.page_size)
-        inputs = DecodeInputs(tokens=host.tokens, positions=host.positions, append_slots=host.append_slots,
-                              entry_rows=host.entry_rows, entry_pages=host.entry_pages,
-                              entry_tokens=host.entry_tokens)
+        inputs = host.inputs()
         sampling_rows = [PADDING_ROW] * (members * batch_local)
         for request_id, row in zip(batch.request_ids, host.rows):
-            sampling_rows[row] = self.source.sampling_row(request_id)
+            sampling_rows[row] = request_inputs[request_id].sampling
         sampling, signature = self._sampling(sampling_rows, members * batch_local)
         key = ProgramKey("decode", group, (batch_local, member_pages, signature))
         grown = None

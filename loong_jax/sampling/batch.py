@@ -14,18 +14,23 @@ Data flow:
      per step (tokens and logprobs together: one device->host transfer).
   4. `unpack_sampler_output(matrix, rows)` reads it back into token ids and
      `TokenLogprobs` per row, trimmed to what each request asked for.
+Inside a program (`loong_jax.executor.programs`): rows that are all plain greedy (no temperature, penalties
+or logprobs) travel as a `GreedyBatch` of 3 arrays instead of 14; `sampling_signature` gives the static
+shapes of either (`SamplingSignature`, part of the program key), and `abstract_sampling` the abstract
+arrays a program is lowered with.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import secrets
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import jax
 import numpy as np
 
-from loong_jax.engine.outputs import TokenLogprobs
+from loong_jax.outputs import TokenLogprobs
 from loong_jax.sampling.params import MAX_LOGPROBS, SamplingParams
 
 OUTPUT_FIXED_COLUMNS = 3  # token, sampled logprob (float bits), sampled rank
@@ -170,3 +175,72 @@ def unpack_sampler_output(packed: np.ndarray, rows: Sequence[SamplingRow]) -> Sa
                                             logprob=float(sampled_logprob[index]),
                                             rank=int(ranks[index]), top=top)
     return SampledRows(token_ids=tokens, logprobs=logprobs)
+
+
+class SamplingSignature(NamedTuple):
+    """The static shapes of a program's sampling inputs (hashable: part of a `ProgramKey`'s bucket)."""
+
+    stop_ids: int  # width of the padded stop id lists
+    prompt_width: int  # prompt history bucket (1: no row reads it)
+    output_width: int  # output history bucket (1: no row reads it)
+    logprobs_columns: int | None  # the sampler's `num_top_logprobs` (None: no row asks)
+    plain_greedy: bool  # every row plain greedy: the sampler is an argmax (no random path compiled)
+
+
+# Sampling signature of the common case: greedy, no penalties, no logprobs.
+PLAIN_GREEDY = SamplingSignature(STOP_IDS_BUCKET_MIN, 1, 1, None, True)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class GreedyBatch:
+    """What plain greedy rows need of a `SamplingBatch` (`sampler.apply_min_tokens`'s fields), so that a
+    greedy program carries 3 small arrays instead of 14."""
+
+    step: np.ndarray  # [batch] int32, tokens generated so far
+    min_tokens: np.ndarray  # [batch] int32
+    stop_token_ids: np.ndarray  # [batch, stops] int32, padded with vocab_size
+
+
+def is_plain_greedy(rows: Sequence[SamplingRow]) -> bool:
+    return all(row.params.temperature == 0.0 and not row.params.uses_penalties and row.params.logprobs is None
+               for row in rows)
+
+
+def sampling_signature(rows: Sequence[SamplingRow], batch: SamplingBatch | GreedyBatch) -> SamplingSignature:
+    """The static part of a sampling batch: history widths, logprobs columns, and whether every row is
+    plain greedy (then the program's sampler is an argmax and skips compiling the random path)."""
+    if isinstance(batch, GreedyBatch):
+        return SamplingSignature(batch.stop_token_ids.shape[1], 1, 1, None, True)
+    return SamplingSignature(batch.stop_token_ids.shape[1], batch.prompt_token_ids.shape[1],
+                             batch.output_token_ids.shape[1], num_logprobs_columns(rows), False)
+
+
+def greedy_batch(rows: Sequence[SamplingRow], vocab_size: int, eos_token_ids: Sequence[int]) -> GreedyBatch:
+    """The min_tokens inputs of plain greedy rows (EOS and stop ids are masked while step < min_tokens)."""
+    steps = np.fromiter((len(row.output_token_ids) for row in rows), np.int32, len(rows))
+    minimums = np.fromiter((row.params.min_tokens for row in rows), np.int32, len(rows))
+    blocked = [row.params.all_stop_token_ids(tuple(eos_token_ids)) if row.params.min_tokens > step else ()
+               for row, step in zip(rows, steps)]
+    width = bucket_size(max(map(len, blocked)), STOP_IDS_BUCKET_MIN)
+    stops = np.full((len(rows), width), vocab_size, np.int32)
+    for index, ids in enumerate(blocked):
+        if ids:  # most rows are past min_tokens: nothing to block
+            stops[index, :len(ids)] = ids
+    return GreedyBatch(step=steps, min_tokens=minimums, stop_token_ids=stops)
+
+
+def abstract_sampling(rows: int, signature: SamplingSignature, sharding) -> SamplingBatch | GreedyBatch:
+    """The abstract sampling inputs of `rows` rows with this signature (to lower a program; nothing runs)."""
+    s = functools.partial(jax.ShapeDtypeStruct, sharding=sharding)
+    if signature.plain_greedy:
+        return GreedyBatch(step=s((rows,), np.int32), min_tokens=s((rows,), np.int32),
+                           stop_token_ids=s((rows, signature.stop_ids), np.int32))
+    return SamplingBatch(
+        temperature=s((rows,), np.float32), top_p=s((rows,), np.float32), top_k=s((rows,), np.int32),
+        min_p=s((rows,), np.float32), repetition_penalty=s((rows,), np.float32),
+        presence_penalty=s((rows,), np.float32), frequency_penalty=s((rows,), np.float32),
+        seed_words=s((rows, 2), np.uint32), sample_index=s((rows,), np.int32), step=s((rows,), np.int32),
+        min_tokens=s((rows,), np.int32), stop_token_ids=s((rows, signature.stop_ids), np.int32),
+        prompt_token_ids=s((rows, signature.prompt_width), np.int32),
+        output_token_ids=s((rows, signature.output_width), np.int32))

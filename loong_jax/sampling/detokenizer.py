@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from typing import Protocol, Sequence
 
-from loong_jax.engine.outputs import CompletionOutput, FinishReason, TokenLogprobs
+from loong_jax.outputs import CompletionOutput, FinishReason, TokenLogprobs
 from loong_jax.sampling.params import SamplingParams
 from loong_jax.sampling.stop_strings import ROOT, StopStringMatcher
 

@@ -10,7 +10,7 @@ Data flow:
      reaches the engine.
   3. The engine asks `check_vocab(vocab_size)` once it knows the model (token
      ids must exist) and turns the params into device arrays with
-     `loong_jax.sampling.sampler.pack_sampling_batch`.
+     `loong_jax.sampling.batch.pack_sampling_batch`.
 
 Semantics follow vLLM where vLLM defines them:
   * temperature 0 means greedy (argmax of the penalised logits); the default is vLLM's 1.0, so

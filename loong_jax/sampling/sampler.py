@@ -22,7 +22,10 @@ own parameters from a `SamplingBatch`; vLLM's order of operations):
   6. Tokens, the sampled token's logprob and rank, and the top-k ids and
      logprobs are packed into one int32 matrix [batch, 3 + 2k] (floats by
      their bits) so the host fetches a step's results in one transfer;
-     `sampling_batch.unpack_sampler_output` reads it.
+     `sampling.batch.unpack_sampler_output` reads it.
+Inside a program, `sample_tokens(logits, batch, signature)` picks the path by the static signature: plain
+greedy rows (a `GreedyBatch`) take exactly the greedy path above (argmax after min_tokens), others
+`sample_logits`.
 """
 
 from __future__ import annotations
@@ -33,8 +36,8 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
-from loong_jax.sampling.batch import (SampledRows, SamplingBatch, SamplingRow, num_logprobs_columns,
-                                      pack_sampling_batch, unpack_sampler_output)
+from loong_jax.sampling.batch import (GreedyBatch, SampledRows, SamplingBatch, SamplingRow, SamplingSignature,
+                                      num_logprobs_columns, pack_sampling_batch, unpack_sampler_output)
 
 NEG_INF = float("-inf")
 TOP_CANDIDATES = 256  # largest logits searched first for top_k / top_p; a full sort otherwise
@@ -187,6 +190,13 @@ def sample_logits(logits: jax.Array, batch: SamplingBatch,
                             top_ids.astype(jnp.int32), as_bits(top_values)], axis=-1)
 
 
+def sample_tokens(logits: jax.Array, batch: SamplingBatch | GreedyBatch, signature: SamplingSignature) -> jax.Array:
+    """The sampler of a program: int32 [rows, 1 (+ logprobs columns)] (see `sample_logits`)."""
+    if signature.plain_greedy:  # exactly sample_logits' greedy path (argmax after min_tokens)
+        return jnp.argmax(apply_min_tokens(logits.astype(jnp.float32), batch), axis=-1).astype(jnp.int32)[:, None]
+    return sample_logits(logits, batch, signature.logprobs_columns)
+
+
 sample = jax.jit(sample_logits, static_argnames=("num_top_logprobs",))
 
 
@@ -195,7 +205,7 @@ def sample_rows(logits: jax.Array, rows: Sequence[SamplingRow], eos_token_ids: S
     """Host convenience around `sample`: pack, run, fetch once, unpack.
 
     logits: [batch_bucket, vocab], rows in the same order as its first rows.
-    Returns `sampling_batch.SampledRows` for the real rows.
+    Returns `sampling.batch.SampledRows` for the real rows.
     """
     vocab = logits.shape[-1]
     batch = pack_sampling_batch(rows, vocab, eos_token_ids,

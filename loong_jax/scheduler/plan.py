@@ -6,7 +6,7 @@ Data flow:
      `PrefillBatch`, every `DecodeBatch` (optionally carrying a chunked-prefill batch fused into the same
      step on the same group) and one `MigrationBatch` per (source, destination) pair of migrations.
      Every instance belongs to at most one unit of a plan; each unit keeps its instances busy until its
-     `BatchResult` comes back.
+     `UnitResult` comes back.
   3. `EngineState.on_dispatched(plan)` applies the page accounting in a fixed order: rejections,
      preemptions, migrations, prefills, decodes.
   4. `Plan.to_dict()` / `Plan.from_dict()` round-trip through JSON, so a leader host can broadcast the plan
@@ -71,6 +71,11 @@ class PrefillBatch:
         return sum(length for _, length in self.chunks)
 
     @property
+    def all_request_ids(self) -> tuple[RequestId, ...]:
+        """Every request the unit runs (as for every work unit)."""
+        return self.request_ids
+
+    @property
     def kept_instances(self) -> tuple[int, ...]:
         """Instances that keep some KV after the step, in group order."""
         kept = {instance for segments in self.placement for instance, _ in segments}
@@ -128,6 +133,12 @@ class DecodeBatch:
             raise ValueError(f"DecodeBatch: masters {self.masters} not all in group {self.group}")
         if self.fused_prefill is not None and set(self.fused_prefill.group) != members:
             raise ValueError(f"DecodeBatch: fused prefill group {self.fused_prefill.group} is not {self.group}")
+
+    @property
+    def all_request_ids(self) -> tuple[RequestId, ...]:
+        """The decoding requests, then those of the fused prefill."""
+        fused = () if self.fused_prefill is None else self.fused_prefill.request_ids
+        return self.request_ids + fused
 
     def to_dict(self) -> dict:
         return {
@@ -190,6 +201,10 @@ class MigrationBatch:
     @property
     def request_ids(self) -> tuple[RequestId, ...]:
         return tuple(m.request_id for m in self.migrations)
+
+    @property
+    def all_request_ids(self) -> tuple[RequestId, ...]:
+        return self.request_ids
 
     @property
     def num_tokens(self) -> int:

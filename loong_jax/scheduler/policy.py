@@ -1,9 +1,14 @@
 """Scheduling policies: the `Policy` protocol and the registry of policies by name.
 
 Data flow:
-  1. `make_policy(name, **options)` builds a policy (`esp` is the default; baselines: `static-sp`,
-     `replicas`, `chunked-prefill`, `pd-disagg`).
-  2. Each step the engine calls `policy.schedule(view)` with a `SchedulerView` and gets a `Plan` for its idle
+  1. `build_policy(name, num_instances, prefill_degree, decode_degree, options)` looks the class up by
+     name and lets it read the command line's degrees itself (`from_degrees`): each policy validates its
+     own options, so nothing outside the scheduler checks policy names or types. `make_policy(name,
+     **options)` builds one from its own keyword arguments (`esp` is the default; baselines: `static-sp`,
+     `replicas`, `chunked-prefill`, `pd-disagg`, `fixed`).
+  2. Before serving, the engine asks the policy what it can ever hold (`request_token_limits`) and which
+     groups it runs most (`warmup_groups`, compiled ahead of time).
+  3. Each step the engine calls `policy.schedule(view)` with a `SchedulerView` and gets a `Plan` for its idle
      instances. Every policy uses the same plan vocabulary, the same `EngineState`, the same KV capacity and
      the same cost model, so they can be swapped on the real engine and in the simulator.
 """
@@ -14,6 +19,7 @@ import importlib
 from types import MappingProxyType
 from typing import Protocol, runtime_checkable
 
+from loong_jax.scheduler.groups import Group
 from loong_jax.scheduler.plan import Plan
 from loong_jax.scheduler.view import SchedulerView
 
@@ -33,10 +39,61 @@ _POLICY_CLASSES = MappingProxyType({
 @runtime_checkable
 class Policy(Protocol):
     name: str
+    late_requests: int  # waiting requests held behind every timely one at the last step (a server metric)
+
+    @classmethod
+    def from_degrees(cls, num_instances: int, prefill_degree: int | None = None, decode_degree: int | None = None,
+                     options: dict | None = None) -> "Policy":
+        """The policy for `num_instances` instances from the command line's degrees and its own options;
+        ValueError when a degree does not apply to it or does not fit the cluster."""
+        ...
 
     def schedule(self, view: SchedulerView) -> Plan:
         """Decide the work for the idle instances of `view` (may return an empty plan)."""
         ...
+
+    def request_token_limits(self, num_instances: int, pages_per_instance: int,
+                             page_size: int) -> tuple[int, int] | None:
+        """(longest prompt, largest peak KV) in tokens one request can ever get; None = the whole cluster."""
+        ...
+
+    def warmup_groups(self, num_instances: int) -> tuple[list[Group], list[Group]]:
+        """(prefill groups, decode groups) this policy runs most: their programs are compiled ahead of time."""
+        ...
+
+
+def degrees_do_not_apply(name: str, prefill_degree: int | None, decode_degree: int | None) -> None:
+    """ValueError when degrees are given to a policy that chooses its own."""
+    if prefill_degree is not None or decode_degree is not None:
+        raise ValueError(f"prefill_degree / decode_degree apply to policy 'fixed' (or one degree to 'static-sp' "
+                         f"and 'chunked-prefill'), not {name!r}")
+
+
+class PolicyDefaults:
+    """What an elastic policy answers (ESP, pd-disagg): it picks degrees itself, may spread one request
+    over the whole cluster, and is warmed up on whole-cluster prefill and single-instance decode (other
+    groups compile on demand). Fixed-degree policies override these."""
+
+    name: str
+    late_requests = 0
+
+    @classmethod
+    def from_degrees(cls, num_instances: int, prefill_degree: int | None = None, decode_degree: int | None = None,
+                     options: dict | None = None):
+        return cls(**cls.degree_options(prefill_degree, decode_degree), **dict(options or {}))
+
+    @classmethod
+    def degree_options(cls, prefill_degree: int | None, decode_degree: int | None) -> dict:
+        """The constructor arguments the command line's degrees stand for (none here)."""
+        degrees_do_not_apply(cls.name, prefill_degree, decode_degree)
+        return {}
+
+    def request_token_limits(self, num_instances: int, pages_per_instance: int,
+                             page_size: int) -> tuple[int, int] | None:
+        return None
+
+    def warmup_groups(self, num_instances: int) -> tuple[list[Group], list[Group]]:
+        return [tuple(range(num_instances))], [(i,) for i in range(num_instances)]
 
 
 def policy_names() -> tuple[str, ...]:
@@ -54,3 +111,10 @@ def policy_class(name: str) -> type:
 def make_policy(name: str = DEFAULT_POLICY, **options) -> Policy:
     """Build a policy by name; options are the policy's own keyword arguments (e.g. `degree=4`)."""
     return policy_class(name)(**options)
+
+
+def build_policy(name: str, num_instances: int, prefill_degree: int | None = None, decode_degree: int | None = None,
+                 options: dict | None = None) -> Policy:
+    """A policy by name for `num_instances` instances; the degrees apply to `fixed` (and one degree to
+    `static-sp` and `chunked-prefill`), each policy checks its own (`Policy.from_degrees`)."""
+    return policy_class(name).from_degrees(num_instances, prefill_degree, decode_degree, options)

@@ -64,6 +64,11 @@ class RequestView:
         return max(0, self.max_new_tokens - self.num_generated)
 
 
+def ceil_div(a: int, b: int) -> int:
+    """a / b rounded up (pages for a number of tokens, and the like)."""
+    return -(-a // b)
+
+
 def power_of_two_bucket(n_tokens: int) -> int:
     """Default shape bucket of a program: next power of two, at least 16."""
     bucket = 16

@@ -1,12 +1,13 @@
 """The simulation loop, and the search for the maximum request rate a policy sustains under the SLO.
 
 Data flow:
-  1. `simulate(requests, policy, cost_model, num_instances)` is the engine loop on a virtual clock:
+  1. `simulate(requests, policy, cost_model, num_instances)` drives the engine's own `EngineCore` over a
+     `SimExecutor` on a virtual clock:
        a. requests whose arrival time has come are added to the `EngineState` (one too large for the whole
           cluster is recorded as rejected);
-       b. plan = policy.schedule(state.view(cost_model, now)); state.on_dispatched(plan); executor.submit(plan);
+       b. core.dispatch(core.schedule()): the policy plans, the state accounts the plan, the executor starts it;
        c. the clock jumps to whichever comes first, the next arrival or the next unit completion; completions
-          go to state.apply(result).
+          go to core.apply(result).
      It stops when every request is done (or, with `give_up_below`, as soon as so many requests have missed
      their SLO that the attainment target can no longer be met). An empty plan with nothing in flight, work
      waiting and no arrival to come is a policy bug: `SchedulerStalled`.
@@ -26,6 +27,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from loong_jax.engine.core import EngineCore, SchedulerStalled
 from loong_jax.engine.state import EngineState, make_state_for
 from loong_jax.scheduler.cost.model import CostModel
 from loong_jax.scheduler.policy import Policy, make_policy
@@ -42,10 +44,6 @@ from loong_jax.simulator.workloads import RequestSpec
 
 
 MAX_PLANS_AT_ONE_TIME = 10_000  # a policy that keeps planning without letting time move is looping
-
-
-class SchedulerStalled(RuntimeError):
-    """Requests wait, nothing runs, nothing will arrive, and the policy plans nothing."""
 
 
 @dataclass(frozen=True)
@@ -164,6 +162,7 @@ def simulate(
     state: EngineState = make_state_for(cost_model, num_instances)
     output_lengths = {r.request_id: r.output_len for r in requests}
     executor = SimExecutor(cost_model, state, output_lengths)
+    core = EngineCore(state, policy, cost_model, executor, clock=lambda: executor.now, compile_aware=False)
     if isolated is None:
         isolated = isolated_latencies(requests, cost_model, num_instances)
     slo_of = {r.request_id: slo_scale * isolated[i] for i, r in enumerate(requests)}
@@ -190,11 +189,10 @@ def simulate(
 
     def plan_and_dispatch() -> None:
         started = time.perf_counter()
-        plan = policy.schedule(state.view(cost_model, now=executor.now))
+        plan = core.schedule()
         schedule_seconds.append(time.perf_counter() - started)
         if not plan.is_empty:
-            state.on_dispatched(plan, executor.now)
-            executor.submit(plan)
+            core.dispatch(plan)
             for request_id in plan.rejections:
                 watch.rejected(request_id)
 
@@ -220,8 +218,8 @@ def simulate(
         if upcoming_arrival is not None and (upcoming_finish is None or upcoming_arrival < upcoming_finish):
             executor.advance_to(upcoming_arrival)
             continue
-        for result in executor.wait_next():
-            for request in state.apply(result):
+        for result in core.wait():
+            for request in core.apply(result):
                 watch.finished(request.request_id, request.finish_time)
         if check_invariants:
             state.check_invariants()
@@ -244,8 +242,8 @@ def simulate(
         metrics=metrics,
         complete=complete,
         counters=dict(state.counters),
-        prefill_dops=dict(executor.prefill_dops),
-        decode_dops=dict(executor.decode_dops),
+        prefill_dops=dict(core.dops.prefill),
+        decode_dops=dict(core.dops.decode),
         units=dict(executor.units_run),
         utilization=sum(executor.busy_seconds) / (num_instances * makespan) if makespan > 0 else math.nan,
         scheduler_ms_median=1e3 * float(np.median(schedule_seconds)) if schedule_seconds else math.nan,

@@ -1,10 +1,11 @@
 """SimExecutor: runs a plan on a virtual clock, with step times from the cost model instead of devices.
 
-It implements the executor half of the engine loop (`submit(plan)`, `wait_next()`), so the unchanged
-`EngineState` and policies drive it exactly as they drive the JAX executor.
+It implements the executor contract (`loong_jax.executor.protocol`), so the engine core, the unchanged
+`EngineState` and the policies drive it exactly as they drive the JAX executor.
 
 Data flow:
-  1. `submit(plan)` (after `state.on_dispatched(plan)`): every work unit of the plan (disjoint instance sets)
+  1. `submit(plan, inputs)` (after `state.on_dispatched(plan)`; the inputs are not needed: lengths come from
+     the state it shares with the engine core): every work unit of the plan (disjoint instance sets)
      gets a duration from the cost model and goes on a heap keyed by its finish time = now + duration:
        - PrefillBatch on d instances: prefill_time_from_sums(d, Σ length, Σ((start+length)² − start²)) — a chunk
          attends to everything before it, which the quadratic term prices exactly;
@@ -15,8 +16,8 @@ Data flow:
      each prefill request whose chunk ends its prompt, and `finished` for requests reaching their output length.
   2. `next_finish_time()` lets the loop inject arrivals that come first (`advance_to(t)`).
   3. `wait_next()` pops every unit finishing at the earliest time, moves the clock there and returns their
-     `BatchResult`s for `state.apply`.
-  4. `busy_seconds` (per instance) and `prefill_dops` (a histogram) are kept for reports.
+     `UnitResult`s for `state.apply`.
+  4. `busy_seconds` (per instance) and the units run per kind are kept for reports.
 """
 
 from __future__ import annotations
@@ -26,7 +27,8 @@ import itertools
 from collections import Counter
 from typing import Hashable, Mapping
 
-from loong_jax.engine.state import BatchResult, EngineState
+from loong_jax.engine.state import EngineState
+from loong_jax.executor.protocol import StepInputs, UnitResult
 from loong_jax.scheduler.cost.model import CostModel
 from loong_jax.scheduler.plan import DecodeBatch, MigrationBatch, Plan, PrefillBatch, WorkUnit
 
@@ -39,11 +41,9 @@ class SimExecutor:
         self.state = state
         self.output_lengths = output_lengths  # request id -> tokens it generates in total
         self.now = 0.0
-        self._heap: list[tuple[float, int, BatchResult]] = []
+        self._heap: list[tuple[float, int, UnitResult]] = []
         self._order = itertools.count()  # FIFO among equal finish times
         self.busy_seconds = [0.0] * state.num_instances
-        self.prefill_dops: Counter[int] = Counter()
-        self.decode_dops: Counter[int] = Counter()
         self.units_run: Counter[str] = Counter()
 
     # -- timing -------------------------------------------------------------------------------------------------
@@ -90,7 +90,11 @@ class SimExecutor:
         return {r: NEW_TOKEN_ID for r in producing}, finished
 
     # -- the executor interface -----------------------------------------------------------------------------------
-    def submit(self, plan: Plan) -> None:
+    @property
+    def num_instances(self) -> int:
+        return self.state.num_instances
+
+    def submit(self, plan: Plan, inputs: StepInputs | None = None) -> None:
         """Start every unit of an already dispatched plan at the current virtual time."""
         for unit in plan.work_units():
             seconds = self.unit_seconds(unit)
@@ -98,7 +102,7 @@ class SimExecutor:
                 raise ValueError(f"cost model gave a negative time {seconds} for {unit}")
             new_tokens, finished = self._outcome(unit)
             finish_time = self.now + seconds
-            result = BatchResult(batch=unit, new_tokens=new_tokens, finished=finished, finish_time=finish_time)
+            result = UnitResult(unit, new_tokens, finished, finish_time)
             heapq.heappush(self._heap, (finish_time, next(self._order), result))
             for instance in unit.group:
                 self.busy_seconds[instance] += seconds
@@ -106,10 +110,8 @@ class SimExecutor:
 
     def _count(self, unit: WorkUnit) -> None:
         if isinstance(unit, PrefillBatch):
-            self.prefill_dops[len(unit.group)] += 1
             self.units_run["prefill"] += 1
         elif isinstance(unit, DecodeBatch):
-            self.decode_dops[len(unit.group)] += 1
             self.units_run["decode"] += 1
             if unit.fused_prefill is not None:
                 self.units_run["fused_prefill"] += 1
@@ -119,6 +121,15 @@ class SimExecutor:
     @property
     def in_flight(self) -> int:
         return len(self._heap)
+
+    def ready_programs(self) -> None:
+        return None  # nothing compiles in a simulation
+
+    def compile_seconds_per_program(self) -> float:
+        return 0.0
+
+    def stats(self) -> dict:
+        return {f"units_{kind}": count for kind, count in self.units_run.items()}
 
     def next_finish_time(self) -> float | None:
         return self._heap[0][0] if self._heap else None
@@ -130,7 +141,7 @@ class SimExecutor:
             raise ValueError(f"cannot advance to {time}: a unit finishes at {upcoming}")
         self.now = max(self.now, time)
 
-    def wait_next(self) -> list[BatchResult]:
+    def wait_next(self) -> list[UnitResult]:
         """Results of every unit finishing at the earliest pending time; the clock moves there."""
         if not self._heap:
             return []

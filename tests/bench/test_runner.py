@@ -14,7 +14,7 @@ from loong_jax.bench.cli import bench_main
 from loong_jax.bench.datasets import BenchRequest
 from loong_jax.bench.metrics import compute_metrics
 from loong_jax.bench.runner import run_load
-from tests.bench.conftest import ENGINE
+from tests.bench_fixtures import ENGINE
 
 
 class ScriptedStream:

@@ -8,7 +8,7 @@ import asyncio
 
 import pytest
 
-from loong_jax.engine.outputs import RequestOutput
+from loong_jax.outputs import RequestOutput
 from loong_jax.sampling.params import SamplingParams
 from tests.engine_fixtures import KV_PAGES, PAGE_SIZE, TEST_BUCKETS, mixed_prompts
 from tests.entrypoints.test_prompts import BAD_PROMPTS
@@ -39,8 +39,8 @@ def test_abort_frees_pages_within_one_step(shared_llm, reference):
     # While its unit runs: the pages are free when that unit returns, inside the same step.
     submit = engine.executor.submit
 
-    def submit_then_abort(plan):
-        submit(plan)
+    def submit_then_abort(plan, inputs):
+        submit(plan, inputs)
         if engine.is_running(running) and engine.pages_held(running) > 0:
             engine.abort(running)
 

@@ -101,7 +101,7 @@ def test_program_cache_statistics_and_background():
         cache.close()
 
 
-GREEDY_SIGNATURE = (8, 1, 1, None, True)  # unit_inputs.PLAIN_GREEDY
+GREEDY_SIGNATURE = (8, 1, 1, None, True)  # sampling.batch.PLAIN_GREEDY, as a plain tuple
 
 
 @pytest.mark.parametrize("key, label", [

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from loong_jax.engine.outputs import RequestOutput
+from loong_jax.outputs import RequestOutput
 from loong_jax.sampling.params import SamplingParams
 from tests.engine_fixtures import PAGE_SIZE, TEST_BUCKETS, mixed_prompts, record_plans
 

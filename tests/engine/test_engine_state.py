@@ -2,7 +2,8 @@
 
 import pytest
 
-from loong_jax.engine.state import BatchResult, EngineState, PlanError
+from loong_jax.engine.state import EngineState, PlanError
+from loong_jax.executor.protocol import UnitResult
 from loong_jax.scheduler.plan import DecodeBatch, Migration, Plan, Preemption, PrefillBatch
 
 
@@ -18,7 +19,7 @@ def run(state, plan, tokens=None, finished=(), now=1.0):
         new = {} if tokens is None else {r: tokens for r in unit.request_ids}
         if isinstance(unit, DecodeBatch) and unit.fused_prefill is not None and tokens is not None:
             new.update({r: tokens for r in unit.fused_prefill.request_ids})
-        done += state.apply(BatchResult(unit, new, frozenset(finished), now))
+        done += state.apply(UnitResult(unit, new, frozenset(finished), now))
     state.check_invariants()
     return done
 
@@ -127,7 +128,7 @@ def test_abort_waiting_idle_and_in_flight():
     assert state.abort("b") and state.allocator.tokens_total("b") == 0  # idle: freed at once
     state.on_dispatched(Plan(prefills=(prefill((0,), "c", 4, [(0, 4)]),)))
     assert state.abort("c") and state.allocator.tokens_total("c") == 4  # in flight: freed when it returns
-    done = state.apply(BatchResult(state.in_flight_units()[0], {"c": 9}, frozenset(), 2.0))
+    done = state.apply(UnitResult(state.in_flight_units()[0], {"c": 9}, frozenset(), 2.0))
     assert [r.request_id for r in done] == ["c"] and state.requests["c"].generated == []
     state.allocator.assert_all_free()
     assert not state.abort("c")
@@ -139,12 +140,13 @@ def test_migration_moves_whole_share_and_holds_source_until_done():
     run(state, Plan(prefills=(prefill((0,), "a", 9, [(0, 9)]),)), tokens=1)
     with pytest.raises(PlanError, match="moves a whole share"):
         state.on_dispatched(Plan(migrations=(Migration("a", 0, 1, 4),)))
-    units = state.on_dispatched(Plan(migrations=(Migration("a", 0, 1, 9),)))
+    plan = Plan(migrations=(Migration("a", 0, 1, 9),))
+    units = state.on_dispatched(plan)
     assert state.requests["a"].kv == {1: 9} and state.requests["a"].master == 1
     assert state.allocator.pages_free(0) == 5  # source pages held while the move runs
     assert state.is_busy(0) and state.is_busy(1)
-    ticket, = state.migration_tickets(units[0])
+    ticket, = state.step_inputs(plan, {}).migrations[units[0]]
     assert ticket.src_pages == (0, 1, 2)
-    state.apply(BatchResult(units[0], {}, frozenset(), 1.0))
+    state.apply(UnitResult(units[0], {}, frozenset(), 1.0))
     assert state.allocator.pages_free(0) == 8 and state.counters["migrations"] == 1
     state.check_invariants()

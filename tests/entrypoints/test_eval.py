@@ -9,7 +9,7 @@ import pytest
 from loong_jax.entrypoints.evaluate import eval_main
 from loong_jax.models.generate import generate
 from loong_jax.models.loading import load_hf_checkpoint
-from tests.bench.conftest import ENGINE
+from tests.bench_fixtures import ENGINE
 
 INPUT_LINES = [
     json.dumps({"id": "text", "prompt": "A batch file of prompts", "max_tokens": 6}),

@@ -126,3 +126,21 @@ def test_cli_generate_streams_to_stdout(checkpoint_dir, compile_cache_dir, llm, 
     with pytest.raises(SystemExit):
         generate_main([prompt, "--temperature", "-2"])  # refused before any model is loaded
     assert main([]) == 2  # no command: help
+
+
+def test_engine_config_is_what_llm_takes_and_is_checked_when_made(llm):
+    from loong_jax.entrypoints.engine_config import EngineConfig
+    from loong_jax.entrypoints.llm import LLM
+
+    assert (llm.engine_config.page_size, llm.engine_config.kv_pages) == (PAGE_SIZE, KV_PAGES)
+    positional = EngineConfig("folder", 2, 4, 8, 100, "fixed", 2, 1)  # LLM's positional order
+    assert (positional.tp, positional.instances, positional.page_size, positional.kv_pages) == (2, 4, 8, 100)
+    assert (positional.policy, positional.prefill_degree, positional.decode_degree) == ("fixed", 2, 1)
+    with pytest.raises(TypeError):
+        EngineConfig(None, 1, None, 16, None, "esp", None, None, "a tokenizer")  # the rest by keyword only
+    with pytest.raises(ValueError, match="page_size must be >= 1"):
+        LLM(page_size=0)
+    with pytest.raises(ValueError, match="kv_pages must be >= 1"):
+        EngineConfig(kv_pages=0)
+    with pytest.raises(ValueError, match="not both"):
+        LLM(engine_config=EngineConfig(), tp=2)

@@ -10,7 +10,7 @@ import json
 import pytest
 
 from loong_jax.entrypoints.cli import main as cli_main
-from loong_jax.entrypoints.llm import engine_cost_model, measured_cost_model, model_shape
+from loong_jax.entrypoints.engine_config import engine_cost_model, measured_cost_model, model_shape
 from loong_jax.models.config import ModelConfig
 from loong_jax.models.demo import DEMO_MODEL_DIR
 from loong_jax.entrypoints.profile_cli import grid_from_args, parse_degrees, profile_parser

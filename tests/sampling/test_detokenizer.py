@@ -13,7 +13,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from loong_jax.sampling.detokenizer import IncrementalDetokenizer, SequenceDetokenizer
 from loong_jax.models.tokenizer import Tokenizer
-from loong_jax.engine.outputs import CompletionOutput, RequestMetrics, RequestOutput, TokenLogprobs
+from loong_jax.outputs import CompletionOutput, RequestMetrics, RequestOutput, TokenLogprobs
 from loong_jax.sampling.params import SamplingParams
 from loong_jax.sampling.stop_strings import ROOT, StopStringMatcher
 

@@ -2,7 +2,7 @@
 
 Data flow: add requests at their arrival times; whenever an event happens, ask the policy for a plan,
 dispatch it on the EngineState, and queue each unit's completion at now + its estimated duration; on
-completion hand the state a BatchResult with one token per produced output and the requests whose output
+completion hand the state a UnitResult with one token per produced output and the requests whose output
 length is reached. (The real simulator lives in loong_jax.simulator; this one keeps the tests standalone.)
 """
 
@@ -12,7 +12,8 @@ import heapq
 import itertools
 from dataclasses import dataclass, field
 
-from loong_jax.engine.state import BatchResult, EngineState
+from loong_jax.engine.state import EngineState
+from loong_jax.executor.protocol import UnitResult
 from loong_jax.scheduler.cost.estimates import unit_seconds
 from loong_jax.scheduler.plan import DecodeBatch, MigrationBatch, PrefillBatch
 
@@ -71,10 +72,10 @@ def drive(state: EngineState, policy, cost, arrivals, max_steps: int = 100_000, 
     return report
 
 
-def _result(state: EngineState, unit, now: float, output_len) -> BatchResult:
+def _result(state: EngineState, unit, now: float, output_len) -> UnitResult:
     new_tokens, finished = {}, set()
     if isinstance(unit, MigrationBatch):
-        return BatchResult(unit, {}, frozenset(), now)
+        return UnitResult(unit, {}, frozenset(), now)
     prefill = unit if isinstance(unit, PrefillBatch) else unit.fused_prefill
     producing = []
     if prefill is not None:
@@ -88,4 +89,4 @@ def _result(state: EngineState, unit, now: float, output_len) -> BatchResult:
         new_tokens[rid] = 7
         if request.num_generated + 1 >= output_len[rid]:
             finished.add(rid)
-    return BatchResult(unit, new_tokens, frozenset(finished), now)
+    return UnitResult(unit, new_tokens, frozenset(finished), now)

@@ -5,7 +5,8 @@ import json
 import random
 from collections import Counter
 
-from loong_jax.engine.state import BatchResult, EngineState
+from loong_jax.engine.state import EngineState
+from loong_jax.executor.protocol import UnitResult
 from loong_jax.scheduler.esp.policy import EspPolicy
 from loong_jax.scheduler.esp.dispatch import ClusterSnapshot, admit_fifo
 from loong_jax.scheduler.plan import Plan, PrefillBatch
@@ -173,7 +174,7 @@ def test_consolidation_through_the_engine_state_frees_an_instance_for_the_queue(
         return batch
 
     for name, length, group, segments in [("a", 8100, (6, 7), ((6, 8000), (7, 100))), ("b", 300, (7,), ((7, 300),))]:
-        state.apply(BatchResult(prefill(name, length, group, segments), {name: 1}, frozenset(), 0.0))
+        state.apply(UnitResult(prefill(name, length, group, segments), {name: 1}, frozenset(), 0.0))
     for k in range(6):  # long prefills keep 0..5 busy for 30 s
         prefill(f"x{k}", 1000, (k,), ((k, 1000),), seconds=30.0)
     for k in range(10):
@@ -183,7 +184,7 @@ def test_consolidation_through_the_engine_state_frees_an_instance_for_the_queue(
     assert [(m.request_id, m.src_instance, m.dst_instance) for m in plan.migrations] == [("a", 7, 6), ("b", 7, 6)]
     (unit,) = state.on_dispatched(plan, now=1.0)
     assert state.requests["b"].master == 6 and state.allocator.pages_free(7) < 1000  # source held while moving
-    state.apply(BatchResult(unit, {}, frozenset(), 1.01))
+    state.apply(UnitResult(unit, {}, frozenset(), 1.01))
     state.check_invariants()
     assert state.allocator.pages_free(7) == 1000 and state.requests["a"].kv == {6: 8100}
     plan = policy.schedule(state.view(cost, now=1.01))

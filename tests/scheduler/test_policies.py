@@ -3,13 +3,15 @@
 
 import json
 import random
+import re
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
 from loong_jax.engine.state import EngineState
 from loong_jax.scheduler.plan import Plan
-from loong_jax.scheduler.policy import Policy, make_policy, policy_names
+from loong_jax.scheduler.policy import Policy, build_policy, make_policy, policy_names
 from loong_jax.scheduler.view import PREFILLING, RequestView
 
 from tests.scheduler.driver import drive
@@ -146,3 +148,53 @@ def test_a_request_filling_the_whole_cluster_never_deadlocks(name):
     assert reasons["small"] == "finished"
     if name in ("esp", "static-sp"):
         assert reasons["big"] == "finished"
+
+
+def test_each_policy_reads_its_own_degrees_and_options():
+    """`build_policy` hands the CLI degrees to the policy class: no name or type checks outside the scheduler."""
+    assert build_policy("static-sp", 8, 2).degree == 2
+    assert build_policy("chunked-prefill", 8, 4, 4, {"chunk_size": 64}).degree == 4
+    fixed = build_policy("fixed", 8, 4, 2, {"growth_horizon": 8})
+    assert (fixed.prefill_degree, fixed.decode_degree, fixed.growth_horizon) == (4, 2, 8)
+    assert build_policy("esp", 8, options={"slo_scale": 5.0}).slo_scale == 5.0
+    with pytest.raises(ValueError, match="unknown policy 'best'"):
+        build_policy("best", 8)
+    for name, degrees in (("esp", (2, None)), ("pd-disagg", (None, 2)), ("replicas", (1, None)),
+                          ("static-sp", (2, 4)), ("chunked-prefill", (None, 2))):
+        with pytest.raises(ValueError, match=f"apply to policy 'fixed'.*not '{name}'"):
+            build_policy(name, 8, *degrees)
+    with pytest.raises(ValueError, match="must divide"):
+        build_policy("fixed", 8, 16)
+    with pytest.raises(ValueError, match="chunk_size must be >= 1"):  # the class checks its own options
+        build_policy("chunked-prefill", 8, options={"chunk_size": 0})
+
+
+def test_each_policy_answers_its_token_limits_and_warmup_groups():
+    pages, page_size = 10, 16
+    one_instance = pages * page_size
+    limits = {name: make_policy(name).request_token_limits(8, pages, page_size) for name in policy_names()}
+    assert limits["esp"] is None and limits["pd-disagg"] is None  # elastic: the whole cluster
+    assert limits["replicas"] == (one_instance, one_instance)
+    assert limits["static-sp"] == limits["chunked-prefill"] == (8 * one_instance, 8 * one_instance)
+    assert make_policy("static-sp", degree=2).request_token_limits(8, pages, page_size) == (2 * one_instance,) * 2
+    # fixed: a prompt's KV stays on the smaller group, its peak on the decode group
+    scale_down, scale_up = build_policy("fixed", 8, 4, 2), build_policy("fixed", 8, 2, 4)
+    assert scale_down.request_token_limits(8, pages, page_size) == (2 * one_instance, 2 * one_instance)
+    assert scale_up.request_token_limits(8, pages, page_size) == (2 * one_instance, 4 * one_instance)
+    elastic = ([tuple(range(4))], [(0,), (1,), (2,), (3,)])
+    for name in ("esp", "pd-disagg", "static-sp", "replicas", "chunked-prefill"):
+        assert make_policy(name).warmup_groups(4) == elastic
+        assert make_policy(name).late_requests == 0
+    assert build_policy("fixed", 4, 4, 2).warmup_groups(4) == ([(0, 1, 2, 3)], [(0, 1), (2, 3)])
+
+
+def test_no_policy_name_or_type_checks_outside_the_scheduler():
+    root = Path(__file__).resolve().parents[2]
+    pattern = re.compile(r"isinstance\([^)]*Policy\b|FixedPolicy|policy\.name\s*(==|!=|in\b)|"
+                         r"name\s*(==|in)\s*\(?\s*[\"'](fixed|static-sp|chunked-prefill|replicas|pd-disagg)[\"']")
+    scheduler = root / "loong_jax" / "scheduler"
+    offenders = [f"{path.relative_to(root)}:{number}"
+                 for folder in ("loong_jax", "server", "models", "sharding")
+                 for path in sorted((root / folder).rglob("*.py")) if scheduler not in path.parents
+                 for number, line in enumerate(path.read_text().splitlines(), 1) if pattern.search(line)]
+    assert not offenders

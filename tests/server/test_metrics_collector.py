@@ -1,5 +1,8 @@
 """The engine collector turns one `EngineSnapshot` into the scrape's gauges, counters and DoP histograms."""
 
+import re
+from pathlib import Path
+
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -26,3 +29,17 @@ def test_kv_usage_and_dop_histograms_per_instance():
     assert scraped['loong_jax_prefill_dop_bucket{le="1.0"}'] == 3
     assert scraped['loong_jax_prefill_dop_bucket{le="4.0"}'] == 4 and scraped["loong_jax_prefill_dop_sum"] == 7
     assert scraped['loong_jax_decode_dop_bucket{le="1.0"}'] == 0 and scraped["loong_jax_decode_dop_count"] == 7
+
+
+def test_the_server_reads_the_engine_only_through_its_snapshot():
+    """One `EngineSnapshot` (the engine's own), and no server module reaches into the engine's insides."""
+    from loong_jax.engine import snapshot
+    from loong_jax.server import metrics
+
+    assert metrics.EngineSnapshot is snapshot.EngineSnapshot
+    insides = re.compile(r"(?<!entrypoints)\.llm\b|\.executor\b|\.programs\b|\.allocator\b|\.dop_counts\b"
+                         r"|(?<!prometheus_client)\.core\b|engine\.policy\b|engine\.state\b")
+    server_dir = Path(metrics.__file__).parent
+    offenders = [f"{path.name}:{number}: {line.strip()}" for path in sorted(server_dir.glob("*.py"))
+                 for number, line in enumerate(path.read_text().splitlines(), 1) if insides.search(line)]
+    assert not offenders

@@ -17,16 +17,16 @@ from flax import nnx
 from jax.sharding import NamedSharding
 
 from loong_jax.sharding import context_prefill
-from loong_jax.sharding.context_prefill import jit_context_prefill
-from loong_jax.sharding.decode_attention import MEMBER_SPEC, DecodeKVCache, decode_attention
-from loong_jax.sharding.decode_program import jit_decode
-from loong_jax.sharding.kv_pool import POOL_SPEC, assemble_group_pool
-from loong_jax.sharding.ring_prefill import HEADS_SPEC, ROWS_SPEC, jit_ring_attention
+from loong_jax.executor.programs import context_prefill_program, decode_program
+from loong_jax.sharding.decode_attention import DecodeKVCache, decode_attention
+from loong_jax.sharding.kv_pool import assemble_group_pool
+from loong_jax.sharding.specs import BY_MEMBER_SPEC, HEADS_SPEC, POOL_SPEC
 from loong_jax.sharding.topology import Topology, group_params, place_params
 from tests.models.attention_reference import reference_attention
 from tests.sharding import test_context_prefill as chunked
 from tests.sharding.kv_book import KVBook
 from tests.sharding.test_context_prefill import model, prompts, reference  # noqa: F401 (fixtures)
+from tests.sharding.test_ring_prefill import jit_ring_attention
 
 TRITON_CALL = "__gpu$xla.gpu.triton"
 
@@ -38,8 +38,8 @@ def test_chunked_prefill_then_decode_through_interpreted_kernels(model, prompts,
     mesh = topology.group_mesh(group)
     graphdef, state = nnx.split(model)
     params = group_params(place_params(state, topology), topology, group)
-    program = jit_context_prefill(graphdef, mesh, attention_impl="interpret")
-    monkeypatch.setattr(chunked, "jit_decode", functools.partial(jit_decode, attention_impl="interpret"))
+    program = context_prefill_program(graphdef, mesh, attention_impl="interpret")
+    monkeypatch.setattr(chunked, "decode_program", functools.partial(decode_program, attention_impl="interpret"))
     book, slot_of = KVBook(len(group), chunked.PAGES, chunked.PAGE_SIZE), {}
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -108,11 +108,11 @@ def test_ring_program_dispatches_by_platform(platform, has_triton):
         return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, partition))
 
     qkv = [spec((rows, heads, head_dim), jnp.bfloat16, HEADS_SPEC)] * 3
-    per_row = [spec((rows,), jnp.int32, ROWS_SPEC)] * 4
+    per_row = [spec((rows,), jnp.int32, BY_MEMBER_SPEC)] * 4
     pool = spec((2, 1, 2, 8, 16, heads, head_dim), jnp.bfloat16, POOL_SPEC)
     ring = jit_ring_attention(mesh, 0).trace(*qkv, *per_row, pool).lower(lowering_platforms=(platform,))
     assert (TRITON_CALL in ring.as_text()) == has_triton
-    entries = [spec((2, 16), jnp.int32, MEMBER_SPEC)] * 3
+    entries = [spec((2, 16), jnp.int32, BY_MEMBER_SPEC)] * 3
     cache = DecodeKVCache(pool, *entries, append_slots=per_row[0])
 
     def decode(q, k, v, cache):

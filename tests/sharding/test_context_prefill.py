@@ -19,11 +19,11 @@ from loong_jax.models.attention import dense_attention
 from loong_jax.models.config import ModelConfig
 from loong_jax.models.generate import generate
 from loong_jax.models.llama import init_model
-from loong_jax.sharding.context_prefill import (
-    chunk_layout, jit_context_prefill, layout_context)
-from loong_jax.sharding.decode_program import jit_decode, layout_decode_batch
+from loong_jax.executor.programs import context_prefill_program, decode_program, prefill_program
+from loong_jax.sharding.context_prefill import chunk_layout, layout_context
+from loong_jax.sharding.decode_program import layout_decode_batch
 from loong_jax.sharding.kv_pool import PoolShape, assemble_group_pool, create_pool, split_group_pool
-from loong_jax.sharding.prefill_program import jit_prefill, make_prefill_batch
+from loong_jax.sharding.prefill_program import make_prefill_inputs
 from loong_jax.sharding.stripe_layout import keep_round_robin, place_densely
 from loong_jax.sharding.topology import Topology, buffer_pointers, group_params, place_params
 from tests.sharding.compiles import count_compiles
@@ -97,7 +97,7 @@ def setups(model):
             mesh = topology.group_mesh(group)
             cache[key] = dict(topology=topology, mesh=mesh, graphdef=graphdef,
                               params=group_params(place_params(state, topology), topology, group),
-                              program=jit_context_prefill(graphdef, mesh, pages_per_visit=pages_per_visit))
+                              program=context_prefill_program(graphdef, mesh, pages_per_visit=pages_per_visit))
         return cache[key]
 
     return get
@@ -140,7 +140,7 @@ def prepare_batch(batch_chunks, done, prompts, book, members, mesh, slot_of):
     for request, position, member, slot in zip(np.repeat(requests, lengths), positions, keep_member, booked):
         slot_of[(int(request), int(position))] = (int(member), int(slot))
     tokens = np.concatenate([prompts[r][start:start + n] for r, (start, n) in zip(requests, chunks)])
-    batch = make_prefill_batch(layout, tokens, placement, mesh)
+    batch = make_prefill_inputs(layout, tokens, placement, mesh)
     context = layout_context([start for start, _ in chunks], prefix_pages, prefix_lens, members,
                              MAX_PAGES, REQUESTS_BUCKET, PAGE_SIZE).to_device(mesh)
     return requests, chunks, batch, context
@@ -166,7 +166,7 @@ def chunked_prefill(program, params, pool, mesh, prompts, book, members, slot_of
 
 
 def greedy_decode(graphdef, params, pool, mesh, book, first_tokens, members):
-    decode = jit_decode(graphdef, mesh, pages_per_chunk=3)
+    decode = decode_program(graphdef, mesh, pages_per_chunk=3)
     tokens = [[t] for t in first_tokens]
     for step in range(DECODE_STEPS):
         rows = [book.decode_row(r, tokens[r][-1], PROMPT_LENGTHS[r] + step, DECODE_MASTERS[r] % members)
@@ -226,7 +226,7 @@ def test_chunked_prefill_then_decode_matches_reference(setups, prompts, referenc
 
 def test_without_prefix_it_is_the_ring_prefill(setups, prompts):
     """A batch of fresh prompts (the schedule's first): the same logits and the
-    same pool writes as `prefill_program.jit_prefill`."""
+    same pool writes as `programs.prefill_program`."""
     group = (5, 1)
     setup = setups(group, 1, 2)
     topology, mesh = setup["topology"], setup["mesh"]
@@ -235,7 +235,7 @@ def test_without_prefix_it_is_the_ring_prefill(setups, prompts):
     assert not np.asarray(context.kv_lens).any()
     logits, pool = setup["program"](setup["params"], assemble_group_pool(nan_pools(topology, group), mesh),
                                     batch, context)
-    ring_logits, ring_pool = jit_prefill(setup["graphdef"], mesh)(
+    ring_logits, ring_pool = prefill_program(setup["graphdef"], mesh)(
         setup["params"], assemble_group_pool(nan_pools(topology, group), mesh), batch)
     np.testing.assert_allclose(np.asarray(logits), np.asarray(ring_logits), rtol=1e-6, atol=1e-6)
     # Equal up to XLA's fusion choices (a few float32 ulps); unwritten slots are NaN in both.

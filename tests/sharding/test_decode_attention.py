@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding
 
-from loong_jax.sharding.decode_attention import HEADS_SPEC, DecodeKVCache, decode_attention
+from loong_jax.sharding.decode_attention import DecodeKVCache, decode_attention
 from loong_jax.sharding.decode_program import layout_decode_batch, pages_held
-from loong_jax.sharding.kv_pool import POOL_SPEC
+from loong_jax.sharding.specs import HEADS_SPEC, POOL_SPEC
 from loong_jax.sharding.topology import Topology
 from tests.sharding.kv_book import KVBook
 

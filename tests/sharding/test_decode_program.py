@@ -23,10 +23,12 @@ from loong_jax.models.attention import dense_attention
 from loong_jax.models.config import ModelConfig
 from loong_jax.models.generate import generate
 from loong_jax.models.llama import init_model
-from loong_jax.sharding.decode_program import DecodeRow, jit_decode, layout_decode_batch, pages_held
-from loong_jax.sharding.kv_pool import POOL_SPEC, PoolShape, assemble_group_pool, create_pool, split_group_pool
-from loong_jax.sharding.migration import PageTransfer, jit_migrate, layout_migration
-from loong_jax.sharding.prefill_program import jit_prefill, make_prefill_batch
+from loong_jax.executor.programs import decode_program, migration_program, prefill_program
+from loong_jax.sharding.decode_program import DecodeRow, layout_decode_batch, pages_held
+from loong_jax.sharding.kv_pool import PoolShape, assemble_group_pool, create_pool, split_group_pool
+from loong_jax.sharding.migration import PageTransfer, layout_migration
+from loong_jax.sharding.prefill_program import make_prefill_inputs
+from loong_jax.sharding.specs import POOL_SPEC
 from loong_jax.sharding.stripe_layout import keep_round_robin, place_densely, striped_layout
 from loong_jax.sharding.topology import Topology, buffer_pointers, group_params, place_params
 from tests.sharding.compiles import count_compiles
@@ -123,7 +125,7 @@ def run_decode(graphdef, placed, topology, group, pool, book, first_tokens, prom
     migrating pages before MIGRATE_BEFORE_STEP and scribbling over the freed ones."""
     mesh = topology.group_mesh(group)
     params = group_params(placed, topology, group)
-    decode = jit_decode(graphdef, mesh, pages_per_chunk=3)  # several chunks per member
+    decode = decode_program(graphdef, mesh, pages_per_chunk=3)  # several chunks per member
     tokens = [[t] for t in first_tokens]
     logits = [[] for _ in first_tokens]
     freed_pages = []
@@ -132,7 +134,7 @@ def run_decode(graphdef, placed, topology, group, pool, book, first_tokens, prom
             source_pages, target_pages = book.move(MIGRATED_REQUEST, MIGRATE_FROM, MIGRATE_TO)
             plan = layout_migration([PageTransfer(MIGRATE_FROM, MIGRATE_TO, source_pages, target_pages)],
                                     len(group), MAX_PAGES)
-            pool = jit_migrate(mesh, plan.moves)(pool, **plan.to_device(mesh))
+            pool = migration_program(mesh, plan.moves, whole_pages=True)(pool, *plan.to_device(mesh))
             pool = overwrite_pages(pool, MIGRATE_FROM, np.asarray(source_pages, np.int32))
             freed_pages = source_pages
         rows = [book.decode_row(r, tokens[r][-1], prompt_lengths[r] + step, MASTERS[r](step))
@@ -180,7 +182,7 @@ def test_decode_matches_reference_with_scale_up_and_migration(model, prompts, re
     assert_spread_and_reuse(run, book)
     # One program per bucket: 16 steps, master changes and the migration compiled
     # nothing after the first decode step and the first migration.
-    assert compiles["distributed_decode"] == 1 and compiles["page_migration"] == 1, compiles
+    assert compiles["decode"] == 1 and compiles["migrate"] == 1, compiles
     # Everything ran in place: each instance still owns the buffers it started with.
     assert [buffer_pointers(p) for p in split_group_pool(run.pool, topology, group)] == pointers
 
@@ -208,13 +210,13 @@ def test_ring_prefill_then_distributed_decode(model, prompts, reference):
     page_tables = [[book.pages.get((r, decode_group.index(i)), []) if i in decode_group else []
                     for r in range(len(PROMPT_LENGTHS))] for i in prefill_group]
     placement = place_densely(PROMPT_LENGTHS, keep_instance, page_tables, PAGE_SIZE)
-    batch = make_prefill_batch(striped_layout(PROMPT_LENGTHS, len(prefill_group)),
+    batch = make_prefill_inputs(striped_layout(PROMPT_LENGTHS, len(prefill_group)),
                                np.concatenate(prompts), placement, prefill_mesh)
     shape = PoolShape.for_model(CONFIG, PAGES, PAGE_SIZE)
     pools = [create_pool(shape, topology, i, fill=UNWRITTEN) for i in prefill_group]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        logits, pool = jit_prefill(graphdef, prefill_mesh)(
+        logits, pool = prefill_program(graphdef, prefill_mesh)(
             group_params(placed, topology, prefill_group), assemble_group_pool(pools, prefill_mesh), batch)
     pools = split_group_pool(pool, topology, prefill_group)
 

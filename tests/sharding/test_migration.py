@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding
 
-from loong_jax.sharding.kv_pool import POOL_SPEC, assemble_group_pool, split_group_pool
-from loong_jax.sharding.migration import PageTransfer, jit_migrate, layout_migration
+from loong_jax.executor.programs import migration_program
+from loong_jax.sharding.kv_pool import assemble_group_pool, split_group_pool
+from loong_jax.sharding.migration import PageTransfer, layout_migration
+from loong_jax.sharding.specs import POOL_SPEC
 from loong_jax.sharding.topology import Topology, buffer_pointers
 from tests.sharding.compiles import count_compiles
 
@@ -38,10 +40,10 @@ def test_migration_moves_exactly_the_listed_pages_in_place():
     send_pages[send_pages < 0] = 6
     plan = type(plan)(plan.moves, send_pages, plan.receive_pages)
 
-    program = jit_migrate(mesh, plan.moves)
+    program = migration_program(mesh, plan.moves, whole_pages=True)
     with warnings.catch_warnings(), count_compiles() as compiles:
         warnings.simplefilter("error")  # "donated buffers were not usable" fails the test
-        pool = program(pool, **plan.to_device(mesh))
+        pool = program(pool, *plan.to_device(mesh))
 
     expected = host_pool.copy()
     expected[2, :, :, [2, 3, 9]] = host_pool[0, :, :, [1, 4, 7]]
@@ -52,11 +54,11 @@ def test_migration_moves_exactly_the_listed_pages_in_place():
     again = layout_migration([PageTransfer(0, 2, [8], [1]), PageTransfer(2, 1, [9, 3], [6, 7])], 3, 4)
     assert again.moves == plan.moves
     with count_compiles() as compiles_again:
-        pool = program(pool, **again.to_device(mesh))
+        pool = program(pool, *again.to_device(mesh))
     expected[2, :, :, 1] = expected[0, :, :, 8]
     expected[1, :, :, [6, 7]] = expected[2, :, :, [9, 3]]
     np.testing.assert_array_equal(np.asarray(pool), expected)
-    assert compiles["page_migration"] == 1 and compiles_again["page_migration"] == 0
+    assert compiles["migrate"] == 1 and compiles_again["migrate"] == 0
 
     # Written in place: each instance still owns the buffers it started with.
     assert [buffer_pointers(p) for p in split_group_pool(pool, topology, group)] == pointers

@@ -14,7 +14,8 @@ from loong_jax.models.attention import dense_attention
 from loong_jax.models.config import ModelConfig
 from loong_jax.models.llama import init_model
 from loong_jax.sharding.kv_pool import PoolShape, assemble_group_pool, create_pool, split_group_pool
-from loong_jax.sharding.prefill_program import jit_prefill, make_prefill_batch
+from loong_jax.executor.programs import prefill_program
+from loong_jax.sharding.prefill_program import make_prefill_inputs
 from loong_jax.sharding.stripe_layout import keep_round_robin, place_densely, striped_layout
 from loong_jax.sharding.topology import Topology, group_params, place_params
 
@@ -89,7 +90,7 @@ def run_prefill(setup, config, group, lengths, keepers, seed):
     topology, graphdef = setup["topology"], setup["graphdef"]
     mesh = topology.group_mesh(group)
     if group not in setup["programs"]:
-        setup["programs"][group] = jit_prefill(graphdef, mesh)
+        setup["programs"][group] = prefill_program(graphdef, mesh)
     program = setup["programs"][group]
     d = len(group)
     rng = np.random.default_rng(seed)
@@ -104,7 +105,7 @@ def run_prefill(setup, config, group, lengths, keepers, seed):
             -(-int(np.sum((keep_member == member) & (segments == r))) // PAGE_SIZE))]
             for r in range(len(lengths))])
     placement = place_densely(lengths, keep_member, tables, PAGE_SIZE)
-    batch = make_prefill_batch(layout, stream_tokens, placement, mesh)
+    batch = make_prefill_inputs(layout, stream_tokens, placement, mesh)
     shape = PoolShape.for_model(config, PAGES, PAGE_SIZE)
     pool = assemble_group_pool([create_pool(shape, topology, i, fill=SENTINEL) for i in group], mesh)
     params = group_params(setup["placed"], topology, group)

@@ -11,7 +11,9 @@ from jax.sharding import NamedSharding
 
 from loong_jax.models.blocked_attention import Q_TILE
 from loong_jax.sharding.kv_pool import PoolShape, assemble_group_pool, create_pool, split_group_pool
-from loong_jax.sharding.ring_prefill import HEADS_SPEC, ROWS_SPEC, jit_ring_attention
+from loong_jax.models.kernels.dispatch import AUTO
+from loong_jax.sharding.ring_prefill import ring_attention
+from loong_jax.sharding.specs import BY_MEMBER_SPEC, HEADS_SPEC
 from loong_jax.sharding.stripe_layout import (
     PackedLayout, keep_round_robin, place_densely, striped_layout, striped_members, rows_needed)
 from loong_jax.sharding.topology import Topology
@@ -41,6 +43,17 @@ def allocate_pages(keep_member, layout_lengths, members, rng, pages=PAGES):
 
 def relative_error(actual, expected):
     return np.abs(actual - expected).max() / max(np.abs(expected).max(), 1e-30)
+
+
+def jit_ring_attention(mesh, layer: int = 0, attention_impl: str = AUTO):
+    """`ring_attention` of one layer jitted for one group mesh, pool donated: an attention-level harness
+    (the whole-model programs are `loong_jax.executor.programs`)."""
+
+    def run(q, k, v, positions, segment_ids, placement_member, placement_slot, pool):
+        return ring_attention(mesh, layer, q, k, v, positions, segment_ids, placement_member,
+                              placement_slot, pool, attention_impl)
+
+    return jax.jit(run, donate_argnames=("pool",))
 
 
 @pytest.fixture(scope="module")
@@ -81,10 +94,10 @@ def run_ring_case(programs, d, tp, lengths, keepers, seed, rows_per_member=None,
 
     pools = [create_pool(pool_shape, topology, i, fill=SENTINEL) for i in group]
     args = (rows(q_s, HEADS_SPEC), rows(k_s, HEADS_SPEC), rows(v_s, HEADS_SPEC),
-            jax.device_put(layout.positions, NamedSharding(mesh, ROWS_SPEC)),
-            jax.device_put(layout.segment_ids, NamedSharding(mesh, ROWS_SPEC)),
-            jax.device_put(member_rows, NamedSharding(mesh, ROWS_SPEC)),
-            jax.device_put(slot_rows, NamedSharding(mesh, ROWS_SPEC)),
+            jax.device_put(layout.positions, NamedSharding(mesh, BY_MEMBER_SPEC)),
+            jax.device_put(layout.segment_ids, NamedSharding(mesh, BY_MEMBER_SPEC)),
+            jax.device_put(member_rows, NamedSharding(mesh, BY_MEMBER_SPEC)),
+            jax.device_put(slot_rows, NamedSharding(mesh, BY_MEMBER_SPEC)),
             assemble_group_pool(pools, mesh))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a "donated buffers were not usable" warning fails the test

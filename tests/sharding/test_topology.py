@@ -13,7 +13,8 @@ from jax.sharding import PartitionSpec as P
 from loong_jax.models.config import ModelConfig
 from loong_jax.models.llama import init_model
 from loong_jax.sharding.kv_pool import (
-    POOL_SPEC, PoolShape, assemble_group_pool, create_pool, read_slots, split_group_pool)
+    PoolShape, assemble_group_pool, create_pool, read_slots, split_group_pool)
+from loong_jax.sharding.specs import POOL_SPEC
 from loong_jax.sharding.topology import (
     SEQ, TENSOR, Topology, buffer_pointers, group_params, param_spec, place_params)
 

@@ -14,8 +14,8 @@ Data flow of `schedule`, per idle fixed group of `degree` instances (default: al
 from __future__ import annotations
 
 from loong_jax.scheduler.baselines.static import (
-    capped_growth, ceil_div, fixed_groups, merge_decode_batches, reserve_for_decodes, split_never_fitting,
-    spread_tokens,
+    OneDegreePolicy, capped_growth, ceil_div, fixed_groups, merge_decode_batches, reserve_for_decodes,
+    split_never_fitting, spread_tokens,
 )
 from loong_jax.scheduler.decode_planner import home_group, plan_decodes
 from loong_jax.scheduler.cost.estimates import prefill_chunks_seconds
@@ -23,7 +23,7 @@ from loong_jax.scheduler.plan import Plan, PrefillBatch
 from loong_jax.scheduler.view import SchedulerView
 
 
-class ChunkedPrefillPolicy:
+class ChunkedPrefillPolicy(OneDegreePolicy):
     name = "chunked-prefill"
 
     def __init__(self, chunk_size: int = 2048, degree: int | None = None, growth_horizon: int = 512,

@@ -25,24 +25,15 @@ exception and a request never waits on one that waits on it (no deadlock).
 from __future__ import annotations
 
 from loong_jax.scheduler.baselines.static import (
-    ceil_div, fixed_groups, growth_tokens, merge_decode_batches, peak_tokens, reserve_for_decodes, spread_tokens,
+    ceil_div, fixed_groups, growth_tokens, peak_tokens, plan_group_decodes, reserve_for_decodes, spread_tokens,
 )
-from loong_jax.scheduler.decode_planner import plan_decodes
 from loong_jax.scheduler.cost.estimates import prefill_chunks_seconds
 from loong_jax.scheduler.plan import Plan, PrefillBatch
+from loong_jax.scheduler.policy import PolicyDefaults
 from loong_jax.scheduler.view import RequestView, SchedulerView
 
 
-def request_token_limits(num_instances: int, pages_per_instance: int, page_size: int,
-                         prefill_degree: int | None, decode_degree: int | None) -> tuple[int, int]:
-    """(longest prompt, largest peak KV) in tokens that `fixed` with these degrees can ever serve."""
-    prefill = prefill_degree or num_instances
-    decode = decode_degree or prefill
-    keepers = min(prefill, decode)  # members that keep a prompt's KV
-    return keepers * pages_per_instance * page_size, decode * pages_per_instance * page_size
-
-
-class FixedPolicy:
+class FixedPolicy(PolicyDefaults):
     name = "fixed"
 
     def __init__(self, prefill_degree: int | None = None, decode_degree: int | None = None,
@@ -57,6 +48,27 @@ class FixedPolicy:
         self.growth_horizon = growth_horizon
         self.max_admit = max_admit
         self._rotation = 0  # which member of a keeping group masters the next admitted request
+
+    @classmethod
+    def degree_options(cls, prefill_degree: int | None, decode_degree: int | None) -> dict:
+        return {"prefill_degree": prefill_degree, "decode_degree": decode_degree}
+
+    @classmethod
+    def from_degrees(cls, num_instances: int, prefill_degree: int | None = None, decode_degree: int | None = None,
+                     options: dict | None = None) -> "FixedPolicy":
+        policy = super().from_degrees(num_instances, prefill_degree, decode_degree, options)
+        policy.degrees(num_instances)  # fails now, with the reason, if a degree does not divide the cluster
+        return policy
+
+    def request_token_limits(self, num_instances: int, pages_per_instance: int, page_size: int) -> tuple[int, int]:
+        """(longest prompt, largest peak KV) in tokens these degrees can ever serve."""
+        prefill = self.prefill_degree or num_instances
+        decode = self.decode_degree or prefill
+        keepers = min(prefill, decode)  # members that keep a prompt's KV
+        return keepers * pages_per_instance * page_size, decode * pages_per_instance * page_size
+
+    def warmup_groups(self, num_instances: int) -> tuple[list[tuple[int, ...]], list[tuple[int, ...]]]:
+        return self.groups(num_instances)  # the only groups this policy ever runs programs on
 
     def degrees(self, num_instances: int) -> tuple[int, int]:
         prefill = self.prefill_degree or num_instances
@@ -95,18 +107,13 @@ class FixedPolicy:
                 continue
             members = set(group)
             requests = [r for r in view.decoding if not r.in_flight and members.issuperset(r.kv)]
-            decode_plan = plan_decodes(view, requests, members, pages_free, scope_of=lambda r, h, g=group: g)
-            preemptions.extend(decode_plan.preemptions)
-            merged = merge_decode_batches(view, decode_plan.batches, group)
-            if merged is not None:
-                decodes.append(merged)
+            plan_group_decodes(view, group, requests, pages_free, decodes, preemptions)
         return Plan(prefills=tuple(prefills), decodes=tuple(decodes), preemptions=tuple(preemptions),
                     rejections=rejections)
 
     def _split_never_fitting(self, view: SchedulerView) -> tuple[tuple, list[RequestView]]:
         pages = min(i.pages_total for i in view.instances)
-        max_prompt, max_peak = request_token_limits(view.num_instances, pages, view.page_size,
-                                                    self.prefill_degree, self.decode_degree)
+        max_prompt, max_peak = self.request_token_limits(view.num_instances, pages, view.page_size)
         rejected, kept = [], []
         for request in view.waiting:
             fits = request.prefill_target <= max_prompt and peak_tokens(request) <= max_peak

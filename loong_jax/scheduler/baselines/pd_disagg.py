@@ -21,10 +21,11 @@ from loong_jax.scheduler.decode_planner import plan_decodes
 from loong_jax.scheduler.cost.estimates import prefill_chunks_seconds
 from loong_jax.scheduler.groups import free_blocks, power_of_two_sizes
 from loong_jax.scheduler.plan import Migration, Plan, Preemption, PrefillBatch
+from loong_jax.scheduler.policy import PolicyDefaults
 from loong_jax.scheduler.view import SchedulerView
 
 
-class PdDisaggPolicy:
+class PdDisaggPolicy(PolicyDefaults):
     name = "pd-disagg"
 
     def __init__(self, prefill_instances: int | None = None, prefill_degree: int | None = None,

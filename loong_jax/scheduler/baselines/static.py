@@ -19,11 +19,8 @@ from __future__ import annotations
 from loong_jax.scheduler.decode_planner import home_group, plan_decodes
 from loong_jax.scheduler.cost.estimates import prefill_chunks_seconds
 from loong_jax.scheduler.plan import DecodeBatch, Plan, PrefillBatch
-from loong_jax.scheduler.view import RequestView, SchedulerView
-
-
-def ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
+from loong_jax.scheduler.policy import PolicyDefaults, degrees_do_not_apply
+from loong_jax.scheduler.view import RequestView, SchedulerView, ceil_div
 
 
 def growth_tokens(view: SchedulerView, request: RequestView, horizon: int) -> int:
@@ -110,7 +107,36 @@ def merge_decode_batches(view: SchedulerView, batches: list[DecodeBatch], group,
     return DecodeBatch(tuple(group), request_ids, masters, fused_prefill=fused, estimated_s=estimate)
 
 
-class StaticSpPolicy:
+def plan_group_decodes(view: SchedulerView, group, requests: list[RequestView], pages_free: list[int],
+                       decodes: list[DecodeBatch], preemptions: list) -> None:
+    """One decode step on the fixed `group` for `requests` (their KV inside it), appended to `decodes`, with
+    the preemptions that make room appended to `preemptions`."""
+    decode_plan = plan_decodes(view, requests, set(group), pages_free, scope_of=lambda r, h, g=group: g)
+    preemptions.extend(decode_plan.preemptions)
+    merged = merge_decode_batches(view, decode_plan.batches, group)
+    if merged is not None:
+        decodes.append(merged)
+
+
+class OneDegreePolicy(PolicyDefaults):
+    """A policy on fixed aligned groups of one `degree` (None: every instance in one group). A request
+    lives inside one group, so one group's pool is the most it can ever get; the command line's prefill
+    degree is that degree (a different decode degree does not apply)."""
+
+    degree: int | None = None
+
+    @classmethod
+    def degree_options(cls, prefill_degree: int | None, decode_degree: int | None) -> dict:
+        if decode_degree is None or decode_degree == prefill_degree:
+            return {"degree": prefill_degree}
+        return super().degree_options(prefill_degree, decode_degree)
+
+    def request_token_limits(self, num_instances: int, pages_per_instance: int, page_size: int) -> tuple[int, int]:
+        group_tokens = (self.degree or num_instances) * pages_per_instance * page_size
+        return group_tokens, group_tokens
+
+
+class StaticSpPolicy(OneDegreePolicy):
     name = "static-sp"
 
     def __init__(self, degree: int | None = None, growth_horizon: int = 512, max_admit: int = 256):
@@ -136,11 +162,7 @@ class StaticSpPolicy:
                 continue  # prefill first: this group's decodes wait a step
             members = set(group)
             requests = [r for r in view.decoding if not r.in_flight and members.issuperset(home_group(r, view.num_instances))]
-            decode_plan = plan_decodes(view, requests, members, pages_free, scope_of=lambda r, h, g=group: g)
-            preemptions.extend(decode_plan.preemptions)
-            merged = merge_decode_batches(view, decode_plan.batches, group)
-            if merged is not None:
-                decodes.append(merged)
+            plan_group_decodes(view, group, requests, pages_free, decodes, preemptions)
         return Plan(prefills=tuple(prefills), decodes=tuple(decodes), preemptions=tuple(preemptions),
                     rejections=rejections)
 
@@ -189,3 +211,8 @@ class ReplicasPolicy(StaticSpPolicy):
 
     def __init__(self, growth_horizon: int = 512, max_admit: int = 256):
         super().__init__(degree=1, growth_horizon=growth_horizon, max_admit=max_admit)
+
+    @classmethod
+    def degree_options(cls, prefill_degree: int | None, decode_degree: int | None) -> dict:
+        degrees_do_not_apply(cls.name, prefill_degree, decode_degree)  # the degree is always 1
+        return {}

@@ -5,12 +5,12 @@ Data flow:
      steps draw from), the pages reserved for the expected growth of every decoding request (on its master),
      each decoding request's home group, the idle decode groups (maximal homes whose instances are all idle)
      and the free instances (idle, holding no KV, inside no home).
-  2. `admit_fifo` takes waiting requests in queue order (`esp_queue`) whose prompt plus expected growth fits
+  2. `admit_fifo` takes waiting requests in queue order (`esp.queue`) whose prompt plus expected growth fits
      the pages of the candidate prefill instances (minus reservations); one that does not fit is passed over
      (backfilling). `release` / `withhold` apply the head's reservation to the snapshot.
   3. `estimate_wait` is how long the queue would wait if no instance were taken from decoding now: the
      earliest moment a busy instance or a decode group is expected to come free. It is the gain side of the
-     delay-decode cost/gain test in `esp_allocation`, where a second of delay costs a request its
+     delay-decode cost/gain test in `esp.allocation`, where a second of delay costs a request its
      `urgency`: 1 / its slack to a latency target of `slo_scale` x its isolated latency.
   4. `defer_seconds` prices leaving an admitted request waiting this step (the batching DP may do so).
 """
@@ -21,11 +21,7 @@ import math
 from dataclasses import dataclass, field
 
 from loong_jax.scheduler.decode_planner import home_group
-from loong_jax.scheduler.view import RequestView, SchedulerView
-
-
-def _ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
+from loong_jax.scheduler.view import RequestView, SchedulerView, ceil_div
 
 
 @dataclass
@@ -117,7 +113,7 @@ class ClusterSnapshot:
         """Keep pages on the master for the request's expected growth beyond its last, partly filled page."""
         page_size = self.view.page_size
         tail = (-master_tokens) % page_size
-        self.reserve[master] += _ceil_div(max(0, self.growth(request) - tail), page_size)
+        self.reserve[master] += ceil_div(max(0, self.growth(request) - tail), page_size)
 
     def growth(self, request: RequestView) -> int:
         """Decode tokens to keep room for (expected output, capped by the horizon)."""
@@ -130,7 +126,7 @@ class ClusterSnapshot:
         """Pages the prompt and its expected growth take (one spare for the partly filled last pages)."""
         pages = self._prompt_pages.get(id(request))
         if pages is None:
-            pages = _ceil_div(request.prefill_target + self.growth(request), self.view.page_size) + 1
+            pages = ceil_div(request.prefill_target + self.growth(request), self.view.page_size) + 1
             self._prompt_pages[id(request)] = pages
         return pages
 
@@ -220,7 +216,7 @@ def admit_fifo(snapshot: ClusterSnapshot, waiting, pages_available: int, largest
 
     A request that does not fit is passed over so later ones may use the room (backfilling: a 300K prompt
     waiting for instances must not hold up every chat behind it); the head of the queue is protected by its
-    reservation (`esp_queue`), not by stopping admission. With `force_head`, a head that only fits without
+    reservation (`esp.queue`), not by stopping admission. With `force_head`, a head that only fits without
     its growth room is admitted on its bare prompt.
     """
     admitted, used = [], 0
@@ -230,7 +226,7 @@ def admit_fifo(snapshot: ClusterSnapshot, waiting, pages_available: int, largest
         need = snapshot.pages_for_prompt(request)
         if need > largest_group_pages or used + need > pages_available:
             if force_head and not admitted:
-                bare = _ceil_div(request.prefill_target, snapshot.view.page_size)
+                bare = ceil_div(request.prefill_target, snapshot.view.page_size)
                 if bare <= largest_group_pages and bare <= pages_available:
                     admitted.append(request)
                     used += bare

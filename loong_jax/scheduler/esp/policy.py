@@ -1,21 +1,21 @@
 """The ESP policy (default): LoongServe §5 scalable scheduling, one `schedule(view)` per engine event.
 
 Data flow of one call:
-  1. Snapshot (`esp_dispatch`): free pages, growth reservations, decode groups, free instances. Requests
+  1. Snapshot (`esp.dispatch`): free pages, growth reservations, decode groups, free instances. Requests
      that can never fit are rejected; idle partial prefills (left by another policy) are preempted.
-  2. Queue (`esp_queue`): earliest latency deadline first. Under overload (the arriving work exceeds
+  2. Queue (`esp.queue`): earliest latency deadline first. Under overload (the arriving work exceeds
      `target_utilization` x the instances) the largest requests are late: they start only when no timely
      request waits, so the most requests meet their SLOs (they are served, never rejected). When the head
      does not fit the free instances it gets a reservation: a group that is held for it (or drains for
      it) and that it prefills on once idle; the small decodes living on the group's idle members first
      migrate off it (`plan_evacuation`), so they keep decoding elsewhere instead of stalling for the
      whole prefill.
-  3. Allocation + dispatching + batching (`esp_allocation`, `esp_batching`): candidate prefill instance
+  3. Allocation + dispatching + batching (`esp.allocation`, `esp.batching`): candidate prefill instance
      sets, admission in queue order under memory (with backfilling), the batching DP per candidate (which
      may defer a request to a later step), and the delay-decode cost/gain test choose which instances
      prefill which batches at which DoP. DoPs become concrete aligned groups, ready programs first.
   4. If nothing prefills, consolidation by migration may free a decode instance for the queue.
-  5. Scaling plan (`esp_scaling`, `decode_planner`): placement of every prompt's KV (scale-down), then decode
+  5. Scaling plan (`esp.scaling`, `decode_planner`): placement of every prompt's KV (scale-down), then decode
      batches on every other idle instance with masters, scale-up and newest-first preemption.
 """
 
@@ -30,10 +30,11 @@ from loong_jax.scheduler.esp.scaling import place_batch
 from loong_jax.scheduler.cost.estimates import prefill_seconds
 from loong_jax.scheduler.groups import free_blocks, pack_sizes
 from loong_jax.scheduler.plan import Plan, Preemption, PrefillBatch
+from loong_jax.scheduler.policy import PolicyDefaults
 from loong_jax.scheduler.view import SchedulerView
 
 
-class EspPolicy:
+class EspPolicy(PolicyDefaults):
     name = "esp"
 
     def __init__(self, max_batches: int = 8, max_boundaries: int = 24, max_admit: int = 256,

@@ -31,11 +31,7 @@ from dataclasses import dataclass
 
 from loong_jax.scheduler.esp.dispatch import ClusterSnapshot
 from loong_jax.scheduler.groups import power_of_two_sizes
-from loong_jax.scheduler.view import RequestView, SchedulerView
-
-
-def _ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
+from loong_jax.scheduler.view import RequestView, SchedulerView, ceil_div
 
 
 def never_fitting(view: SchedulerView, max_tokens_per_instance: int | None) -> tuple[tuple, list[RequestView]]:
@@ -45,7 +41,7 @@ def never_fitting(view: SchedulerView, max_tokens_per_instance: int | None) -> t
     rejected, kept = [], []
     for request in view.waiting:
         peak = request.prefill_target + max(1, request.remaining_new_tokens(1)) - 1
-        too_big = _ceil_div(peak, view.page_size) > pages_total or request.prefill_target > prompt_limit
+        too_big = ceil_div(peak, view.page_size) > pages_total or request.prefill_target > prompt_limit
         (rejected if too_big else kept).append(request)
     return tuple(r.request_id for r in rejected), kept
 
@@ -155,7 +151,7 @@ def head_pages(snapshot: ClusterSnapshot, head: RequestView) -> tuple[int | None
     scale-up finds that room later)."""
     view = snapshot.view
     per_instance = min(i.pages_total for i in view.instances)
-    bare = _ceil_div(head.prefill_target, view.page_size) + 1
+    bare = ceil_div(head.prefill_target, view.page_size) + 1
     for size in _family_sizes(view.num_instances):
         if size * per_instance >= bare:
             return size, min(snapshot.pages_for_prompt(head), size * per_instance)

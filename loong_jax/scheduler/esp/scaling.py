@@ -19,18 +19,14 @@ from __future__ import annotations
 
 from loong_jax.scheduler.esp.dispatch import ClusterSnapshot
 from loong_jax.scheduler.groups import power_of_two_sizes
-from loong_jax.scheduler.view import RequestView
-
-
-def _ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
+from loong_jax.scheduler.view import RequestView, ceil_div
 
 
 def split_tokens(n_tokens: int, capacities: list[int], growth: int, page_size: int) -> list[int] | None:
     """Tokens per member (page-aligned balanced shares; the last member is the master and keeps `growth`
     slots free); None if the members cannot hold them."""
     members = len(capacities)
-    share = _ceil_div(_ceil_div(n_tokens, members), page_size) * page_size
+    share = ceil_div(ceil_div(n_tokens, members), page_size) * page_size
     limits = [c * page_size for c in capacities]
     limits[-1] -= growth
     if limits[-1] < 1 or sum(max(0, x) for x in limits) < n_tokens:
@@ -63,7 +59,7 @@ def place_request(snapshot: ClusterSnapshot, group: tuple[int, ...], request: Re
 def _place(snapshot: ClusterSnapshot, group: tuple[int, ...], n_tokens: int, growth: int):
     page_size = snapshot.view.page_size
     per_instance = min(snapshot.view.instances[i].pages_total for i in group)
-    widest = compact_size(_ceil_div(n_tokens + growth, page_size) + 1, per_instance, len(group))
+    widest = compact_size(ceil_div(n_tokens + growth, page_size) + 1, per_instance, len(group))
     for size in power_of_two_sizes(widest):
         best = None
         for start in range(0, len(group) - size + 1, size):
@@ -97,7 +93,7 @@ def compact_size(pages: int, per_instance: int, limit: int) -> int:
 def commit_placement(snapshot: ClusterSnapshot, request: RequestView, segments) -> None:
     page_size = snapshot.view.page_size
     for instance, n_tokens in segments:
-        snapshot.pages_free[instance] -= _ceil_div(n_tokens, page_size)
+        snapshot.pages_free[instance] -= ceil_div(n_tokens, page_size)
     master, master_tokens = segments[-1]
     snapshot.reserve_growth(request, master, master_tokens)
 

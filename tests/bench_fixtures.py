@@ -1,4 +1,5 @@
-"""A tiny checkpoint (random Llama + a small byte-level BPE tokenizer) for the eval and bench tests."""
+"""A tiny checkpoint (random Llama + a small byte-level BPE tokenizer) for the eval and bench tests (registered
+in tests/conftest.py)."""
 
 from __future__ import annotations
 
