@@ -306,8 +306,10 @@ class Engine:
 
     # -- introspection --------------------------------------------------------------------------------------------
     def stats(self) -> dict:
-        """Engine counters: elastic moves (state), units run (executor), program cache statistics."""
-        return {**self.state.counters, **self.executor.stats()}
+        """Engine counters: elastic moves (state), batches per degree of parallelism, units run (executor),
+        program cache statistics."""
+        return {**self.state.counters, "prefill_batches_by_degree": dict(sorted(self.core.dops.prefill.items())),
+                "decode_batches_by_degree": dict(sorted(self.core.dops.decode.items())), **self.executor.stats()}
 
     def snapshot(self) -> EngineSnapshot:
         """The state at this instant as immutable values (metrics, server info, admission limits); safe to

@@ -3,7 +3,9 @@ printed by `loong-jax generate`)."""
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
 
@@ -40,7 +42,7 @@ def test_describe_names_the_setup_in_force(shared_llm, checkpoint_dir):
 def test_generate_runs_on_simulated_cpu_devices_and_says_so(checkpoint_dir, compile_cache_dir):
     # A fresh process: --cpu-devices takes effect before JAX starts, and the summary on stderr shows it.
     command = [sys.executable, "-m", "loong_jax.entrypoints.cli", "generate", "--cpu-devices", "2", "--model", str(checkpoint_dir),
-               "--no-warmup", "--max-tokens", "2", "--page-size", "4", "--kv-pages", "32",
+               "--no-warmup", "--stats", "--max-tokens", "2", "--page-size", "4", "--kv-pages", "32",
                "--compilation-cache-dir", str(compile_cache_dir), "The quick brown fox"]
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     completed = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
@@ -48,3 +50,6 @@ def test_generate_runs_on_simulated_cpu_devices_and_says_so(checkpoint_dir, comp
     assert "loong-jax generate: model " in completed.stderr
     assert "cpu: 2 of 2 devices | 2 instances x tp 1 | policy esp" in completed.stderr, completed.stderr[-2000:]
     assert completed.stdout.strip()
+    report = re.search(r"^\{$", completed.stderr, re.M)  # --stats: the engine's counters, last on stderr
+    stats = json.loads(completed.stderr[report.start():])
+    assert sum(stats["prefill_batches_by_degree"].values()) == 1 and stats["units_prefill"] == 1
