@@ -59,7 +59,7 @@ from loong_jax.sharding.prefill_program import PrefillInputs
 from loong_jax.sharding.ring_prefill import RingPrefillCache, ring_attention
 from loong_jax.sharding.specs import BY_MEMBER_SPEC, HEADS_SPEC, LSE_SPEC, POOL_SPEC
 from loong_jax.sharding.stripe_layout import (
-    PackedLayout, Placement, stream_positions, stream_segments, striped_layout)
+    PackedLayout, stream_positions, striped_layout)
 from loong_jax.sharding.topology import SEQ
 
 # ---------------------------------------------------------------- host side

@@ -26,7 +26,7 @@ import time
 from typing import Sequence
 
 from loong_jax.sampling.detokenizer import SequenceDetokenizer
-from loong_jax.engine.core import EngineCore, SchedulerStalled
+from loong_jax.engine.core import EngineCore
 from loong_jax.engine.snapshot import EngineSnapshot, capture as capture_snapshot
 from loong_jax.engine.state import EngineState
 from loong_jax.executor.protocol import Executor, UnitResult

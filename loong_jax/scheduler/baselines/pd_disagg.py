@@ -42,7 +42,7 @@ class PdDisaggPolicy(PolicyDefaults):
         return tuple(range(count)), tuple(range(count, n))
 
     def schedule(self, view: SchedulerView) -> Plan:
-        n, page_size = view.num_instances, view.page_size
+        n = view.num_instances
         prefill_pool, decode_pool = self._pools(n)
         degree = self.prefill_degree or len(prefill_pool)
         prefill_groups = fixed_groups(len(prefill_pool), degree)
