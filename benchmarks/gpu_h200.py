@@ -35,23 +35,22 @@ import argparse
 import dataclasses
 import json
 import math
-import statistics
 import sys
-import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # timing, accounting and ceilings: the sibling module
+from gpu_accounting import decode_bytes, decode_fits, device_memory, guarded, measure_ceilings, median_seconds, prefill_flops, shape_of  # noqa: E402,E501
 from loong_jax.models.attention import dense_attention
 from loong_jax.models.config import ModelConfig
 from loong_jax.models.llama import init_model
 from loong_jax.scheduler.cost.model import CostModel, DecodeSample, PrefillSample, fit_cost_model, save_cost_models
-from loong_jax.scheduler.cost.roofline import HardwareCeilings, TransformerShape, derive_cost_model
+from loong_jax.scheduler.cost.roofline import HardwareCeilings, derive_cost_model
 from loong_jax.executor.programs import decode_program, prefill_program
 from loong_jax.sampling.batch import PLAIN_GREEDY, SamplingRow, greedy_batch
 from loong_jax.sampling.params import SamplingParams
@@ -100,86 +99,7 @@ TINY_SETTINGS = Settings(
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Timing and accounting.
-# ---------------------------------------------------------------------------------------------------------------
-def median_seconds(run: Callable[[], object], repeats: int, warmup: int = 2) -> float:
-    """Median wall time of `run()` (its result blocked on) after `warmup` calls (the first compiles)."""
-    for _ in range(warmup):
-        jax.block_until_ready(run())
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(run())
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-def shape_of(config: ModelConfig) -> TransformerShape:
-    return TransformerShape(name=config.model_type, layers=config.num_layers, hidden=config.hidden_size,
-                            heads=config.num_heads, kv_heads=config.num_kv_heads, head_dim=config.head_dim,
-                            intermediate=config.intermediate_size, vocab=config.vocab_size,
-                            bytes_per_value=np.dtype(config.dtype).itemsize)
-
-
-def prefill_flops(shape: TransformerShape, lengths: Sequence[int]) -> float:
-    """Useful FLOPs of a causal prefill: dense layers, causal attention (masked half not counted), one logit row
-    per prompt."""
-    total, squares = float(sum(lengths)), float(sum(n * n for n in lengths))
-    return (2 * shape.layer_params * total + 2 * shape.layers * shape.attention_width * squares
-            + 2 * shape.hidden * shape.vocab * len(lengths))
-
-
-def decode_bytes(shape: TransformerShape, batch: int, context: int) -> float:
-    """Bytes a decode step must read: every weight but the embedding table (rows only), plus the KV."""
-    weights = shape.weight_bytes - shape.vocab * shape.hidden * shape.bytes_per_value
-    return weights + batch * (context + 1) * shape.kv_bytes_per_token
-
-
-def decode_fits(shape: TransformerShape, batch: int, context: int, memory: float | None) -> bool:
-    """Weights plus the KV of `batch` requests of `context` tokens within 90% of the device memory."""
-    needed = shape.weight_bytes + batch * (context + 1) * shape.kv_bytes_per_token
-    return memory is None or needed <= 0.9 * memory
-
-
-def device_memory(device) -> float | None:
-    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
-    return float(stats["bytes_limit"]) if stats and "bytes_limit" in stats else None
-
-
-def guarded(record: dict, work: Callable[[], dict]) -> dict:
-    """Run one case; an error (typically out of memory) is recorded instead of ending the run."""
-    try:
-        record.update(work())
-    except Exception as error:  # noqa: BLE001 - XLA raises several types; the message says which
-        record["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
-    print(json.dumps(record), flush=True)
-    return record
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# 1. Ceilings.
-# ---------------------------------------------------------------------------------------------------------------
-def measure_ceilings(settings: Settings, device) -> dict:
-    matmul = jax.jit(lambda a, b: a @ b)
-    best, per_size = 0.0, {}
-    for n in settings.matmul_sizes:
-        keys = jax.random.split(jax.random.key(n), 2)
-        a, b = (jax.device_put(jax.random.normal(k, (n, n), jnp.bfloat16), device) for k in keys)
-        seconds = median_seconds(lambda: matmul(a, b), settings.repeats, settings.warmup)
-        per_size[str(n)] = 2 * n**3 / seconds / 1e12
-        best = max(best, per_size[str(n)])
-        del a, b
-    elements = settings.copy_bytes // 2
-    source = jax.device_put(jnp.ones((elements,), jnp.bfloat16), device)
-    bump = jax.jit(lambda x: x + jnp.asarray(1, x.dtype))  # reads and writes every element once
-    seconds = median_seconds(lambda: bump(source), settings.repeats, settings.warmup)
-    del source
-    return {"matmul_tflops": best, "matmul_tflops_by_size": per_size,
-            "copy_bandwidth_gbs": 2 * elements * 2 / seconds / 1e9, "copy_bytes": settings.copy_bytes}
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# 2-3. Programs.
+# 2-3. Programs (1. Ceilings: gpu_accounting.measure_ceilings).
 # ---------------------------------------------------------------------------------------------------------------
 def fused_attention(layer, q, k, v, positions, segment_ids, kv_cache):
     """JAX's fused attention for ONE prompt at positions 0..T-1 (what the benchmark feeds it)."""
