@@ -197,12 +197,9 @@ def test_metrics_endpoint_counts_this_servers_requests(client, server):
 
 def test_one_json_log_line_per_finished_request(client):
     sink = io.StringIO()
-    handler = configure_logging("json", logging.INFO, stream=sink)
-    try:
-        completion = client.complete(PROMPTS[0], max_tokens=2, temperature=0, request_id="logged-1")
-        time.sleep(0.2)  # the line is written as the handler finishes, just after the last message
-    finally:
-        logging.getLogger("loong_jax").removeHandler(handler)
+    configure_logging("json", logging.INFO, stream=sink)  # undone after the test (tests/conftest.py)
+    completion = client.complete(PROMPTS[0], max_tokens=2, temperature=0, request_id="logged-1")
+    time.sleep(0.2)  # the line is written as the handler finishes, just after the last message
     lines = [json.loads(line) for line in sink.getvalue().splitlines()]
     finished = [line for line in lines if line.get("event") == "request_finished"]
     assert len(finished) == 1

@@ -18,7 +18,6 @@ import pytest
 from loong_jax.server.client import AsyncLoongClient, LoongClient, client_main
 from loong_jax.server.cli import serve_main
 from loong_jax.server.generated import generation_pb2 as pb
-from loong_jax.server.logging_setup import ROOT_LOGGER
 from tests.server.harness import start_server, wait_pages_free, wait_until
 from tests.server.raw_http2 import StalledCall
 
@@ -212,19 +211,8 @@ def _queue_full_answers(handle) -> int:
 
 
 # ---------------------------------------------------------------------------------------------- ports
-@pytest.fixture
-def serve_logging():
-    """`serve_main` points the server's log handler at this test's captured stderr: restore it afterwards."""
-    server_logger = logging.getLogger(ROOT_LOGGER)
-    handlers, level, propagate = list(server_logger.handlers), server_logger.level, server_logger.propagate
-    yield
-    server_logger.handlers[:] = handlers
-    server_logger.setLevel(level)
-    server_logger.propagate = propagate
-
-
 @pytest.mark.parametrize("which", ["--port", "--metrics-port"])
-def test_serve_on_a_taken_port_says_so_in_one_line(which, capfd, serve_logging):
+def test_serve_on_a_taken_port_says_so_in_one_line(which, capfd):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
