@@ -32,3 +32,4 @@ def pristine_loong_jax_logging():
     logger.handlers.clear()
     logger.setLevel(logging.NOTSET)
     logger.propagate = True
+

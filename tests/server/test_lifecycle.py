@@ -70,7 +70,8 @@ def test_drain_deadline_aborts_what_is_left(loop_thread, engine_port):
     results: list = []
     try:
         with LoongClient(handle.target) as client:
-            streams = [client.generate(PROMPT, max_tokens=400, temperature=0, ignore_eos=True) for _ in range(3)]
+            # long enough that none ends within the 0.3 s deadline below, however fast the machine
+            streams = [client.generate(PROMPT, max_tokens=2000, temperature=0, ignore_eos=True) for _ in range(3)]
             iterators = [iter(stream) for stream in streams]
             for iterator in iterators:
                 next(iterator)  # all three are running
