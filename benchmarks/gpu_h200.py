@@ -1,361 +1,351 @@
-"""GPU benchmark for a lent H200: a Llama-2-7B-shaped model (random bf16 weights) against the hardware limit.
+"""GPU benchmark that fits a short lease (one H100 or H200, under 9 minutes): attention per layer against the
+hardware ceilings, then one Llama-2-7B-shaped model (random bf16 weights) end to end.
 
-Run on the GPU machine (one device is enough); the phases may be split over several commands (each
-compiles a few 7B programs), results accumulate in --out:
-    python benchmarks/gpu_h200.py --phases ceilings,prefill
-    python benchmarks/gpu_h200.py --phases decode,profile    # also writes --cost-model-out
-`--tiny` runs the same code path with a tiny config and small shapes on whatever device JAX has (CPU in
-the tests), so the script is known to work before a GPU is lent.
+`benchmarks/gpu_run.sh` is the one command a GPU machine runs: it installs the project from the copied tree
+(no network) and runs this script in two processes, each under a hard time limit, results accumulating in
+one JSON. `--tiny` runs every case at tiny shapes on whatever device JAX has (the kernels in Pallas interpret
+mode on a CPU), so the script is known to work before a GPU is lent.
 
-Data flow:
-  1. Ceilings, measured in the same run: bf16 matmul TFLOP/s (best of a few square sizes) and device copy
-     bandwidth (read + write of one large array).
-  2. Prefill of one prompt of 4K, 16K, 32K tokens, three ways: single device with the model's reference
-     attention (`dense_attention`), single device with the fused attention JAX offers
-     (`jax.nn.dot_product_attention`, cuDNN on GPU), and the serving path, the ring program
-     (`executor.programs.prefill_program`, greedy sampler fused: the engine's program) on a group of
-     d = 1 that also writes the KV into a pool.
-     Throughput in tokens/s, MFU = useful FLOPs / s over the measured matmul ceiling, and the ring's
-     overhead ratio over the single-device programs. A case that runs out of memory is recorded as such.
-  3. Decode step (`executor.programs.decode_program`, greedy sampler fused, d = 1) at batch 1 and 32 with
-     4K and 32K contexts:
-     step time and achieved HBM bandwidth (weights + KV read per step / step time) over the measured copy
-     bandwidth. Cases whose KV cannot fit the device are skipped with the reason.
-  4. A profile grid (ring prefill of packed batches, decode at more batch x context points) joins the ring
-     and decode cases above in a `scheduler.cost_model.fit_cost_model` fit for d = 1; d > 1 comes from the roofline
-     (`scheduler.roofline`) calibrated with the ceilings and efficiencies measured here (one GPU cannot
-     measure NVLink: the link figures stay the published ones, written in the file's metadata).
-  5. Everything goes to one JSON (`--out`) and the cost model to `--cost-model-out` (the schema of
-     `loong_jax/scheduler/cost/model.py`).
+Data flow (phases, in order; `--phases` picks some):
+  env        versions, device and memory (XLA's pool: XLA_PYTHON_CLIENT_MEM_FRACTION is raised to 0.92 before
+             JAX starts, so a 7B model plus 8 x 4K of KV, and one layer of 32 x 4K, fit an H100).
+  ceilings   bf16 matmul TFLOP/s and device copy bandwidth, measured here (`gpu_accounting.measure_ceilings`).
+  exactness  the demo model in float32 (matmul precision "highest"), greedy, through the engine (`LLM`) on
+             the device with the engine's attention there (the kernels on a GPU) and on the host CPU with the
+             XLA reference: the tokens must be equal.
+  attention  one layer (`gpu_attention`): prefill at 4K/16K/32K for the project kernel and cuDNN's fused
+             attention, the current XLA path at 4K only; paged decode at 32 x 4K and 1 x 32K, kernel vs the
+             current path. TFLOP/s, bandwidth, compile seconds.
+  model      the engine's programs (`executor.programs.prefill_program` / `decode_program`, greedy sampler
+             fused, d = 1, kernels on a GPU): prefill of 4K tokens (then the same program on packed prompts
+             of the same total) and decode of 8 x 4K (then fewer rows or shorter contexts on the same
+             program); MFU, bandwidth, compile seconds. These samples fit the d = 1 cost model; d > 1 comes
+             from the roofline calibrated with the measured ceilings (`--cost-model-out`).
+Every case is compiled ahead of time (compile seconds recorded apart) and timed within a per-case cap; a case
+starts only while the run's budget (`--budget-s`) allows; the report is rewritten after every case.
 """
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
-import json
-import math
-import sys
-from pathlib import Path
-from typing import Sequence
+import os
 
-import jax
-import numpy as np
-from flax import nnx
-from jax.sharding import NamedSharding
+os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")  # before JAX starts: see the docstring
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # timing, accounting and ceilings: the sibling module
-from gpu_accounting import decode_bytes, decode_fits, device_memory, guarded, measure_ceilings, median_seconds, prefill_flops, shape_of  # noqa: E402,E501
-from loong_jax.models.attention import dense_attention
-from loong_jax.models.config import ModelConfig
-from loong_jax.models.llama import init_model
-from loong_jax.scheduler.cost.model import CostModel, DecodeSample, PrefillSample, fit_cost_model, save_cost_models
-from loong_jax.scheduler.cost.roofline import HardwareCeilings, derive_cost_model
-from loong_jax.executor.programs import decode_program, prefill_program
-from loong_jax.sampling.batch import PLAIN_GREEDY, SamplingRow, greedy_batch
-from loong_jax.sampling.params import SamplingParams
-from loong_jax.sharding.decode_program import DecodeRow, layout_decode_batch
-from loong_jax.sharding.kv_pool import PoolShape, assemble_group_pool, create_pool
-from loong_jax.sharding.prefill_program import make_prefill_inputs
-from loong_jax.sharding.specs import BY_MEMBER_SPEC, REPLICATED_SPEC
-from loong_jax.sharding.stripe_layout import Placement, striped_layout
-from loong_jax.sharding.topology import Topology, group_params, place_params
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import dataclasses  # noqa: E402
+import json  # noqa: E402
+import math  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Sequence  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling modules
+from gpu_accounting import (Budget, compiled, decode_bytes, device_memory, environment, guarded,  # noqa: E402
+                            measure_ceilings, prefill_flops, shape_of, timed)
+from gpu_attention import run_attention_phase  # noqa: E402
+from gpu_cost_model import build_cost_model, cost_model_samples  # noqa: E402
+from loong_jax.executor.programs import decode_program, prefill_program  # noqa: E402
+from loong_jax.models.config import ModelConfig  # noqa: E402
+from loong_jax.entrypoints.llm import LLM  # noqa: E402
+from loong_jax.models.kernels.dispatch import ATTENTION_ENV, AUTO, INTERPRET, REFERENCE, for_platform  # noqa: E402
+from loong_jax.models.llama import abstract_model, init_model  # noqa: E402
+from loong_jax.sampling.batch import PLAIN_GREEDY, SamplingRow, greedy_batch  # noqa: E402
+from loong_jax.sampling.params import SamplingParams  # noqa: E402
+from loong_jax.scheduler.cost.model import save_cost_models  # noqa: E402
+from loong_jax.sharding.decode_program import DecodeRow, layout_decode_batch  # noqa: E402
+from loong_jax.sharding.kv_pool import PoolShape, assemble_group_pool, create_pool  # noqa: E402
+from loong_jax.sharding.prefill_program import make_prefill_inputs  # noqa: E402
+from loong_jax.sharding.specs import BY_MEMBER_SPEC, POOL_SPEC, REPLICATED_SPEC  # noqa: E402
+from loong_jax.sharding.stripe_layout import Placement, striped_layout  # noqa: E402
+from loong_jax.sharding.topology import Topology, group_params, param_spec, place_params  # noqa: E402
 
 LLAMA2_7B = ModelConfig(model_type="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008,
                         num_layers=32, num_heads=32, num_kv_heads=32, head_dim=128, rms_norm_eps=1e-5,
                         max_position_embeddings=65536, dtype="bfloat16")
 TINY = ModelConfig(model_type="llama", vocab_size=256, hidden_size=64, intermediate_size=128, num_layers=2,
-                   num_heads=4, num_kv_heads=4, head_dim=16, max_position_embeddings=4096, dtype="bfloat16")
+                   num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=4096, dtype="bfloat16")
 LOGITS_BUCKET = 8  # scored rows per prefill program: one compiled program serves 1..8 packed prompts
-CPU_MEMORY_BYTES = 8e9  # what the roofline assumes where a device reports no memory
+EXACTNESS_PROMPT = 'def read_config(path):\n    """Return the'
+EXACTNESS_TOKENS = 48
 
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
     config: ModelConfig
-    prefill_lengths: tuple[int, ...]
-    decode_cases: tuple[tuple[int, int], ...]  # (batch, context)
-    fit_prefill: tuple[tuple[int, ...], ...]  # packed prompt lengths per profile sample
-    fit_decode: tuple[tuple[int, int], ...]
+    attention_lengths: tuple[int, ...]
+    current_path_lengths: tuple[int, ...]  # prefill lengths the current XLA path is measured at
+    attention_decode_cases: tuple[tuple[int, int], ...]  # (batch, context) of one layer
+    model_prefill: tuple[tuple[int, ...], ...]  # packed prompts of one total length: one program; first = headline
+    model_decode_capacity: tuple[int, int]  # (rows, context) the decode program is compiled for: the headline
+    model_decode: tuple[tuple[int, int], ...]  # (rows, context) run on that program
     matmul_sizes: tuple[int, ...]
     copy_bytes: int
     repeats: int
-    warmup: int = 2  # untimed calls per case (the first compiles)
+    case_cap_s: float  # timed calls of one case stop after this long
+    case_needs_s: float  # a case starts only with this much of the budget left
     page_size: int = 16
 
 
 FULL = Settings(
-    config=LLAMA2_7B, prefill_lengths=(4096, 16384, 32768),
-    decode_cases=((1, 4096), (32, 4096), (1, 32768), (32, 32768)),
-    # Profile shapes reuse the compiled programs of the cases above where they can (same rows / pages).
-    fit_prefill=((8192,), (1024,) * 4, (2048,) * 2, (1024,) * 8, (4096,) * 4),
-    fit_decode=((8, 16384), (32, 2048)),
-    matmul_sizes=(4096, 8192, 16384), copy_bytes=4 << 30, repeats=5)
+    config=LLAMA2_7B, attention_lengths=(4096, 16384, 32768), current_path_lengths=(4096,),
+    attention_decode_cases=((32, 4096), (1, 32768)),
+    model_prefill=((4096,), (2048,) * 2, (1024,) * 4, (512,) * 8),
+    model_decode_capacity=(8, 4096), model_decode=((8, 4096), (8, 2048), (4, 4096), (2, 1024)),
+    matmul_sizes=(4096, 8192), copy_bytes=4 << 30, repeats=5, case_cap_s=8.0, case_needs_s=15.0)
 TINY_SETTINGS = Settings(
-    # (1, 64) and (1, 70) both need 5 pages of 16: one decode program serves both.
-    config=TINY, prefill_lengths=(64, 128), decode_cases=((1, 64), (4, 64), (1, 70)),
-    fit_prefill=((32,) * 4, (16,) * 4), fit_decode=((4, 70),),
-    matmul_sizes=(64, 128), copy_bytes=1 << 22, repeats=2, warmup=1)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# 2-3. Programs (1. Ceilings: gpu_accounting.measure_ceilings).
-# ---------------------------------------------------------------------------------------------------------------
-def fused_attention(layer, q, k, v, positions, segment_ids, kv_cache):
-    """JAX's fused attention for ONE prompt at positions 0..T-1 (what the benchmark feeds it)."""
-    del layer, positions, segment_ids
-    implementation = "cudnn" if jax.default_backend() == "gpu" else None
-    out = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=implementation)
-    return out.astype(q.dtype), kv_cache
+    config=TINY, attention_lengths=(64, 128), current_path_lengths=(64,), attention_decode_cases=((4, 64), (1, 200)),
+    model_prefill=((64,), (32,) * 2, (16,) * 4), model_decode_capacity=(4, 64),
+    model_decode=((4, 64), (4, 32), (2, 64)),
+    matmul_sizes=(64, 128), copy_bytes=1 << 22, repeats=2, case_cap_s=2.0, case_needs_s=0.0)
 
 
 class ModelBench:
-    def __init__(self, settings: Settings, device, seed: int = 0):
-        self.settings, self.config, self.device = settings, settings.config, device
-        with jax.default_device(device):
-            model = init_model(self.config, seed)
-        self.graphdef, self.state = nnx.split(model)
-        self.topology = Topology([device], tp=1)
-        self.group = (0,)
-        self.mesh = self.topology.group_mesh(self.group)
-        self.params = group_params(place_params(self.state, self.topology), self.topology, self.group)
-        # The engine's programs for plain greedy requests (what `LLM.warm_up` compiles).
-        self.prefill_program = prefill_program(self.graphdef, self.mesh, signature=PLAIN_GREEDY)
-        self.decode_program = decode_program(self.graphdef, self.mesh, signature=PLAIN_GREEDY)
-        self.rng = np.random.default_rng(seed)
-        self._single = {}
+    """The model's weights on one device and the engine's programs for it, compiled once per shape.
 
-    def greedy_sampling(self, rows: int, spec):
-        """The sampling inputs of `rows` plain greedy rows (past min_tokens), on the group mesh."""
+    abstract: weights and pools are ShapeDtypeStructs, nothing is allocated: the programs can only be lowered
+    (how the tests check, on a CPU, that the full-size cases lower for CUDA)."""
+
+    def __init__(self, settings: Settings, device, attention_impl: str, seed: int = 0, *, abstract: bool = False):
+        self.settings, self.config, self.device, self.abstract = settings, settings.config, device, abstract
+        self.topology = Topology([device], tp=1)
+        self.mesh = self.topology.group_mesh((0,))
+        if abstract:
+            self.graphdef, state = nnx.split(abstract_model(self.config))
+            self.params = jax.tree_util.tree_map_with_path(
+                lambda path, leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype,
+                                                        sharding=NamedSharding(self.mesh, param_spec(path))), state)
+        else:
+            with jax.default_device(device):
+                self.graphdef, state = nnx.split(init_model(self.config, seed))
+            self.params = group_params(place_params(state, self.topology), self.topology, (0,))
+        del state  # only the placed copy stays
+        self.prefill_program = prefill_program(self.graphdef, self.mesh, attention_impl, PLAIN_GREEDY)
+        self.decode_program = decode_program(self.graphdef, self.mesh, attention_impl, PLAIN_GREEDY)
+        self.rng = np.random.default_rng(seed)
+        self.compile_seconds: dict[str, float] = {}  # program name -> seconds to compile it
+        self._compiled: dict[str, object] = {}
+
+    def _program(self, name: str, jitted, *args):
+        if name not in self._compiled:
+            self._compiled[name], self.compile_seconds[name] = compiled(jitted, *args)
+        return self._compiled[name]
+
+    def _greedy_sampling(self, rows: int, spec):
         greedy_rows = [SamplingRow(SamplingParams(temperature=0.0, max_tokens=1), (), ())] * rows
         return jax.device_put(greedy_batch(greedy_rows, self.config.vocab_size, ()), NamedSharding(self.mesh, spec))
 
-    def tokens(self, count: int) -> np.ndarray:
-        return self.rng.integers(0, self.config.vocab_size, size=count).astype(np.int32)
-
-    def pool(self, tokens: int) -> jax.Array:
-        pages = math.ceil(tokens / self.settings.page_size) + 1
+    def _pool(self, pages: int) -> jax.Array:
         shape = PoolShape.for_model(self.config, pages, self.settings.page_size)
+        if self.abstract:
+            return jax.ShapeDtypeStruct(shape.group_shape(1), jnp.dtype(shape.dtype),
+                                        sharding=NamedSharding(self.mesh, POOL_SPEC))
         return assemble_group_pool([create_pool(shape, self.topology, 0)], self.mesh)
 
-    def single_device_prefill(self, length: int, attention_name: str) -> float:
-        attention = {"dense": dense_attention, "fused": fused_attention}[attention_name]
-        if attention_name not in self._single:
-            graphdef = self.graphdef
-
-            def forward(state, tokens, positions, segments, last):
-                logits, _ = nnx.merge(graphdef, state)(tokens, positions, segments, attention=attention,
-                                                       logits_indices=last)
-                return logits
-
-            self._single[attention_name] = jax.jit(forward)
-        program = self._single[attention_name]
-        put = lambda x: jax.device_put(x, self.device)  # noqa: E731
-        tokens, positions = put(self.tokens(length)), put(np.arange(length, dtype=np.int32))
-        segments, last = put(np.zeros(length, np.int32)), put(np.array([length - 1], np.int32))
-        return median_seconds(lambda: program(self.state, tokens, positions, segments, last),
-                              self.settings.repeats, self.settings.warmup)
-
-    def ring_prefill(self, lengths: Sequence[int]) -> float:
-        """The serving path at d = 1: packed prompts, every token's KV kept densely in the pool."""
+    def prefill_args(self, lengths: Sequence[int]) -> tuple:
+        """(params, pool, inputs, sampling) of the serving path at d = 1: packed prompts, every token's KV kept
+        densely in the pool."""
         total = int(sum(lengths))
-        layout = striped_layout(lengths, members=1)
         placement = Placement(member=np.zeros(total, np.int32), slot=np.arange(total, dtype=np.int32))
-        requests = max(LOGITS_BUCKET, len(lengths))
-        batch = make_prefill_inputs(layout, self.tokens(total), placement, self.mesh, num_logits=requests)
-        sampling = self.greedy_sampling(requests, REPLICATED_SPEC)
-        state = {"pool": self.pool(total)}
+        tokens = self.rng.integers(0, self.config.vocab_size, total).astype(np.int32)
+        batch = make_prefill_inputs(striped_layout(lengths, members=1), tokens, placement, self.mesh,
+                                    num_logits=max(LOGITS_BUCKET, len(lengths)))
+        sampling = self._greedy_sampling(max(LOGITS_BUCKET, len(lengths)), REPLICATED_SPEC)
+        return self.params, self._pool(math.ceil(total / self.settings.page_size) + 1), batch, sampling
 
-        def run():
-            tokens, state["pool"] = self.prefill_program(self.params, state["pool"], batch, sampling)
-            return tokens
-
-        try:
-            return median_seconds(run, self.settings.repeats, self.settings.warmup)
-        finally:
-            del state["pool"]
-
-    def decode_step(self, batch: int, context: int) -> float:
-        """One decode step of `batch` requests with `context` tokens of KV each (pages contiguous)."""
+    def decode_args(self, rows: int, context: int) -> tuple:
+        """(params, pool, inputs, sampling) of one decode step of `rows` requests with `context` tokens of KV
+        each, in the shapes of `model_decode_capacity` (fewer rows and pages are padding, as in the engine's
+        buckets: one program serves every decode case)."""
         page_size = self.settings.page_size
-        pages_per_request = math.ceil((context + 1) / page_size)
-        rows = [DecodeRow(token=1, position=context, master=0,
-                          append_slot=r * pages_per_request * page_size + context,
-                          pages={0: list(range(r * pages_per_request, (r + 1) * pages_per_request))},
-                          kv_lens={0: context + 1}) for r in range(batch)]
-        inputs = layout_decode_batch(rows, members=1, batch_local=batch, member_pages=batch * pages_per_request,
+        capacity_rows, capacity_context = self.settings.model_decode_capacity
+        pages_per_request = math.ceil((capacity_context + 1) / page_size)
+        requests = [DecodeRow(token=1, position=context, master=0,
+                              append_slot=r * pages_per_request * page_size + context,
+                              pages={0: list(range(r * pages_per_request,
+                                                   r * pages_per_request + math.ceil((context + 1) / page_size)))},
+                              kv_lens={0: context + 1}) for r in range(rows)]
+        inputs = layout_decode_batch(requests, members=1, batch_local=capacity_rows,
+                                     member_pages=capacity_rows * pages_per_request,
                                      page_size=page_size).to_device(self.mesh)
-        sampling = self.greedy_sampling(batch, BY_MEMBER_SPEC)
-        state = {"pool": self.pool(batch * pages_per_request * page_size)}
+        sampling = self._greedy_sampling(capacity_rows, BY_MEMBER_SPEC)
+        return self.params, self._pool(capacity_rows * pages_per_request), inputs, sampling
+
+    def prefill(self, lengths: Sequence[int], cap_s: float) -> dict:
+        return self._time(f"prefill {sum(lengths)}", self.prefill_program, self.prefill_args(lengths), cap_s)
+
+    def decode(self, rows: int, context: int, cap_s: float) -> dict:
+        return self._time("decode", self.decode_program, self.decode_args(rows, context), cap_s)
+
+    def _time(self, name: str, jitted, args: tuple, cap_s: float) -> dict:
+        params, pool, inputs, sampling = args
+        program = self._program(name, jitted, *args)
+        state = {"pool": pool}  # donated at each call: the program hands the same buffers back
 
         def run():
-            tokens, state["pool"] = self.decode_program(self.params, state["pool"], inputs, sampling)
-            return tokens
+            sampled, state["pool"] = program(params, state["pool"], inputs, sampling)
+            return sampled
 
-        try:
-            return median_seconds(run, self.settings.repeats, self.settings.warmup)
-        finally:
-            del state["pool"]
+        return timed(run, self.settings.repeats, warmup=1, cap_s=cap_s)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# 4. Cost model.
-# ---------------------------------------------------------------------------------------------------------------
-def build_cost_model(settings: Settings, samples: list, ceilings: dict, efficiencies: dict, memory: float | None,
-                     device_kind: str) -> CostModel:
-    shape = shape_of(settings.config)
-    hardware = HardwareCeilings(
-        name=device_kind, matmul_flops=ceilings["matmul_tflops"] * 1e12,
-        hbm_bandwidth=ceilings["copy_bandwidth_gbs"] * 1e9, hbm_bytes=memory or CPU_MEMORY_BYTES,
-        matmul_efficiency=efficiencies["matmul"], hbm_efficiency=efficiencies["hbm"])
-    projected = derive_cost_model(shape, hardware, tp=1, dops=tuple(range(1, 17)), page_size=settings.page_size)
-    measured = fit_cost_model(samples, tp=1, kv_bytes_per_token=shape.kv_bytes_per_token,
-                              pages_per_instance=projected.pages_per_instance, page_size=settings.page_size,
-                              migration_seconds_per_byte=projected.migration_seconds_per_byte,
-                              migration_latency_s=projected.migration_latency_s)
-    return CostModel(
-        tp=1, prefill={**projected.prefill, 1: measured.prefill[1]}, decode={**projected.decode, 1: measured.decode[1]},
-        migration_seconds_per_byte=projected.migration_seconds_per_byte,
-        migration_latency_s=projected.migration_latency_s, kv_bytes_per_token=shape.kv_bytes_per_token,
-        pages_per_instance=projected.pages_per_instance, page_size=settings.page_size,
-        description=f"{settings.config.model_type} {shape.layer_params / 1e9:.2f}B-layer model on {device_kind}, "
-                    f"tp=1: d=1 fitted to measured programs; d>1 roofline calibrated with measured ceilings",
-        provenance="measured",
-        metadata={"d1_fit_mean_relative_error": measured.mean_relative_error(samples),
-                  "calibrated_hardware": dataclasses.asdict(hardware),
-                  "not_measured": "NVLink bandwidth and collective latency (one GPU): published figures",
-                  "samples": len(samples)})
+@contextlib.contextmanager
+def attention_env(impl: str):
+    """`LOONG_JAX_ATTENTION` = impl while an engine is built (the engine reads it once, then keeps its choice)."""
+    before = os.environ.get(ATTENTION_ENV)
+    os.environ[ATTENTION_ENV] = impl
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[ATTENTION_ENV]
+        else:
+            os.environ[ATTENTION_ENV] = before
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Driver.
-# ---------------------------------------------------------------------------------------------------------------
-PHASES = ("ceilings", "prefill", "decode", "profile")
+def greedy_demo_tokens(device, impl: str) -> list[int]:
+    """The demo model's float32 greedy tokens for EXACTNESS_PROMPT, through the engine on `device`."""
+    with attention_env(impl):
+        llm = LLM(devices=[device], dtype="float32", warmup=False, progress=False, compilation_cache_dir=None)
+    try:
+        params = SamplingParams(temperature=0.0, max_tokens=EXACTNESS_TOKENS, ignore_eos=True)
+        return list(llm.generate(EXACTNESS_PROMPT, params, use_tqdm=False)[0].outputs[0].token_ids)
+    finally:
+        llm.close()
+
+
+def exactness_case(device, device_impl: str) -> dict:
+    previous = jax.config.jax_default_matmul_precision
+    jax.config.update("jax_default_matmul_precision", "highest")
+    try:
+        on_device = greedy_demo_tokens(device, device_impl)
+        on_cpu = greedy_demo_tokens(jax.devices("cpu")[0], REFERENCE)
+    finally:
+        jax.config.update("jax_default_matmul_precision", previous)
+    first_difference = next((i for i, (a, b) in enumerate(zip(on_device, on_cpu)) if a != b), None)
+    return {"equal": on_device == on_cpu, "tokens": len(on_cpu), "first_difference": first_difference,
+            "device_tokens": on_device, "cpu_tokens": on_cpu}
 
 
 class Driver:
-    """Runs phases into one report; the model is built only when a phase needs it."""
+    """Runs the phases into one report, rewritten (and each case printed) as it goes."""
 
-    def __init__(self, settings: Settings, device, report: dict):
-        self.settings, self.device, self.report = settings, device, report
+    def __init__(self, settings: Settings, device, report: dict, out: Path, budget: Budget, kernel_impl: str,
+                 model_impl: str):
+        self.settings, self.device, self.report, self.out = settings, device, report, out
+        self.budget, self.kernel_impl, self.model_impl = budget, kernel_impl, model_impl
         self.shape = shape_of(settings.config)
-        self.memory = device_memory(device)
-        self._bench: ModelBench | None = None
 
-    @property
-    def bench(self) -> ModelBench:
-        if self._bench is None:
-            self._bench = ModelBench(self.settings, self.device)
-        return self._bench
+    def record(self, row: dict) -> dict:
+        print(json.dumps(row), flush=True)
+        self.save()
+        return row
+
+    def save(self) -> None:
+        """Written whole, then renamed: a process stopped at its time limit leaves the last complete report."""
+        self.report["targets"] = targets(self.report)
+        partial = self.out.with_name(self.out.name + ".partial")
+        partial.write_text(json.dumps(self.report, indent=1) + "\n")
+        os.replace(partial, self.out)
+
+    def env(self) -> None:
+        self.report["environment"] = self.record(environment(self.device))
 
     def ceilings(self) -> None:
         self.report["ceilings"] = measure_ceilings(self.settings, self.device)
-        print(json.dumps({"ceilings": self.report["ceilings"]}), flush=True)
+        self.record({"ceilings": self.report["ceilings"]})
 
-    def prefill(self) -> None:
-        ceiling_flops = self.report["ceilings"]["matmul_tflops"] * 1e12
+    def exactness(self) -> None:
+        # The engine's own choice on the device (the kernels on a GPU; interpreting them through a whole engine
+        # would take minutes on a CPU).
+        row = {"kind": "exactness", "model": "demo", "dtype": "float32", "attention": self.model_impl}
+        self.report["exactness"] = self.record(guarded(row, lambda: exactness_case(self.device, self.model_impl)))
 
-        def measure(length: int, variant: str) -> dict:
-            seconds = (self.bench.ring_prefill([length]) if variant == "ring_d1"
-                       else self.bench.single_device_prefill(length, variant))
-            flops = prefill_flops(self.shape, [length])
-            return {"seconds": seconds, "tokens_per_s": length / seconds, "tflops": flops / seconds / 1e12,
-                    "mfu": flops / seconds / ceiling_flops}
+    def attention(self) -> None:
+        self.report["attention"] = []
+        run_attention_phase(self.settings, self.shape, self.report["ceilings"], self.kernel_impl, self.budget,
+                            self.device, lambda row: self._append("attention", row))
 
-        rows = [guarded({"kind": "prefill", "tokens": n, "variant": v}, lambda n=n, v=v: measure(n, v))
-                for n in self.settings.prefill_lengths for v in ("dense", "fused", "ring_d1")]
-        by_case = {(r["tokens"], r["variant"]): r for r in rows if "error" not in r}
-        self.report["prefill"] = rows
-        self.report["ring_overhead"] = {
-            str(n): {f"ring_over_{v}": by_case[(n, "ring_d1")]["seconds"] / by_case[(n, v)]["seconds"]
-                     for v in ("dense", "fused") if (n, v) in by_case and (n, "ring_d1") in by_case}
-            for n in self.settings.prefill_lengths}
+    def model(self) -> None:
+        self.report["model"] = []
+        matmul, copy = self.report["ceilings"]["matmul_tflops"] * 1e12, self.report["ceilings"]["copy_bandwidth_gbs"]
+        bench = ModelBench(self.settings, self.device, self.model_impl)
+        self.report["model_compile_s"] = bench.compile_seconds  # filled as programs compile: saved with each case
+        for lengths in self.settings.model_prefill:
+            def measure(ls=lengths):
+                result = bench.prefill(ls, self.budget.cap_s())
+                flops = prefill_flops(self.shape, ls)
+                seconds = result["seconds"]
+                return {**result, "tokens_per_s": sum(ls) / seconds, "mfu": flops / seconds / matmul}
+            self._case({"kind": "model_prefill", "lengths": list(lengths)}, measure)
+        # The decode program compiles at its first case: start it only with time for a compile like prefill's.
+        compile_needs_s = 1.2 * max(bench.compile_seconds.values(), default=0.0)
+        for rows, context in self.settings.model_decode:
+            def measure(b=rows, c=context):
+                result = bench.decode(b, c, self.budget.cap_s())
+                gbs = decode_bytes(self.shape, b, c) / result["seconds"] / 1e9
+                return {**result, "tokens_per_s": b / result["seconds"], "achieved_bandwidth_gbs": gbs,
+                        "bandwidth_fraction": gbs / copy}
+            self._case({"kind": "model_decode", "batch": rows, "context": context}, measure, compile_needs_s)
+            compile_needs_s = 0.0
 
-    def decode(self) -> None:
-        bandwidth = self.report["ceilings"]["copy_bandwidth_gbs"] * 1e9
-        rows = []
-        for batch, context in self.settings.decode_cases:
-            record = {"kind": "decode", "batch": batch, "context": context}
-            if not decode_fits(self.shape, batch, context, self.memory):
-                kv_gib = batch * (context + 1) * self.shape.kv_bytes_per_token / 2**30
-                record["skipped"] = f"KV {kv_gib:.0f} GiB + weights exceed 90% of {self.memory / 2**30:.0f} GiB"
-                print(json.dumps(record), flush=True)
-                rows.append(record)
-                continue
+    def _case(self, row: dict, measure, compile_needs_s: float = 0.0) -> None:
+        if self.budget.allows(self.settings.case_needs_s + compile_needs_s):
+            row = guarded(row, measure)
+        else:
+            row["skipped"] = "time budget"
+        self._append("model", row)
 
-            def measure(b=batch, c=context):
-                seconds = self.bench.decode_step(b, c)
-                achieved = decode_bytes(self.shape, b, c) / seconds
-                return {"seconds": seconds, "tokens_per_s": b / seconds,
-                        "achieved_bandwidth_gbs": achieved / 1e9, "bandwidth_fraction": achieved / bandwidth}
+    def _append(self, phase: str, row: dict) -> dict:
+        self.report[phase].append(row)
+        return self.record(row)
 
-            rows.append(guarded(record, measure))
-        self.report["decode"] = rows
 
-    def profile(self) -> None:
-        rows = [guarded({"kind": "profile_prefill", "lengths": list(lengths)},
-                        lambda ls=lengths: {"seconds": self.bench.ring_prefill(ls)})
-                for lengths in self.settings.fit_prefill]
-        rows += [guarded({"kind": "profile_decode", "batch": b, "context": c},
-                         lambda b=b, c=c: {"seconds": self.bench.decode_step(b, c)})
-                 for b, c in self.settings.fit_decode if decode_fits(self.shape, b, c, self.memory)]
-        self.report["profile"] = rows
-
-    def cost_model(self) -> CostModel:
-        """d = 1 fitted to the profile (and the prefill / decode cases); d > 1 from the calibrated roofline."""
-        rows = self.report.get("profile", []) + self.report.get("prefill", []) + self.report.get("decode", [])
-        samples = []
-        for row in rows:
-            if "seconds" not in row or row.get("variant", "ring_d1") != "ring_d1":
-                continue
-            if row["kind"] in ("profile_prefill", "prefill"):
-                samples.append(PrefillSample(1, tuple(row.get("lengths", [row.get("tokens")])), row["seconds"]))
-            else:
-                samples.append(DecodeSample(1, row["batch"], row["batch"] * (row["context"] + 1), row["seconds"]))
-        samples = list(dict.fromkeys(samples))
-        ring = [r for r in self.report.get("prefill", []) if r["variant"] == "ring_d1" and "mfu" in r]
-        decode = [r for r in self.report.get("decode", []) if "bandwidth_fraction" in r]
-        efficiencies = {"matmul": max((r["mfu"] for r in ring), default=0.5),
-                        "hbm": max((r["bandwidth_fraction"] for r in decode), default=0.7)}
-        self.report["calibrated_efficiencies"] = efficiencies
-        model = build_cost_model(self.settings, samples, self.report["ceilings"], efficiencies, self.memory,
-                                 self.device.device_kind)
-        self.report["cost_model_d1_fit_mean_relative_error"] = model.metadata["d1_fit_mean_relative_error"]
-        return model
+PHASES = ("env", "ceilings", "exactness", "attention", "model")
 
 
 def targets(report: dict) -> dict:
-    """The issue's targets: prefill MFU and ring overhead at the longest length each variant ran (32K when it
-    fits), decode bandwidth at the largest batch (32) and its shortest context (4K)."""
-    prefill = [r for r in report.get("prefill", []) if "mfu" in r]
-    longest = {}
-    for row in sorted(prefill, key=lambda r: r["tokens"]):
-        longest[row["variant"]] = row
-    overhead = {n: v["ring_over_dense"] for n, v in report.get("ring_overhead", {}).items() if "ring_over_dense" in v}
-    overhead_at = max(overhead, key=int, default=None)
-    decode = [r for r in report.get("decode", []) if "bandwidth_fraction" in r]
-    big_batch = max(decode, key=lambda r: (r["batch"], -r["context"]), default=None)
+    """The issue's targets, read off what ran (None where a case did not)."""
+    attention = [r for r in report.get("attention", []) if "seconds" in r]
+    prefill = {(r["tokens"], r["variant"]): r for r in attention if r["kind"] == "attention_prefill"}
+    decode = {(r["batch"], r["context"], r["variant"]): r for r in attention if r["kind"] == "attention_decode"}
+    model = [r for r in report.get("model", []) if "seconds" in r]
+    headline_prefill = next((r for r in model if r["kind"] == "model_prefill"), None)
+    kernel_vs_cudnn = {str(n): prefill[(n, "cudnn")]["seconds"] / prefill[(n, "kernel")]["seconds"]
+                       for n, v in prefill if v == "kernel" and (n, "cudnn") in prefill}
     return {
-        "prefill_mfu_at_longest": {v: {"tokens": r["tokens"], "mfu": r["mfu"]} for v, r in longest.items()},
-        "prefill_target_ge_0_5": {v: r["mfu"] >= 0.5 for v, r in longest.items()},
-        "decode_case": None if big_batch is None else [big_batch["batch"], big_batch["context"]],
-        "decode_bandwidth_fraction": None if big_batch is None else big_batch["bandwidth_fraction"],
-        "decode_target_ge_0_7": None if big_batch is None else big_batch["bandwidth_fraction"] >= 0.7,
-        "ring_over_dense": None if overhead_at is None else {"tokens": int(overhead_at),
-                                                             "ratio": overhead[overhead_at]},
-        "ring_target_within_10pct": None if overhead_at is None else overhead[overhead_at] <= 1.10,
+        "prefill_kernel_matmul_fraction": {str(n): r["matmul_fraction"] for (n, v), r in prefill.items()
+                                           if v == "kernel"},
+        "prefill_kernel_speed_over_cudnn": kernel_vs_cudnn,  # >= 0.9: within 10% of cuDNN
+        "decode_kernel_copy_fraction": {f"{b}x{c}": r["copy_fraction"] for (b, c, v), r in decode.items()
+                                        if v == "kernel"},
+        "model_prefill_mfu": None if headline_prefill is None else headline_prefill["mfu"],
+        "float32_greedy_tokens_equal_cpu": report.get("exactness", {}).get("equal"),
     }
+
+
+def read_report(path: Path) -> dict:
+    """The report an earlier process of the same run left, or {} (none, or unreadable)."""
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiny", action="store_true", help="tiny config and shapes (CPU smoke run)")
-    parser.add_argument("--phases", default=",".join(PHASES),
-                        help="comma list of ceilings, prefill, decode, profile; results accumulate in --out "
-                             "(split a long GPU run over several commands)")
+    parser.add_argument("--phases", default=",".join(PHASES), help=f"comma list of {', '.join(PHASES)}")
+    parser.add_argument("--budget-s", type=float, default=480.0,
+                        help="wall-clock seconds for this process; a case starts only while enough is left")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/gpu_h200.json"))
-    parser.add_argument("--cost-model-out", type=Path,
-                        default=Path("benchmarks/results/h200_llama2_7b_measured.json"))
+    parser.add_argument("--cost-model-out", type=Path, default=Path("benchmarks/results/gpu_llama2_7b_measured.json"))
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per case (median reported)")
     args = parser.parse_args(argv)
     phases = [p.strip() for p in args.phases.split(",") if p.strip()]
@@ -369,25 +359,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"gpu_h200.py: the full run needs a GPU, found {device.platform}; use --tiny to smoke-test",
               file=sys.stderr)
         return 2
+    # The model runs the engine's choice for this platform (the kernels on a GPU, the XLA code on a CPU); the
+    # attention phase measures the kernels, interpreted on a CPU.
+    model_impl = for_platform(AUTO, device.platform)
+    kernel_impl = INTERPRET if device.platform == "cpu" else model_impl
     header = {"device": device.device_kind, "platform": device.platform, "mode": "tiny" if args.tiny else "full",
-              "memory_bytes": device_memory(device), "config": dataclasses.asdict(settings.config),
-              "jax_version": jax.__version__}
-    report = json.loads(args.out.read_text()) if args.out.exists() else {}
+              "attention_impl": {"attention_phase_kernel": kernel_impl, "model": model_impl},
+              "config": dataclasses.asdict(settings.config)}
+    report = read_report(args.out)
     if {k: report.get(k) for k in ("device", "mode")} != {k: header[k] for k in ("device", "mode")}:
         report = {}  # results of another device or mode are not mixed in
     report.update(header)
     if "ceilings" not in report and "ceilings" not in phases:
         phases.insert(0, "ceilings")  # every other phase is measured against them
-    driver = Driver(settings, device, report)
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    driver = Driver(settings, device, report, args.out, Budget.of(args.budget_s, settings.case_cap_s), kernel_impl,
+                    model_impl)
     for phase in PHASES:
         if phase in phases:
             getattr(driver, phase)()
-            report["targets"] = targets(report)
-            args.out.write_text(json.dumps(report, indent=1) + "\n")  # a later phase's failure loses nothing
-    if "profile" in report:
-        model = driver.cost_model()
-        args.out.write_text(json.dumps(report, indent=1) + "\n")
+            driver.save()
+    samples = cost_model_samples(report)
+    if "model" in phases and samples.complete:
+        model = build_cost_model(settings, samples, report["ceilings"], device_memory(device), device.device_kind)
+        report["cost_model_d1_fit_mean_relative_error"] = model.metadata["d1_fit_mean_relative_error"]
+        driver.save()
         args.cost_model_out.parent.mkdir(parents=True, exist_ok=True)
         save_cost_models(args.cost_model_out, [model], name=f"{device.device_kind} {report['mode']}",
                          note="profiled by benchmarks/gpu_h200.py")

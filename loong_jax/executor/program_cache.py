@@ -83,7 +83,8 @@ def _instances(group: tuple[int, ...]) -> str:
 
 def _sampling_label(signature: Any) -> str:
     """A `SamplingSignature` (or the plain tuple of one): "greedy" or "sampling", and its logprobs columns."""
-    if not isinstance(signature, tuple) or len(signature) != len(SamplingSignature._fields):
+    optional = len(SamplingSignature._field_defaults)
+    if not isinstance(signature, tuple) or not 0 <= len(SamplingSignature._fields) - len(signature) <= optional:
         return f"sampling={signature}"
     signature = SamplingSignature(*signature)
     label = "greedy" if signature.plain_greedy else "sampling"

@@ -17,7 +17,9 @@ Data flow:
 Inside a program (`loong_jax.executor.programs`): rows that are all plain greedy (no temperature, penalties
 or logprobs) travel as a `GreedyBatch` of 3 arrays instead of 14; `sampling_signature` gives the static
 shapes of either (`SamplingSignature`, part of the program key), and `abstract_sampling` the abstract
-arrays a program is lowered with.
+arrays a program is lowered with. The signature also carries `SamplerPaths` (`sampler_paths(rows)`): which
+of the sampler's optional stages any row needs, decided here on the host so that the sampler compiled for a
+GPU has no data-dependent branch (there each one would copy its predicate to the host and wait).
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ OUTPUT_FIXED_COLUMNS = 3  # token, sampled logprob (float bits), sampled rank
 # time a generation's history doubled (1, 2, 4, ... tokens).
 STOP_IDS_BUCKET_MIN = 8
 HISTORY_BUCKET_MIN = 256
+TOP_CANDIDATES = 256  # the sampler looks for top_k / top_p among this many largest logits, else sorts the row
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,6 +180,33 @@ def unpack_sampler_output(packed: np.ndarray, rows: Sequence[SamplingRow]) -> Sa
     return SampledRows(token_ids=tokens, logprobs=logprobs)
 
 
+class SamplerPaths(NamedTuple):
+    """Which optional stages of `sampler.sample_logits` a batch needs (static: chosen when it is traced).
+    Running a stage no row needs leaves every token unchanged, so `ALL_PATHS` is right for any batch; a
+    stage left out is compiled out."""
+
+    penalties: bool  # some row has a repetition, presence or frequency penalty
+    random_draws: bool  # some row samples (temperature > 0)
+    top_k_top_p: bool  # some sampling row filters by top_k or top_p
+    full_sort: bool  # some sampling row's top_k / top_p may reach past the TOP_CANDIDATES largest logits
+
+
+ALL_PATHS = SamplerPaths(True, True, True, True)
+NO_PATHS = SamplerPaths(False, False, False, False)
+
+
+def sampler_paths(rows: Sequence[SamplingRow]) -> SamplerPaths:
+    """The stages `rows` need. A sampling row's top_k / top_p threshold is found among the TOP_CANDIDATES
+    largest logits when 0 < top_k <= TOP_CANDIDATES; otherwise (top_p alone, or a larger top_k) its
+    nucleus may be wider, which only the logits can tell: such a row asks for the full sort."""
+    sampling = [row.params for row in rows if row.params.temperature > 0]
+    return SamplerPaths(
+        penalties=any(row.params.uses_penalties for row in rows),
+        random_draws=bool(sampling),
+        top_k_top_p=any(p.top_k > 0 or p.top_p < 1.0 for p in sampling),
+        full_sort=any(p.top_k > TOP_CANDIDATES or (p.top_k == 0 and p.top_p < 1.0) for p in sampling))
+
+
 class SamplingSignature(NamedTuple):
     """The static shapes of a program's sampling inputs (hashable: part of a `ProgramKey`'s bucket)."""
 
@@ -185,10 +215,11 @@ class SamplingSignature(NamedTuple):
     output_width: int  # output history bucket (1: no row reads it)
     logprobs_columns: int | None  # the sampler's `num_top_logprobs` (None: no row asks)
     plain_greedy: bool  # every row plain greedy: the sampler is an argmax (no random path compiled)
+    paths: SamplerPaths = ALL_PATHS  # the sampler's stages compiled in (a tuple without it: all of them)
 
 
 # Sampling signature of the common case: greedy, no penalties, no logprobs.
-PLAIN_GREEDY = SamplingSignature(STOP_IDS_BUCKET_MIN, 1, 1, None, True)
+PLAIN_GREEDY = SamplingSignature(STOP_IDS_BUCKET_MIN, 1, 1, None, True, NO_PATHS)
 
 
 @jax.tree_util.register_dataclass
@@ -208,12 +239,14 @@ def is_plain_greedy(rows: Sequence[SamplingRow]) -> bool:
 
 
 def sampling_signature(rows: Sequence[SamplingRow], batch: SamplingBatch | GreedyBatch) -> SamplingSignature:
-    """The static part of a sampling batch: history widths, logprobs columns, and whether every row is
-    plain greedy (then the program's sampler is an argmax and skips compiling the random path)."""
+    """The static part of a sampling batch: history widths, logprobs columns, whether every row is plain
+    greedy (then the program's sampler is an argmax and skips compiling the random path), and the
+    sampler's stages the rows need."""
     if isinstance(batch, GreedyBatch):
-        return SamplingSignature(batch.stop_token_ids.shape[1], 1, 1, None, True)
+        return PLAIN_GREEDY._replace(stop_ids=batch.stop_token_ids.shape[1])
     return SamplingSignature(batch.stop_token_ids.shape[1], batch.prompt_token_ids.shape[1],
-                             batch.output_token_ids.shape[1], num_logprobs_columns(rows), False)
+                             batch.output_token_ids.shape[1], num_logprobs_columns(rows), False,
+                             sampler_paths(rows))
 
 
 def greedy_batch(rows: Sequence[SamplingRow], vocab_size: int, eos_token_ids: Sequence[int]) -> GreedyBatch:

@@ -1,20 +1,24 @@
 """Device side of sampling: batched logits in, next tokens (and logprobs) out.
 
-Data flow of `sample_logits(logits, batch)` (all rows at once, each with its
-own parameters from a `SamplingBatch`; vLLM's order of operations):
+Data flow of `sample_logits(logits, batch, num_top_logprobs, paths)` (all rows at once, each with its own
+parameters from a `SamplingBatch`; vLLM's order of operations). `paths` (`sampling.batch.SamplerPaths`,
+static, decided on the host from the rows) leaves out the stages no row needs: the sampler compiled for a GPU
+has no data-dependent branch, because there each `lax.cond` copies its predicate to the host and waits.
   1. Raw logprobs = log_softmax(logits) when logprobs are asked for (vLLM's
      default "raw_logprobs": what the model said, before any processing).
-  2. Penalties (skipped at run time by `lax.cond` when no row uses them):
+  2. Penalties (compiled out when no row uses them):
      repetition_penalty on tokens seen in prompt or output (divide positive
      logits, multiply negative ones), then frequency_penalty * count and
      presence_penalty * [count > 0] subtracted for tokens seen in the output.
   3. min_tokens: EOS and stop_token_ids get -inf while step < min_tokens.
   4. Greedy rows (temperature 0) take the argmax of these logits.
-  5. Sampled rows (skipped when every row is greedy): divide by temperature,
+  5. Sampled rows (compiled out when every row is greedy): divide by temperature,
      apply min_p (keep p >= min_p * p_max), then top_k and top_p together as
      one logit threshold per row (top_p on the distribution left by top_k),
      found among the 256 largest logits or, for rows whose nucleus is wider,
-     by a full sort; then draw with the Gumbel-max trick. Row r at step s
+     by a full sort (compiled in only when some row's top_k / top_p could need
+     it; run then on a CPU only when a row did not settle, elsewhere always);
+     then draw with the Gumbel-max trick. Row r at step s
      uses the key
      fold_in(fold_in(fold_in(fold_in(key(0), seed_lo), seed_hi), sample_index), s),
      so its draw depends only on its own request: the same seed gives the same
@@ -25,7 +29,7 @@ own parameters from a `SamplingBatch`; vLLM's order of operations):
      `sampling.batch.unpack_sampler_output` reads it.
 Inside a program, `sample_tokens(logits, batch, signature)` picks the path by the static signature: plain
 greedy rows (a `GreedyBatch`) take exactly the greedy path above (argmax after min_tokens), others
-`sample_logits`.
+`sample_logits` with the signature's paths.
 """
 
 from __future__ import annotations
@@ -36,11 +40,11 @@ from typing import Sequence
 import jax
 import jax.numpy as jnp
 
-from loong_jax.sampling.batch import (GreedyBatch, SampledRows, SamplingBatch, SamplingRow, SamplingSignature,
-                                      num_logprobs_columns, pack_sampling_batch, unpack_sampler_output)
+from loong_jax.sampling.batch import (ALL_PATHS, TOP_CANDIDATES, GreedyBatch, SampledRows, SamplerPaths,
+                                      SamplingBatch, SamplingRow, SamplingSignature, num_logprobs_columns,
+                                      pack_sampling_batch, sampler_paths, unpack_sampler_output)
 
 NEG_INF = float("-inf")
-TOP_CANDIDATES = 256  # largest logits searched first for top_k / top_p; a full sort otherwise
 
 
 def token_counts(token_ids: jax.Array, vocab_size: int) -> jax.Array:
@@ -100,13 +104,17 @@ def _nucleus_threshold(descending: jax.Array, log_norm: jax.Array, top_k: jax.Ar
     return jnp.where(unfiltered[:, None], NEG_INF, threshold), settled | unfiltered
 
 
-def apply_top_k_top_p(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+def apply_top_k_top_p(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array, full_sort: bool = True) -> jax.Array:
     """Keep the top_k largest logits, then the smallest head of them whose mass reaches top_p.
 
     Works with a per-row threshold (ties with it are kept). Fast path: the
     threshold from the TOP_CANDIDATES largest logits (lax.top_k); rows whose
     nucleus reaches past them (flat distributions, large top_k) take it from a
-    full sort instead, computed only when such a row exists. Each row's path
+    full sort instead. `full_sort` (static) compiles the sort in: the caller
+    leaves it out only when every row is known to settle among the candidates
+    (`sampling.batch.sampler_paths`). Where it is in, a CPU sorts only when
+    some row did not settle (a branch on a CPU is no device round trip), other
+    platforms always (a branch there would wait for the host). Each row's path
     depends on that row alone, so the batch around it never changes its result.
     """
     vocab = scaled.shape[-1]
@@ -114,13 +122,16 @@ def apply_top_k_top_p(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array) -> 
     width = min(TOP_CANDIDATES, vocab)
     head = jax.lax.top_k(scaled, width)[0]  # [batch, width], descending
     threshold, settled = _nucleus_threshold(head, log_norm, top_k, top_p, vocab)
-    if width < vocab:
-        def from_full_sort():
+    if width < vocab and full_sort:
+        def with_full_sort():
             descending = -jnp.sort(-scaled, axis=-1)  # [batch, vocab]
-            return _nucleus_threshold(descending, log_norm, top_k, top_p, vocab)[0]
+            full = _nucleus_threshold(descending, log_norm, top_k, top_p, vocab)[0]
+            return jnp.where(settled[:, None], threshold, full)
 
-        full = jax.lax.cond(jnp.all(settled), lambda: threshold, from_full_sort)
-        threshold = jnp.where(settled[:, None], threshold, full)
+        def sort_if_unsettled():
+            return jax.lax.cond(jnp.all(settled), lambda: threshold, with_full_sort)
+
+        threshold = jax.lax.platform_dependent(cpu=sort_if_unsettled, default=with_full_sort)
     return jnp.where(scaled >= threshold, scaled, NEG_INF)
 
 
@@ -147,37 +158,37 @@ def row_keys(batch: SamplingBatch) -> jax.Array:
     return jax.vmap(key_of)(batch.seed_words, batch.sample_index, batch.step)
 
 
-def _draw(logits: jax.Array, batch: SamplingBatch) -> jax.Array:
+def _draw(logits: jax.Array, batch: SamplingBatch, paths: SamplerPaths) -> jax.Array:
     """Random draws for every row (greedy rows included, their result is discarded)."""
     temperature = jnp.where(batch.temperature > 0, batch.temperature, 1.0)[:, None]
     scaled = apply_min_p(logits / temperature, batch.min_p)
-    sampled_rows = batch.temperature > 0  # greedy and padding rows must not force a full sort
-    top_k = jnp.where(sampled_rows, batch.top_k, 0)
-    top_p = jnp.where(sampled_rows, batch.top_p, 1.0)
-    filters_on = jnp.any((top_k > 0) | (top_p < 1.0))
-    scaled = jax.lax.cond(filters_on, apply_top_k_top_p, lambda s, k, p: s, scaled, top_k, top_p)
+    if paths.top_k_top_p:
+        sampled_rows = batch.temperature > 0  # greedy and padding rows filter nothing
+        top_k = jnp.where(sampled_rows, batch.top_k, 0)
+        top_p = jnp.where(sampled_rows, batch.top_p, 1.0)
+        scaled = apply_top_k_top_p(scaled, top_k, top_p, paths.full_sort)
     vocab = logits.shape[-1]
     gumbel = jax.vmap(lambda key: jax.random.gumbel(key, (vocab,), jnp.float32))(row_keys(batch))
     return first_argmax(scaled + gumbel)
 
 
-def sample_logits(logits: jax.Array, batch: SamplingBatch,
-                  num_top_logprobs: int | None = None) -> jax.Array:
+def sample_logits(logits: jax.Array, batch: SamplingBatch, num_top_logprobs: int | None = None,
+                  paths: SamplerPaths = ALL_PATHS) -> jax.Array:
     """Next token per row, packed with logprobs; traceable inside a larger jit.
 
-    logits: [batch, vocab] (cast to float32). Returns int32 [batch, 1] when
+    logits: [batch, vocab] (cast to float32). paths: the stages compiled in (static; `ALL_PATHS` suits any
+    batch, `sampling.batch.sampler_paths(rows)` only what the rows need). Returns int32 [batch, 1] when
     num_top_logprobs is None, else [batch, 3 + 2 * num_top_logprobs]:
     token, sampled logprob bits, sampled rank, top ids, top logprob bits.
     """
+    paths = SamplerPaths(*paths)  # a plain tuple from a hand-made program key reads by name too
     logits = logits.astype(jnp.float32)  # [batch, vocab]
-    penalties_on = jnp.any((batch.repetition_penalty != 1.0) | (batch.presence_penalty != 0.0)
-                           | (batch.frequency_penalty != 0.0))
-    processed = jax.lax.cond(penalties_on, apply_penalties, lambda l, b: l, logits, batch)
+    processed = apply_penalties(logits, batch) if paths.penalties else logits
     processed = apply_min_tokens(processed, batch)
     greedy_tokens = first_argmax(processed)  # [batch]
-    is_greedy = batch.temperature <= 0.0
-    drawn = jax.lax.cond(jnp.all(is_greedy), lambda l, b: greedy_tokens, _draw, processed, batch)
-    tokens = jnp.where(is_greedy, greedy_tokens, drawn)  # [batch]
+    tokens = greedy_tokens
+    if paths.random_draws:
+        tokens = jnp.where(batch.temperature <= 0.0, greedy_tokens, _draw(processed, batch, paths))  # [batch]
     if num_top_logprobs is None:
         return tokens[:, None]
 
@@ -194,10 +205,10 @@ def sample_tokens(logits: jax.Array, batch: SamplingBatch | GreedyBatch, signatu
     """The sampler of a program: int32 [rows, 1 (+ logprobs columns)] (see `sample_logits`)."""
     if signature.plain_greedy:  # exactly sample_logits' greedy path (argmax after min_tokens)
         return jnp.argmax(apply_min_tokens(logits.astype(jnp.float32), batch), axis=-1).astype(jnp.int32)[:, None]
-    return sample_logits(logits, batch, signature.logprobs_columns)
+    return sample_logits(logits, batch, signature.logprobs_columns, signature.paths)
 
 
-sample = jax.jit(sample_logits, static_argnames=("num_top_logprobs",))
+sample = jax.jit(sample_logits, static_argnames=("num_top_logprobs", "paths"))
 
 
 def sample_rows(logits: jax.Array, rows: Sequence[SamplingRow], eos_token_ids: Sequence[int] = (),
@@ -210,5 +221,5 @@ def sample_rows(logits: jax.Array, rows: Sequence[SamplingRow], eos_token_ids: S
     vocab = logits.shape[-1]
     batch = pack_sampling_batch(rows, vocab, eos_token_ids,
                                 batch_bucket=batch_bucket if batch_bucket is not None else logits.shape[0])
-    packed = sample(logits, batch, num_top_logprobs=num_logprobs_columns(rows))
+    packed = sample(logits, batch, num_top_logprobs=num_logprobs_columns(rows), paths=sampler_paths(rows))
     return unpack_sampler_output(jax.device_get(packed), rows)

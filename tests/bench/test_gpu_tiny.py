@@ -1,13 +1,20 @@
-"""benchmarks/gpu_h200.py: its FLOP and byte accounting, and the whole script in --tiny mode on CPU."""
+"""benchmarks/gpu_h200.py and benchmarks/gpu_run.sh: the FLOP and byte accounting, the time caps, and the whole
+one-command run at tiny shapes on CPU (the kernels in Pallas interpret mode), as a GPU machine would run it."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
+import jax
 import pytest
 
 from loong_jax.scheduler.cost.model import CostModel
-from tests.scripts import load_benchmark_script
+from tests.scripts import BENCHMARKS, load_benchmark_script
 
 
 @pytest.fixture(scope="module")
@@ -16,46 +23,86 @@ def gpu_bench():
 
 
 def test_llama2_7b_accounting(gpu_bench):
-    shape = gpu_bench.shape_of(gpu_bench.LLAMA2_7B)
+    accounting = sys.modules["gpu_accounting"]
+    shape = accounting.shape_of(gpu_bench.LLAMA2_7B)
     assert shape.total_params == 6_738_415_616  # Llama-2-7B's published parameter count
     # 4K tokens: 2 FLOPs per layer parameter per token + causal attention 2·L·h·T² + one logit row.
     tokens = 4096
     expected = 2 * 6_476_267_520 * tokens + 2 * 32 * 4096 * tokens**2 + 2 * 4096 * 32000
-    assert gpu_bench.prefill_flops(shape, [tokens]) == pytest.approx(expected)
-    # Decode reads every weight except the embedding table, and 512 KiB of KV per context token.
-    assert gpu_bench.decode_bytes(shape, 32, 4096) == pytest.approx(
+    assert accounting.prefill_flops(shape, [tokens]) == pytest.approx(expected)
+    assert accounting.attention_flops(shape, tokens) == pytest.approx(2 * 4096 * tokens**2)  # one layer
+    # Decode reads every weight except the embedding table, and 512 KiB of KV per context token (16 KiB a layer).
+    assert accounting.decode_bytes(shape, 32, 4096) == pytest.approx(
         (6_738_415_616 - 32000 * 4096) * 2 + 32 * 4097 * 524_288)
-    h200 = 141e9
-    assert gpu_bench.decode_fits(shape, 32, 4096, h200) and gpu_bench.decode_fits(shape, 1, 32768, h200)
-    assert not gpu_bench.decode_fits(shape, 32, 32768, h200)  # 550 GB of KV
+    assert accounting.decode_kv_bytes(shape, 32, 4096) == 32 * 4096 * 16_384
+    # What the model phase runs fits an H100's 92% pool: weights plus 8 x 4K of KV.
+    h100_pool = 0.92 * 79.6e9
+    assert accounting.decode_fits(shape, 8, 4096, h100_pool) and not accounting.decode_fits(shape, 32, 32768, 141e9)
 
 
-def test_tiny_run_writes_report_and_cost_model(gpu_bench, tmp_path):
-    out, cost_model_path = tmp_path / "gpu.json", tmp_path / "cost_model.json"
-    common = ["--tiny", "--repeats", "1", "--out", str(out), "--cost-model-out", str(cost_model_path)]
-    # Split in two commands as on the GPU: the second adds to the first's report.
-    assert gpu_bench.main(common + ["--phases", "ceilings,prefill"]) == 0
-    assert not cost_model_path.exists()
-    assert gpu_bench.main(common + ["--phases", "decode,profile"]) == 0
-    report = json.loads(out.read_text())
-    assert report["mode"] == "tiny" and report["ceilings"]["matmul_tflops"] > 0
-    assert report["ceilings"]["copy_bandwidth_gbs"] > 0
-    cases = {(r["tokens"], r["variant"]) for r in report["prefill"] if "error" not in r}
-    assert cases == {(n, v) for n in (64, 128) for v in ("dense", "fused", "ring_d1")}
-    assert all(0 < r["mfu"] and r["tokens_per_s"] > 0 for r in report["prefill"])
-    assert set(report["ring_overhead"]["128"]) == {"ring_over_dense", "ring_over_fused"}
-    assert [(r["batch"], r["context"]) for r in report["decode"]] == [(1, 64), (4, 64), (1, 70)]
-    assert all(r["bandwidth_fraction"] > 0 for r in report["decode"])
+def test_timed_calls_stop_at_the_cap(gpu_bench):
+    accounting = sys.modules["gpu_accounting"]  # the sibling module the script imported
+    result = accounting.timed(lambda: time.sleep(0.05), repeats=1000, warmup=0, cap_s=0.2)
+    assert 1 <= result["repeats"] <= 6 and result["seconds"] >= 0.05
+
+
+def test_a_report_cut_short_is_started_afresh(gpu_bench, tmp_path):
+    report = tmp_path / "gpu_h200.json"
+    assert gpu_bench.read_report(report) == {}
+    report.write_text('{"device": "H100", "ceilings": {"matmul')  # a writer killed mid-file (before the fix)
+    assert gpu_bench.read_report(report) == {}
+
+
+def test_a_case_starts_only_while_the_budget_allows(gpu_bench):
+    attention = sys.modules["gpu_attention"]
+    accounting = sys.modules["gpu_accounting"]
+    settings = gpu_bench.TINY_SETTINGS
+    spent = accounting.Budget(deadline=time.monotonic() - 1.0, case_cap_s=1.0)
+    rows = attention.run_attention_phase(settings, accounting.shape_of(settings.config), {}, "interpret", spent,
+                                         None, record=lambda row: row)
+    assert rows and all(row["skipped"] == "time budget" for row in rows)
+    assert {row["variant"] for row in rows} == {"kernel", "cudnn", "current"}
+
+
+def test_one_command_cpu_smoke_run_measures_every_case(tmp_path):
+    environment = {**os.environ, "PYTHON": sys.executable}
+    run = subprocess.run(["bash", str(BENCHMARKS / "gpu_run.sh"), "--cpu-smoke", "--link-farm", str(tmp_path)],
+                         capture_output=True, text=True, timeout=500, env=environment)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    log = (tmp_path / "gpu_run.log").read_text()
+    farm = [line for line in log.splitlines() if line.startswith("gpu_run: project: loong_jax from ")]
+    assert farm and not farm[0].endswith(str(Path("loong_jax/__init__.py").resolve()))  # the linked copy ran
+    report = json.loads((tmp_path / "gpu_h200.json").read_text())
+    assert report["mode"] == "tiny" and report["attention_impl"] == {"attention_phase_kernel": "interpret",
+                                                                  "model": "reference"}
+    assert report["environment"]["versions"]["jax"] and report["ceilings"]["matmul_tflops"] > 0
+    measured = [row for row in report["attention"] if "seconds" in row]
+    assert len(measured) == len(report["attention"]), report["attention"]
+    assert {(row.get("tokens"), row.get("batch"), row["variant"]) for row in measured} == {
+        (64, None, "kernel"), (64, None, "cudnn"), (64, None, "current"), (128, None, "kernel"),
+        (128, None, "cudnn"), (None, 4, "kernel"), (None, 4, "current"), (None, 1, "kernel"), (None, 1, "current")}
+    assert all(row["compile_s"] > 0 and row["repeats"] >= 1 for row in measured)
+    model = report["model"]
+    assert [row["kind"] for row in model] == ["model_prefill"] * 3 + ["model_decode"] * 3
+    assert all(row["seconds"] > 0 for row in model) and model[0]["mfu"] > 0
+    assert set(report["model_compile_s"]) == {"prefill 64", "decode"}
+    exactness = report["exactness"]  # on a CPU both engines run the XLA code: the plumbing, not the kernels
+    assert exactness["equal"] and exactness["tokens"] == 48 and exactness["first_difference"] is None
     targets = report["targets"]
-    assert targets["prefill_mfu_at_longest"]["ring_d1"]["tokens"] == 128
-    assert targets["decode_case"] == [4, 64] and targets["ring_over_dense"]["tokens"] == 128
-    model = CostModel.load_json(cost_model_path)
-    assert model.provenance == "measured" and model.dops == tuple(range(1, 17))
-    assert model.metadata["samples"] == 2 + 2 + 3 + 1  # ring cases, packed profile, decode cases, profile
-    # d = 1 is fitted to what was measured: its predictions are of the right size.
-    for row in report["profile"]:
-        if row["kind"] == "profile_prefill":
-            predicted = model.prefill_time(1, row["lengths"])
-        else:
-            predicted = model.decode_time(1, row["batch"], row["batch"] * (row["context"] + 1))
-        assert predicted == pytest.approx(row["seconds"], rel=1.0)
+    assert targets["float32_greedy_tokens_equal_cpu"] is True
+    assert set(targets["prefill_kernel_speed_over_cudnn"]) == {"64", "128"}
+    assert set(targets["decode_kernel_copy_fraction"]) == {"4x64", "1x200"}
+    cost_model = CostModel.load_json(tmp_path / "gpu_cost_model.json")
+    assert cost_model.provenance == "measured" and cost_model.dops == tuple(range(1, 17))
+    assert cost_model.metadata["samples"] == 6
+
+
+def test_full_size_model_programs_lower_for_cuda(gpu_bench):
+    """The model phase's 7B programs (prefill 4K, decode 8 x 4K, kernels in) lower for CUDA on a CPU, from
+    abstract weights: what the GPU run compiles is known to trace before a GPU is lent."""
+    bench = gpu_bench.ModelBench(gpu_bench.FULL, jax.devices("cpu")[0], "kernel", abstract=True)
+    rows, context = gpu_bench.FULL.model_decode_capacity
+    for program, args in ((bench.prefill_program, bench.prefill_args(gpu_bench.FULL.model_prefill[0])),
+                          (bench.decode_program, bench.decode_args(rows, context))):
+        text = program.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+        assert text.count("xla.gpu.triton") == gpu_bench.LLAMA2_7B.num_layers  # one attention kernel a layer

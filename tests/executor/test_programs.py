@@ -78,7 +78,7 @@ def test_logits_and_sampled_tokens_come_from_one_definition(context):
 
 def test_sampling_signature_is_a_named_key_part():
     assert PLAIN_GREEDY.plain_greedy and PLAIN_GREEDY.logprobs_columns is None and PLAIN_GREEDY.stop_ids == 8
-    plain = ProgramKey("decode", (0,), (8, 64, (8, 1, 1, None, True)))
+    plain = ProgramKey("decode", (0,), (8, 64, (8, 1, 1, None, True, (False,) * 4)))  # greedy: no sampler stage
     named = ProgramKey("decode", (0,), (8, 64, PLAIN_GREEDY))
     assert plain == named and hash(plain) == hash(named) and {plain: 1}[named] == 1
     assert named.describe() == "decode d=1 (0) batch<=8 pages<=64 greedy"
