@@ -1,15 +1,18 @@
-"""Scheduler speed: median `schedule()` time with 1,000 waiting and 200 decoding requests on 8 instances.
+"""Scheduler speed: median `schedule()` time on 8 instances (1,000 waiting, 200 decoding) and on 64
+(10,000 waiting, 1,600 decoding).
 
 Data flow:
-  1. Build an EngineState with the KV geometry of the shipped H200 cost model (Llama-2-7B, 8 instances).
-  2. Bring 200 requests into decoding through real plans (prefill with placement, then a result), with their
-     KV spread over some instances (scenario), and queue 1,000 waiting requests (mixed lengths).
+  1. Build an EngineState with the KV geometry of the shipped H200 cost model (Llama-2-7B).
+  2. Bring the decoding requests into decoding through real plans (prefill with placement, then a result),
+     with their KV spread over some of the instances (scenario: 3/4, all, half), and queue the waiting
+     requests (mixed lengths).
   3. Time `policy.schedule(state.view(...))` many times (the state is not changed, so every call does the
      same full amount of work) and print the median and 90th percentile of wall time, the median of this
      thread's CPU time (what the call costs on a machine shared with other work), and the view-building time.
 
 Run: python benchmarks/scheduler_speed.py [--policy esp] [--repeats 200]
-Target: median <= 5 ms for ESP.
+     [--clusters 8x1000x200,64x10000x1600]  (instances x waiting x decoding)
+Target: median <= 5 ms for ESP, at 64 instances too.
 """
 
 from __future__ import annotations
@@ -26,12 +29,23 @@ from loong_jax.scheduler.cost.model import CostModel
 from loong_jax.scheduler.plan import Plan, PrefillBatch
 from loong_jax.scheduler.policy import make_policy, policy_names
 
-SCENARIOS = {
-    # name: instances that hold the decoding requests' KV
-    "decode on 6 of 8 instances (2 free)": (0, 1, 2, 3, 4, 5),
-    "decode on all 8 instances (none free)": (0, 1, 2, 3, 4, 5, 6, 7),
-    "decode on 4 of 8 instances (4 free)": (0, 1, 2, 3),
+DEFAULT_CLUSTERS = "8x1000x200,64x10000x1600"
+SCENARIOS = {  # name: share of the instances that hold the decoding requests' KV
+    "3/4": 0.75,
+    "all": 1.0,
+    "1/2": 0.5,
 }
+
+
+def parse_clusters(text: str) -> list[tuple[int, int, int]]:
+    """"8x1000x200,64x10000x1600" -> [(instances, waiting, decoding), ...]."""
+    try:
+        clusters = [tuple(int(x) for x in part.split("x")) for part in text.split(",")]
+    except ValueError:
+        clusters = []
+    if not clusters or any(len(c) != 3 or min(c) < 1 for c in clusters):
+        raise argparse.ArgumentTypeError(f"expected INSTANCESxWAITINGxDECODING[,...], got {text!r}")
+    return clusters
 
 
 def mixed_length(rng: random.Random) -> int:
@@ -44,9 +58,10 @@ def mixed_length(rng: random.Random) -> int:
     return rng.randint(15_000, 120_000)
 
 
-def build_state(cost: CostModel, decode_instances, num_waiting: int, num_decoding: int, seed: int) -> EngineState:
+def build_state(cost: CostModel, num_instances: int, decode_instances, num_waiting: int, num_decoding: int,
+                seed: int) -> EngineState:
     rng = random.Random(seed)
-    state = EngineState(8, cost.pages_per_instance, cost.page_size)
+    state = EngineState(num_instances, cost.pages_per_instance, cost.page_size)
     budget = {i: cost.pages_per_instance * cost.page_size // 2 for i in decode_instances}  # half full
     placed = 0
     while placed < num_decoding:
@@ -83,25 +98,33 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--policy", default="esp", choices=policy_names())
     parser.add_argument("--repeats", type=int, default=200)
-    parser.add_argument("--waiting", type=int, default=1_000)
-    parser.add_argument("--decoding", type=int, default=200)
+    parser.add_argument("--clusters", type=parse_clusters, default=DEFAULT_CLUSTERS,
+                        help="comma list of INSTANCESxWAITINGxDECODING")
+    parser.add_argument("--cost-model", default=None, help="cost-model JSON (default: the shipped H200 file)")
     args = parser.parse_args(argv)
-    cost = CostModel.load_json(tp=1)
-    policy = make_policy(args.policy)
-    print(f"policy={args.policy}  waiting={args.waiting}  decoding={args.decoding}  instances=8  "
-          f"repeats={args.repeats}  load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
-    for name, instances in SCENARIOS.items():
-        state = build_state(cost, instances, args.waiting, args.decoding, seed=0)
-        time_schedule(policy, state, cost, 5)  # warm caches (lru caches, imports)
-        view_times, schedule_times, cpu_times, plan = time_schedule(policy, state, cost, args.repeats)
-        q = statistics.quantiles(schedule_times, n=10)
-        print(f"  {name:40s} schedule() median {statistics.median(schedule_times) * 1e3:6.2f} ms  "
-              f"p90 {q[-1] * 1e3:6.2f} ms  CPU median {statistics.median(cpu_times) * 1e3:6.2f} ms  | "
-              f"view() median {statistics.median(view_times) * 1e3:5.2f} ms  | "
-              f"plan: {len(plan.prefills)} prefill batches "
-              f"(DoPs {sorted(len(b.group) for b in plan.prefills)}, "
-              f"{sum(len(b.request_ids) for b in plan.prefills)} requests), "
-              f"{len(plan.decodes)} decode batches, {len(plan.migrations)} migrations")
+    cost = CostModel.load_json(args.cost_model, tp=1)
+    print(f"policy={args.policy}  repeats={args.repeats}  load average {os.getloadavg()[0]:.1f} on "
+          f"{os.cpu_count()} CPUs")
+    for num_instances, num_waiting, num_decoding in args.clusters:
+        print(f"{num_instances} instances, {num_waiting} waiting, {num_decoding} decoding:")
+        for share, fraction in SCENARIOS.items():
+            decode_instances = tuple(range(max(1, round(fraction * num_instances))))
+            name = f"decode on {share} of the instances ({num_instances - len(decode_instances)} free)"
+            state = build_state(cost, num_instances, decode_instances, num_waiting, num_decoding, seed=0)
+            time_one(make_policy(args.policy), name, state, cost, args.repeats)
+
+
+def time_one(policy, name: str, state: EngineState, cost: CostModel, repeats: int) -> None:
+    time_schedule(policy, state, cost, 5)  # warm caches (lru caches, imports)
+    view_times, schedule_times, cpu_times, plan = time_schedule(policy, state, cost, repeats)
+    q = statistics.quantiles(schedule_times, n=10)
+    print(f"  {name:40s} schedule() median {statistics.median(schedule_times) * 1e3:6.2f} ms  "
+          f"p90 {q[-1] * 1e3:6.2f} ms  CPU median {statistics.median(cpu_times) * 1e3:6.2f} ms  | "
+          f"view() median {statistics.median(view_times) * 1e3:5.2f} ms  | "
+          f"plan: {len(plan.prefills)} prefill batches "
+          f"(DoPs {sorted(len(b.group) for b in plan.prefills)}, "
+          f"{sum(len(b.request_ids) for b in plan.prefills)} requests), "
+          f"{len(plan.decodes)} decode batches, {len(plan.migrations)} migrations")
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from loong_jax.scheduler.cost.estimates import decode_seconds
-from loong_jax.scheduler.groups import covering_group, parent_group
+from loong_jax.scheduler.groups import aligned_block, covering_group, parent_group, power_of_two_sizes
 from loong_jax.scheduler.plan import DecodeBatch, Preemption
 from loong_jax.scheduler.view import RequestView, SchedulerView
 
@@ -41,6 +41,20 @@ def home_group(request: RequestView, num_instances: int) -> tuple[int, ...]:
     if request.master is not None:
         instances.add(request.master)
     return covering_group(instances, num_instances)
+
+
+def scale_up_scope(view: SchedulerView, scale_up: bool = True):
+    """`scope_of` for `plan_decodes` on the family groups: None (the whole cluster) when the cost model
+    prices a decode group of every family size; else the widest aligned group it prices around the home
+    (a 64-instance cluster under a model of degrees 1-16 decodes on at most 16). Without `scale_up` (an
+    ablation) a request never leaves its master: out of pages, the newest request there is preempted."""
+    if not scale_up:
+        return lambda request, home: home if request.master is None else (request.master,)
+    n, priced = view.num_instances, view.cost_model.decode
+    if n in priced and all(size in priced for size in power_of_two_sizes(n)):
+        return None
+    widest = max((size for size in power_of_two_sizes(n) if size in priced), default=1)
+    return lambda request, home: home if len(home) >= widest else aligned_block(home[0], widest)
 
 
 def exclusive_page_counts(request: RequestView, page_size: int) -> dict[int, int]:
@@ -147,14 +161,18 @@ def _newest_in_reach(remaining, preempted, request, home, allowed, n, scope_of):
 
 def _batches(view: SchedulerView, chosen) -> list[DecodeBatch]:
     homes = sorted({home for _, _, home in chosen}, key=lambda g: (-len(g), g))
+    home_sets = {home: set(home) for home in homes}
     top: list[tuple[int, ...]] = []
+    outer_of: dict[tuple[int, ...], tuple[int, ...]] = {}  # home -> the first top group containing it
     for home in homes:
-        if not any(set(home) <= set(outer) for outer in top):
+        outer = next((g for g in top if home_sets[home] <= home_sets[g]), None)
+        if outer is None:
             top.append(home)
+            outer = home
+        outer_of[home] = outer
     members: dict[tuple[int, ...], list] = {g: [] for g in top}
     for request, master, home in chosen:
-        outer = next(g for g in top if set(home) <= set(g))
-        members[outer].append((request, master))
+        members[outer_of[home]].append((request, master))
     batches = []
     for group, items in members.items():
         contexts = [r.context_len for r, _ in items]

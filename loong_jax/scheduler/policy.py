@@ -16,12 +16,16 @@ Data flow:
 from __future__ import annotations
 
 import importlib
+import inspect
 from types import MappingProxyType
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from loong_jax.scheduler.groups import Group
 from loong_jax.scheduler.plan import Plan
 from loong_jax.scheduler.view import SchedulerView
+
+if TYPE_CHECKING:  # the queue module imports the ESP snapshot: not at registry import time
+    from loong_jax.scheduler.esp.queue import QueueDiscipline
 
 DEFAULT_POLICY = "esp"
 
@@ -75,7 +79,11 @@ class PolicyDefaults:
     groups compile on demand). Fixed-degree policies override these."""
 
     name: str
-    late_requests = 0
+    queue: QueueDiscipline  # the options `queue=fifo|deadline` and `admission=on|off` of every policy
+
+    @property
+    def late_requests(self) -> int:
+        return self.queue.late_requests
 
     @classmethod
     def from_degrees(cls, num_instances: int, prefill_degree: int | None = None, decode_degree: int | None = None,
@@ -108,8 +116,25 @@ def policy_class(name: str) -> type:
     return getattr(importlib.import_module(module_name), class_name)
 
 
+def policy_options(name: str) -> tuple[str, ...]:
+    """The option names policy `name` takes (its constructor's keyword arguments)."""
+    parameters = inspect.signature(policy_class(name).__init__).parameters
+    return tuple(p for p in parameters if p != "self")
+
+
+def check_option_names(name: str, options: dict) -> None:
+    """ValueError naming the policy's options when `options` holds one it does not take."""
+    known = policy_options(name)
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ValueError(f"policy {name!r} has no option {', '.join(map(repr, unknown))}; "
+                         f"its options: {', '.join(known)}")
+
+
 def make_policy(name: str = DEFAULT_POLICY, **options) -> Policy:
-    """Build a policy by name; options are the policy's own keyword arguments (e.g. `degree=4`)."""
+    """Build a policy by name; options are the policy's own keyword arguments (e.g. `degree=4`,
+    `queue=deadline`)."""
+    check_option_names(name, options)
     return policy_class(name)(**options)
 
 
@@ -117,4 +142,5 @@ def build_policy(name: str, num_instances: int, prefill_degree: int | None = Non
                  options: dict | None = None) -> Policy:
     """A policy by name for `num_instances` instances; the degrees apply to `fixed` (and one degree to
     `static-sp` and `chunked-prefill`), each policy checks its own (`Policy.from_degrees`)."""
+    check_option_names(name, dict(options or {}))
     return policy_class(name).from_degrees(num_instances, prefill_degree, decode_degree, options)

@@ -38,7 +38,7 @@ def test_deadline_order_puts_short_requests_first_and_hopeless_ones_last():
     snapshot = ClusterSnapshot.build(view(cluster([1000] * 8), [old_long, new_chat, hopeless]), 512)
     timely, late = deadline_order(snapshot, [old_long, new_chat, hopeless])
     assert [r.request_id for r in timely] == ["chat", "long"] and [r.request_id for r in late] == ["late"]
-    fifo = EspPolicy(queue_order="fifo").schedule(view(cluster([1000] * 8), [old_long, new_chat, hopeless], now=NOW))
+    fifo = EspPolicy(queue="fifo").schedule(view(cluster([1000] * 8), [old_long, new_chat, hopeless], now=NOW))
     assert set(prefilled(fifo)) == {"long", "chat", "late"}  # FIFO order still serves everyone that fits
 
 
@@ -107,7 +107,7 @@ def test_under_overload_a_late_giant_waits_for_an_idle_cluster_while_a_late_essa
     policy.schedule(view(cluster([20_000] * 8, total=20_000), history, now=NOW - 1))
     giant, essay = request("giant", 400_000, NOW - 0.5, 100), request("essay", 500, NOW - 0.5, 101, 30_000)
     snapshot = ClusterSnapshot.build(view(cluster([20_000] * 8, total=20_000), [giant, essay], now=NOW), 512)
-    assert snapshot.work(essay) > policy.load.work_limit(8) and snapshot.work(giant) > policy.load.work_limit(8)
+    assert snapshot.work(essay) > policy.queue.load.work_limit(8) and snapshot.work(giant) > policy.queue.load.work_limit(8)
     chat = decoding("chat", 99, {0: 40}, 0)
     busy_plan = policy.schedule(view(cluster([20_000] * 8, total=20_000), [giant, essay], [chat], now=NOW))
     assert set(prefilled(busy_plan)) == {"essay"} and busy_plan.decodes

@@ -102,6 +102,9 @@ def arrivals(seed, count=24, rate=30.0, longest=2000, outputs=(20, 300)):
     ("esp", {}), ("static-sp", {}), ("static-sp", {"degree": 2}), ("replicas", {}),
     ("chunked-prefill", {"chunk_size": 256}), ("chunked-prefill", {"chunk_size": 512, "degree": 4}),
     ("pd-disagg", {}), ("pd-disagg", {"prefill_instances": 2, "prefill_degree": 1}),
+    # every policy under the other queue discipline
+    ("esp", {"queue": "fifo"}), ("static-sp", {"degree": 2, "queue": "deadline"}), ("replicas", {"queue": "deadline"}),
+    ("chunked-prefill", {"chunk_size": 256, "queue": "deadline"}), ("pd-disagg", {"queue": "deadline"}),
 ])
 @pytest.mark.parametrize("tell_max_tokens", [True, False])
 def test_every_policy_serves_a_workload_without_deadlock(name, options, tell_max_tokens):

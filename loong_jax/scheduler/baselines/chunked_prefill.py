@@ -4,9 +4,11 @@ Data flow of `schedule`, per idle fixed group of `degree` instances (default: al
   1. Decode every decoding request of the group (masters, scale-up inside the group, newest-first
      preemption), as one step.
   2. Fill the rest of the step's token budget (`chunk_size` minus one token per decode) with prompt chunks:
-     first the requests already part-way through their prompt, then new FIFO requests whose whole prompt
-     plus growth fits the group's pages after what the part-way prompts still need (so admitted prompts can
-     always finish and never deadlock).
+     first the requests already part-way through their prompt, then new requests from the queue whose whole
+     prompt plus growth fits the group's pages after what the part-way prompts still need (so admitted
+     prompts can always finish and never deadlock). `queue=fifo` (the default): arrival order, stopping at
+     the first that does not fit; `queue=deadline`: ESP's order and backfilling, and the group reserved for
+     the head takes no new prompt (`esp.queue.QueueDiscipline`).
   3. Chunk KV is spread evenly over the group. The chunks ride in the decode step as its fused prefill; with
      no decodes they run as a plain prefill batch.
 """
@@ -19,6 +21,7 @@ from loong_jax.scheduler.baselines.static import (
 )
 from loong_jax.scheduler.decode_planner import home_group, plan_decodes
 from loong_jax.scheduler.cost.estimates import prefill_chunks_seconds
+from loong_jax.scheduler.esp.queue import QueueDiscipline
 from loong_jax.scheduler.plan import Plan, PrefillBatch
 from loong_jax.scheduler.view import SchedulerView
 
@@ -27,13 +30,15 @@ class ChunkedPrefillPolicy(OneDegreePolicy):
     name = "chunked-prefill"
 
     def __init__(self, chunk_size: int = 2048, degree: int | None = None, growth_horizon: int = 512,
-                 max_admit: int = 256):
+                 max_admit: int = 256, queue: str = "fifo", slo_scale: float = 25.0,
+                 admission: bool | str = False):
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         self.chunk_size = chunk_size
         self.degree = degree
         self.growth_horizon = growth_horizon
         self.max_admit = max_admit
+        self.queue = QueueDiscipline(queue, slo_scale, admission=admission)
 
     def schedule(self, view: SchedulerView) -> Plan:
         degree = self.degree or view.num_instances
@@ -42,6 +47,7 @@ class ChunkedPrefillPolicy(OneDegreePolicy):
         pages_free = [i.pages_free for i in view.instances]
         reserve = reserve_for_decodes(view, self.growth_horizon)
         rejections, waiting = split_never_fitting(view, degree, slack_pages=degree)
+        waiting, reserved, refused = self.queue.fixed_layout_queue(view, waiting, self.growth_horizon, groups, idle)
         prefills, decodes, preemptions = [], [], []
         for group in groups:
             if not idle.issuperset(group):
@@ -51,7 +57,8 @@ class ChunkedPrefillPolicy(OneDegreePolicy):
             decode_plan = plan_decodes(view, decoding, members, pages_free, scope_of=lambda r, h, g=group: g)
             preemptions.extend(decode_plan.preemptions)
             n_decodes = sum(len(b.request_ids) for b in decode_plan.batches)
-            fused, admitted = self._chunks(view, group, waiting, pages_free, reserve, self.chunk_size - n_decodes)
+            offered = [] if group == reserved else waiting  # a reserved group only finishes its part-way prompts
+            fused, admitted = self._chunks(view, group, offered, pages_free, reserve, self.chunk_size - n_decodes)
             taken = set(admitted)
             waiting = [r for r in waiting if r.request_id not in taken]
             if n_decodes:
@@ -59,7 +66,7 @@ class ChunkedPrefillPolicy(OneDegreePolicy):
             elif fused is not None:
                 prefills.append(fused)
         return Plan(prefills=tuple(prefills), decodes=tuple(decodes), preemptions=tuple(preemptions),
-                    rejections=rejections)
+                    rejections=rejections + refused)
 
     def _chunks(self, view: SchedulerView, group, waiting, pages_free, reserve, budget: int):
         """(fused prefill batch or None, newly admitted request ids)."""
@@ -75,16 +82,21 @@ class ChunkedPrefillPolicy(OneDegreePolicy):
         spare = sum(max(0, pages_free[i] - reserve[i]) for i in group) - owed
         chosen, admitted = list(partial), []
         unclaimed = budget - sum(r.prefill_target - r.num_computed for r in partial)
-        for request in waiting[: self.max_admit]:
+
+        def place(request) -> bool:
+            nonlocal spare, unclaimed
             need = ceil_div(request.prefill_target + capped_growth(view, request, self.growth_horizon, len(group),
                                                                    len(group)), page_size)
             need += len(group)  # one partly filled page per member
             if unclaimed <= 0 or need > spare:
-                break
+                return False
             spare -= need
             unclaimed -= request.prefill_target
             chosen.append(request)
             admitted.append(request)
+            return True
+
+        self.queue.admit(waiting[: self.max_admit], place)
         request_ids, chunks, placement = [], [], []
         for request in chosen:
             if budget <= 0:

@@ -11,8 +11,10 @@ may differ, which exercises both elastic moves deterministically:
 Data flow of `schedule(view)`:
   1. Requests whose peak KV (prompt + max_tokens - 1) exceeds one decode group's pool, or whose prompt exceeds
      one prefill group's pool, can never run: they are rejected, never queued forever.
-  2. Prefill first (as vLLM does): each idle prefill group takes the FIFO head requests whose prompt plus
-     expected growth fits the decode group it will live in. A request's KV is spread evenly (page-aligned)
+  2. Prefill first (as vLLM does): each idle prefill group takes the head requests of the queue whose prompt
+     plus expected growth fits the decode group it will live in (`queue=fifo`, the default: arrival order,
+     stopping at the first that does not fit; `queue=deadline`: ESP's order and backfilling, the head's
+     prefill group reserved; `esp.queue.QueueDiscipline`). A request's KV is spread evenly (page-aligned)
      over the keeping members; the member holding the last segment is its first master, rotated from
      request to request so that every member of a decode group masters some requests.
   3. Each idle decode group not taken by a prefill runs one decode step of every request it holds: masters
@@ -28,6 +30,7 @@ from loong_jax.scheduler.baselines.static import (
     ceil_div, fixed_groups, growth_tokens, peak_tokens, plan_group_decodes, reserve_for_decodes, spread_tokens,
 )
 from loong_jax.scheduler.cost.estimates import prefill_chunks_seconds
+from loong_jax.scheduler.esp.queue import QueueDiscipline
 from loong_jax.scheduler.plan import Plan, PrefillBatch
 from loong_jax.scheduler.policy import PolicyDefaults
 from loong_jax.scheduler.view import RequestView, SchedulerView
@@ -37,7 +40,8 @@ class FixedPolicy(PolicyDefaults):
     name = "fixed"
 
     def __init__(self, prefill_degree: int | None = None, decode_degree: int | None = None,
-                 growth_horizon: int = 512, max_admit: int = 256):
+                 growth_horizon: int = 512, max_admit: int = 256, queue: str = "fifo", slo_scale: float = 25.0,
+                 admission: bool | str = False):
         for label, degree in (("prefill_degree", prefill_degree), ("decode_degree", decode_degree)):
             if degree is not None and (degree < 1 or degree & (degree - 1)):
                 raise ValueError(f"{label} must be a power of two >= 1, got {degree}")
@@ -48,6 +52,7 @@ class FixedPolicy(PolicyDefaults):
         self.growth_horizon = growth_horizon
         self.max_admit = max_admit
         self._rotation = 0  # which member of a keeping group masters the next admitted request
+        self.queue = QueueDiscipline(queue, slo_scale, admission=admission)
 
     @classmethod
     def degree_options(cls, prefill_degree: int | None, decode_degree: int | None) -> dict:
@@ -89,10 +94,11 @@ class FixedPolicy(PolicyDefaults):
         pages_free = [i.pages_free for i in view.instances]
         reserve = reserve_for_decodes(view, self.growth_horizon)
         rejections, waiting = self._split_never_fitting(view)
+        waiting, reserved, refused = self.queue.fixed_layout_queue(view, waiting, self.growth_horizon, prefill_groups, idle)
 
         prefills, used = [], set()
         for group in prefill_groups:
-            if not idle.issuperset(group):
+            if not idle.issuperset(group) or group == reserved:
                 continue
             batch = self._prefill(view, group, decode_groups, waiting, pages_free, reserve)
             if batch is not None:
@@ -109,7 +115,7 @@ class FixedPolicy(PolicyDefaults):
             requests = [r for r in view.decoding if not r.in_flight and members.issuperset(r.kv)]
             plan_group_decodes(view, group, requests, pages_free, decodes, preemptions)
         return Plan(prefills=tuple(prefills), decodes=tuple(decodes), preemptions=tuple(preemptions),
-                    rejections=rejections)
+                    rejections=rejections + refused)
 
     def _split_never_fitting(self, view: SchedulerView) -> tuple[tuple, list[RequestView]]:
         pages = min(i.pages_total for i in view.instances)
@@ -129,10 +135,12 @@ class FixedPolicy(PolicyDefaults):
         return max(inside, key=lambda g: (sum(usable[i] for i in g), -g[0]))
 
     def _prefill(self, view: SchedulerView, group, decode_groups, waiting, pages_free, reserve):
-        """FIFO head requests whose prompt and expected growth fit their keeping members now."""
+        """The queue's head requests whose prompt and expected growth fit their keeping members now."""
         usable = [max(0, pages_free[i] - reserve[i]) for i in range(view.num_instances)]
         chosen, placements = [], []
-        for request in waiting[: self.max_admit]:
+
+        def place(request) -> bool:
+            nonlocal usable
             keepers = self._keepers(group, decode_groups, usable)
             growth = growth_tokens(view, request, self.growth_horizon)
             shift = self._rotation % len(keepers)
@@ -140,14 +148,17 @@ class FixedPolicy(PolicyDefaults):
             trial = list(usable)
             segments = spread_tokens(request.prefill_target, ordered, trial, view.page_size, keep_free=growth)
             if segments is None:
-                break  # FIFO: later requests wait behind the head
+                return False
             trial[segments[-1][0]] -= ceil_div(max(0, growth - (-segments[-1][1]) % view.page_size), view.page_size)
             if trial[segments[-1][0]] < 0:
-                break
+                return False
             usable = trial
             self._rotation += 1
             chosen.append(request)
             placements.append(segments)
+            return True
+
+        self.queue.admit(waiting[: self.max_admit], place)
         if not chosen:
             return None
         for segments in placements:

@@ -6,8 +6,10 @@ Data flow of `schedule`:
   2. Migration first: every finished prefill's KV moves, one share per (source, destination) pair per step,
      from its prefill instance to a decode instance (one already holding part of that request, else the
      one with the most free pages in an aligned decode block that can hold it plus its growth).
-  3. Each idle prefill group not busy migrating takes the FIFO head requests that fit its free pages; each
-     request's KV stays on as few members as hold it until it is migrated.
+  3. Each idle prefill group not busy migrating takes the head requests of the queue that fit its free
+     pages; each request's KV stays on as few members as hold it until it is migrated. `queue=fifo` (the
+     default): arrival order, stopping at the first that does not fit; `queue=deadline`: ESP's order and
+     backfilling, the head's prefill group reserved (`esp.queue.QueueDiscipline`).
   4. Decode instances run decode steps of requests whose KV is entirely on the decode side (masters,
      scale-up inside the decode side, newest-first preemption).
 """
@@ -19,6 +21,7 @@ from loong_jax.scheduler.baselines.static import (
 )
 from loong_jax.scheduler.decode_planner import plan_decodes
 from loong_jax.scheduler.cost.estimates import prefill_chunks_seconds
+from loong_jax.scheduler.esp.queue import QueueDiscipline
 from loong_jax.scheduler.groups import free_blocks, power_of_two_sizes
 from loong_jax.scheduler.plan import Migration, Plan, Preemption, PrefillBatch
 from loong_jax.scheduler.policy import PolicyDefaults
@@ -29,11 +32,13 @@ class PdDisaggPolicy(PolicyDefaults):
     name = "pd-disagg"
 
     def __init__(self, prefill_instances: int | None = None, prefill_degree: int | None = None,
-                 growth_horizon: int = 512, max_admit: int = 256):
+                 growth_horizon: int = 512, max_admit: int = 256, queue: str = "fifo", slo_scale: float = 25.0,
+                 admission: bool | str = False):
         self.prefill_instances = prefill_instances
         self.prefill_degree = prefill_degree
         self.growth_horizon = growth_horizon
         self.max_admit = max_admit
+        self.queue = QueueDiscipline(queue, slo_scale, admission=admission)
 
     def _pools(self, n: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
         count = self.prefill_instances if self.prefill_instances is not None else max(1, n // 2)
@@ -54,9 +59,11 @@ class PdDisaggPolicy(PolicyDefaults):
 
         migrations = self._migrations(view, set(prefill_pool), decode_blocks, idle, pages_free, reserve)
         busy_now = {i for m in migrations for i in (m.src_instance, m.dst_instance)}
+        waiting, reserved, refused = self.queue.fixed_layout_queue(view, waiting, self.growth_horizon, prefill_groups,
+                                                          idle - busy_now)
         prefills = []
         for group in prefill_groups:
-            if not idle.issuperset(group) or busy_now.intersection(group):
+            if not idle.issuperset(group) or busy_now.intersection(group) or group == reserved:
                 continue
             batch = self._prefill(view, group, waiting, pages_free)
             if batch is not None:
@@ -78,7 +85,7 @@ class PdDisaggPolicy(PolicyDefaults):
             if stranded:
                 preemptions.append(Preemption(max(stranded, key=lambda r: r.seq).request_id))
         return Plan(prefills=tuple(prefills), decodes=tuple(decode_plan.batches), migrations=tuple(migrations),
-                    preemptions=tuple(preemptions), rejections=rejections)
+                    preemptions=tuple(preemptions), rejections=rejections + refused)
 
     def _migrations(self, view, prefill_pool, decode_blocks, idle, pages_free, reserve) -> list[Migration]:
         page_size, cost = view.page_size, view.cost_model
@@ -137,21 +144,20 @@ class PdDisaggPolicy(PolicyDefaults):
     def _prefill(self, view: SchedulerView, group, waiting, pages_free) -> PrefillBatch | None:
         page_size = view.page_size
         chosen, placements = [], []
-        for request in waiting[: self.max_admit]:
-            segments = None
+
+        def place(request) -> bool:
             for size in power_of_two_sizes(len(group)):  # as few members as hold it
                 for start in range(0, len(group) - size + 1, size):
                     trial = list(pages_free)
                     segments = spread_tokens(request.prefill_target, group[start:start + size], trial, page_size)
                     if segments is not None:
-                        break
-                if segments is not None:
-                    break
-            if segments is None:
-                break
-            pages_free[:] = trial
-            chosen.append(request)
-            placements.append(segments)
+                        pages_free[:] = trial
+                        chosen.append(request)
+                        placements.append(segments)
+                        return True
+            return False
+
+        self.queue.admit(waiting[: self.max_admit], place)
         if not chosen:
             return None
         chunks = tuple((0, r.prefill_target) for r in chosen)

@@ -5,10 +5,12 @@ scheduling idea only. The helpers at the top are shared with `chunked_prefill` a
 
 Data flow of `StaticSpPolicy.schedule`:
   1. The instances are cut into fixed aligned groups of `degree` instances.
-  2. Prefill first (as vLLM does): the FIFO head requests go, one by one, to the idle group with the fewest
-     tokens assigned this step whose free pages hold the prompt plus its expected growth; each group's
-     requests form one batch on the whole group, their KV spread evenly over every member (no scale-down:
-     a static system keeps what it computed where it computed it).
+  2. Prefill first (as vLLM does): the head requests of the queue (`queue=fifo`, the default: arrival order,
+     stopping at the first that does not fit; `queue=deadline`: ESP's order, passing over what does not fit,
+     the head's group reserved, `esp.queue.QueueDiscipline`) go, one by one, to the idle group with the
+     fewest tokens assigned this step whose free pages hold the prompt plus its expected growth; each
+     group's requests form one batch on the whole group, their KV spread evenly over every member (no
+     scale-down: a static system keeps what it computed where it computed it).
   3. Otherwise the group runs one decode step of all its decoding requests: masters with room, scale-up only
      inside the group, newest-first recompute preemption when the group is out of pages.
   4. A request larger than one group's whole pool can never run: it is rejected, not queued forever.
@@ -17,6 +19,7 @@ Data flow of `StaticSpPolicy.schedule`:
 from __future__ import annotations
 
 from loong_jax.scheduler.decode_planner import home_group, plan_decodes
+from loong_jax.scheduler.esp.queue import QueueDiscipline
 from loong_jax.scheduler.cost.estimates import prefill_chunks_seconds
 from loong_jax.scheduler.plan import DecodeBatch, Plan, PrefillBatch
 from loong_jax.scheduler.policy import PolicyDefaults, degrees_do_not_apply
@@ -139,10 +142,13 @@ class OneDegreePolicy(PolicyDefaults):
 class StaticSpPolicy(OneDegreePolicy):
     name = "static-sp"
 
-    def __init__(self, degree: int | None = None, growth_horizon: int = 512, max_admit: int = 256):
+    def __init__(self, degree: int | None = None, growth_horizon: int = 512, max_admit: int = 256,
+                 queue: str = "fifo", slo_scale: float = 25.0,
+                 admission: bool | str = False):
         self.degree = degree
         self.growth_horizon = growth_horizon
         self.max_admit = max_admit
+        self.queue = QueueDiscipline(queue, slo_scale, admission=admission)
 
     def _degree(self, view: SchedulerView) -> int:
         return self.degree or view.num_instances
@@ -153,8 +159,9 @@ class StaticSpPolicy(OneDegreePolicy):
         pages_free = [i.pages_free for i in view.instances]
         reserve = reserve_for_decodes(view, self.growth_horizon)
         rejections, waiting = split_never_fitting(view, self._degree(view))
+        queue, reserved, refused = self.queue.fixed_layout_queue(view, waiting, self.growth_horizon, groups, idle)
         idle_groups = [g for g in groups if idle.issuperset(g)]
-        prefills = self._prefills(view, idle_groups, waiting, pages_free, reserve)
+        prefills = self._prefills(view, [g for g in idle_groups if g != reserved], queue, pages_free, reserve)
         prefilling = {g for b in prefills for g in [b.group]}
         decodes, preemptions = [], []
         for group in idle_groups:
@@ -164,17 +171,19 @@ class StaticSpPolicy(OneDegreePolicy):
             requests = [r for r in view.decoding if not r.in_flight and members.issuperset(home_group(r, view.num_instances))]
             plan_group_decodes(view, group, requests, pages_free, decodes, preemptions)
         return Plan(prefills=tuple(prefills), decodes=tuple(decodes), preemptions=tuple(preemptions),
-                    rejections=rejections)
+                    rejections=rejections + refused)
 
-    def _prefills(self, view, idle_groups, waiting, pages_free, reserve) -> list[PrefillBatch]:
-        """FIFO head requests, each to the idle group with the fewest tokens assigned so far that holds it
-        (spread over all its members); stops at the first request no idle group holds now."""
+    def _prefills(self, view, idle_groups, queue, pages_free, reserve) -> list[PrefillBatch]:
+        """The queue's head requests, each to the idle group with the fewest tokens assigned so far that
+        holds it (spread over all its members); a request no idle group holds now stops admission (fifo)
+        or is passed over (deadline)."""
         page_size = view.page_size
         usable = [max(0, pages_free[i] - reserve[i]) for i in range(view.num_instances)]
         assigned: dict[tuple, list] = {g: [] for g in idle_groups}
         load = {g: 0 for g in idle_groups}
-        for request in waiting[: self.max_admit]:
-            placed = False
+
+        def place(request) -> bool:
+            nonlocal usable
             for group in sorted(idle_groups, key=lambda g: (load[g], -sum(usable[i] for i in g))):
                 growth = capped_growth(view, request, self.growth_horizon, len(group))
                 if ceil_div(request.prefill_target + growth, page_size) > sum(usable[i] for i in group):
@@ -188,10 +197,10 @@ class StaticSpPolicy(OneDegreePolicy):
                     pages_free[instance] -= ceil_div(n_tokens, page_size)
                 assigned[group].append((request, segments))
                 load[group] += request.prefill_target
-                placed = True
-                break
-            if not placed:
-                break
+                return True
+            return False
+
+        self.queue.admit(queue[: self.max_admit], place)
         batches = []
         for group, items in assigned.items():
             if not items:
@@ -209,8 +218,10 @@ class ReplicasPolicy(StaticSpPolicy):
 
     name = "replicas"
 
-    def __init__(self, growth_horizon: int = 512, max_admit: int = 256):
-        super().__init__(degree=1, growth_horizon=growth_horizon, max_admit=max_admit)
+    def __init__(self, growth_horizon: int = 512, max_admit: int = 256, queue: str = "fifo", slo_scale: float = 25.0,
+                 admission: bool | str = False):
+        super().__init__(degree=1, growth_horizon=growth_horizon, max_admit=max_admit, queue=queue,
+                         slo_scale=slo_scale, admission=admission)
 
     @classmethod
     def degree_options(cls, prefill_degree: int | None, decode_degree: int | None) -> dict:

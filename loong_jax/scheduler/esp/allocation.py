@@ -30,7 +30,7 @@ from loong_jax.scheduler.esp.batching import BatchingResult, plan_batches
 from loong_jax.scheduler.esp.dispatch import (
     ClusterSnapshot, admit_fifo, group_pages,
 )
-from loong_jax.scheduler.groups import capacity_by_threshold, covering_group, free_blocks, power_of_two_sizes
+from loong_jax.scheduler.groups import capacity_by_threshold, covering_group, free_blocks
 from loong_jax.scheduler.plan import Migration
 from loong_jax.scheduler.view import RequestView
 
@@ -42,6 +42,7 @@ class BatchingLimits:
     max_admit: int = 256
     max_tokens_per_instance: int | None = None
     defer_age_limit: float = 4.0  # a request may be left waiting until it has waited this x its isolated latency
+    backfill: bool = True  # pass over a request that does not fit (deadline queue); False: stop there (fifo)
 
 
 @dataclass
@@ -71,12 +72,13 @@ def evaluate_instances(snapshot: ClusterSnapshot, instances, waiting, limits: Ba
     blocks = free_blocks(instances, n)
     if not blocks:
         return [], None, blocks
-    sizes = [s for s in power_of_two_sizes(n) if s <= len(blocks[0])]
-    if len(blocks[0]) not in sizes:  # the whole cluster when n is not a power of two
-        sizes.append(len(blocks[0]))
+    sizes = [s for s in snapshot.prefill_sizes() if s <= len(blocks[0])]
+    if not sizes:
+        return [], None, blocks
     pages_capacity = {d: max(group_pages(snapshot, g) for g in _groups_inside(blocks, d)) for d in sizes}
     available = sum(snapshot.usable_pages(i) for i in instances)
-    admitted = admit_fifo(snapshot, waiting, available, max(pages_capacity.values()), limits.max_admit, force_head)
+    admitted = admit_fifo(snapshot, waiting, available, max(pages_capacity.values()), limits.max_admit, force_head,
+                          limits.backfill)
     if not admitted:
         return [], None, blocks
     penalty = None
@@ -177,6 +179,15 @@ def plan_consolidation(snapshot: ClusterSnapshot, waiting, limits: BatchingLimit
     wait = snapshot.wait()
     best_net, best_moves = 0.0, []
     singles = [g[0] for g in snapshot.decode_groups if len(g) == 1] if across_singles else []
+    single_urgency = {y: snapshot.urgency(snapshot.decode_groups[(y,)]) for y in singles}
+    gain_by_freed: dict[int, float] = {}  # pages freed -> urgency of the queue requests they admit
+
+    def queue_gain(freed: int) -> float:
+        if freed not in gain_by_freed:
+            gainers = admit_fifo(snapshot, waiting, freed, freed, limits.max_admit, backfill=limits.backfill)
+            gain_by_freed[freed] = snapshot.urgency(gainers)
+        return gain_by_freed[freed]
+
     for group, requests in snapshot.decode_groups.items():
         delayed = snapshot.urgency(requests)
         for x in group:
@@ -192,21 +203,23 @@ def plan_consolidation(snapshot: ClusterSnapshot, waiting, limits: BatchingLimit
             if len(group) > 1:
                 targets = [(y, 0.0) for y in group if y != x]
             else:
-                targets = [(y, snapshot.urgency(snapshot.decode_groups[(y,)])) for y in singles if y != x]
+                # A one-instance group's requests live on x alone: the pages they ask of y do not depend on
+                # y, so only the target with the most room (the first of them) can take them.
+                targets = [(y, single_urgency[y]) for y in singles if y != x]
+                targets = [max(targets, key=lambda t: snapshot.usable_pages(t[0]))] if targets else []
             for y, also_delayed in sorted(targets, key=lambda t: -snapshot.usable_pages(t[0])):
-                if not _frees_instance(requests, moving, x, y, n):
-                    continue
+                if len(group) > 1 and not _frees_instance(requests, moving, x, y, n):
+                    continue  # (a one-instance group's requests all move: x always comes free)
                 need = sum(-(-(r.kv.get(y, 0) + r.kv[x]) // page_size) - (-(-r.kv.get(y, 0) // page_size))
                            for r in moving)
                 need += sum(-(-snapshot.growth(r) // page_size) for r in moving if r.master == x)
                 if need > snapshot.usable_pages(y):
                     continue
                 freed = snapshot.pages_free[x] + sum(-(-r.kv[x] // page_size) for r in moving)
-                gainers = admit_fifo(snapshot, waiting, freed, freed, limits.max_admit)
                 if lend_cost is None:
-                    net = snapshot.urgency(gainers) * (wait - seconds) - seconds * (delayed + also_delayed)
+                    net = queue_gain(freed) * (wait - seconds) - seconds * (delayed + also_delayed)
                 else:
-                    net = lend_cost - seconds * (delayed + also_delayed + snapshot.urgency(gainers))
+                    net = lend_cost - seconds * (delayed + also_delayed + queue_gain(freed))
                 if net > best_net:
                     best_net = net
                     best_moves = [Migration(r.request_id, x, y, r.kv[x], estimated_s=cost.migration_time(r.kv[x]))
@@ -217,8 +230,9 @@ def plan_consolidation(snapshot: ClusterSnapshot, waiting, limits: BatchingLimit
 
 def _frees_instance(requests: list[RequestView], moving: list[RequestView], x: int, y: int, n: int) -> bool:
     """After moving every share on x to y, is x outside every request's home?"""
+    moving_ids = {id(r) for r in moving}
     for request in requests:
-        if request in moving:
+        if id(request) in moving_ids:
             instances = (set(request.kv) - {x}) | {y}
             master = y if request.master == x else request.master
             instances.add(master)

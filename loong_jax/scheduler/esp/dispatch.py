@@ -21,6 +21,7 @@ import math
 from dataclasses import dataclass, field
 
 from loong_jax.scheduler.decode_planner import home_group
+from loong_jax.scheduler.groups import is_power_of_two, power_of_two_sizes
 from loong_jax.scheduler.view import RequestView, SchedulerView, ceil_div
 
 
@@ -36,6 +37,9 @@ class ClusterSnapshot:
     idle: set = field(default_factory=set)
     slo_scale: float = 25.0  # latency target = slo_scale x isolated latency (urgency is slack to it)
     request_costs: dict = field(default_factory=dict)  # (id, prompt, max) -> (isolated s, instance-s) (policy-owned)
+    urgency_parts: dict = field(default_factory=dict)  # (id, ..., generated) -> (budget, remaining s) (policy-owned)
+    max_prefill_degree: int | None = None  # widest prefill group allowed (None: the cluster)
+    _prefill_sizes: tuple | None = None
     _wait: float | None = None
     _prompt_pages: dict = field(default_factory=dict)  # id(request) -> pages (cache for this call)
     _urgency: dict = field(default_factory=dict)  # id(request) -> 1 / isolated seconds (cache)
@@ -43,10 +47,11 @@ class ClusterSnapshot:
 
     @classmethod
     def build(cls, view: SchedulerView, growth_horizon: int, slo_scale: float = 25.0,
-              request_costs: dict | None = None) -> "ClusterSnapshot":
+              request_costs: dict | None = None, max_prefill_degree: int | None = None) -> "ClusterSnapshot":
         n = view.num_instances
         snapshot = cls(view, growth_horizon, [i.pages_free for i in view.instances], [0] * n)
         snapshot.slo_scale = slo_scale
+        snapshot.max_prefill_degree = max_prefill_degree
         if request_costs is not None:
             snapshot.request_costs = request_costs
         snapshot.idle = set(view.idle_instances)
@@ -81,11 +86,14 @@ class ClusterSnapshot:
         for request in view.prefilling:
             claimed.update(request.kv)
         outer: list[tuple[int, ...]] = []
+        home_sets = {home: set(home) for home in idle_homes}
         for home in sorted(idle_homes, key=lambda g: (-len(g), g)):
-            if not any(set(home) <= set(g) for g in outer):
+            if not any(home_sets[home] <= home_sets[g] for g in outer):
                 outer.append(home)
         for group in outer:
-            snapshot.decode_groups[group] = [r for home, rs in idle_homes.items() if set(home) <= set(group) for r in rs]
+            members = home_sets[group]
+            snapshot.decode_groups[group] = [r for home, rs in idle_homes.items() if home_sets[home] <= members
+                                             for r in rs]
         # A decode group is only usable if no busy request also lives in it.
         for group in list(snapshot.decode_groups):
             if busy_members.intersection(group):
@@ -152,9 +160,19 @@ class ClusterSnapshot:
         return min(wait, self.fastest_prefill_seconds(request)) + self.prefill_seconds(request, dop_now)
 
     def fastest_prefill_seconds(self, request: RequestView) -> float:
-        """Prefill time of the request alone on the widest DoP the cost model knows within the cluster."""
-        widest = max(d for d in self.view.cost_model.prefill if d <= self.view.num_instances)
-        return self.prefill_seconds(request, widest)
+        """Prefill time of the request alone on the widest group a prefill may use (`prefill_sizes`)."""
+        return self.prefill_seconds(request, self.prefill_sizes()[-1])
+
+    def prefill_sizes(self) -> tuple[int, ...]:
+        """Sizes of the family groups a prefill may use, smallest first: powers of two and the whole cluster,
+        those the cost model prices (a 64-instance cluster under a model of degrees 1-16 prefills on at most
+        16), up to `max_prefill_degree`; at least the smallest degree the model prices."""
+        if self._prefill_sizes is None:
+            n, priced = self.view.num_instances, self.view.cost_model.prefill
+            family = list(power_of_two_sizes(n)) + ([] if is_power_of_two(n) else [n])
+            limit = self.max_prefill_degree or n
+            self._prefill_sizes = tuple(s for s in family if s in priced and s <= limit) or (min(priced),)
+        return self._prefill_sizes
 
     def urgency(self, requests) -> float:
         """Σ over requests of what one second of delay costs each, from its slack to a latency target of
@@ -193,13 +211,18 @@ class ClusterSnapshot:
 
     def _urgency_of(self, request: RequestView) -> float:
         view = self.view
-        isolated = self.isolated(request)
-        budget = self.slo_scale * isolated
-        if request.kv and request.master is not None:  # decoding: what is left is its remaining output
-            remaining = request.remaining_new_tokens(view.default_output_tokens) * view.cost_model.decode_time(
-                1, 1, request.context_len)
-        else:
-            remaining = isolated
+        decoding = bool(request.kv) and request.master is not None
+        key = (request.request_id, request.prompt_len, request.max_new_tokens, request.num_generated, decoding)
+        parts = self.urgency_parts.get(key)  # what does not depend on the clock, kept across calls
+        if parts is None:
+            isolated = self.isolated(request)
+            if decoding:  # what is left is its remaining output
+                remaining = request.remaining_new_tokens(view.default_output_tokens) * view.cost_model.decode_time(
+                    1, 1, request.context_len)
+            else:
+                remaining = isolated
+            parts = self.urgency_parts[key] = (self.slo_scale * isolated, remaining)
+        budget, remaining = parts
         slack = budget - (view.now - request.arrival) - remaining
         if slack <= 0:
             return 1.0 / budget
@@ -211,13 +234,14 @@ def group_pages(snapshot: ClusterSnapshot, group) -> int:
 
 
 def admit_fifo(snapshot: ClusterSnapshot, waiting, pages_available: int, largest_group_pages: int,
-               max_admit: int, force_head: bool = False) -> list[RequestView]:
+               max_admit: int, force_head: bool = False, backfill: bool = True) -> list[RequestView]:
     """Waiting requests, in queue order, whose KV (prompt + expected growth) fits the pages available.
 
     A request that does not fit is passed over so later ones may use the room (backfilling: a 300K prompt
     waiting for instances must not hold up every chat behind it); the head of the queue is protected by its
-    reservation (`esp.queue`), not by stopping admission. With `force_head`, a head that only fits without
-    its growth room is admitted on its bare prompt.
+    reservation (`esp.queue`), not by stopping admission. Without `backfill` (a fifo queue) admission stops
+    at the first request that does not fit. With `force_head`, a head that only fits without its growth
+    room is admitted on its bare prompt.
     """
     admitted, used = [], 0
     for request in waiting:
@@ -230,6 +254,9 @@ def admit_fifo(snapshot: ClusterSnapshot, waiting, pages_available: int, largest
                 if bare <= largest_group_pages and bare <= pages_available:
                     admitted.append(request)
                     used += bare
+                    continue
+            if not backfill:
+                break
             continue
         admitted.append(request)
         used += need

@@ -3,13 +3,15 @@
 Data flow of one call:
   1. Snapshot (`esp.dispatch`): free pages, growth reservations, decode groups, free instances. Requests
      that can never fit are rejected; idle partial prefills (left by another policy) are preempted.
-  2. Queue (`esp.queue`): earliest latency deadline first. Under overload (the arriving work exceeds
+  2. Queue (`esp.queue.QueueDiscipline`, option `queue=deadline`, the default): earliest latency deadline
+     first, kept across calls (`esp.deadline_index`). Under overload (the arriving work exceeds
      `target_utilization` x the instances) the largest requests are late: they start only when no timely
-     request waits, so the most requests meet their SLOs (they are served, never rejected). When the head
-     does not fit the free instances it gets a reservation: a group that is held for it (or drains for
-     it) and that it prefills on once idle; the small decodes living on the group's idle members first
-     migrate off it (`plan_evacuation`), so they keep decoding elsewhere instead of stalling for the
-     whole prefill.
+     request waits, so the most requests meet their SLOs (served, not rejected, unless `admission=on`
+     refuses those past their deadline). When the head does not fit the free instances it gets a
+     reservation: a group that is held for it (or drains for it) and that it prefills on once idle; the
+     small decodes living on the group's idle members first migrate off it (`plan_evacuation`), so they
+     keep decoding elsewhere instead of stalling for the whole prefill. `queue=fifo`: arrival order,
+     admission stops at the first request that does not fit, no reservation.
   3. Allocation + dispatching + batching (`esp.allocation`, `esp.batching`): candidate prefill instance
      sets, admission in queue order under memory (with backfilling), the batching DP per candidate (which
      may defer a request to a later step), and the delay-decode cost/gain test choose which instances
@@ -17,15 +19,17 @@ Data flow of one call:
   4. If nothing prefills, consolidation by migration may free a decode instance for the queue.
   5. Scaling plan (`esp.scaling`, `decode_planner`): placement of every prompt's KV (scale-down), then decode
      batches on every other idle instance with masters, scale-up and newest-first preemption.
+Prefill and decode groups are only of sizes the cost model prices (`ClusterSnapshot.prefill_sizes`,
+`decode_planner.scale_up_scope`). Ablations switch one elastic move off each: `scale_down=0`, `scale_up=0`,
+`migration=0`, `max_prefill_degree=1`.
 """
 
 from __future__ import annotations
 
-from loong_jax.scheduler.decode_planner import plan_decodes
+from loong_jax.scheduler.decode_planner import plan_decodes, scale_up_scope
 from loong_jax.scheduler.esp.allocation import BatchingLimits, choose_prefill, plan_consolidation, plan_evacuation
 from loong_jax.scheduler.esp.dispatch import ClusterSnapshot, group_pages
-from loong_jax.scheduler.esp.queue import (OfferedLoad, deadline_order, fits_free_instances, never_fitting,
-                                           reserve_for_head)
+from loong_jax.scheduler.esp.queue import QueueDiscipline, fits_free_instances, never_fits_test, reserve_for_head
 from loong_jax.scheduler.esp.scaling import place_batch
 from loong_jax.scheduler.cost.estimates import prefill_seconds
 from loong_jax.scheduler.groups import free_blocks, pack_sizes
@@ -40,42 +44,50 @@ class EspPolicy(PolicyDefaults):
     def __init__(self, max_batches: int = 8, max_boundaries: int = 24, max_admit: int = 256,
                  growth_horizon: int = 512, max_lent_groups: int = 8, migration: bool = True,
                  max_tokens_per_instance: int | None = None, slo_scale: float = 25.0,
-                 evacuation_wait: float = 0.2, queue_order: str = "deadline", target_utilization: float = 0.8,
-                 starvation_limit: float = 4.0):
+                 evacuation_wait: float = 0.2, queue: str = "deadline", target_utilization: float = 0.8,
+                 starvation_limit: float = 4.0, scale_down: bool = True, scale_up: bool = True,
+                 max_prefill_degree: int | None = None, admission: bool | str = False):
         if max_batches < 1 or max_boundaries < 2 or max_admit < 1 or growth_horizon < 0 or max_lent_groups < 0:
             raise ValueError("EspPolicy: max_batches, max_admit >= 1, max_boundaries >= 2, others >= 0")
-        if target_utilization <= 0 or starvation_limit <= 0:
-            raise ValueError("EspPolicy: target_utilization and starvation_limit must be > 0")
-        if queue_order not in ("deadline", "fifo"):
-            raise ValueError(f"EspPolicy: queue_order must be 'deadline' or 'fifo', got {queue_order!r}")
-        self.limits = BatchingLimits(max_batches, max_boundaries, max_admit, max_tokens_per_instance)
+        for label, flag in (("migration", migration), ("scale_down", scale_down), ("scale_up", scale_up)):
+            if flag not in (0, 1):  # True / False, or 0 / 1 from the command line
+                raise ValueError(f"EspPolicy: {label} must be 0 or 1 (true or false), got {flag!r}")
+        if max_prefill_degree is not None and (max_prefill_degree < 1 or max_prefill_degree & (max_prefill_degree - 1)):
+            raise ValueError(f"EspPolicy: max_prefill_degree must be a power of two >= 1, got {max_prefill_degree!r}")
+        self.queue = QueueDiscipline(queue, slo_scale, target_utilization, starvation_limit, admission)
+        self.limits = BatchingLimits(max_batches, max_boundaries, max_admit, max_tokens_per_instance,
+                                     backfill=self.queue.backfills)
         self.growth_horizon = growth_horizon
         self.max_lent_groups = max_lent_groups
-        self.migration = migration
+        # The elastic moves, each of which an ablation may switch off: migration (consolidation and
+        # evacuation), proactive scale-down after a prefill, decode scale-up onto a new master, and
+        # prefill wider than `max_prefill_degree` instances.
+        self.migration, self.scale_down, self.scale_up = bool(migration), bool(scale_down), bool(scale_up)
+        self.max_prefill_degree = max_prefill_degree
         self.slo_scale = slo_scale
-        self.queue_order = queue_order  # "fifo": arrival order (LoongServe's), for comparison
         self.evacuation_wait = evacuation_wait  # wait up to this x the head's prefill for an evacuation target
-        self.load = OfferedLoad(utilization=target_utilization)  # under overload the largest requests go late
-        self.starvation_limit = starvation_limit  # x its latency budget: a request waiting so long goes first
-        self._request_costs: dict = {}  # isolated latency and work per request: constant, kept across calls
-        self.late_requests = 0  # waiting requests in the late tiers at the last step (a server metric)
+
+    def request_token_limits(self, num_instances: int, pages_per_instance: int,
+                             page_size: int) -> tuple[int, int] | None:
+        """The whole cluster, but a prompt no longer than `max_prefill_degree` instances hold."""
+        if self.max_prefill_degree is None or self.max_prefill_degree >= num_instances:
+            return None
+        cluster = num_instances * pages_per_instance * page_size
+        return self.max_prefill_degree * pages_per_instance * page_size, cluster
 
     def schedule(self, view: SchedulerView) -> Plan:
         if not view.idle_instances:
             return Plan()
-        if len(self._request_costs) > 4 * (len(view.waiting) + len(view.decoding)) + 1024:
-            self._request_costs.clear()  # forget finished requests now and then
-        snapshot = ClusterSnapshot.build(view, self.growth_horizon, self.slo_scale, self._request_costs)
-        rejections, servable = never_fitting(view, self.limits.max_tokens_per_instance)
-        if self.queue_order == "deadline":
-            servable = self._triage(snapshot, servable)
-        queue = servable[: self.limits.max_admit]
+        snapshot = self.queue.snapshot(view, self.growth_horizon, self.max_prefill_degree)
+        never_fits, cluster_facts = never_fits_test(view, self.limits.max_tokens_per_instance,
+                                                    snapshot.prefill_sizes()[-1])
+        rejections, queue = self.queue.head(snapshot, never_fits, cluster_facts, self.limits.max_admit)
         preemptions = [Preemption(r.request_id) for r in view.prefilling if not r.in_flight]
         nothing_running = not view.decoding and not view.prefilling and len(view.idle_instances) == view.num_instances
 
         reservation, must_run, migrations, mode = None, frozenset(), [], "go"
-        if queue and not fits_free_instances(snapshot, queue[0]):
-            reservation = reserve_for_head(snapshot, queue[0], self.load.typical_latency())
+        if queue and self.queue.backfills and not fits_free_instances(snapshot, queue[0]):
+            reservation = reserve_for_head(snapshot, queue[0], self.queue.load.typical_latency())
         if reservation is not None and reservation.fits:
             migrations, mode = self._clear_reservation(snapshot, reservation, queue)
         if reservation is not None:
@@ -100,7 +112,8 @@ class EspPolicy(PolicyDefaults):
             used.update(i for g in snapshot.decode_groups if moving & set(g) for i in g)
         allowed = snapshot.idle - used
         decoding = [r for r in view.decoding if not r.in_flight]
-        decodes = plan_decodes(view, decoding, allowed, snapshot.pages_free, homes=snapshot.homes)
+        decodes = plan_decodes(view, decoding, allowed, snapshot.pages_free, homes=snapshot.homes,
+                               scope_of=scale_up_scope(view, self.scale_up))
         batches = decodes.batches
         if reservation is not None and reservation.fits and not must_run and mode != "drain":
             # Held members only run a decode step that ends before the busy members free (none while
@@ -111,23 +124,6 @@ class EspPolicy(PolicyDefaults):
             prefills=tuple(prefills), decodes=tuple(batches), migrations=tuple(migrations),
             preemptions=tuple(preemptions) + tuple(decodes.preemptions), rejections=rejections,
         )
-
-    def _triage(self, snapshot: ClusterSnapshot, servable):
-        """The queue this step: timely requests in deadline order; when none waits, the late ones. While
-        anything runs, a late request over the overload work limit only starts if its prefill holds its
-        instances no longer than a typical request's whole latency (a 300K prompt, 12 s on every instance,
-        waits for an idle cluster; a long chat does not)."""
-        view = snapshot.view
-        self.load.observe(snapshot, servable)
-        limit = self.load.work_limit(view.num_instances)
-        timely, late = deadline_order(snapshot, servable, limit, self.starvation_limit)
-        self.late_requests = len(late)
-        if timely:
-            return timely
-        if view.decoding or view.prefilling:
-            typical = self.load.typical_latency()
-            return [r for r in late if snapshot.work(r) <= limit or snapshot.fastest_prefill_seconds(r) <= typical]
-        return late
 
     def _clear_reservation(self, snapshot: ClusterSnapshot, reservation, queue) -> tuple[list, str]:
         """(migrations, mode) that keep the reserved group's decodes from stalling for the head's prefill.
@@ -173,7 +169,7 @@ class EspPolicy(PolicyDefaults):
         prefills = []
         for choice, group in zip(choices, groups):
             requests = [option.admitted[i] for i in choice.indices]
-            placed, _ = place_batch(snapshot, group, requests)
+            placed, _ = place_batch(snapshot, group, requests, self.scale_down)
             if not placed:
                 continue
             used.update(group)

@@ -46,38 +46,48 @@ def split_tokens(n_tokens: int, capacities: list[int], growth: int, page_size: i
     return shares if remaining == 0 else None
 
 
-def place_request(snapshot: ClusterSnapshot, group: tuple[int, ...], request: RequestView):
-    """Segments (instance, n_tokens) for the whole prompt of `request` inside `group`, or None."""
+def place_request(snapshot: ClusterSnapshot, group: tuple[int, ...], request: RequestView, scale_down: bool = True):
+    """Segments (instance, n_tokens) for the whole prompt of `request` inside `group`, or None. Without
+    `scale_down` (an ablation) the KV stays spread over the whole group, as on a static layout."""
     full_growth = snapshot.growth(request)
     for growth in (full_growth, 0) if full_growth else (0,):
-        segments = _place(snapshot, group, request.prefill_target, growth)
+        segments = _place(snapshot, group, request.prefill_target, growth, scale_down)
         if segments is not None:
             return segments
     return None
 
 
-def _place(snapshot: ClusterSnapshot, group: tuple[int, ...], n_tokens: int, growth: int):
+def _place(snapshot: ClusterSnapshot, group: tuple[int, ...], n_tokens: int, growth: int, scale_down: bool = True):
     page_size = snapshot.view.page_size
     per_instance = min(snapshot.view.instances[i].pages_total for i in group)
     widest = compact_size(ceil_div(n_tokens + growth, page_size) + 1, per_instance, len(group))
-    for size in power_of_two_sizes(widest):
-        best = None
+    usable = {i: snapshot.usable_pages(i) for i in group}
+    for size in power_of_two_sizes(widest) if scale_down else (len(group),):
+        if size == 1:  # one member always takes the whole prompt: the best key wins (the first among equal)
+            best, best_key = None, None
+            for i in group:
+                if usable[i] * page_size >= n_tokens + growth:
+                    key = (i not in snapshot.free, usable[i])
+                    if best_key is None or key > best_key:
+                        best, best_key = i, key
+            if best is not None:
+                return ((best, n_tokens),)
+            continue
+        candidates = []
         for start in range(0, len(group) - size + 1, size):
             members = group[start:start + size]
-            room = sum(snapshot.usable_pages(i) for i in members)
-            if room * page_size < n_tokens + growth:
-                continue
-            ordered = sorted(members, key=lambda i: snapshot.usable_pages(i))  # most room last: the master
-            shares = split_tokens(n_tokens, [snapshot.usable_pages(i) for i in ordered], growth, page_size)
-            # Instances already holding decodes first, so that free ones stay free for the next prefill.
-            key = (not snapshot.free.intersection(members), room)
-            if shares is not None and (best is None or key > best[0]):
-                best = (key, ordered, shares)
-        if best is not None:
-            _, ordered, shares = best
-            ordered_members = [i for i in group if i in ordered[:-1]] + [ordered[-1]]
-            by_instance = dict(zip(ordered, shares))
-            return tuple((i, by_instance[i]) for i in ordered_members if by_instance[i] > 0)
+            room = sum(usable[i] for i in members)
+            if room * page_size >= n_tokens + growth:
+                # Instances already holding decodes first, so that free ones stay free for the next prefill.
+                candidates.append(((not snapshot.free.intersection(members), room), members))
+        # The best key whose split works (the first such sub-group among equal keys).
+        for _, members in sorted(candidates, key=lambda c: c[0], reverse=True):
+            ordered = sorted(members, key=usable.__getitem__)  # most room last: the master
+            shares = split_tokens(n_tokens, [usable[i] for i in ordered], growth, page_size)
+            if shares is not None:
+                ordered_members = [i for i in group if i in ordered[:-1]] + [ordered[-1]]
+                by_instance = dict(zip(ordered, shares))
+                return tuple((i, by_instance[i]) for i in ordered_members if by_instance[i] > 0)
     return None
 
 
@@ -98,11 +108,11 @@ def commit_placement(snapshot: ClusterSnapshot, request: RequestView, segments) 
     snapshot.reserve_growth(request, master, master_tokens)
 
 
-def place_batch(snapshot: ClusterSnapshot, group: tuple[int, ...], requests: list[RequestView]):
+def place_batch(snapshot: ClusterSnapshot, group: tuple[int, ...], requests: list[RequestView], scale_down: bool = True):
     """(placed [(request, segments)], left waiting [request]) for one prefill batch on `group`."""
     placed, left = [], []
     for request in sorted(requests, key=lambda r: -r.prefill_target):
-        segments = place_request(snapshot, group, request)
+        segments = place_request(snapshot, group, request, scale_down)
         if segments is None:
             left.append(request)
             continue
