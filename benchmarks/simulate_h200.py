@@ -3,11 +3,14 @@
 Data flow:
   1. For each workload, run `loong-jax simulate` (`simulate_main`) with the automatic rate search and write
      `results/sim_<workload>.json` and `results/sim_<workload>.png` (latency and SLO attainment vs rate).
-  2. Read the JSON files back and write `results/simulation_h200.md`: max throughput under the SLO per policy,
-     ESP / each baseline, ESP / best baseline, and the saturation throughput (all requests at t = 0).
+  2. Read the JSON files back and write `results/simulation_h200.md` (`_<N>i` suffixes for N != 8 instances):
+     one table per workload, a row per policy: finite-run max rate, max sustainable rate, capacity bound,
+     rejected + unserved shares, steady-state figures at the finite-run max rate, saturation throughput; and
+     ESP / best baseline by both rates.
 
-Run: python benchmarks/simulate_h200.py [--workloads sharegpt,leval,...] [--num-requests 1000] [--jobs 2]
-[--replot]. `--jobs N` searches a workload's policies in N processes; runs of different workloads into the
+Run: python benchmarks/simulate_h200.py [--workloads sharegpt,leval,...] [--num-requests 1000]
+[--steady-requests 4000] [--instances 8] [--slo-ms-per-token IN,OUT] [--jobs 2] [--replot]. Policies take option
+strings (`replicas:queue=deadline`), passed through unchanged. `--jobs N` searches a workload's policies in N processes; runs of different workloads into the
 same --out may also go in parallel, then `--replot` writes the table of all of them.
 
 Why 1,000 requests per rate (8 to 25 minutes per workload on a shared 2-core machine): with an SLO of 25x
@@ -52,29 +55,56 @@ def _ratio(value) -> str:
     return "inf" if value == "inf" else f"{value:.2f}x"
 
 
+def _share(point: dict | None) -> str:
+    if point is None:
+        return "—"
+    return f"{100 * point['rejected_share']:.1f} + {100 * point['unserved_share']:.1f}%"
+
+
+def _steady_at(entry: dict, rate) -> dict | None:
+    return next((p for p in entry.get("steady_points", []) if p["complete"] and p["request_rate"] == rate), None)
+
+
 def summary_markdown(documents: dict[str, dict]) -> str:
-    policies = list(next(iter(documents.values()))["policies"])
-    lines = [
-        "| workload | " + " | ".join(policies) + " | ESP / best baseline | ESP / best at saturation |",
-        "| --- | " + " | ".join("---" for _ in policies) + " | --- | --- |",
-    ]
+    """One table per workload: a row per policy with the finite-run max rate, the max sustainable rate, the
+    capacity bound and the steady-state figures at both rates (see loong_jax/simulator/steady.py)."""
+    lines = []
     for workload, document in documents.items():
-        summary = document["summary"]
-        cells = []
-        for label in policies:
-            rate = _rate(summary["max_throughput"][label])
-            saturation = summary["saturation_throughput"][label]
-            rejected = summary.get("rejected_at_saturation", {}).get(label, 0)
-            extra = f", {rejected} rejected" if rejected else ""
-            cells.append(f"{rate} ({saturation:.2f}{extra})" if saturation is not None else rate)
-        best = f"{_ratio(summary.get('esp_over_best_baseline'))} vs {summary.get('best_baseline')}"
-        lines.append(f"| {workload} | " + " | ".join(cells) + f" | {best} | "
-                     f"{_ratio(summary.get('esp_over_best_baseline_saturation'))} |")
-    lines.append("")
-    lines.append("Cells: max request rate (req/s) with >= 90% of requests within 25x their isolated latency "
-                 "(saturation throughput in req/s: all requests at t = 0, in parentheses, with the requests the "
-                 "policy rejected as larger than any group it may use; ESP / best at saturation only compares "
-                 "baselines that rejected no more requests than ESP).")
+        summary, config = document["summary"], document["config"]
+        bound = summary.get("capacity_bound")
+        lines += [
+            (f"### {workload}: {config['instances']} instances x tp {config['tp']}, {config['num_requests']} "
+             f"requests per finite run, {config.get('steady_requests')} per steady-state run"),
+            "",
+            ("| policy | finite-run max rate | max sustainable rate | capacity bound | rejected + unserved at "
+             "sustainable | at finite max: middle attainment | backlog growth (req/s) | rejected + unserved | "
+             "saturation |"),
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        ]
+        for label, entry in document["policies"].items():
+            at_max = _steady_at(entry, entry["max_throughput"])
+            sustainable = entry.get("max_sustainable_rate")
+            growth = "—" if at_max is None or at_max["backlog_growth_per_s"] is None else (
+                f"{at_max['backlog_growth_per_s']:+.3f}{' (growing)' if at_max['backlog_growing'] else ''}")
+            saturation = entry.get("saturation_throughput")
+            middle = "—" if at_max is None else f"{100 * at_max['middle_attainment']:.1f}%"
+            lines.append(
+                f"| {label} | {_rate(entry['max_throughput'])} | {_rate(sustainable)} | "
+                f"{'—' if bound is None else f'{bound:.3f}'} | {_share(_steady_at(entry, sustainable))} | "
+                f"{middle} | {growth} | "
+                f"{_share(at_max)} | {'—' if saturation is None else f'{saturation:.3f}'} |")
+        lines.append("")
+        lines.append(f"ESP / best baseline: finite-run {_ratio(summary.get('esp_over_best_baseline'))} vs "
+                     f"{summary.get('best_baseline')}; sustainable "
+                     f"{_ratio(summary.get('esp_over_best_baseline_sustainable'))} vs "
+                     f"{summary.get('best_baseline_sustainable')}")
+        lines.append("")
+    lines.append("Finite-run max rate: highest rate (req/s) at which >= 90% of a finite run's requests meet the SLO. "
+                 "Max sustainable rate: highest rate with >= 90% attainment over the middle half of a long run's "
+                 "arrivals and no growing backlog. Capacity bound: the rate at which serving every request uses all "
+                 "instance-seconds (cost model, perfect batching). Rejected + unserved: shares of the requests "
+                 "arrived by the end of the middle window that were rejected, and unfinished when the run stopped. "
+                 "Saturation: requests/s drained when all arrive at t = 0.")
     return "\n".join(lines)
 
 
@@ -111,31 +141,41 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--replot", action="store_true", help="only redraw plots and the table from the JSON files")
     parser.add_argument("--jobs", type=int, default=1, help="processes per workload (policies run in parallel)")
+    parser.add_argument("--instances", type=int, default=8)
+    parser.add_argument("--steady-requests", type=int, default=4000,
+                        help="requests per steady-state run (0: no steady-state figures)")
+    parser.add_argument("--slo-ms-per-token", default=None, metavar="INPUT,OUTPUT",
+                        help="LoongServe's per-token SLO (ms per input token, ms per output token) instead of 25x")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     documents = {}
+    suffix = "" if args.instances == 8 else f"_{args.instances}i"  # 8 instances keep the historical names
+    title = f"{args.instances} instances x tp 1"
+    slo = []
+    if args.slo_ms_per_token:
+        input_ms, output_ms = args.slo_ms_per_token.split(",")
+        slo = ["--slo-input-ms-per-token", input_ms, "--slo-output-ms-per-token", output_ms]
     for workload in args.workloads.split(","):
+        json_path, png_path = args.out / f"sim_{workload}{suffix}.json", args.out / f"sim_{workload}{suffix}.png"
         if args.replot:
-            json_path = args.out / f"sim_{workload}.json"
             result = load_experiment(json_path)
-            plot_experiment(result, args.out / f"sim_{workload}.png",
-                            title=f"{result.config['workload']}, 8 instances x tp 1")
+            plot_experiment(result, png_path, title=f"{result.config['workload']}, {title}")
             documents[workload] = json.loads(json_path.read_text())
             continue
         started = time.perf_counter()
         count = args.sharegpt_requests if workload == "sharegpt" else args.num_requests
-        json_path, png_path = args.out / f"sim_{workload}.json", args.out / f"sim_{workload}.png"
-        common = ["--workload", workload, "--instances", "8", "--tp", "1", "--num-requests", str(count),
-                  "--seed", str(args.seed), "--plot-rates", str(args.plot_rates), "--precision", str(args.precision),
-                  "--no-progress"]
+        steady = max(args.steady_requests, count) if args.steady_requests else 0
+        common = ["--workload", workload, "--instances", str(args.instances), "--tp", "1", "--num-requests",
+                  str(count), "--steady-requests", str(steady), "--seed", str(args.seed), "--plot-rates",
+                  str(args.plot_rates), "--precision", str(args.precision), "--no-progress", *slo]
         run_workload(workload, args.policies.split(","), common, json_path, args.jobs)
         result = load_experiment(json_path)
-        plot_experiment(result, png_path, title=f"{workload}, 8 instances x tp 1")
+        plot_experiment(result, png_path, title=f"{workload}, {title}")
         documents[workload] = json.loads(json_path.read_text())
         print(f"[{workload}: {time.perf_counter() - started:.0f} s]\n", flush=True)
     table = summary_markdown(documents)
-    (args.out / "simulation_h200.md").write_text(
-        "# Simulation: 8 H200 instances (tp 1), Llama-2-7B, PROJECTED cost model\n\n" + table + "\n"
+    (args.out / f"simulation_h200{suffix}.md").write_text(
+        f"# Simulation: {args.instances} H200 instances (tp 1), Llama-2-7B, PROJECTED cost model\n\n" + table + "\n"
     )
     print(table)
 

@@ -6,8 +6,16 @@ Data flow:
   2. Load the cost model (default: the shipped, projected H200 Llama-2-7B file) for the chosen `--tp`; one
      without a migration term (profiled on one instance) is refused for more than one instance.
   3. For each policy: with `--request-rates`, run every listed rate to completion; without, search the rate
-     (doubling, then bisection) until the SLO attainment crosses the target. A tqdm bar counts the runs.
-  4. Print the table (max rate per policy, ESP / best baseline), write `--json` and `--plot` if asked.
+     (doubling, then bisection) until the SLO attainment crosses the target (the finite-run max rate). Then,
+     unless `--steady-requests 0`, the figures a finite run cannot flatter (`steady.py`): the max sustainable
+     rate (searched from the lower of the capacity bound and the finite-run max rate) and complete steady-state
+     runs at the finite-run max rate and at every listed rate. A tqdm bar counts the runs.
+  4. Print the tables (finite-run max rate per policy, ESP / best baseline; then finite-run max rate,
+     sustainable rate, capacity bound and the steady-state figures), write `--json` and `--plot` if asked.
+
+The SLO is 25x isolated latency (`--slo-scale`), or LoongServe's per-token form with
+`--slo-input-ms-per-token` and `--slo-output-ms-per-token`. Policy option strings (`replicas:queue=deadline`)
+pass through to `make_policy` unchanged and label the rows.
 
 Examples (wall times on a shared 2-core CPU):
   loong-jax simulate --workload leval --instances 8 --policies esp,replicas --num-requests 150 --plot-rates 0
@@ -29,11 +37,11 @@ import numpy as np
 
 from loong_jax.scheduler.cost.model import DEFAULT_COST_MODEL_PATH, CostModel
 from loong_jax.scheduler.policy import policy_names
-from loong_jax.simulator.metrics import DEFAULT_ATTAINMENT_TARGET, DEFAULT_SLO_SCALE, isolated_latencies
+from loong_jax.simulator.metrics import DEFAULT_ATTAINMENT_TARGET, DEFAULT_SLO_SCALE, SloSpec, isolated_latencies
 from loong_jax.simulator.report import ExperimentResult, PolicyResult, format_table, plot_experiment
 from loong_jax.simulator.run import PolicySpec, RatePoint, initial_rate_guess, search_max_rate, simulate
+from loong_jax.simulator.steady import SteadyPoint, capacity_bound, search_sustainable_rate, simulate_steady
 from loong_jax.simulator.workloads import WORKLOADS, Workload, load_trace, make_workload
-
 
 DEFAULT_POLICIES = "esp,chunked-prefill,pd-disagg,static-sp,replicas"  # ESP and the issue's four baselines
 
@@ -65,6 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-requests", type=int, default=300, help="requests per run")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--slo-scale", type=float, default=DEFAULT_SLO_SCALE, help="SLO = scale x isolated latency")
+    parser.add_argument("--slo-input-ms-per-token", type=float, default=None,
+                        help="LoongServe's SLO form (with --slo-output-ms-per-token; replaces --slo-scale): a request "
+                             "meets it when TTFT / input tokens <= this many ms")
+    parser.add_argument("--slo-output-ms-per-token", type=float, default=None,
+                        help="LoongServe's SLO form: ... and (finish - first token) / (output tokens - 1) <= this many ms")
+    parser.add_argument("--steady-requests", type=int, default=None,
+                        help="requests per steady-state run (default: --num-requests; 0: no steady-state figures); "
+                             "the middle half of their arrivals is judged")
     parser.add_argument("--attainment", type=float, default=DEFAULT_ATTAINMENT_TARGET, help="SLO attainment target")
     parser.add_argument("--precision", type=float, default=0.05, help="relative precision of the rate search")
     parser.add_argument("--plot-rates", type=int, default=5,
@@ -77,10 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _workload(args) -> Workload:
+def _workload(args, num_requests: int | None = None) -> Workload:
+    count = args.num_requests if num_requests is None else num_requests
     if args.trace is not None:
-        return load_trace(args.trace, args.num_requests)
-    return make_workload(args.workload, args.num_requests, args.seed, args.zipf_alpha)
+        return load_trace(args.trace, count)
+    return make_workload(args.workload, count, args.seed, args.zipf_alpha)
 
 
 def _workload_stats(workload: Workload, isolated: np.ndarray) -> dict:
@@ -94,16 +111,28 @@ def _workload_stats(workload: Workload, isolated: np.ndarray) -> dict:
     }
 
 
-def run_policies(args, workload: Workload, cost_model: CostModel, progress) -> dict[str, PolicyResult]:
+def slo_of(args) -> SloSpec:
+    per_token = (args.slo_input_ms_per_token, args.slo_output_ms_per_token)
+    try:
+        if per_token == (None, None):
+            return SloSpec(args.slo_scale)
+        return SloSpec(args.slo_scale, *(None if v is None else v / 1e3 for v in per_token))
+    except ValueError as error:
+        raise SystemExit(f"loong-jax simulate: error: {error}") from None
+
+
+def run_policies(args, workload: Workload, cost_model: CostModel, progress,
+                 steady_workload: Workload | None = None) -> dict[str, PolicyResult]:
     probe = workload.requests(1.0)
     isolated = isolated_latencies(probe, cost_model, args.instances)
     specs = [PolicySpec.parse(text) for text in args.policies.split(",")]
     results: dict[str, PolicyResult] = {}
+    slo = slo_of(args)
 
     def run(spec: PolicySpec, rate: float, give_up: bool) -> RatePoint:
         progress.set_postfix_str(f"{spec.label} @ {rate:.3g} req/s")
-        point = simulate(workload.requests(rate), spec, cost_model, args.instances, request_rate=rate,
-                         slo_scale=args.slo_scale, give_up_below=args.attainment if give_up else None,
+        point = simulate(workload.requests(rate), spec, cost_model, args.instances, request_rate=rate, slo=slo,
+                         give_up_below=args.attainment if give_up else None,
                          reveal_output_lengths=not args.hide_output_lengths, isolated=isolated)
         progress.update(1)
         return point
@@ -127,6 +156,8 @@ def run_policies(args, workload: Workload, cost_model: CostModel, progress) -> d
             found = search_max_rate(lambda rate: attainment(rate, give_up=True), start, args.attainment, args.precision)
             max_rate = found if found > 0 else None
         results[spec.label] = PolicyResult(spec.label, max_rate, list(points.values()), burst)
+        if steady_workload is not None:
+            steady_figures(args, spec, results[spec.label], steady_workload, cost_model, slo, progress)
 
     finite = [r.max_rate for r in results.values() if r.max_rate is not None and math.isfinite(r.max_rate)]
     if not finite:  # every policy unbounded (or none passes): centre the curves on the saturation throughputs
@@ -141,6 +172,35 @@ def run_policies(args, workload: Workload, cost_model: CostModel, progress) -> d
     return results
 
 
+def steady_figures(args, spec: PolicySpec, result: PolicyResult, workload: Workload, cost_model: CostModel,
+                   slo: SloSpec, progress) -> None:
+    """Max sustainable rate (search from the lower of the capacity bound and the finite-run max rate), and complete
+    steady-state runs at the finite-run max rate and at every listed --request-rates rate."""
+    probe = workload.requests(1.0)
+    isolated = isolated_latencies(probe, cost_model, args.instances)
+    bound = capacity_bound(probe, cost_model, args.instances)
+    points: dict[float, SteadyPoint] = {}
+
+    def run(rate: float, give_up: bool) -> SteadyPoint:
+        if rate in points and (points[rate].complete or give_up):
+            return points[rate]
+        progress.set_postfix_str(f"{spec.label} steady @ {rate:.3g} req/s")
+        points[rate] = simulate_steady(workload.requests(rate), spec, cost_model, args.instances, request_rate=rate,
+                                       slo=slo, isolated=isolated, target=args.attainment, give_up=give_up,
+                                       reveal_output_lengths=not args.hide_output_lengths)
+        progress.update(1)
+        return points[rate]
+
+    finite = result.max_rate if result.max_rate is not None and math.isfinite(result.max_rate) else math.inf
+    start = min(bound, finite) if finite > 0 else bound
+    found = search_sustainable_rate(lambda rate: run(rate, give_up=True), start, args.precision, ceiling=bound)
+    result.sustainable_rate = found if found > 0 else None
+    for rate in [finite] + list(args.request_rates or []):
+        if math.isfinite(rate):
+            run(rate, give_up=False)
+    result.steady_points = sorted(points.values(), key=lambda p: p.request_rate)
+
+
 def simulate_main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.instances < 1 or args.tp < 1 or args.num_requests < 1:
@@ -151,11 +211,21 @@ def simulate_main(argv: Sequence[str] | None = None) -> int:
     except ValueError as error:
         raise SystemExit(f"loong-jax simulate: error: {error}") from None
     workload = _workload(args)
+    steady_count = args.num_requests if args.steady_requests is None else args.steady_requests
+    if steady_count < 0 or steady_count == 1:
+        raise SystemExit("--steady-requests must be 0 (off) or at least 2")
+    steady_workload = None
+    if steady_count:
+        steady_workload = workload if steady_count == args.num_requests else _workload(args, steady_count)
     from tqdm import tqdm
 
     with tqdm(desc="simulate", unit="run", disable=True if args.no_progress else None, file=sys.stderr) as progress:
-        policies = run_policies(args, workload, cost_model, progress)
+        policies = run_policies(args, workload, cost_model, progress, steady_workload)
     isolated = isolated_latencies(workload.requests(1.0), cost_model, args.instances)
+    bound_workload = steady_workload or workload
+    stats = _workload_stats(workload, isolated)
+    stats["capacity_bound"] = capacity_bound(bound_workload.requests(1.0), cost_model, args.instances)
+    stats["capacity_bound_requests"] = len(bound_workload)
     config = {
         "workload": workload.name,
         "trace": None if args.trace is None else str(args.trace),
@@ -166,13 +236,16 @@ def simulate_main(argv: Sequence[str] | None = None) -> int:
         "num_requests": len(workload),
         "seed": args.seed,
         "slo_scale": args.slo_scale,
+        "slo": slo_of(args).to_dict(),
+        "steady_requests": steady_count,
         "attainment_target": args.attainment,
         "request_rates": args.request_rates,
         "output_lengths_revealed": not args.hide_output_lengths,
     }
-    result = ExperimentResult(config, _workload_stats(workload, isolated), policies)
-    print(f"workload {workload.name}: {len(workload)} requests, {args.instances} instances x tp {args.tp}, "
-          f"cost model {args.cost_model.name} ({cost_model.provenance})")
+    result = ExperimentResult(config, stats, policies)
+    print(f"workload {workload.name}: {len(workload)} requests ({steady_count} per steady-state run), "
+          f"{args.instances} instances x tp {args.tp}, cost model {args.cost_model.name} ({cost_model.provenance}), "
+          f"SLO {slo_of(args).label}")
     print(format_table(result))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -4,18 +4,23 @@ Data flow:
   1. The simulation loop fills one `RequestRecord` per request: arrival, first-token time (when the prefill
      that emits its first token finishes), finish time, lengths; or `rejected` if it could never fit.
   2. `isolated_latencies` gives each request's latency when served alone on the idle cluster with the best
-     DoP for each phase (cost model; `cost_model.isolated_latency`). Its SLO is `slo_scale` (25, as in
-     LoongServe) times that.
-  3. `summarize(records, ...)` reduces the records of one request rate to `RateMetrics`.
+     DoP for each phase (cost model; `cost.request_cost.isolated_latency`).
+  3. `SloSpec` says which requests meet their SLO, in one of two forms: end-to-end latency ≤ `scale` (25) ×
+     the isolated latency (default), or LoongServe's per-token form, thresholds on the request's average
+     input latency (TTFT / input tokens) and average output latency (TPOT), set per workload.
+     `SloSpec.deadline` is the latest finish that can still meet it (the simulator gives up on that basis).
+  4. `summarize(records, ...)` reduces the records of one request rate to `RateMetrics`.
 
 Definitions (LoongServe §7, following vLLM and DistServe); every mean is over requests:
   - normalised per-token latency = end-to-end latency / output tokens           (seconds per token)
   - normalised input latency     = time to first token / input tokens           (seconds per token)
   - output latency (TPOT)        = (finish − first token) / (output tokens − 1) (seconds per token; only
                                    requests with more than one output token)
-  - SLO attainment               = fraction of requests whose end-to-end latency ≤ slo_scale × isolated
-                                   latency (equivalently: normalised latency ≤ slo_scale × its isolated
-                                   value). Rejected or unfinished requests miss their SLO.
+  - SLO attainment               = fraction of requests meeting their `SloSpec`: by default end-to-end
+                                   latency ≤ slo_scale × isolated latency (equivalently: normalised latency
+                                   ≤ slo_scale × its isolated value); in the per-token form, TTFT / input
+                                   tokens ≤ input threshold and TPOT ≤ output threshold (TPOT only with more
+                                   than one output token). Rejected or unfinished requests miss their SLO.
   - goodput                      = requests meeting their SLO per second of the run.
 """
 
@@ -27,7 +32,8 @@ from typing import Sequence
 
 import numpy as np
 
-from loong_jax.scheduler.cost.model import CostModel, isolated_latency
+from loong_jax.scheduler.cost.model import CostModel
+from loong_jax.scheduler.cost.request_cost import isolated_latency
 from loong_jax.simulator.workloads import RequestSpec
 
 DEFAULT_SLO_SCALE = 25.0
@@ -95,6 +101,53 @@ class RateMetrics:
         return row
 
 
+@dataclass(frozen=True)
+class SloSpec:
+    """A request's service-level objective: `scale` × its isolated latency end to end, or, when both per-token
+    thresholds are given, LoongServe's form (seconds per input token to the first token, seconds per output
+    token after it)."""
+
+    scale: float = DEFAULT_SLO_SCALE
+    input_s_per_token: float | None = None
+    output_s_per_token: float | None = None
+
+    def __post_init__(self):
+        if (self.input_s_per_token is None) != (self.output_s_per_token is None):
+            raise ValueError("the per-token SLO needs both an input and an output threshold")
+        thresholds = [v for v in (self.scale, self.input_s_per_token, self.output_s_per_token) if v is not None]
+        if any(not v > 0 for v in thresholds):
+            raise ValueError(f"SLO scale and thresholds must be positive, got {self}")
+
+    @property
+    def per_token(self) -> bool:
+        return self.input_s_per_token is not None
+
+    @property
+    def label(self) -> str:
+        if self.per_token:
+            return (f"per-token: input <= {1e3 * self.input_s_per_token:g} ms/token, "
+                    f"output <= {1e3 * self.output_s_per_token:g} ms/token")
+        return f"{self.scale:g}x isolated latency"
+
+    def deadline(self, arrival: float, input_len: int, output_len: int, isolated: float) -> float:
+        """Latest finish time at which the request can still meet its SLO."""
+        if self.per_token:
+            return arrival + self.input_s_per_token * input_len + self.output_s_per_token * max(0, output_len - 1)
+        return arrival + self.scale * isolated
+
+    def meets(self, record: "RequestRecord", isolated: float) -> bool:
+        if not record.finished or record.rejected:
+            return False
+        if not self.per_token:
+            return record.e2e_latency <= self.scale * isolated
+        tpot = record.tpot
+        return (record.ttft <= self.input_s_per_token * record.input_len
+                and (tpot is None or tpot <= self.output_s_per_token))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
 def isolated_latencies(requests: Sequence[RequestSpec], cost_model: CostModel, max_dop: int) -> np.ndarray:
     """[requests] seconds to serve each request alone with the best DoP (prefill and decode chosen separately)."""
     cache: dict[tuple[int, int], float] = {}
@@ -107,13 +160,11 @@ def isolated_latencies(requests: Sequence[RequestSpec], cost_model: CostModel, m
     return latencies
 
 
-def slo_met(records: Sequence[RequestRecord], isolated: np.ndarray, slo_scale: float = DEFAULT_SLO_SCALE) -> np.ndarray:
-    """[requests] bool: finished within slo_scale × isolated latency."""
-    met = np.zeros(len(records), dtype=bool)
-    for index, record in enumerate(records):
-        if record.finished and not record.rejected:
-            met[index] = record.e2e_latency <= slo_scale * isolated[index]
-    return met
+def slo_met(records: Sequence[RequestRecord], isolated: np.ndarray, slo_scale: float = DEFAULT_SLO_SCALE,
+            slo: SloSpec | None = None) -> np.ndarray:
+    """[requests] bool: met its SLO (`slo`, or by default finished within slo_scale × isolated latency)."""
+    slo = slo or SloSpec(slo_scale)
+    return np.array([slo.meets(record, isolated[index]) for index, record in enumerate(records)], dtype=bool)
 
 
 def summarize(
@@ -121,12 +172,13 @@ def summarize(
     isolated: np.ndarray,
     request_rate: float,
     slo_scale: float = DEFAULT_SLO_SCALE,
+    slo: SloSpec | None = None,
 ) -> RateMetrics:
     done = [r for r in records if r.finished and not r.rejected]
     normalized = np.array([r.e2e_latency / r.output_len for r in done])
     normalized_input = np.array([r.ttft / r.input_len for r in done])
     tpots = np.array([t for t in (r.tpot for r in done) if t is not None])
-    met = slo_met(records, isolated, slo_scale)
+    met = slo_met(records, isolated, slo_scale, slo)
     start = min(r.arrival_time for r in records)
     end = max((r.finish_time for r in done), default=start)
     makespan = end - start

@@ -1,9 +1,11 @@
 """Reports of a simulation experiment: the max-throughput table and latency-vs-rate plots.
 
 Data flow:
-  1. `experiment_summary(results)` picks, per policy, its max rate under the SLO and the ratio of ESP to the
-     best baseline from the `ExperimentResult` the CLI builds.
-  2. `format_table(results)` renders that as text; `plot_experiment(results, path)` draws one panel per metric
+  1. `ExperimentResult.summary()` picks, per policy, its finite-run max rate under the SLO, its max
+     sustainable rate (steady state, `steady.py`) and the capacity bound, and the ratios of ESP to the best
+     baseline (ESP variants `esp:...` are neither) from the `ExperimentResult` the CLI builds.
+  2. `format_table(results)` renders that as text (`format_steady_table`: the steady-state figures at the
+     sustainable and at the finite-run max rate); `plot_experiment(results, path)` draws one panel per metric
      (normalised latency, input latency, output latency, SLO attainment) against the request rate, one line per
      policy (complete runs only: runs stopped early once the SLO was out of reach have biased latencies).
   3. `load_experiment(path)` rebuilds an `ExperimentResult` from the CLI's JSON (to re-plot or re-tabulate).
@@ -17,6 +19,7 @@ from pathlib import Path
 
 from loong_jax.simulator.metrics import RateMetrics
 from loong_jax.simulator.run import RatePoint
+from loong_jax.simulator.steady import SteadyPoint
 
 ESP = "esp"
 
@@ -27,6 +30,14 @@ class PolicyResult:
     max_rate: float | None  # requests/s under the SLO; None when no evaluated rate met it, inf when unbounded
     points: list[RatePoint] = field(default_factory=list)
     burst: RatePoint | None = None  # every request at t = 0
+    sustainable_rate: float | None = None  # max sustainable rate (steady state); None: not measured or none
+    steady_points: list[SteadyPoint] = field(default_factory=list)
+
+    def steady_at(self, rate: float | None) -> SteadyPoint | None:
+        """The complete steady-state run at `rate`, if one was made."""
+        if rate is None:
+            return None
+        return next((p for p in self.steady_points if p.complete and p.request_rate == rate), None)
 
     @property
     def saturation_throughput(self) -> float | None:
@@ -44,6 +55,8 @@ class PolicyResult:
             "saturation_throughput": self.saturation_throughput,
             "points": [p.to_dict() for p in ordered],
             "burst": None if self.burst is None else self.burst.to_dict(),
+            "max_sustainable_rate": self.sustainable_rate,
+            "steady_points": [p.to_dict() for p in self.steady_points],
         }
 
 
@@ -55,11 +68,19 @@ class ExperimentResult:
 
     def summary(self) -> dict:
         esp = self.policies.get(ESP)
-        baselines = {label: result for label, result in self.policies.items() if label != ESP}
+        # ESP variants (esp:key=value, e.g. ablations) are neither ESP nor a baseline.
+        baselines = {label: result for label, result in self.policies.items() if label.split(":")[0] != ESP}
         summary: dict = {
             "max_throughput": {label: r.max_rate for label, r in self.policies.items()},
             "saturation_throughput": {label: r.saturation_throughput for label, r in self.policies.items()},
+            "capacity_bound": self.workload_stats.get("capacity_bound"),
+            "max_sustainable_rate": {label: r.sustainable_rate for label, r in self.policies.items()},
         }
+        if esp is not None and baselines and any(r.steady_points for r in self.policies.values()):
+            best_sustainable = max(baselines, key=lambda label: baselines[label].sustainable_rate or 0.0)
+            summary["best_baseline_sustainable"] = best_sustainable
+            summary["esp_over_best_baseline_sustainable"] = _ratio(
+                esp.sustainable_rate or 0.0, baselines[best_sustainable].sustainable_rate or 0.0)
         if esp is not None and baselines:
             best_label = max(  # ties (e.g. every policy unbounded) go to the higher saturation throughput
                 baselines, key=lambda label: (baselines[label].max_rate or 0.0, baselines[label].saturation_throughput or 0.0)
@@ -122,6 +143,43 @@ def format_table(result: ExperimentResult) -> str:
                      f"{_ratio_text(summary['esp_over_best_baseline_saturation'])}")
     if any(rate is not None and math.isinf(rate) for rate in summary["max_throughput"].values()):
         lines.append("unbounded: the run's N requests all meet the SLO however fast they arrive (raise --num-requests)")
+    if any(r.steady_points for r in result.policies.values()):
+        lines.append("")
+        lines.append(format_steady_table(result))
+    return "\n".join(lines)
+
+
+def _steady_cells(point: SteadyPoint | None) -> str:
+    """middle-window attainment, backlog growth (req/s), rejected + unserved share of one steady-state run."""
+    if point is None:
+        return f"{'—':>34}"
+    growth = f"{point.backlog_growth_per_s:+.3f}{'↑' if point.backlog_growing else ''}"
+    lost = f"{100 * point.rejected_share:.1f}+{100 * point.unserved_share:.1f}%"
+    return f"{100 * point.middle_attainment:>7.1f}% {growth:>13} {lost:>11}"
+
+
+def format_steady_table(result: ExperimentResult) -> str:
+    """Finite-run max rate next to the figures that cannot be flattered (see `steady.py`)."""
+    summary = result.summary()
+    bound = summary.get("capacity_bound")
+    header = (f"{'policy':<28} {'finite max':>10} {'sustainable':>11} {'bound':>7} | at sustainable: "
+              f"{'middle':>8} {'backlog/s':>13} {'rej+unserved':>11} | at finite max: "
+              f"{'middle':>8} {'backlog/s':>13} {'rej+unserved':>11}")
+    lines = [header]
+    for label, policy in result.policies.items():
+        bound_text = "" if bound is None else f"{bound:.3f}"
+        lines.append(f"{label:<28} {_rate_text(policy.max_rate):>10} {_rate_text(policy.sustainable_rate):>11} "
+                     f"{bound_text:>7} | {'':15}{_steady_cells(policy.steady_at(policy.sustainable_rate))} | "
+                     f"{'':14}{_steady_cells(policy.steady_at(policy.max_rate))}")
+    if "best_baseline_sustainable" in summary:
+        lines.append(f"ESP / best baseline, sustainable ({summary['best_baseline_sustainable']}): "
+                     f"{_ratio_text(summary['esp_over_best_baseline_sustainable'])}")
+    steady_requests = result.config.get("steady_requests")
+    lines.append(f"sustainable: highest rate with >= {result.config.get('attainment_target', 0.9):.0%} SLO attainment over "
+                 f"the middle half of {steady_requests} arrivals and no growing backlog of outstanding work (↑; "
+                 "backlog/s in request-equivalents), at most the bound (equal to it: too close to tell at this run "
+                 "length); bound: the cost model's capacity bound (req/s) serving every request; rej+unserved: "
+                 "shares of the requests arrived by the window's end rejected, and left unfinished when the run stops")
     return "\n".join(lines)
 
 
@@ -213,5 +271,7 @@ def load_experiment(path: str | Path) -> ExperimentResult:
             math.inf if rate == "inf" else rate,
             [_point_from_dict(row) for row in entry["points"]],
             None if entry.get("burst") is None else _point_from_dict(entry["burst"]),
+            entry.get("max_sustainable_rate"),
+            [SteadyPoint.from_dict(row) for row in entry.get("steady_points", [])],
         )
     return ExperimentResult(document["config"], document["workload_stats"], policies)

@@ -8,10 +8,12 @@ Data flow:
        b. core.dispatch(core.schedule()): the policy plans, the state accounts the plan, the executor starts it;
        c. the clock jumps to whichever comes first, the next arrival or the next unit completion; completions
           go to core.apply(result).
-     It stops when every request is done (or, with `give_up_below`, as soon as so many requests have missed
-     their SLO that the attainment target can no longer be met). An empty plan with nothing in flight, work
-     waiting and no arrival to come is a policy bug: `SchedulerStalled`.
-  2. `RatePoint` = the metrics of one run (`metrics.summarize`) + engine counters + DoP histograms.
+     It stops when every request is done (or, with `give_up_below`, as soon as so many of the watched requests,
+     `watch_ids`, have missed their SLO (`metrics.SloSpec`) that the attainment target can no longer be met;
+     or, with `stop_at`, when the next event lies beyond that time: a steady-state run, `steady.py`). An empty
+     plan with nothing in flight, work waiting and no arrival to come is a policy bug: `SchedulerStalled`.
+  2. `RatePoint` = the metrics of one run (`metrics.summarize`) + engine counters + DoP histograms, plus the
+     per-request records.
   3. `search_max_rate(evaluate, ...)` doubles / halves the request rate until the SLO attainment crosses the
      target (90%), then bisects (geometrically) to a relative precision: the max throughput under SLO.
   4. `PolicySpec.parse("static-sp:degree=4")` names a policy with options for the CLI and reports.
@@ -23,7 +25,7 @@ import bisect
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Collection, Sequence
 
 import numpy as np
 
@@ -36,12 +38,12 @@ from loong_jax.simulator.metrics import (
     DEFAULT_SLO_SCALE,
     RateMetrics,
     RequestRecord,
+    SloSpec,
     isolated_latencies,
     summarize,
 )
 from loong_jax.simulator.sim_executor import SimExecutor
 from loong_jax.simulator.workloads import RequestSpec
-
 
 MAX_PLANS_AT_ONE_TIME = 10_000  # a policy that keeps planning without letting time move is looping
 
@@ -94,6 +96,7 @@ class RatePoint:
     scheduler_ms_median: float = math.nan  # wall time of one policy.schedule call
     virtual_seconds: float = 0.0
     wall_seconds: float = 0.0
+    records: list[RequestRecord] = field(default_factory=list, repr=False)  # per request; not in to_dict (bulky)
 
     def to_dict(self) -> dict:
         return {
@@ -112,23 +115,24 @@ class RatePoint:
 
 
 class _SloWatch:
-    """Counts requests that have certainly missed their SLO by the current time (for giving up early)."""
+    """Counts watched requests that have certainly missed their SLO by the current time (for giving up early)."""
 
     def __init__(self, deadlines: dict):
-        self.deadlines = deadlines  # request id -> arrival + slo
+        self.deadlines = deadlines  # watched request id -> latest finish that can still meet its SLO
         self._sorted = sorted(deadlines.values())
-        self._met: list[float] = []  # deadlines of requests that finished in time
+        self._met: list[float] = []  # deadlines of requests that met their SLO
         self._rejected: list[float] = []  # deadlines of rejected requests (missed from the moment of rejection)
 
-    def finished(self, request_id, finish_time: float) -> None:
-        if finish_time <= self.deadlines[request_id]:
+    def finished(self, request_id, met: bool) -> None:
+        if met and request_id in self.deadlines:
             bisect.insort(self._met, self.deadlines[request_id])
 
     def rejected(self, request_id) -> None:
-        bisect.insort(self._rejected, self.deadlines[request_id])
+        if request_id in self.deadlines:
+            bisect.insort(self._rejected, self.deadlines[request_id])
 
     def missed_by(self, now: float) -> int:
-        """Rejected requests, plus requests whose deadline has passed without them finishing in time."""
+        """Rejected requests, plus requests whose deadline has passed without them meeting their SLO."""
         passed = bisect.bisect_left(self._sorted, now)
         passed_but_met = bisect.bisect_left(self._met, now)
         passed_rejected = bisect.bisect_left(self._rejected, now)
@@ -147,12 +151,19 @@ def simulate(
     reveal_output_lengths: bool = True,
     isolated: np.ndarray | None = None,
     check_invariants: bool = False,
+    slo: SloSpec | None = None,
+    stop_at: float | None = None,
+    watch_ids: Collection | None = None,
 ) -> RatePoint:
     """Serve `requests` with the policy on `num_instances` simulated instances.
 
     `reveal_output_lengths`: each request's max_new_tokens is its true output length, as in serving benchmarks
     that set max_tokens to the dataset's output length and ignore EOS; False hides it (policies then guess).
-    `give_up_below`: stop as soon as the SLO attainment is certainly below this fraction.
+    `slo`: the SLO form (default: `slo_scale` × isolated latency).
+    `give_up_below`: stop as soon as the SLO attainment of the watched requests (`watch_ids`, default all) is
+    certainly below this fraction.
+    `stop_at`: stop the clock at this time instead of draining (steady-state runs); what is unfinished then
+    stays unfinished in the records.
     `check_invariants`: cross-check the state after every event and require every page free at the end (tests).
     """
     wall_start = time.perf_counter()
@@ -165,15 +176,21 @@ def simulate(
     core = EngineCore(state, policy, cost_model, executor, clock=lambda: executor.now, compile_aware=False)
     if isolated is None:
         isolated = isolated_latencies(requests, cost_model, num_instances)
-    slo_of = {r.request_id: slo_scale * isolated[i] for i, r in enumerate(requests)}
-    watch = _SloWatch({r.request_id: r.arrival_time + slo_of[r.request_id] for r in requests})
-    allowed_misses = math.inf if give_up_below is None else (1 - give_up_below) * len(requests)
+    slo = slo or SloSpec(slo_scale)
+    isolated_of = {r.request_id: isolated[i] for i, r in enumerate(requests)}
+    watched = [r for r in requests if watch_ids is None or r.request_id in watch_ids]
+    watch = _SloWatch({r.request_id: slo.deadline(r.arrival_time, r.input_len, r.output_len, isolated_of[r.request_id])
+                       for r in watched})
+    allowed_misses = math.inf if give_up_below is None else (1 - give_up_below) * len(watched)
     pending = sorted(requests, key=lambda r: (r.arrival_time, r.request_id))
     records = {r.request_id: RequestRecord(r.request_id, r.arrival_time, r.input_len, r.output_len) for r in requests}
     next_arrival = 0
     schedule_seconds: list[float] = []
     complete = True
     plans_at_this_time, last_time = 0, -1.0
+
+    def reject(request_id) -> None:
+        watch.rejected(request_id)
 
     def admit_arrivals() -> None:
         nonlocal next_arrival
@@ -185,7 +202,7 @@ def simulate(
                                   spec.output_len if reveal_output_lengths else None, arrival=spec.arrival_time)
             except ValueError:  # larger than the whole cluster's KV: rejected at the edge
                 records[spec.request_id].rejected = True
-                watch.rejected(spec.request_id)
+                reject(spec.request_id)
 
     def plan_and_dispatch() -> None:
         started = time.perf_counter()
@@ -194,7 +211,12 @@ def simulate(
         if not plan.is_empty:
             core.dispatch(plan)
             for request_id in plan.rejections:
-                watch.rejected(request_id)
+                reject(request_id)
+
+    def finish(request) -> None:
+        record = records[request.request_id]
+        record.first_token_time, record.finish_time = request.first_token_time, request.finish_time
+        watch.finished(request.request_id, slo.meets(record, isolated_of[request.request_id]))
 
     while True:
         plans_at_this_time = plans_at_this_time + 1 if executor.now == last_time else 0
@@ -215,16 +237,19 @@ def simulate(
             if state.has_unfinished():
                 raise SchedulerStalled(_stall_report(state, label, executor.now))
             break
+        upcoming = min(t for t in (upcoming_finish, upcoming_arrival) if t is not None)
+        if stop_at is not None and upcoming > stop_at:
+            break  # steady-state run: what is unfinished now stays unfinished
         if upcoming_arrival is not None and (upcoming_finish is None or upcoming_arrival < upcoming_finish):
             executor.advance_to(upcoming_arrival)
             continue
         for result in core.wait():
             for request in core.apply(result):
-                watch.finished(request.request_id, request.finish_time)
+                finish(request)
         if check_invariants:
             state.check_invariants()
 
-    if check_invariants and complete:
+    if check_invariants and complete and stop_at is None:
         state.allocator.assert_all_free()
     for request_id, request in state.requests.items():
         record = records[request_id]
@@ -235,7 +260,7 @@ def simulate(
         elif request.finish_reason == "rejected":
             record.rejected = True
     ordered = [records[r.request_id] for r in requests]
-    metrics = summarize(ordered, isolated, request_rate, slo_scale)
+    metrics = summarize(ordered, isolated, request_rate, slo=slo)
     makespan = metrics.makespan
     return RatePoint(
         policy=label,
@@ -249,6 +274,7 @@ def simulate(
         scheduler_ms_median=1e3 * float(np.median(schedule_seconds)) if schedule_seconds else math.nan,
         virtual_seconds=executor.now,
         wall_seconds=time.perf_counter() - wall_start,
+        records=ordered,
     )
 
 

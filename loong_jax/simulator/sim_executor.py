@@ -6,7 +6,8 @@ It implements the executor contract (`loong_jax.executor.protocol`), so the engi
 Data flow:
   1. `submit(plan, inputs)` (after `state.on_dispatched(plan)`; the inputs are not needed: lengths come from
      the state it shares with the engine core): every work unit of the plan (disjoint instance sets)
-     gets a duration from the cost model and goes on a heap keyed by its finish time = now + duration:
+     gets a duration from the cost model (`cost.estimates.unit_seconds`, the same definition policies
+     estimate with) and goes on a heap keyed by its finish time = now + duration:
        - PrefillBatch on d instances: prefill_time_from_sums(d, Σ length, Σ((start+length)² − start²)) — a chunk
          attends to everything before it, which the quadratic term prices exactly;
        - DecodeBatch on d instances: decode_time(d, batch, Σ context); a fused chunked-prefill part adds its
@@ -29,6 +30,7 @@ from typing import Hashable, Mapping
 
 from loong_jax.engine.state import EngineState
 from loong_jax.executor.protocol import StepInputs, UnitResult
+from loong_jax.scheduler.cost import estimates
 from loong_jax.scheduler.cost.model import CostModel
 from loong_jax.scheduler.plan import DecodeBatch, MigrationBatch, Plan, PrefillBatch, WorkUnit
 
@@ -47,32 +49,11 @@ class SimExecutor:
         self.units_run: Counter[str] = Counter()
 
     # -- timing -------------------------------------------------------------------------------------------------
-    def prefill_seconds(self, batch: PrefillBatch) -> float:
-        sum_lengths = sum(length for _, length in batch.chunks)
-        sum_squares = sum((start + length) ** 2 - start**2 for start, length in batch.chunks)
-        return self.cost_model.prefill_time_from_sums(len(batch.group), sum_lengths, sum_squares)
-
-    def decode_seconds(self, batch: DecodeBatch) -> float:
-        dop = len(batch.group)
-        seconds = 0.0
-        if batch.request_ids:
-            total_context = sum(self.state.requests[r].context_len for r in batch.request_ids)
-            seconds = self.cost_model.decode_time(dop, len(batch.request_ids), total_context)
-        if batch.fused_prefill is not None:
-            seconds += self.prefill_seconds(batch.fused_prefill)
-            if batch.request_ids:
-                shared = min(self.cost_model.prefill[dop].constant, self.cost_model.decode[dop].constant)
-                seconds -= shared
-        return seconds
-
     def unit_seconds(self, unit: WorkUnit) -> float:
-        if isinstance(unit, PrefillBatch):
-            return self.prefill_seconds(unit)
-        if isinstance(unit, DecodeBatch):
-            return self.decode_seconds(unit)
-        if isinstance(unit, MigrationBatch):
-            return self.cost_model.migration_time(unit.num_tokens)
-        raise TypeError(f"unknown work unit {type(unit).__name__}")
+        """The cost model's duration of a unit (`cost.estimates.unit_seconds`, the one definition)."""
+        if not isinstance(unit, (PrefillBatch, DecodeBatch, MigrationBatch)):
+            raise TypeError(f"unknown work unit {type(unit).__name__}")
+        return estimates.unit_seconds(self.cost_model, unit, lambda request_id: self.state.requests[request_id].context_len)
 
     # -- what a unit reports --------------------------------------------------------------------------------------
     def _outcome(self, unit: WorkUnit) -> tuple[dict, frozenset]:

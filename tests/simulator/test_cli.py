@@ -48,7 +48,8 @@ def test_cli_writes_json_and_plot(tmp_path, capsys):
     out_json, out_png = tmp_path / "r.json", tmp_path / "r.png"
     code = simulate_main([
         "--workload", "sharegpt", "--instances", "2", "--policies", "esp,replicas", "--request-rates", "1,4",
-        "--num-requests", "12", "--json", str(out_json), "--plot", str(out_png), "--no-progress",
+        "--num-requests", "12", "--steady-requests", "0", "--json", str(out_json), "--plot", str(out_png),
+        "--no-progress",
     ])
     assert code == 0
     printed = capsys.readouterr().out
@@ -69,7 +70,7 @@ def test_cli_searches_the_rate_from_a_trace(tmp_path, capsys):
     out_json = tmp_path / "r.json"
     # A tight SLO (2x isolated): ten requests arriving at once on two instances cannot all meet it.
     simulate_main(["--trace", str(trace), "--instances", "2", "--policies", "replicas", "--precision", "0.3",
-                   "--slo-scale", "2", "--json", str(out_json), "--no-progress"])
+                   "--slo-scale", "2", "--steady-requests", "0", "--json", str(out_json), "--no-progress"])
     document = json.loads(out_json.read_text())
     result = document["policies"]["replicas"]
     assert document["config"]["slo_scale"] == 2
@@ -83,7 +84,7 @@ def test_json_loads_back_into_the_same_summary(tmp_path, capsys):
 
     out_json = tmp_path / "r.json"
     simulate_main(["--workload", "leval", "--instances", "2", "--policies", "esp,replicas", "--request-rates", "0.5",
-                   "--num-requests", "6", "--json", str(out_json), "--no-progress"])
+                   "--num-requests", "6", "--steady-requests", "0", "--json", str(out_json), "--no-progress"])
     printed = capsys.readouterr().out
     loaded = load_experiment(out_json)
     assert format_table(loaded) in printed
@@ -97,3 +98,44 @@ def test_cli_refuses_a_one_instance_cost_model_for_several_instances(tmp_path):
     one_instance.save_json(path)
     with pytest.raises(SystemExit, match="no migration term"):
         simulate_main(["--cost-model", str(path), "--instances", "2", "--num-requests", "4", "--no-progress"])
+
+
+def test_cli_reports_steady_state_figures_for_every_policy(tmp_path, capsys):
+    from loong_jax.simulator.report import format_table, load_experiment
+
+    out_json = tmp_path / "r.json"
+    simulate_main(["--workload", "leval", "--instances", "2", "--policies", "esp,static-sp:degree=2",
+                   "--request-rates", "0.2", "--num-requests", "6", "--steady-requests", "30", "--precision", "0.3",
+                   "--json", str(out_json), "--no-progress"])
+    printed = capsys.readouterr().out
+    document = json.loads(out_json.read_text())
+    bound = document["workload_stats"]["capacity_bound"]
+    assert bound > 0 and document["workload_stats"]["capacity_bound_requests"] == 30
+    assert document["summary"]["capacity_bound"] == bound
+    assert document["config"]["steady_requests"] == 30
+    for label in ("esp", "static-sp:degree=2"):  # option strings pass through as labels
+        entry = document["policies"][label]
+        steady = {p["request_rate"]: p for p in entry["steady_points"]}
+        assert steady[0.2]["complete"] and steady[0.2]["num_requests"] == 30  # the listed rate, run to its stop
+        assert 0 <= steady[0.2]["middle_attainment"] <= 1
+        if entry["max_sustainable_rate"] is not None:
+            assert steady[entry["max_sustainable_rate"]]["sustainable"]
+    assert "sustainable" in printed and "bound" in printed
+    loaded = load_experiment(out_json)
+    assert format_table(loaded) in printed
+    assert loaded.policies["esp"].sustainable_rate == document["policies"]["esp"]["max_sustainable_rate"]
+
+
+def test_cli_per_token_slo_and_steady_switch(tmp_path, capsys):
+    out_json = tmp_path / "r.json"
+    simulate_main(["--workload", "sharegpt", "--instances", "2", "--policies", "replicas", "--request-rates", "2",
+                   "--num-requests", "8", "--steady-requests", "0", "--slo-input-ms-per-token", "5",
+                   "--slo-output-ms-per-token", "100", "--json", str(out_json), "--no-progress"])
+    document = json.loads(out_json.read_text())
+    assert document["config"]["slo"] == {"scale": 25.0, "input_s_per_token": 0.005, "output_s_per_token": 0.1}
+    assert document["policies"]["replicas"]["steady_points"] == []
+    assert "per-token" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="both"):
+        simulate_main(["--num-requests", "4", "--slo-input-ms-per-token", "5", "--no-progress"])
+    with pytest.raises(SystemExit, match="steady-requests"):
+        simulate_main(["--num-requests", "4", "--steady-requests", "1", "--no-progress"])

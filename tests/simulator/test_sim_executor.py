@@ -5,8 +5,9 @@ import math
 import pytest
 
 from loong_jax.engine.state import EngineState
+from loong_jax.scheduler.cost import estimates
 from loong_jax.scheduler.cost.model import CostModel, DecodeCoefficients, PrefillCoefficients
-from loong_jax.scheduler.plan import DecodeBatch, MigrationBatch, Migration, Plan, PrefillBatch
+from loong_jax.scheduler.plan import DecodeBatch, Migration, MigrationBatch, Plan, PrefillBatch
 from loong_jax.simulator.run import SchedulerStalled, search_max_rate, simulate
 from loong_jax.simulator.sim_executor import SimExecutor
 from loong_jax.simulator.workloads import RequestSpec
@@ -99,17 +100,24 @@ def test_unit_times():
     executor = SimExecutor(model, state, {0: 10, 1: 10})
     # A chunk (start 64, length 36) attends to all 100 tokens: quadratic term (100² − 64²).
     chunk = PrefillBatch((0, 1), (0,), ((64, 36),), (((0, 36),),))
-    assert executor.prefill_seconds(chunk) == pytest.approx(0.012 + 0.5e-4 * 36 + 0.5e-8 * (100**2 - 64**2))
+    chunk_seconds = 0.012 + 0.5e-4 * 36 + 0.5e-8 * (100**2 - 64**2)
+    assert executor.unit_seconds(chunk) == pytest.approx(chunk_seconds)
     whole = PrefillBatch((0,), (0, 1), ((0, 100), (0, 50)), (((0, 100),), ((0, 50),)))
     assert executor.unit_seconds(whole) == pytest.approx(model.prefill_time(1, [100, 50]))
     # Requests 0 and 1 have context 100 and 50 (nothing generated yet).
     decode = DecodeBatch((0, 1), (0, 1), (0, 1))
     assert executor.unit_seconds(decode) == pytest.approx(model.decode_time(2, 2, 150))
     fused = DecodeBatch((0, 1), (0, 1), (0, 1), fused_prefill=chunk)
-    expected = model.decode_time(2, 2, 150) + executor.prefill_seconds(chunk) - min(0.012, 0.006)
+    expected = model.decode_time(2, 2, 150) + chunk_seconds - min(0.012, 0.006)
     assert executor.unit_seconds(fused) == pytest.approx(expected)
     move = MigrationBatch(0, 1, (Migration(0, 0, 1, 100), Migration(1, 0, 1, 28)))
     assert executor.unit_seconds(move) == pytest.approx(1e-3 + 1e-9 * 128 * 1000)
+    # One definition: the policies' estimate of every unit is the simulator's duration.
+    context_of = lambda request_id: state.requests[request_id].context_len
+    for unit in (chunk, whole, decode, fused, move, DecodeBatch((0, 1), (), (), fused_prefill=chunk)):
+        assert estimates.unit_seconds(model, unit, context_of) == executor.unit_seconds(unit)
+    # A fused step with no decode requests is its prefill (the old estimate added a_d − A_d to it).
+    assert executor.unit_seconds(DecodeBatch((0, 1), (), (), fused_prefill=chunk)) == pytest.approx(chunk_seconds)
 
 
 def test_wait_next_returns_the_earliest_units_and_moves_the_clock():
@@ -179,9 +187,10 @@ def test_slo_watch_counts_each_miss_once():
     from loong_jax.simulator.run import _SloWatch
 
     watch = _SloWatch({"a": 1.0, "b": 2.0, "c": 3.0, "d": 4.0})
-    watch.finished("a", 0.5)  # in time
-    watch.finished("b", 2.5)  # late: missed once its deadline passes
+    watch.finished("a", met=True)  # in time
+    watch.finished("b", met=False)  # late: missed once its deadline passes
     watch.rejected("c")  # missed at once, and not again when its deadline passes
+    watch.rejected("x")  # not watched: not counted
     assert watch.missed_by(0.0) == 1
     assert watch.missed_by(2.1) == 2
     assert watch.missed_by(3.5) == 2

@@ -6,8 +6,11 @@ Data flow:
      it, so its quadratic term is what extending the prompt from `start` to `start+length` adds (a whole
      prompt, start 0, gives the usual C_d·l²).
   2. `decode_seconds(cost, d, contexts)`: a_d + b_d·batch + c_d·Σcontext.
-  3. `unit_seconds(cost, unit, context_of)` for any `WorkUnit`; a decode step with a fused prefill chunk pays
-     both, minus one fixed launch cost (one program).
+  3. `unit_seconds(cost, unit, context_of)` for any `WorkUnit`: the one definition of a unit's duration, used
+     by the simulator's executor (its virtual clock) and by policies' and tests' estimates. A decode step with
+     a fused prefill chunk pays both minus the smaller fixed cost, min(A_d, a_d): one program launches once and
+     streams the weights once, but keeps the ring and exchange latencies of both parts (so never less than
+     the larger fixed cost); a fused step with no decode requests is its prefill.
 """
 
 from __future__ import annotations
@@ -39,8 +42,10 @@ def unit_seconds(cost, unit: WorkUnit, context_of: Callable[[object], int]) -> f
         return cost.migration_time(unit.num_tokens)
     if isinstance(unit, PrefillBatch):
         return prefill_chunks_seconds(cost, len(unit.group), unit.chunks)
-    seconds = decode_seconds(cost, len(unit.group), [context_of(r) for r in unit.request_ids])
+    dop = len(unit.group)
+    seconds = decode_seconds(cost, dop, [context_of(r) for r in unit.request_ids]) if unit.request_ids else 0.0
     if unit.fused_prefill is not None:
-        dop = len(unit.group)
-        seconds += prefill_chunks_seconds(cost, dop, unit.fused_prefill.chunks) - cost.prefill[dop].constant
+        seconds += prefill_chunks_seconds(cost, dop, unit.fused_prefill.chunks)
+        if unit.request_ids:
+            seconds -= min(cost.prefill[dop].constant, cost.decode[dop].constant)
     return seconds

@@ -12,7 +12,9 @@ Data flow:
        decode(d, batch, context) = a_d + b_d·batch + c_d·Σcontext
        migration(bytes)          = latency + seconds_per_byte·bytes
      by weighted least squares on RELATIVE error (weights 1/measured², i.e. every row divided by its
-     measurement), with coefficients kept non-negative (exact: the best non-negative subset). A profile of
+     measurement), with coefficients kept non-negative (exact: the best non-negative subset) and, from the
+     second degree on, at least d'/d times those of the next smaller degree d' (`_floor_of`): a group of d
+     is never faster than d instances' worth of work (`prefill_efficiency` ≤ 1 for every batch). A profile of
      one instance has no migration samples (nothing to move between): its model has no migration term
      (`has_migration` is False, saved as null) and serves one instance only (`check_instances`).
   3. The fitted `CostModel` (one tensor-parallel size `tp`, plus the KV geometry: bytes per token, pages
@@ -20,7 +22,9 @@ Data flow:
      several `tp` sections (`save_cost_models` / `CostModel.load_json(path, tp=...)`).
   4. Consumers call `check_instances(n)` once (a model without migration refuses n > 1), then
      `prefill_time(d, lengths)`, `decode_time(d, batch, total_context)`, `migration_time(n_tokens)`;
-     `mean_relative_error(samples)` reports fit quality. `source` names the file a model was loaded from.
+     `mean_relative_error(samples)` reports fit quality, `prefill_efficiency(d, lengths)` the width
+     efficiency. `source` names the file a model was loaded from. What one request costs (isolated latency,
+     least instance-seconds) is derived in `request_cost.py`.
 """
 
 from __future__ import annotations
@@ -155,6 +159,12 @@ class CostModel:
         """Same as `prefill_time` from Σl and Σl² (what an incremental batcher keeps)."""
         return self._prefill_entry(dop).time(sum_lengths, sum_squares)
 
+    def prefill_efficiency(self, dop: int, lengths: Sequence[int]) -> float:
+        """Speed-up over the smallest degree divided by the width ratio: T_min(lengths)·min / (T_d(lengths)·d).
+        At most 1 for a fitted model: widening a group never makes the same work cheaper in instance-time."""
+        smallest = min(self.prefill)
+        return self.prefill_time(smallest, lengths) * smallest / (self.prefill_time(dop, lengths) * dop)
+
     def decode_time(self, dop: int, batch: int, total_context: int) -> float:
         """Seconds for one decode step of `batch` requests reading `total_context` KV tokens on `dop` instances."""
         return self._decode_entry(dop).time(batch, total_context)
@@ -277,24 +287,30 @@ def _optional_float(value) -> float | None:
 # ---------------------------------------------------------------------------------------------------------------
 # Fitting.
 # ---------------------------------------------------------------------------------------------------------------
-def relative_nonnegative_least_squares(features: np.ndarray, measured: np.ndarray) -> np.ndarray:
-    """argmin_{θ ≥ 0} Σ_i ((features_i·θ − measured_i) / measured_i)².
+def relative_nonnegative_least_squares(
+    features: np.ndarray, measured: np.ndarray, lower_bounds: np.ndarray | None = None
+) -> np.ndarray:
+    """argmin_{θ ≥ lower_bounds} Σ_i ((features_i·θ − measured_i) / measured_i)²  (lower bounds default to 0).
 
     Weighted least squares with weights 1/measured² is ordinary least squares on rows divided by their
-    measurement. Non-negativity (a negative constant or slope is a fitting artefact, not physics) is
-    enforced exactly by trying every subset of free coefficients: there are at most three.
+    measurement. The bounds (0: a negative constant or slope is a fitting artefact, not physics; or the
+    per-degree floors of `fit_cost_model`) are enforced exactly: with θ = lower_bounds + φ, φ ≥ 0, every
+    subset of free coefficients (at most three) is solved and the best non-negative solution kept.
     """
     features = np.asarray(features, dtype=np.float64)  # [samples, coefficients]
     measured = np.asarray(measured, dtype=np.float64)  # [samples]
     if np.any(measured <= 0):
         raise ValueError("measured times must be positive for a relative-error fit")
+    num_coefficients = features.shape[1]
+    floor = np.zeros(num_coefficients) if lower_bounds is None else np.asarray(lower_bounds, dtype=np.float64)
+    if floor.shape != (num_coefficients,) or np.any(floor < 0):
+        raise ValueError(f"lower_bounds must be {num_coefficients} non-negative numbers, got {lower_bounds}")
     scaled = features / measured[:, None]
-    target = np.ones_like(measured)
+    target = 1.0 - scaled @ floor  # what the part above the floor must explain
     # Columns span very different magnitudes (1 vs Σl² ~ 1e10): normalise them for a well-conditioned solve.
     column_norms = np.linalg.norm(scaled, axis=0)
     column_norms[column_norms == 0] = 1.0
     scaled = scaled / column_norms
-    num_coefficients = features.shape[1]
     best, best_residual = np.zeros(num_coefficients), float(np.sum(target**2))
     for size in range(1, num_coefficients + 1):
         for subset in itertools.combinations(range(num_coefficients), size):
@@ -307,7 +323,7 @@ def relative_nonnegative_least_squares(features: np.ndarray, measured: np.ndarra
             residual = float(np.sum((scaled @ candidate - target) ** 2))
             if residual < best_residual - 1e-15:
                 best, best_residual = candidate, residual
-    return best / column_norms
+    return floor + best / column_norms
 
 
 def fit_cost_model(
@@ -329,16 +345,22 @@ def fit_cost_model(
     samples = list(samples)
     prefill: dict[int, PrefillCoefficients] = {}
     decode: dict[int, DecodeCoefficients] = {}
+    floor = None  # (degree, coefficients) of the next smaller degree: its instance-time is the floor
     for dop in sorted({s.dop for s in samples if isinstance(s, PrefillSample)}):
         rows = [s for s in samples if isinstance(s, PrefillSample) and s.dop == dop]
         _require_rows(rows, 3, f"prefill DoP {dop}")
         features = np.array([[1.0, sum(s.lengths), sum(x * x for x in s.lengths)] for s in rows])
-        prefill[dop] = PrefillCoefficients(*relative_nonnegative_least_squares(features, [s.seconds for s in rows]))
+        fitted = relative_nonnegative_least_squares(features, [s.seconds for s in rows], _floor_of(floor, dop))
+        prefill[dop] = PrefillCoefficients(*fitted)
+        floor = (dop, fitted)
+    floor = None
     for dop in sorted({s.dop for s in samples if isinstance(s, DecodeSample)}):
         rows = [s for s in samples if isinstance(s, DecodeSample) and s.dop == dop]
         _require_rows(rows, 3, f"decode DoP {dop}")
         features = np.array([[1.0, s.batch, s.total_context] for s in rows])
-        decode[dop] = DecodeCoefficients(*relative_nonnegative_least_squares(features, [s.seconds for s in rows]))
+        fitted = relative_nonnegative_least_squares(features, [s.seconds for s in rows], _floor_of(floor, dop))
+        decode[dop] = DecodeCoefficients(*fitted)
+        floor = (dop, fitted)
     migrations = [s for s in samples if isinstance(s, MigrationSample)]
     if migrations:
         _require_rows(migrations, 2, "migration")
@@ -361,31 +383,20 @@ def fit_cost_model(
     )
 
 
+def _floor_of(smaller: tuple[int, np.ndarray] | None, dop: int) -> np.ndarray | None:
+    """Coefficient floors of degree `dop`: d·θ_d ≥ d'·θ_d' for the next smaller fitted degree d'.
+
+    A group of d instances cannot do in d·t instance-seconds what d' instances need more for (the work is
+    the same; a wider group only adds communication), and every feature (1, Σl, Σl², batch, Σcontext) is
+    non-negative, so bounding each coefficient bounds every batch: chained from the smallest degree, a
+    group of d is never faster than d instances' worth of one instance's work (efficiency ≤ 1).
+    """
+    if smaller is None:
+        return None
+    smaller_dop, coefficients = smaller
+    return coefficients * smaller_dop / dop
+
+
 def _require_rows(rows: list, minimum: int, what: str) -> None:
     if len(rows) < minimum:
         raise ValueError(f"{what}: {len(rows)} samples, need at least {minimum} to fit")
-
-
-def isolated_latency(cost_model: CostModel, input_len: int, output_len: int, max_dop: int) -> float:
-    """Seconds to serve one request alone on an idle cluster with the best DoP for each phase.
-
-    Prefill picks the fastest d; decode of output tokens 2..output_len (the first token comes out of the
-    prefill) picks the d with the smallest summed step time among those whose KV pools hold the request.
-    """
-    dops = [d for d in cost_model.dops if d <= max_dop]
-    if not dops:
-        raise ValueError(f"cost model has no DoP <= {max_dop}")
-    prefill = min(cost_model.prefill_time(d, [input_len]) for d in dops)
-    steps = output_len - 1
-    if steps <= 0:
-        return prefill
-    final_context = input_len + output_len
-    # Σ_{k=1..steps} (a + b + c·(input_len + k)) in closed form.
-    context_sum = steps * input_len + steps * (steps + 1) / 2
-    feasible = [d for d in dops if d * cost_model.tokens_per_instance >= final_context] or [max(dops)]
-    decode = min(
-        steps * (cost_model.decode[d].constant + cost_model.decode[d].per_request)
-        + cost_model.decode[d].per_context_token * context_sum
-        for d in feasible
-    )
-    return prefill + decode

@@ -1,12 +1,14 @@
 """Projected cost model from published hardware ceilings (a roofline), for clusters nobody has profiled yet.
 
-This is how `cost_models/h200_llama2_7b.json` is made; `cost_models/H200_DERIVATION.md` writes the same
-numbers out by hand. It is a PROJECTION, to be replaced by a GPU-measured profile (`loong-jax profile`).
+This is how `cost_models/h200_llama2_7b.json` and `cost_models/h100_llama2_7b.json` are made;
+`cost_models/H200_DERIVATION.md` writes the same numbers out by hand, with their sources. It is a PROJECTION,
+to be replaced by a GPU-measured profile (`loong-jax profile`).
 
 Data flow:
   1. `TransformerShape` gives parameter count, weight bytes and KV bytes per token of a Llama-family model;
      `HardwareCeilings` gives peak matmul FLOP/s, HBM and NVLink bandwidth, memory size and the efficiency
-     (fraction of peak) assumed reachable, plus fixed latencies.
+     (fraction of peak) assumed reachable, plus fixed latencies (`H200_SXM`, `H100_SXM`; `A800_SXM` only for
+     `published_fixed_cost_check`, which sets the latencies against LoongServe's published step times).
   2. `Roofline` turns them into step times on a group of d instances of tp devices each:
        prefill = overhead + max(dense FLOPs / compute, weights / HBM) + causal attention FLOPs / compute
                  + ring transfer not hidden behind the attention of its ring step + tp all-reduces
@@ -14,9 +16,10 @@ Data flow:
                  + query all-gather and partial-output return (d > 1) + tp all-reduces
      (work split evenly over the d instances: striping balances causal prefill, masters balance decode).
   3. `roofline_samples` evaluates it on a grid of batches; `derive_cost_model` fits the scheduler's linear
-     forms to that grid with the same relative-error fit a measured profile gets, and adds migration at the
-     NVLink rate and the KV capacity left in HBM after weights and an activation reserve.
-  4. `python -m loong_jax.scheduler.cost.roofline [OUT.json]` regenerates the shipped file.
+     forms to that grid for degrees 1..64 with the same relative-error fit a measured profile gets (so with
+     the same width floor: a group of d is never faster than d instances' worth of work), and adds migration
+     at the NVLink rate and the KV capacity left in HBM after weights and an activation reserve.
+  4. `python -m loong_jax.scheduler.cost.roofline [OUT_DIR]` regenerates both shipped files (tp 1, 2, 4, 8).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import numpy as np
 
 from loong_jax.scheduler.cost.model import (
     DEFAULT_COST_MODEL_PATH,
+    SHIPPED_DIR,
     CostModel,
     DecodeSample,
     PrefillSample,
@@ -86,17 +90,24 @@ class TransformerShape:
 
 @dataclass(frozen=True)
 class HardwareCeilings:
-    """One accelerator and its links (defaults: NVIDIA H200 SXM, figures as published)."""
+    """One accelerator and its links (defaults: NVIDIA H200 SXM; sources in H200_DERIVATION.md §1).
 
-    name: str = "H200"
-    matmul_flops: float = 790e12  # bf16 dense, FLOP/s
-    hbm_bandwidth: float = 4.3e12  # bytes/s
-    nvlink_bandwidth: float = 450e9  # bytes/s per direction
+    Peak figures are the vendor's datasheet ones (dense, no sparsity); the efficiencies say what fraction of
+    them the model assumes reachable. The two fixed latencies are calibrated against LoongServe's published
+    step times (H200_DERIVATION.md §5, `published_fixed_cost_check`): host- and launch-bound costs that do not
+    shrink with a faster GPU.
+    """
+
+    name: str = "H200 SXM"
+    matmul_flops: float = 989e12  # bf16 dense, FLOP/s
+    hbm_bandwidth: float = 4.8e12  # bytes/s
+    nvlink_bandwidth: float = 450e9  # bytes/s per direction (900 GB/s total)
     hbm_bytes: float = 141e9
     matmul_efficiency: float = 0.60  # fraction of peak FLOP/s reached by large GEMMs and FlashAttention
     hbm_efficiency: float = 0.70  # fraction of peak bandwidth reached by weight and KV streaming
     nvlink_efficiency: float = 0.80  # fraction of link bandwidth reached by large transfers
-    collective_latency_s: float = 10e-6  # fixed cost of one p2p step or collective
+    collective_latency_s: float = 56e-6  # fixed cost of one collective (tp all-reduce, decode exchange, migration)
+    ring_step_latency_s: float = 248e-6  # fixed cost of one prefill ring step of a layer (p2p send/recv + sync)
     step_overhead_s: float = 0.5e-3  # host-side launch, sampling and bookkeeping per step
     memory_reserve_fraction: float = 0.10  # HBM kept for activations, workspace, communication buffers
 
@@ -111,6 +122,21 @@ class HardwareCeilings:
     @property
     def link(self) -> float:
         return self.nvlink_bandwidth * self.nvlink_efficiency
+
+
+H200_SXM = HardwareCeilings()
+H100_SXM = HardwareCeilings(name="H100 SXM", hbm_bandwidth=3.35e12, hbm_bytes=80e9)
+# The GPU of LoongServe's published measurements (A100 SXM with NVLink cut to 400 GB/s): only for the check.
+A800_SXM = HardwareCeilings(name="A800 SXM", matmul_flops=312e12, hbm_bandwidth=2.039e12, nvlink_bandwidth=200e9,
+                            hbm_bytes=80e9)
+
+MAX_SHIPPED_DOP = 64  # degrees 1..64 in the shipped files: a group may span a 64-instance cluster
+SHIPPED_FILES = ((H200_SXM, DEFAULT_COST_MODEL_PATH.name), (H100_SXM, "h100_llama2_7b.json"))
+
+# LoongServe (arXiv 2404.09526), 8 x A800 at SP 4 x TP 2, LWM-1M (Llama-2-7B shape): a 100-token prefill and
+# one decode step, in seconds.
+LOONGSERVE_PREFILL_100_TOKENS_S = 32.8e-3
+LOONGSERVE_DECODE_STEP_S = 12.4e-3
 
 
 @dataclass(frozen=True)
@@ -151,7 +177,7 @@ class Roofline:
             # Each of the d-1 ring steps of a layer moves one instance's KV block; it hides behind the
             # attention of the step (1/d of the layer's attention) and only the remainder shows.
             block_bytes = sum_lengths / dop * self.shape.kv_bytes_per_token_per_layer / self.tp
-            transfer = block_bytes / self.hardware.link + self.hardware.collective_latency_s
+            transfer = block_bytes / self.hardware.link + self.hardware.ring_step_latency_s
             attention_per_step = attention / (self.shape.layers * dop)
             ring = self.shape.layers * (dop - 1) * max(0.0, transfer - attention_per_step)
         allreduce = self._tp_allreduce_s(sum_lengths / dop)
@@ -201,7 +227,7 @@ def derive_cost_model(
     shape: TransformerShape = TransformerShape(),
     hardware: HardwareCeilings = HardwareCeilings(),
     tp: int = 1,
-    dops: Sequence[int] = tuple(range(1, 17)),
+    dops: Sequence[int] = tuple(range(1, MAX_SHIPPED_DOP + 1)),
     page_size: int = 16,
 ) -> CostModel:
     roofline = Roofline(shape, hardware, tp)
@@ -222,20 +248,38 @@ def derive_cost_model(
     return replace(model, metadata={**model.metadata, "roofline_fit_mean_relative_error": fit_error})
 
 
+def published_fixed_cost_check(shape: TransformerShape = TransformerShape()) -> dict[str, float]:
+    """The roofline on LoongServe's hardware and layout (A800, tp 2, d 4) next to its published step times:
+    a 100-token prefill and a decode step of one request with a 100-token context, in seconds."""
+    roofline = Roofline(shape, A800_SXM, tp=2)
+    return {
+        "prefill_100_tokens_model_s": roofline.prefill_seconds(4, [100]),
+        "prefill_100_tokens_published_s": LOONGSERVE_PREFILL_100_TOKENS_S,
+        "decode_step_model_s": roofline.decode_seconds(4, 1, 100),
+        "decode_step_published_s": LOONGSERVE_DECODE_STEP_S,
+    }
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    out = Path(argv[0]) if argv else DEFAULT_COST_MODEL_PATH
-    models = [derive_cost_model(tp=tp) for tp in (1, 2, 4, 8)]
-    save_cost_models(
-        out,
-        models,
-        name="h200_llama2_7b",
-        note="PROJECTED from published H200 ceilings (see H200_DERIVATION.md); replace with a GPU-measured profile.",
-    )
-    for model in models:
-        error = model.metadata["roofline_fit_mean_relative_error"]
-        print(f"tp={model.tp}: {model.pages_per_instance} pages/instance, roofline fit mean relative error {error:.3f}")
-    print(f"wrote {out}")
+    out_dir = Path(argv[0]) if argv else SHIPPED_DIR
+    for hardware, file_name in SHIPPED_FILES:
+        models = [derive_cost_model(hardware=hardware, tp=tp) for tp in (1, 2, 4, 8)]
+        out = out_dir / file_name
+        save_cost_models(
+            out,
+            models,
+            name=out.stem,
+            note=f"PROJECTED from published {hardware.name} ceilings (see H200_DERIVATION.md); "
+                 "replace with a GPU-measured profile.",
+        )
+        for model in models:
+            error = model.metadata["roofline_fit_mean_relative_error"]
+            print(f"{hardware.name} tp={model.tp}: {model.pages_per_instance} pages/instance, "
+                  f"roofline fit mean relative error {error:.3f}")
+        print(f"wrote {out}")
+    for key, value in published_fixed_cost_check().items():
+        print(f"A800 tp 2, d 4 (LoongServe's layout): {key} = {1e3 * value:.1f} ms")
 
 
 if __name__ == "__main__":
