@@ -13,6 +13,10 @@ What it measures (CPU or GPU, one instance of one device by default):
      and the median pair is reported, so a shared machine's changing load does not favour either side.
 
 Run: `python benchmarks/engine_decode.py [--model DIR] [--batch 32] [--steps 64] [--prompt-len 64]`.
+Several processes (what one step's plan broadcast costs): the same command once per process with
+`--cpu-devices 4 --coordinator 127.0.0.1:PORT --num-processes 2 --process-id I`; process 0 measures (its
+engine publishes every plan to the follower over JAX's coordination service; the decode instance is its
+own device 0, so the difference to one process with `--cpu-devices 8` is the broadcast), process 1 follows.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from loong_jax.executor.jax_executor import Buckets
+from loong_jax.entrypoints.engine_config import EngineConfig
 from loong_jax.entrypoints.llm import LLM
 from loong_jax.sampling.params import SamplingParams
 from loong_jax.sharding.decode_program import DecodeInputs, DecodeRow, decode_forward, layout_decode_batch
@@ -137,12 +142,26 @@ def main(argv=None) -> int:
     parser.add_argument("--prompt-len", type=int, default=64)
     parser.add_argument("--page-size", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5, help="timed (engine, raw) pairs; the median pair is reported")
+    parser.add_argument("--cpu-devices", type=int, default=None, help="simulated CPU devices (per process)")
+    parser.add_argument("--coordinator", default=None, help="HOST:PORT: several processes (see the docstring)")
+    parser.add_argument("--num-processes", type=int, default=None)
+    parser.add_argument("--process-id", type=int, default=None)
     args = parser.parse_args(argv)
 
     pages = args.batch * math.ceil((args.prompt_len + args.steps) / args.page_size) + 8
-    llm = LLM(args.model, instances=1, devices=jax.devices()[:1], page_size=args.page_size, kv_pages=pages,
-              policy="fixed", prefill_degree=1, decode_degree=1,
-              buckets=Buckets(prefill_requests=args.batch, decode_batch=args.batch), progress=False)
+    cluster = {"coordinator": args.coordinator, "num_processes": args.num_processes, "process_id": args.process_id}
+    # instances=1: the first device of the cluster, process 0's device 0
+    config = EngineConfig(args.model, instances=1, page_size=args.page_size, kv_pages=pages, policy="fixed",
+                          prefill_degree=1, decode_degree=1, progress=False, cpu_devices=args.cpu_devices,
+                          buckets=Buckets(prefill_requests=args.batch, decode_batch=args.batch), **cluster)
+    if config.cluster is not None and not config.cluster.is_leader:
+        from loong_jax.distributed.follower import run_follower
+
+        from loong_jax.distributed.launch import leave_cluster
+
+        print(f"process {args.process_id}: followed {run_follower(config)} steps")
+        leave_cluster(0)
+    llm = LLM(engine_config=config)
     rng = np.random.default_rng(0)
     prompts = [rng.integers(5, llm.config.vocab_size, size=args.prompt_len).tolist() for _ in range(args.batch)]
     engine_decode_rate(llm, prompts, args.steps)  # warm-up: every program and bucket the run needs
@@ -157,8 +176,9 @@ def main(argv=None) -> int:
     pairs.sort(key=lambda pair: pair[0] / pair[1])
     engine, raw = pairs[len(pairs) // 2]
     device = jax.devices()[0]
+    processes = f"; {jax.process_count()} processes, {jax.device_count()} devices" if config.cluster else ""
     print(f"model: {args.model or 'demo'} ({llm.config.num_layers} layers, hidden {llm.config.hidden_size}, "
-          f"vocab {llm.config.vocab_size}); device: {device.platform} {device.device_kind}")
+          f"vocab {llm.config.vocab_size}); device: {device.platform} {device.device_kind}{processes}")
     print(f"batch {args.batch}, prompt {args.prompt_len} tokens, {args.steps} tokens per request, "
           f"page size {args.page_size}")
     print(f"{'engine decode':>22}: {engine:10.1f} tokens/s")
@@ -166,6 +186,12 @@ def main(argv=None) -> int:
     print(f"{'ratio engine / raw':>22}: {engine / raw:10.3f}   (target >= 0.8; median of {len(pairs)} pairs, "
           f"range {pairs[0][0] / pairs[0][1]:.3f}-{pairs[-1][0] / pairs[-1][1]:.3f})")
     print(f"{'compilations after warm-up':>22}: {compiles:6d}       (target 0)")
+    stats = llm.stats()
+    if stats.get("broadcast_steps"):  # several processes: what publishing each plan cost the leader
+        print(f"{'plan broadcast':>22}: {1e3 * stats['broadcast_seconds'] / stats['broadcast_steps']:10.3f} ms "
+              f"per step on the leader's path (+ {1e3 * stats['broadcast_rpc_seconds'] / stats['broadcast_steps']:.3f} "
+              f"ms RPC in its writer thread), {stats['broadcast_bytes'] / stats['broadcast_steps']:.0f} bytes per plan "
+              f"({stats['broadcast_steps']} steps)")
     llm.close()
     return 0
 

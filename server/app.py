@@ -11,7 +11,8 @@ Data flow:
          worker thread; health of "loong_jax.v1.Generation" turns SERVING when that is done
          ("" = liveness is SERVING from the start; calls before then get UNAVAILABLE);
        - death: if the engine loop dies, every health status turns NOT_SERVING and every open
-         Generate ends with INTERNAL (the servicer waits on the same event).
+         Generate ends with INTERNAL (the servicer waits on the same event); over several processes
+         (a lost process: `EnginePort.death_is_unavailable`) with UNAVAILABLE.
   2. `await drain(timeout)`: health NOT_SERVING, new calls UNAVAILABLE, open requests run to the end;
      at the deadline, or at a second signal, the rest are aborted (their calls end UNAVAILABLE).
   3. `await stop()`: the gRPC server and the metrics endpoint close.

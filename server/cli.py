@@ -11,6 +11,11 @@ Data flow:
      `EnginePort.load` logs the start-up summary (`LLM.describe()`: model, devices, instances x tp,
      policy, KV pages, cost-model file, compile cache) when the engine is ready.
      `serve_until_signal` serves until SIGTERM / SIGINT, drains, and exits 0.
+  4. Several processes (`--coordinator HOST:PORT --num-processes N --process-id I`, or the environment's
+     LOONG_JAX_COORDINATOR / LOONG_JAX_NUM_PROCESSES / LOONG_JAX_PROCESS_ID; the flags win): process 0
+     serves as above (its engine leads the cluster); every other process binds nothing and runs
+     `loong_jax.distributed.follower.run_follower` with the same engine flags until the leader stops
+     (exit 0). The three values are checked with the other flags, before anything loads.
 """
 
 from __future__ import annotations
@@ -18,8 +23,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import sys
+from typing import NoReturn
 
+from loong_jax.distributed.launch import cluster_options, from_env
 from loong_jax.entrypoints.cli import add_engine_arguments, engine_kwargs_from_args
 from loong_jax.server.logging_setup import LOG_FORMATS, configure_logging  # the standard library only
 
@@ -54,6 +62,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     security.add_argument("--tls-key", default=None, help="server private key (PEM)")
     security.add_argument("--tls-client-ca", default=None,
                           help="CA for client certificates: turns on mutual TLS (clients must present one)")
+    cluster = parser.add_argument_group("several processes (one command per process; JAX's multi-controller "
+                                        "runtime)")
+    cluster.add_argument("--coordinator", default=None,
+                         help="HOST:PORT where process 0 runs JAX's coordination service (env LOONG_JAX_COORDINATOR)")
+    cluster.add_argument("--num-processes", type=int, default=None,
+                         help="processes in the cluster (env LOONG_JAX_NUM_PROCESSES)")
+    cluster.add_argument("--process-id", type=int, default=None,
+                         help="this process, 0 = the leader that serves (env LOONG_JAX_PROCESS_ID)")
     ops = parser.add_argument_group("observability")
     ops.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port")
     ops.add_argument("--metrics-host", default=None, help="address of the metrics endpoint (default: --host)")
@@ -79,6 +95,17 @@ def options_from_args(args: argparse.Namespace):
                                            ("write_timeout", args.write_timeout)) if value is not None})
 
 
+def cluster_kwargs_from_args(args: argparse.Namespace) -> dict:
+    """The launch values (flags over environment), checked; {} for a single process."""
+    values = {**from_env(), **{name: getattr(args, name) for name in ("coordinator", "num_processes", "process_id")
+                               if getattr(args, name) is not None}}
+    options = cluster_options(values.get("coordinator"), values.get("num_processes"), values.get("process_id"))
+    if options is None:
+        return {}
+    return {"coordinator": options.coordinator, "num_processes": options.num_processes,
+            "process_id": options.process_id}
+
+
 def _announce(server) -> None:
     # One plain line on stdout: scripts (and the drain test) read the bound port from it.
     print(f"loong-jax serving on {server.options.host}:{server.port}", flush=True)
@@ -97,19 +124,42 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         configure_logging(args.log_format, args.log_level.upper())
         options = options_from_args(args)
+        engine_kwargs = {**engine_kwargs_from_args(args), **cluster_kwargs_from_args(args)}
+        if engine_kwargs.get("process_id", 0) != 0:
+            return _follow(engine_kwargs)
         from loong_jax.server.engine_port import EnginePort  # imports JAX: only once the flags are good
 
-        engine = EnginePort.create(**engine_kwargs_from_args(args))
+        engine = EnginePort.create(**engine_kwargs)
     except (ValueError, FileNotFoundError) as err:
         print(f"loong-jax serve: error: {err}", file=sys.stderr)
         return 2
     from loong_jax.server.app import ListenError
 
     try:
-        return asyncio.run(_serve(engine, options))
+        code = asyncio.run(_serve(engine, options))
     except ListenError as err:  # a taken port: one line, not a traceback
         print(f"loong-jax serve: error: {err}", file=sys.stderr)
         return 1
+    if code != 0 and "coordinator" in engine_kwargs:
+        # A lost process: a thread may be stuck in a collective with it, and JAX's exit barrier would wait
+        # for it too; the logs are flushed and the process ends now.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _follow(engine_kwargs: dict) -> NoReturn:
+    """A follower: no server; the leader's steps until it stops, then the process ends (exit code 0)."""
+    from loong_jax.distributed.follower import run_follower
+    from loong_jax.distributed.launch import leave_cluster
+    from loong_jax.entrypoints.engine_config import EngineConfig
+
+    config = EngineConfig(**{**engine_kwargs, "progress": False})
+    logger.info("process %d follows the leader at %s", config.process_id, config.coordinator)
+    run_follower(config)
+    leave_cluster(0)  # the leader (and its coordination service) may be gone already: no exit handshake
 
 
 def serve_main(argv: list[str] | None = None) -> int:

@@ -107,6 +107,12 @@ class EnginePort:
         error = None if self._engine is None else self._engine.dead_error
         return None if error is None else f"{type(error).__name__}: {error}"
 
+    def death_is_unavailable(self) -> bool:
+        """Whether open calls should end UNAVAILABLE rather than INTERNAL: over several processes a dead
+        engine means a lost process (the cluster is down; a client may retry on another)."""
+        config = getattr(getattr(self._engine, "llm", None), "engine_config", None)
+        return getattr(config, "cluster", None) is not None
+
     async def wait_dead(self) -> str:
         # AsyncLLM reports death by a flag only; a 0.1 s poll is cheap and bounds the delay.
         while (reason := self.dead_reason()) is None:

@@ -10,8 +10,8 @@ Data flow of one Generate call:
      the engine has not begun yet (`EnginePort.is_scheduled`), whatever the client has read.
   3. Hand the request to the engine, then stream: a `started` message, one `delta` per new piece of a
      sample, then `finished` (finish reason per sample, usage, timings). The engine's outputs are
-     awaited together with the engine's death, so a dead engine ends the call with INTERNAL instead of
-     leaving it hanging. Each message is written with a deadline (`write_timeout_s`): a client that
+     awaited together with the engine's death, so a dead engine ends the call with INTERNAL (UNAVAILABLE
+     over several processes: a lost process) instead of leaving it hanging. Each message is written with a deadline (`write_timeout_s`): a client that
      stops reading loses its call (and the engine its request) instead of holding them forever.
   4. Whatever way the call ends (finished, client cancel, deadline, error), `finally` closes the
      engine stream and waits for the abort of a request still running — its KV pages are free when
@@ -201,7 +201,9 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             await self._write(context, pb.GenerateResponse(request_id=request_id, finished=finished_to_proto(
                 call.prompt_tokens, admitted.params.n, call.finishes, call.completion_tokens, call.final.metrics)))
         except (EngineDeadError, StopAsyncIteration) as err:  # a stream must end with a finished output
-            call.end("error", grpc.StatusCode.INTERNAL, self._dead_reason() or str(err) or "stream ended early")
+            # Over several processes a death is a lost process: UNAVAILABLE (retry elsewhere), not INTERNAL.
+            code = grpc.StatusCode.UNAVAILABLE if self._engine.death_is_unavailable() else grpc.StatusCode.INTERNAL
+            call.end("error", code, self._dead_reason() or str(err) or "stream ended early")
             await context.abort(call.code, f"the engine loop died: {call.detail}")
         except ValueError as err:  # the engine's own validation (e.g. an id running via another server)
             call.end("rejected", grpc.StatusCode.INVALID_ARGUMENT, str(err))

@@ -16,6 +16,10 @@ Data flow of a program over a group:
   3. The program (jitted, pool donated) updates it in place.
   4. `split_group_pool(group_pool, topology, group)` hands each instance its
      own buffers back (no copy), ready for the next program on another group.
+Over several processes a process holds only its own instances' pools: it passes
+None for the other members, the group pool is assembled from the local buffers
+(its other shards live in the other processes) and split back into the local
+members' pools (None for the others).
 """
 
 from __future__ import annotations
@@ -71,33 +75,46 @@ def create_pool(shape: PoolShape, topology: Topology, instance: int, fill: float
 
 def assemble_group_pool(pools: Sequence[jax.Array], mesh: Mesh) -> jax.Array:
     """Members' pools [1, ...] (in group order) -> one group pool [d, ...] over
-    `mesh` with POOL_SPEC, built from the members' own buffers (no copy)."""
+    `mesh` with POOL_SPEC, built from the members' own buffers (no copy). A member
+    held by another process passes None (its devices are not this process's)."""
     members = mesh.devices.shape[0]
     if len(pools) != members:
         raise ValueError(f"group of {members} members got {len(pools)} pools")
     sharding = NamedSharding(mesh, POOL_SPEC)
-    if members == 1 and pools[0].sharding == sharding:  # a lone member's pool already is the group pool
+    if members == 1 and pools[0] is not None and pools[0].sharding == sharding:  # already the group pool
         return pools[0]
-    buffers = []
+    local = jax.process_index()
+    buffers, shape_source = [], None
     for member, pool in enumerate(pools):
+        if pool is None:
+            if any(device.process_index == local for device in mesh.devices[member]):
+                raise ValueError(f"member {member} of the group is on this process but has no pool")
+            continue
+        shape_source = pool
         shard_by_device = {shard.device: shard.data for shard in pool.addressable_shards}
         for device in mesh.devices[member]:
             if device not in shard_by_device:
                 raise ValueError(f"pool of member {member} is not on device {device} of the group mesh")
             buffers.append(shard_by_device[device])
-    group_shape = (members,) + tuple(pools[0].shape[1:])
+    if shape_source is None:
+        raise ValueError("no member of the group is on this process")
+    group_shape = (members,) + tuple(shape_source.shape[1:])
     return jax.make_array_from_single_device_arrays(group_shape, sharding, buffers)
 
 
 def split_group_pool(group_pool: jax.Array, topology: Topology, group: Sequence[int]) -> list[jax.Array]:
     """Group pool [d, ...] -> one pool [1, ...] per member, on its instance mesh
-    (no copy: each member keeps the buffers it already holds)."""
+    (no copy: each member keeps the buffers it already holds); None for a member
+    held by another process."""
     if len(group) == 1 and group_pool.sharding == NamedSharding(topology.instance_mesh(group[0]), POOL_SPEC):
         return [group_pool]
     shard_by_device = {shard.device: shard.data for shard in group_pool.addressable_shards}
     instance_shape = (1,) + tuple(group_pool.shape[1:])
     pools = []
     for instance in group:
+        if instance not in topology.local_instances:
+            pools.append(None)
+            continue
         mesh = topology.instance_mesh(instance)
         buffers = [shard_by_device[device] for device in mesh.devices.flat]
         pools.append(jax.make_array_from_single_device_arrays(

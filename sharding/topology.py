@@ -13,6 +13,11 @@ Data flow:
   4. `group_params(placed, topology, group)` views those same per-device
      buffers as arrays over one group's mesh; nothing is copied, so any group
      of instances can run a program on the weights that are already there.
+Several processes (JAX's multi-controller runtime, `loong_jax.distributed`):
+the devices are the whole cluster's (`jax.devices()`), so instances are numbered
+over every process; each instance lies inside one process, and a process holds
+buffers only for its own devices (`local_instances`, `instance_process`). Views
+over a group that spans processes are built from the local buffers alone.
 """
 
 from __future__ import annotations
@@ -53,6 +58,22 @@ class Topology:
         self.tp = tp
         self.num_instances = len(devices) // tp
         self._group_meshes: dict[Group, Mesh] = {}
+        self.process_index = jax.process_index()
+        for instance in range(self.num_instances):
+            if len({device.process_index for device in self.instance_devices(instance)}) != 1:
+                raise ValueError(f"instance {instance} would span processes: tp={tp} must divide every "
+                                 "process's device count")
+        # Instances whose devices this process drives (all of them in a single process).
+        self.local_instances: frozenset[int] = frozenset(
+            i for i in range(self.num_instances) if self.instance_process(i) == self.process_index)
+
+    def instance_process(self, instance: int) -> int:
+        """The process whose devices hold `instance` (0 in a single process)."""
+        return self.instance_devices(instance)[0].process_index
+
+    def group_processes(self, group: Sequence[int]) -> tuple[int, ...]:
+        """The processes a program on `group` runs in, ascending."""
+        return tuple(sorted({self.instance_process(i) for i in group}))
 
     def instance_devices(self, instance: int) -> tuple[jax.Device, ...]:
         if not 0 <= instance < self.num_instances:
@@ -112,15 +133,22 @@ def place_params(model_state: Any, topology: Topology) -> Any:
     """Puts one copy of the weights on every instance (sharded over TENSOR
     inside it). Returns the same pytree with arrays over the full mesh."""
     mesh = topology.full_mesh()
-    return jax.tree_util.tree_map_with_path(
-        lambda path, leaf: jax.device_put(leaf, NamedSharding(mesh, param_spec(path))), model_state)
+
+    def place(path, leaf):
+        sharding = NamedSharding(mesh, param_spec(path))
+        if not sharding.is_fully_addressable:  # over several processes each one puts its own devices' shards,
+            leaf = np.asarray(leaf)  # from its host copy (the same weights in every process)
+        return jax.device_put(leaf, sharding)
+
+    return jax.tree_util.tree_map_with_path(place, model_state)
 
 
 def _group_view(array: jax.Array, spec: P, mesh: Mesh) -> jax.Array:
     """The buffers of `array` that sit on `mesh`'s devices, seen as one array
-    over `mesh` (no copy: the single-device buffers are reused)."""
+    over `mesh` (no copy: the single-device buffers are reused). Over several
+    processes only this process's devices have buffers here."""
     shard_by_device = {shard.device: shard.data for shard in array.addressable_shards}
-    buffers = [shard_by_device[device] for device in mesh.devices.flat]
+    buffers = [shard_by_device[device] for device in mesh.devices.flat if device in shard_by_device]
     return jax.make_array_from_single_device_arrays(array.shape, NamedSharding(mesh, spec), buffers)
 
 

@@ -134,15 +134,17 @@ class AsyncLLM:
 
     @property
     def dead_error(self) -> BaseException | None:
-        """The error that killed the engine thread; None while it runs (the server's health reads it)."""
-        return self._dead
+        """The error that killed the engine thread, or over several processes a lost process (the engine
+        thread may then be stuck in a collective with it); None while it runs (the server's health reads it)."""
+        return self._dead or self.llm.executor.cluster_failure()
 
     def shutdown(self) -> None:
         """Abort every running request, stop the engine thread and release the executor."""
         with self._lock:
             self._stopping = True
         self._wakeup.set()
-        self._thread.join()
+        # A thread stuck in a collective with a lost process never returns: do not wait for it.
+        self._thread.join(timeout=None if self.llm.executor.cluster_failure() is None else 1.0)
         self.llm.close()
 
     async def __aenter__(self) -> "AsyncLLM":
@@ -158,8 +160,9 @@ class AsyncLLM:
         self._wakeup.set()
 
     def _check_alive(self) -> None:
-        if self._dead is not None:
-            raise EngineDeadError("the engine thread failed") from self._dead
+        dead = self.dead_error
+        if dead is not None:
+            raise EngineDeadError("the engine thread failed") from dead
         if self._stopping:
             raise RuntimeError("AsyncLLM is shut down")
 

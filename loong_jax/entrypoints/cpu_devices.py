@@ -5,6 +5,7 @@ Data flow:
      `serve` and `LLM` call it first). JAX creates its backends once per process, at the first device query
      or operation; until then `jax_platforms` and `jax_num_cpu_devices` can still be set, so it selects the
      CPU platform with `count` devices.
+     Over several processes (`loong_jax.distributed`) the count is each process's own.
   2. Once the backends exist the setting can no longer change: if the devices are already `count` CPU
      devices nothing happens (tests, a second `LLM` in the same process); otherwise a ValueError says what
      JAX started with and that the count must be chosen before JAX's first use.
@@ -29,7 +30,7 @@ def use_cpu_devices(count: int | None) -> None:
     import jax
 
     if _backends_started():
-        devices = jax.devices()
+        devices = jax.local_devices()  # this process's (over several processes jax.devices() is the cluster's)
         platform = devices[0].platform
         if platform != "cpu" or len(devices) != count:
             raise ValueError(f"cpu_devices={count}: JAX already started with {len(devices)} {platform} device(s) "

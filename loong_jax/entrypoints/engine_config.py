@@ -15,6 +15,11 @@ Data flow:
      read), the tokenizer and model, the KV pages per instance (`default_kv_pages`), the `JaxExecutor`
      (`build_executor`: one copy of the weights per instance) and the cost model (given, a shipped
      measured profile of this model shape and platform, or a roofline derivation).
+     Over several processes (`coordinator`, `num_processes`, `process_id`; `loong_jax.distributed`) the
+     process first joins JAX's multi-controller runtime; the topology is the whole cluster's, the KV pages
+     per instance are the leader's choice on every process, and the leader's executor publishes each plan
+     to the followers (`distributed.channel.LeaderChannel`); a follower's parts go to
+     `distributed.follower.run_follower`, never into an `Engine`.
   3. `build_engine(parts, policy, prefill_degree, decode_degree, options)`: the policy (each policy reads
      its own degrees and options, `scheduler.policy.build_policy`) and the `Engine` over the parts; the
      parts outlive it, so switching policy keeps the compiled programs.
@@ -33,6 +38,8 @@ from typing import Any, Callable, Sequence
 import jax
 import numpy as np
 
+from loong_jax.distributed.channel import FollowerChannel, LeaderChannel, agree, open_session
+from loong_jax.distributed.launch import ClusterOptions, cluster_options, coordination_client, join_cluster
 from loong_jax.engine.llm_engine import Engine, LogicalClock
 from loong_jax.entrypoints.cpu_devices import use_cpu_devices
 from loong_jax.executor.jax_executor import Buckets, JaxExecutor
@@ -61,7 +68,9 @@ class EngineConfig:
     in dispatch order and the engine runs on a logical clock, so a run (scheduling decisions included)
     repeats exactly; for debugging and tests (timings become step counts, groups no longer overlap in time).
     cpu_devices: run on this many simulated CPU devices; it must come before JAX's first use in the
-    process (ValueError if JAX already started with another count)."""
+    process (ValueError if JAX already started with another count); over several processes it is each
+    process's own device count. coordinator / num_processes / process_id: a multi-process launch (all
+    three or none; `loong_jax.distributed`): every process builds the same config, process 0 leads."""
 
     model: str | Path | LlamaForCausalLM | None = None
     tp: int = 1
@@ -84,12 +93,21 @@ class EngineConfig:
     progress: bool = True
     deterministic: bool = False
     cpu_devices: int | None = None
+    coordinator: str | None = None  # HOST:PORT of process 0's coordination service
+    num_processes: int | None = None
+    process_id: int | None = None
 
     def __post_init__(self):
+        cluster_options(self.coordinator, self.num_processes, self.process_id)  # ValueError before loading
         if self.page_size < 1:
             raise ValueError(f"page_size must be >= 1, got {self.page_size}")
         if self.kv_pages is not None and self.kv_pages < 1:
             raise ValueError(f"kv_pages must be >= 1, got {self.kv_pages}")
+
+    @property
+    def cluster(self) -> ClusterOptions | None:
+        """The multi-process launch options, or None for a single process."""
+        return cluster_options(self.coordinator, self.num_processes, self.process_id)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,22 +123,39 @@ class EngineParts:
     clock: Callable[[], float]
     deterministic: bool
     compilation_cache_dir: Path | None  # the directory in force (the first one configured in the process)
+    cluster: ClusterOptions | None = None  # over several processes: this process's place
+    session: int | None = None  # over several processes: the engine's number in the coordination service
+    follower_channel: FollowerChannel | None = None  # a follower's end (its heartbeat runs from the start)
 
 
 def build_engine_parts(config: EngineConfig) -> EngineParts:
     """Step 2 of the module docstring."""
     use_cpu_devices(config.cpu_devices)  # before anything below asks JAX for devices
+    cluster = config.cluster
+    if cluster is not None:
+        join_cluster(cluster)  # before JAX's backends start: then jax.devices() is the whole cluster's
     cache_dir = enable_persistent_cache(config.compilation_cache_dir)  # JAX's cache is global: first one wins
     topology = build_topology(config.devices, config.tp, config.instances)
     tokenizer = load_tokenizer(config.model, config.tokenizer)
     model = load_checkpoint(config.model, config.dtype)
     clock = LogicalClock() if config.deterministic else time.monotonic
+    pages = config.kv_pages or default_kv_pages(model.config, topology, config.page_size, config.kv_memory_fraction)
+    session, broadcast, follower_channel = None, None, None
+    if cluster is not None:
+        client = coordination_client()
+        session = open_session(client, cluster.process_id)
+        if not cluster.is_leader:  # beating from now on: loading and compiling are not a hang
+            follower_channel = FollowerChannel(client, session, topology, cluster.process_id)
+        pages = agree(client, session, "kv_pages", pages, cluster.process_id)  # one pool shape everywhere
+        if cluster.is_leader and cluster.num_processes > 1:
+            broadcast = LeaderChannel(client, session, topology, cluster.num_processes)
     # The executor places one copy of the weights per instance; the loaded copy is not kept.
-    executor = build_executor(config, model, topology, eos_token_ids=tokenizer.eos_token_ids, clock=clock)
+    executor = build_executor(dataclasses.replace(config, kv_pages=pages), model, topology,
+                              eos_token_ids=tokenizer.eos_token_ids, clock=clock, broadcast=broadcast)
     cost_model = resolve_cost_model(config.cost_model, model.config, topology, executor.pool_shape.pages,
                                     executor.page_size)
     return EngineParts(tokenizer, model.config, model_name(config.model, model.config), topology, executor,
-                       cost_model, clock, config.deterministic, cache_dir)
+                       cost_model, clock, config.deterministic, cache_dir, cluster, session, follower_channel)
 
 
 def build_engine(parts: EngineParts, policy: str = DEFAULT_POLICY, prefill_degree: int | None = None,
@@ -171,18 +206,21 @@ def model_name(model, model_config) -> str:
 
 
 def build_executor(config: EngineConfig, model: LlamaForCausalLM, topology: Topology, *,
-                   eos_token_ids: Sequence[int] = (), clock: Callable[[], float] = time.monotonic) -> JaxExecutor:
-    """The engine's executor: `model`'s weights on every instance of `topology` and each instance's KV pool."""
+                   eos_token_ids: Sequence[int] = (), clock: Callable[[], float] = time.monotonic,
+                   broadcast=None) -> JaxExecutor:
+    """The engine's executor: `model`'s weights on every instance of `topology` and each instance's KV pool
+    (this process's instances only, over several processes; the leader's `broadcast` sends its plans)."""
     pages = config.kv_pages or default_kv_pages(model.config, topology, config.page_size, config.kv_memory_fraction)
     return JaxExecutor(model, topology, pages, config.page_size, eos_token_ids=eos_token_ids, buckets=config.buckets,
-                       clock=clock, in_dispatch_order=config.deterministic)
+                       clock=clock, in_dispatch_order=config.deterministic, broadcast=broadcast)
 
 
 def default_kv_pages(model_config, topology: Topology, page_size: int, memory_fraction: float) -> int:
     """Pages per instance: a fraction of the free device memory, or a fixed budget on CPU."""
     bytes_per_page = (model_config.num_layers * 2 * page_size * model_config.num_kv_heads * model_config.head_dim
                       * np.dtype(model_config.dtype).itemsize)
-    stats = topology.devices[0].memory_stats() if hasattr(topology.devices[0], "memory_stats") else None
+    device = next(d for d in topology.devices if d.process_index == topology.process_index)  # one of ours
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
     if stats and "bytes_limit" in stats:
         free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
         budget = free * memory_fraction * topology.tp  # each device holds 1/tp of the instance's pool

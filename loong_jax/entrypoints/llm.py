@@ -45,6 +45,11 @@ class LLM:
             engine_config = EngineConfig(*args, **options)
         elif args or options:
             raise ValueError("give LLM either engine_config or its options, not both")
+        cluster = engine_config.cluster
+        if cluster is not None and not cluster.is_leader:
+            raise ValueError(f"process_id {cluster.process_id} is a follower: it runs no engine; call "
+                             "loong_jax.distributed.follower.run_follower(EngineConfig(...)) with the same options "
+                             "(or `loong-jax serve`), and LLM(...) on process 0")
         self.engine_config = engine_config
         parts = build_engine_parts(engine_config)
         self._parts = parts

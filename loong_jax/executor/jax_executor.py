@@ -18,6 +18,12 @@ Data flow of one work unit:
      still compiling waits in the background while the others run.
   3. `wait_next()` returns the units that finished first, each with ONE small device->host transfer: the
      int32 matrix of sampled tokens and logprobs (`sampler.sample_logits`'s packed output).
+Over several processes (`loong_jax.distributed`) every process has a `JaxExecutor` over the whole cluster's
+topology, holding pools only for its own instances. The leader's `submit` first publishes the plan and its
+inputs (`broadcast`, a `protocol.PlanBroadcast`); every process dispatches, in the plan's order, the units
+whose group holds one of its instances (`submit_step`), a group across processes being run by all of them
+together; the leader gets a unit it takes no part in as the host copy of its outputs from the broadcast.
+A follower collects the outputs of its units with `collect()`.
 """
 
 from __future__ import annotations
@@ -41,7 +47,7 @@ from loong_jax.scheduler.plan import DecodeBatch, MigrationBatch, Plan, PrefillB
 from loong_jax.sharding.kv_pool import PoolShape, assemble_group_pool, create_pool, split_group_pool
 from loong_jax.sharding.topology import Topology, group_params, place_params
 from loong_jax.executor.unit_inputs import Buckets, ProgramCall, UnitInputs
-from loong_jax.executor.protocol import StepInputs, UnitResult
+from loong_jax.executor.protocol import PlanBroadcast, StepInputs, UnitResult
 
 __all__ = ["Buckets", "JaxExecutor", "PLAIN_GREEDY"]
 DEFAULT_COMPILE_COST_S = 30.0  # what the scheduler assumes a compile costs before the first one is timed
@@ -53,12 +59,14 @@ class _Launch:
 
     unit: WorkUnit
     programs: list[ProgramCall]
+    index: int = 0  # position in its plan's `work_units()` (what a multi-process step names it by)
 
 
 @dataclasses.dataclass
 class _Running:
     launch: _Launch
-    outputs: list[jax.Array]  # per program: the packed sampler output (or the migrated pool)
+    outputs: list[jax.Array]  # per program: the packed sampler output (or the migrated pool); [] for a unit
+    # only other processes run: its `fetch` brings the host copies of its outputs from the one reporting it
     fetch: concurrent.futures.Future | None = None
 
 
@@ -66,11 +74,13 @@ class JaxExecutor:
     def __init__(self, model: LlamaForCausalLM, topology: Topology, pages_per_instance: int, page_size: int,
                  *, eos_token_ids: Sequence[int] = (), buckets: Buckets = Buckets(),
                  program_cache: ProgramCache | None = None, clock=time.monotonic, in_dispatch_order: bool = False,
-                 attention_impl: str | None = None):
+                 attention_impl: str | None = None, broadcast: PlanBroadcast | None = None):
         """in_dispatch_order: `wait_next` returns units in the order they were dispatched instead of as they
         finish (with a logical clock this makes a whole run reproducible, scheduling decisions included).
         attention_impl: "auto" | "interpret" | "reference" | "kernel" (`models.kernels.dispatch`); None reads
-        `LOONG_JAX_ATTENTION` here, once; "auto" is settled here for the platform of the devices."""
+        `LOONG_JAX_ATTENTION` here, once; "auto" is settled here for the platform of the devices.
+        broadcast: the leader of several processes sends every plan through it (None: one process, or a
+        follower, which `loong_jax.distributed.follower` drives through `submit_step` and `collect`)."""
         self.config = model.config
         self.topology = topology
         self.buckets = buckets
@@ -84,7 +94,10 @@ class JaxExecutor:
         self.graphdef = graphdef
         self.params = place_params(weights, topology)  # one copy per instance, TENSOR-sharded inside
         self.pool_shape = PoolShape.for_model(self.config, pages_per_instance, page_size)
-        self.pools = [create_pool(self.pool_shape, topology, i) for i in range(topology.num_instances)]
+        self.broadcast = broadcast
+        # Each process holds the pools of its own instances only (None: another process's instance).
+        self.pools = [create_pool(self.pool_shape, topology, i) if i in topology.local_instances else None
+                      for i in range(topology.num_instances)]
         self.programs = program_cache or ProgramCache(lowering(ProgramContext(
             graphdef, topology, self.params, self.pool_shape, self.attention_impl)))
         self._group_params: dict[tuple[int, ...], Any] = {}
@@ -105,9 +118,25 @@ class JaxExecutor:
 
     # -- the executor interface -----------------------------------------------------------------------------------
     def submit(self, plan: Plan, inputs: StepInputs) -> None:
-        """Dispatch every unit of a plan the engine state has accounted, with its step inputs."""
-        for unit in plan.work_units():
+        """Dispatch every unit of a plan the engine state has accounted, with its step inputs (published to
+        the other processes first when there are some)."""
+        step = None
+        if self.broadcast is not None and (plan.prefills or plan.decodes or plan.migrations):
+            step, inputs = self.broadcast.publish(plan, inputs)
+        self.submit_step(plan, inputs, step)
+
+    def submit_step(self, plan: Plan, inputs: StepInputs, step: int | None = None) -> None:
+        """Dispatch, in the plan's order, the units on this process's instances. A unit on none of them is
+        skipped (a follower), or awaited from the process that reports it (the leader: `broadcast`)."""
+        local = self.topology.local_instances
+        for index, unit in enumerate(plan.work_units()):
+            if local.isdisjoint(unit.group):
+                if self.broadcast is not None:
+                    launch = _Launch(unit, self._host_inputs(unit, inputs), index)
+                    self._running.append(_Running(launch, [], self.broadcast.remote_outputs(step, index, unit.group)))
+                continue
             launch = self._prepare(unit, inputs)
+            launch.index = index
             if all(self.programs.is_ready(part.key) for part in launch.programs):
                 self._dispatch(launch)
             else:  # compile in the background; other groups keep running meanwhile
@@ -135,24 +164,49 @@ class JaxExecutor:
             concurrent.futures.wait(waiting, return_when=concurrent.futures.FIRST_COMPLETED)
         return []
 
+    def collect(self) -> list[tuple[_Launch, list]]:
+        """Every unit in flight, waited for: (its launch, the host copies of its outputs). What a follower
+        reports to the leader; the units leave the executor."""
+        done = []
+        while self._running or self._compiling:
+            if self._compiling:
+                concurrent.futures.wait([f for _, futures in self._compiling for f in futures])
+                self._dispatch_compiled()
+            while self._running:
+                run = self._running.pop(0)
+                done.append((run.launch, run.fetch.result() if run.fetch is not None else self._fetch(run)))
+        return done
+
+    def cluster_failure(self) -> Exception | None:
+        """Over several processes: why the cluster can no longer run steps (a lost process), else None."""
+        return None if self.broadcast is None else self.broadcast.failure()
+
     def close(self) -> None:
-        self._fetchers.shutdown(wait=True)
+        failed = self.cluster_failure() is not None
+        if self.broadcast is not None:
+            self.broadcast.close()
+        self._fetchers.shutdown(wait=not failed)  # a fetch may wait forever on a collective with a lost peer
         self.programs.close()
 
     # -- programs ----------------------------------------------------------------------------------------------
     def stats(self) -> dict:
-        """Units run per program kind and the program cache's statistics (with the programs ready to run)."""
+        """Units run per program kind and the program cache's statistics (with the programs ready to run);
+        over several processes, the leader's broadcast counters too."""
         return {**{f"units_{kind}": count for kind, count in self.counters.items()},
                 **{f"programs_{name}": value for name, value in self.programs.stats.as_dict().items()},
-                "programs_ready": len(self.programs.ready_keys())}
+                "programs_ready": len(self.programs.ready_keys()),
+                **(self.broadcast.stats() if self.broadcast is not None else {})}
 
     def compile_seconds_per_program(self) -> float:
         stats = self.programs.stats
         return stats.compile_seconds / stats.compiles if stats.compiles else DEFAULT_COMPILE_COST_S
 
-    def ready_programs(self) -> frozenset:
+    def ready_programs(self) -> frozenset | None:
         """Scheduler keys (kind, group, token/batch bucket) that a compiled program serves (recomputed only
-        when a compile has finished since the last call)."""
+        when a compile has finished since the last call). Over several processes the leader cannot see the
+        other processes' programs: None (every program counts as ready)."""
+        if self.topology.local_instances != frozenset(self.topology.all_instances):
+            return None
         compiles = self.programs.stats.compiles
         if self._ready_programs[0] != compiles:
             self._ready_programs = (compiles, self._scheduler_keys())
@@ -175,7 +229,11 @@ class JaxExecutor:
         return frozenset(ready)
 
     def common_keys(self, prefill_groups: Sequence[tuple[int, ...]], decode_groups: Sequence[tuple[int, ...]]):
-        """The smallest-bucket, plain-sampling programs of these groups (what start-up compiles)."""
+        """The smallest-bucket, plain-sampling programs of these groups (what start-up compiles); over several
+        processes, only the groups this process takes part in."""
+        local = self.topology.local_instances
+        prefill_groups = [g for g in prefill_groups if not local.isdisjoint(g)]
+        decode_groups = [g for g in decode_groups if not local.isdisjoint(g)]
         b = self.buckets
         keys = [ProgramKey("prefill", tuple(g), (b.round(0, b.prefill_rows), b.round(0, b.prefill_requests),
                                                  PLAIN_GREEDY)) for g in prefill_groups]
@@ -193,6 +251,13 @@ class JaxExecutor:
 
     # -- host side: plan units -> program inputs --------------------------------------------------------------
     def _prepare(self, unit: WorkUnit, step: StepInputs) -> _Launch:
+        calls = self._host_inputs(unit, step)
+        for call in calls:
+            if call.next_key is not None and not self.programs.is_ready(call.next_key):
+                self.programs.request(call.next_key)  # requests grow: have their next bucket compiled in time
+        return _Launch(unit, calls)
+
+    def _host_inputs(self, unit: WorkUnit, step: StepInputs) -> list[ProgramCall]:
         inputs = self.unit_inputs
         if isinstance(unit, PrefillBatch):
             calls = [inputs.prefill(unit, step.requests)]
@@ -204,10 +269,7 @@ class JaxExecutor:
             calls = [inputs.migration(unit, step.migrations[unit])]
         else:
             raise TypeError(f"unknown work unit {type(unit).__name__}")
-        for call in calls:
-            if call.next_key is not None and not self.programs.is_ready(call.next_key):
-                self.programs.request(call.next_key)  # requests grow: have their next bucket compiled in time
-        return _Launch(unit, calls)
+        return calls
 
     # -- device side ----------------------------------------------------------------------------------------
     def _dispatch(self, launch: _Launch) -> None:
@@ -220,10 +282,13 @@ class JaxExecutor:
                 outputs.append(pool)
             else:
                 output, pool = program(self._params_for(group), pool, *part.inputs)
+                if not output.is_fully_addressable:  # a group across processes: the local copy of the
+                    output = output.addressable_data(0)  # replicated tokens is the whole of them
                 output.copy_to_host_async()  # the program's one device->host transfer starts when it can
                 outputs.append(output)
             for instance, member_pool in zip(group, split_group_pool(pool, self.topology, group)):
-                self.pools[instance] = member_pool
+                if member_pool is not None:
+                    self.pools[instance] = member_pool
             self.counters[part.key.kind] += 1
         self._running.append(_Running(launch, outputs))
 

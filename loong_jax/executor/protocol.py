@@ -16,11 +16,15 @@ Data flow of one step, seen from an executor:
 
 `JaxExecutor` (`loong_jax.executor.jax_executor`) runs units as jitted programs on devices;
 `SimExecutor` (`loong_jax.simulator.sim_executor`) advances a virtual clock by the cost model.
+Over several processes the leader's `JaxExecutor` hands each plan and its inputs to a `PlanBroadcast`
+(`loong_jax.distributed`), which the followers read; a unit on no device of the leader comes back as the
+host copy of its outputs, published by the process that reports it (`PlanBroadcast.remote_outputs`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import concurrent.futures
 from typing import Mapping, Protocol, Sequence
 
 from loong_jax.outputs import TokenLogprobs
@@ -109,3 +113,24 @@ class Executor(Protocol):
 
     def stats(self) -> dict:
         """Counters for reports and metrics: units run per kind, program cache statistics."""
+
+
+class PlanBroadcast(Protocol):
+    """The leader's side of a multi-process step (`loong_jax.distributed.channel.LeaderChannel`)."""
+
+    def publish(self, plan: Plan, inputs: StepInputs) -> tuple[int, StepInputs]:
+        """Send a plan and its inputs to every follower; returns the step number and the inputs as sent
+        (unseeded sampling rows get this step's seed, so that every process samples alike)."""
+
+    def remote_outputs(self, step: int, unit_index: int, group: tuple[int, ...]) -> concurrent.futures.Future:
+        """The host copies of the outputs of the `unit_index`-th unit of `step` (list of numpy arrays, one
+        per program, None for a migration), run by other processes only."""
+
+    def failure(self) -> Exception | None:
+        """Why the cluster can no longer run steps (a lost process), or None."""
+
+    def stats(self) -> dict:
+        """Counters of the broadcast (steps published, bytes, seconds spent publishing)."""
+
+    def close(self) -> None:
+        """Stop the followers' loops."""
