@@ -13,7 +13,8 @@ from __future__ import annotations
 import dataclasses
 
 from gpu_accounting import shape_of
-from loong_jax.scheduler.cost.model import CostModel, DecodeSample, PrefillSample, fit_cost_model
+from loong_jax.scheduler.cost.fit import fit_cost_model
+from loong_jax.scheduler.cost.model import CostModel, DecodeSample, PrefillSample
 from loong_jax.scheduler.cost.roofline import HardwareCeilings, derive_cost_model
 
 MIN_SAMPLES = 3  # per kind, as fit_cost_model requires

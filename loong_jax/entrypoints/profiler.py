@@ -37,9 +37,8 @@ from loong_jax.engine.state import EngineState
 from loong_jax.executor.jax_executor import JaxExecutor
 from loong_jax.sampling.batch import SamplingRow
 from loong_jax.sampling.params import SamplingParams
-from loong_jax.scheduler.cost.model import (
-    CostModel, DecodeSample, MigrationSample, PrefillSample, ProfileSample, fit_cost_model,
-)
+from loong_jax.scheduler.cost.fit import fit_cost_model
+from loong_jax.scheduler.cost.model import CostModel, DecodeSample, MigrationSample, PrefillSample, ProfileSample
 from loong_jax.scheduler.groups import power_of_two_sizes
 from loong_jax.scheduler.plan import DecodeBatch, Migration, Plan, PrefillBatch, Segment
 

@@ -16,7 +16,8 @@ from loong_jax.models.demo import DEMO_MODEL_DIR
 from loong_jax.entrypoints.profile_cli import grid_from_args, parse_degrees, profile_parser
 from loong_jax.entrypoints.profiler import ProfileGrid, degrees_for, grid_blocks, member_pages, split_evenly, spread_placement
 from loong_jax.scheduler.cost.model import SHIPPED_DIR, CostModel, DecodeSample, MigrationSample, PrefillSample
-from loong_jax.scheduler.cost.model import fit_cost_model, sample_from_dict
+from loong_jax.scheduler.cost.fit import fit_cost_model
+from loong_jax.scheduler.cost.model import sample_from_dict
 
 SHIPPED_CPU = SHIPPED_DIR / "cpu_demo.json"
 

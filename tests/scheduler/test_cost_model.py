@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 
+from loong_jax.scheduler.cost.fit import fit_cost_model, relative_nonnegative_least_squares
 from loong_jax.scheduler.cost.model import (
     SHIPPED_DIR,
     CostModel,
@@ -14,9 +15,7 @@ from loong_jax.scheduler.cost.model import (
     MigrationSample,
     PrefillCoefficients,
     PrefillSample,
-    fit_cost_model,
     load_cost_models,
-    relative_nonnegative_least_squares,
     sample_from_dict,
     sample_to_dict,
     save_cost_models,

@@ -31,6 +31,7 @@ from typing import Sequence
 
 import numpy as np
 
+from loong_jax.scheduler.cost.fit import fit_cost_model
 from loong_jax.scheduler.cost.model import (
     DEFAULT_COST_MODEL_PATH,
     SHIPPED_DIR,
@@ -38,7 +39,6 @@ from loong_jax.scheduler.cost.model import (
     DecodeSample,
     PrefillSample,
     ProfileSample,
-    fit_cost_model,
     save_cost_models,
 )
 
