@@ -18,8 +18,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-FinishReason = Literal["stop", "length", "abort"]
-FINISH_REASONS: tuple[str, ...] = ("stop", "length", "abort")
+FinishReason = Literal["stop", "length", "abort", "rejected"]  # rejected: the scheduler refused it
+FINISH_REASONS: tuple[str, ...] = ("stop", "length", "abort", "rejected")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -197,6 +197,10 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             if call.shutdown_aborted:
                 call.end("shutdown", grpc.StatusCode.UNAVAILABLE, "drain timeout passed")
                 await context.abort(call.code, "server shut down before the request finished (drain timeout)")
+            if call.final.finish_reason == "rejected":  # the scheduler refused it (e.g. admission control)
+                call.end("rejected", grpc.StatusCode.RESOURCE_EXHAUSTED, "refused by the scheduler")
+                await context.abort(call.code, "the scheduler refused the request: it cannot fit the instances or, "
+                                               "with admission control, meet its deadline under the present load")
             call.end(call.final.finish_reason or "stop", grpc.StatusCode.OK)
             await self._write(context, pb.GenerateResponse(request_id=request_id, finished=finished_to_proto(
                 call.prompt_tokens, admitted.params.n, call.finishes, call.completion_tokens, call.final.metrics)))

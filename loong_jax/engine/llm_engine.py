@@ -261,8 +261,9 @@ class Engine:
         for batch in list(plan.prefills) + fused:
             for engine_id in batch.request_ids:
                 self._sequences[engine_id].request.metrics.record_scheduled(now)
-        for engine_id in plan.rejections:  # policies reject only what validation could not foresee
-            logger.warning("policy %s rejected request %r: it can never fit the groups it uses",
+        for engine_id in plan.rejections:  # what validation could not foresee, or (admission) what is too late
+            logger.warning("policy %s rejected request %r: it cannot fit the groups it uses or, with admission "
+                           "control, meet its deadline under the present load",
                            getattr(self.core.policy, "name", "?"), self._sequences[engine_id].request.prepared.request_id)
             self._finish_if_done(self._sequences[engine_id])
 
@@ -290,7 +291,8 @@ class Engine:
         if state is None or state.status != FINISHED:
             return
         if not sequence.detokenizer.finished:  # aborted or rejected: the detokenizer did not end it
-            self._record(sequence, sequence.detokenizer.abort())
+            self._record(sequence, sequence.detokenizer.abort("rejected" if state.finish_reason == "rejected"
+                                                              else "abort"))
         self.state.forget(sequence.engine_id)
         del self._sequences[sequence.engine_id]
         record = sequence.request

@@ -26,7 +26,7 @@ import json
 import sys
 from typing import Sequence
 
-from loong_jax.scheduler.policy import DEFAULT_POLICY, policy_names
+from loong_jax.scheduler.policy import DEFAULT_POLICY, PolicySpec, policy_names
 
 CPU_DEVICES_HELP = ("run on N simulated CPU devices (selects the CPU platform; set before JAX starts), "
                     "e.g. 8 to watch ESP choose degrees on a laptop")
@@ -48,8 +48,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     engine.add_argument("--model", default=None, help="checkpoint folder (Hugging Face files); default: demo model")
     engine.add_argument("--tp", type=int, default=1, help="devices per instance (tensor parallel)")
     engine.add_argument("--instances", type=int, default=None, help="instances (default: all devices / tp)")
-    engine.add_argument("--policy", default=DEFAULT_POLICY, choices=policy_names(), metavar="POLICY",
-                        help=f"scheduling policy: {', '.join(policy_names())} (default: %(default)s)")
+    engine.add_argument("--policy", default=DEFAULT_POLICY, type=_policy_spec, metavar="POLICY[:KEY=VALUE...]",
+                        help=f"scheduling policy: {', '.join(policy_names())} (default: %(default)s), with options, "
+                             "e.g. esp:admission=on (refuse what cannot meet its deadline) or replicas:queue=deadline")
     engine.add_argument("--prefill-degree", type=int, default=None, help="prefill degree (policy fixed)")
     engine.add_argument("--decode-degree", type=int, default=None, help="decode degree (policy fixed)")
     engine.add_argument("--page-size", type=int, default=16, help="tokens per KV page")
@@ -58,6 +59,13 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     engine.add_argument("--compilation-cache-dir", default=None, help="JAX persistent compilation cache folder")
     engine.add_argument("--no-warmup", action="store_true", help="compile programs on demand only")
     engine.add_argument("--cpu-devices", type=int, default=None, metavar="N", help=CPU_DEVICES_HELP)
+
+
+def _policy_spec(text: str) -> PolicySpec:
+    try:
+        return PolicySpec.parse(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
@@ -100,7 +108,8 @@ def sampling_params_from_args(args: argparse.Namespace):
 
 def engine_kwargs_from_args(args: argparse.Namespace) -> dict:
     kwargs = dict(model=args.model, tp=args.tp, instances=args.instances, page_size=args.page_size,
-                  kv_pages=args.kv_pages, policy=args.policy, prefill_degree=args.prefill_degree,
+                  kv_pages=args.kv_pages, policy=args.policy.name, policy_options=dict(args.policy.options) or None,
+                  prefill_degree=args.prefill_degree,
                   decode_degree=args.decode_degree, dtype=args.dtype, warmup=not args.no_warmup,
                   cpu_devices=args.cpu_devices)
     if args.compilation_cache_dir is not None:

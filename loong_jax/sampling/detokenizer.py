@@ -148,10 +148,11 @@ class SequenceDetokenizer:
                 break
         return self._take_delta()
 
-    def abort(self) -> CompletionOutput:
-        """Ends the sequence now (client gone or cancelled); releases held-back text."""
+    def abort(self, reason: FinishReason = "abort") -> CompletionOutput:
+        """Ends the sequence now (client gone or cancelled: "abort"; refused by the scheduler: "rejected");
+        releases held-back text."""
         if not self.finished:
-            self._finish("abort", None, stops_allowed=False)
+            self._finish(reason, None, stops_allowed=False)
         return self._take_delta()
 
     def _consume(self, token_id: int) -> None:

@@ -5,7 +5,8 @@ Data flow:
      name and lets it read the command line's degrees itself (`from_degrees`): each policy validates its
      own options, so nothing outside the scheduler checks policy names or types. `make_policy(name,
      **options)` builds one from its own keyword arguments (`esp` is the default; baselines: `static-sp`,
-     `replicas`, `chunked-prefill`, `pd-disagg`, `fixed`).
+     `replicas`, `chunked-prefill`, `pd-disagg`, `fixed`). `PolicySpec.parse("replicas:queue=deadline")` reads
+     the `name:key=value` form every command line uses (`serve --policy`, `simulate --policies`).
   2. Before serving, the engine asks the policy what it can ever hold (`request_token_limits`) and which
      groups it runs most (`warmup_groups`, compiled ahead of time).
   3. Each step the engine calls `policy.schedule(view)` with a `SchedulerView` and gets a `Plan` for its idle
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+from dataclasses import dataclass
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
@@ -144,3 +146,42 @@ def build_policy(name: str, num_instances: int, prefill_degree: int | None = Non
     `static-sp` and `chunked-prefill`), each policy checks its own (`Policy.from_degrees`)."""
     check_option_names(name, dict(options or {}))
     return policy_class(name).from_degrees(num_instances, prefill_degree, decode_degree, options)
+
+
+@dataclass(frozen=True)
+class PolicySpec:
+    """A policy name plus constructor options, written `name` or `name:key=value:key=value`."""
+
+    name: str
+    options: tuple[tuple[str, object], ...] = ()
+
+    @property
+    def label(self) -> str:
+        return ":".join([self.name] + [f"{k}={v}" for k, v in self.options])
+
+    @classmethod
+    def parse(cls, text: str) -> "PolicySpec":
+        """`esp`, `replicas:queue=deadline`, `esp:admission=on:scale_up=0`; an unknown name is a ValueError
+        (unknown options are refused by the policy when it is built)."""
+        name, *pairs = text.strip().split(":")
+        if name not in _POLICY_CLASSES:
+            raise ValueError(f"unknown policy {name!r}; choose one of {', '.join(_POLICY_CLASSES)}")
+        options = []
+        for pair in pairs:
+            key, separator, value = pair.partition("=")
+            if not separator or not key:
+                raise ValueError(f"policy option {pair!r} in {text!r} is not key=value")
+            options.append((key, _parse_value(value)))
+        return cls(name, tuple(options))
+
+    def build(self):
+        return make_policy(self.name, **dict(self.options))
+
+
+def _parse_value(value: str) -> object:
+    for convert in (int, float):
+        try:
+            return convert(value)
+        except ValueError:
+            pass
+    return {"true": True, "false": False}.get(value.lower(), value)

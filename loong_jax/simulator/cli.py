@@ -36,10 +36,10 @@ from typing import Sequence
 import numpy as np
 
 from loong_jax.scheduler.cost.model import DEFAULT_COST_MODEL_PATH, CostModel
-from loong_jax.scheduler.policy import policy_names
+from loong_jax.scheduler.policy import PolicySpec, policy_names
 from loong_jax.simulator.metrics import DEFAULT_ATTAINMENT_TARGET, DEFAULT_SLO_SCALE, SloSpec, isolated_latencies
 from loong_jax.simulator.report import ExperimentResult, PolicyResult, format_table, plot_experiment
-from loong_jax.simulator.run import PolicySpec, RatePoint, initial_rate_guess, search_max_rate, simulate
+from loong_jax.simulator.run import RatePoint, initial_rate_guess, search_max_rate, simulate
 from loong_jax.simulator.steady import SteadyPoint, capacity_bound, search_sustainable_rate, simulate_steady
 from loong_jax.simulator.workloads import WORKLOADS, Workload, load_trace, make_workload
 

@@ -32,7 +32,7 @@ import numpy as np
 from loong_jax.engine.core import EngineCore, SchedulerStalled
 from loong_jax.engine.state import EngineState, make_state_for
 from loong_jax.scheduler.cost.model import CostModel
-from loong_jax.scheduler.policy import Policy, make_policy
+from loong_jax.scheduler.policy import Policy, PolicySpec
 from loong_jax.simulator.metrics import (
     DEFAULT_ATTAINMENT_TARGET,
     DEFAULT_SLO_SCALE,
@@ -46,41 +46,6 @@ from loong_jax.simulator.sim_executor import SimExecutor
 from loong_jax.simulator.workloads import RequestSpec
 
 MAX_PLANS_AT_ONE_TIME = 10_000  # a policy that keeps planning without letting time move is looping
-
-
-@dataclass(frozen=True)
-class PolicySpec:
-    """A policy name plus constructor options, written `name` or `name:key=value:key=value`."""
-
-    name: str
-    options: tuple[tuple[str, object], ...] = ()
-
-    @property
-    def label(self) -> str:
-        return ":".join([self.name] + [f"{k}={v}" for k, v in self.options])
-
-    @classmethod
-    def parse(cls, text: str) -> "PolicySpec":
-        name, *pairs = text.strip().split(":")
-        options = []
-        for pair in pairs:
-            key, separator, value = pair.partition("=")
-            if not separator or not key:
-                raise ValueError(f"policy option {pair!r} in {text!r} is not key=value")
-            options.append((key, _parse_value(value)))
-        return cls(name, tuple(options))
-
-    def build(self):
-        return make_policy(self.name, **dict(self.options))
-
-
-def _parse_value(value: str) -> object:
-    for convert in (int, float):
-        try:
-            return convert(value)
-        except ValueError:
-            pass
-    return {"true": True, "false": False}.get(value.lower(), value)
 
 
 @dataclass

@@ -40,8 +40,9 @@ import numpy as np
 
 from loong_jax.scheduler.cost.model import CostModel
 from loong_jax.scheduler.cost.request_cost import instance_seconds_lower_bound
+from loong_jax.scheduler.policy import PolicySpec
 from loong_jax.simulator.metrics import DEFAULT_ATTAINMENT_TARGET, RequestRecord, SloSpec
-from loong_jax.simulator.run import PolicySpec, search_max_rate, simulate
+from loong_jax.simulator.run import search_max_rate, simulate
 from loong_jax.simulator.workloads import RequestSpec
 
 MIDDLE_WINDOW = (0.25, 0.75)  # fractions of the arrival span judged in a steady-state run

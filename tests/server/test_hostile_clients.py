@@ -17,6 +17,7 @@ import pytest
 
 from loong_jax.server.client import AsyncLoongClient, LoongClient, client_main
 from loong_jax.server.cli import serve_main
+from loong_jax.scheduler.plan import Plan
 from loong_jax.server.generated import generation_pb2 as pb
 from tests.server.harness import start_server, wait_pages_free, wait_until
 from tests.server.raw_http2 import StalledCall
@@ -202,6 +203,28 @@ def test_50_concurrent_admissions_never_exceed_the_queue_limit(loop_thread, engi
         handle.stop()
     assert results.count(grpc.StatusCode.OK) == 4, results
     assert results.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 46
+    wait_pages_free(engine_port)
+
+
+def test_a_request_the_scheduler_refuses_ends_resource_exhausted(loop_thread, engine, engine_port):
+    """What a policy rejects (admission control: too late to meet its deadline) ends its call with
+    RESOURCE_EXHAUSTED, not with a normal finish; its pages are free and the server serves on."""
+    handle = start_server(loop_thread, engine_port)
+    policy = engine.llm.engine.core.policy
+    healthy_schedule = policy.schedule
+    policy.schedule = lambda view: Plan(rejections=tuple(r.request_id for r in view.waiting)) if view.waiting \
+        else healthy_schedule(view)
+    try:
+        with LoongClient(handle.target) as client:
+            with pytest.raises(grpc.RpcError) as refused:
+                client.complete(PROMPT, max_tokens=4, temperature=0)
+            del policy.schedule  # the class's method again
+            assert client.complete(PROMPT, max_tokens=2, temperature=0).finish_reason == "length"
+    finally:
+        policy.__dict__.pop("schedule", None)
+        handle.stop()
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "scheduler refused" in refused.value.details()
     wait_pages_free(engine_port)
 
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from loong_jax.scheduler.cost.model import CostModel
-from loong_jax.scheduler.policy import policy_names
+from loong_jax.scheduler.policy import PolicySpec, policy_names
 from loong_jax.simulator.cli import simulate_main
-from loong_jax.simulator.run import PolicySpec, simulate
+from loong_jax.simulator.run import simulate
 from loong_jax.simulator.workloads import RequestSpec
 
 

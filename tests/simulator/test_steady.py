@@ -8,19 +8,12 @@ import pytest
 
 from loong_jax.scheduler.cost.model import CostModel
 from loong_jax.scheduler.cost.request_cost import instance_seconds_lower_bound
+from loong_jax.scheduler.policy import PolicySpec
 from loong_jax.simulator.metrics import RequestRecord, SloSpec, slo_met
-from loong_jax.simulator.run import PolicySpec, simulate
-from loong_jax.simulator.steady import (
-    GROWTH_MIN_REQUESTS,
-    SteadyPoint,
-    backlog_is_growing,
-    backlog_trend,
-    capacity_bound,
-    outstanding,
-    search_sustainable_rate,
-    simulate_steady,
-    steady_window,
-)
+from loong_jax.simulator.run import simulate
+from loong_jax.simulator.steady import (GROWTH_MIN_REQUESTS, SteadyPoint, backlog_is_growing, backlog_trend,
+                                        capacity_bound, outstanding, search_sustainable_rate, simulate_steady,
+                                        steady_window)
 from loong_jax.simulator.workloads import RequestSpec, make_workload
 from tests.simulator.test_sim_executor import OnePerInstance, cost_model
 
