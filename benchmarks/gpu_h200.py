@@ -347,6 +347,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/gpu_h200.json"))
     parser.add_argument("--cost-model-out", type=Path, default=Path("benchmarks/results/gpu_llama2_7b_measured.json"))
     parser.add_argument("--repeats", type=int, default=None, help="timed calls per case (median reported)")
+    parser.add_argument("--unrolled-layers", action="store_true",
+                        help="the model's layers as a Python loop (ModelConfig.scan_layers=False), to compare with "
+                             "the default layer scan (use another --out)")
     args = parser.parse_args(argv)
     phases = [p.strip() for p in args.phases.split(",") if p.strip()]
     if not phases or set(phases) - set(PHASES):
@@ -354,6 +357,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = TINY_SETTINGS if args.tiny else FULL
     if args.repeats is not None:
         settings = dataclasses.replace(settings, repeats=args.repeats)
+    if args.unrolled_layers:
+        settings = dataclasses.replace(settings, config=settings.config.with_scan_layers(False))
     device = jax.devices()[0]
     if not args.tiny and device.platform != "gpu":
         print(f"gpu_h200.py: the full run needs a GPU, found {device.platform}; use --tiny to smoke-test",

@@ -111,7 +111,7 @@ def key_tile_ranges(q_positions, q_segments, kv_positions, kv_segments, q_tile: 
 
 
 def blocked_partial_attention(q, k, v, q_positions, q_segments, kv_positions, kv_segments, scale: float, *,
-                              kv_rows=None, q_tile: int = Q_TILE,
+                              kv_rows=None, v_rows=None, q_tile: int = Q_TILE,
                               kv_tile: int = KV_TILE) -> tuple[jax.Array, jax.Array]:
     """Softmax attention of q over the keys that share its segment (>= 0) and
     are not after it, computed tile pair by tile pair.
@@ -120,7 +120,9 @@ def blocked_partial_attention(q, k, v, q_positions, q_segments, kv_positions, kv
     kv_positions, kv_segments: [kv_tokens] int32, the key stream.
     k, v: [kv_tokens, kv_heads, head_dim], or any [stored, kv_heads, head_dim]
     storage (a pool layer's slots) when kv_rows [kv_tokens] int32 says where
-    each key of the stream is stored. Tiles larger than a stream shrink to it.
+    each key of the stream is stored; v_rows [kv_tokens] int32, where its value
+    is stored when that differs (keys and values in one storage, such as a
+    whole pool viewed as rows). Tiles larger than a stream shrink to it.
     Returns out [q_tokens, q_heads, head_dim] float32 and lse [q_tokens, q_heads]
     float32 (-inf where the query sees no key; out is 0 there), as `partial_attention`.
     """
@@ -138,12 +140,13 @@ def blocked_partial_attention(q, k, v, q_positions, q_segments, kv_positions, kv
         k, v = pad_rows(k, kv_padded, 0), pad_rows(v, kv_padded, 0)
     else:  # tiles are gathered from the storage
         kv_rows = pad_rows(kv_rows, kv_padded, 0)
+        v_rows = kv_rows if v_rows is None else pad_rows(v_rows, kv_padded, 0)
 
-    def key_tile(x, start):
+    def key_tile(x, rows, start):
         """[K, kvh, hd] float32 rows start .. start + K - 1 of the key stream."""
-        if kv_rows is None:
+        if rows is None:
             return jax.lax.dynamic_slice_in_dim(x, start, kv_tile).astype(jnp.float32)
-        return x[jax.lax.dynamic_slice_in_dim(kv_rows, start, kv_tile)].astype(jnp.float32)
+        return x[jax.lax.dynamic_slice_in_dim(rows, start, kv_tile)].astype(jnp.float32)
 
     def query_tile(inputs):
         q_t, pos_t, seg_t, first, count = inputs  # [Q, kvh, g, hd], [Q], [Q], (), ()
@@ -152,9 +155,9 @@ def blocked_partial_attention(q, k, v, q_positions, q_segments, kv_positions, kv
             row_max, row_sum, acc = carry  # [kvh, g, Q], [kvh, g, Q], [kvh, g, Q, hd]
             start = (first + step) * kv_tile
             kv_seg_t = jax.lax.dynamic_slice_in_dim(kv_segments, start, kv_tile)  # [K]
-            k_t = key_tile(k, start)  # [K, kvh, hd]
+            k_t = key_tile(k, kv_rows, start)  # [K, kvh, hd]
             # Padding and unwritten slots may hold anything, even NaN: zero them, as 0 * NaN is NaN.
-            v_t = jnp.where((kv_seg_t >= 0)[:, None, None], key_tile(v, start), 0.0)
+            v_t = jnp.where((kv_seg_t >= 0)[:, None, None], key_tile(v, v_rows, start), 0.0)
             mask = attention_mask(pos_t, seg_t, jax.lax.dynamic_slice_in_dim(kv_positions, start, kv_tile),
                                   kv_seg_t)  # [Q, K]
             scores = jnp.where(mask, jnp.einsum("qhgd,khd->hgqk", q_t, k_t), NEG_INF)  # [kvh, g, Q, K]

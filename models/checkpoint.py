@@ -6,7 +6,8 @@ Layout of a saved directory:
 
 Data flow:
   1. `save_params(model, dir)` writes config.json and the parameter state
-     (exact bytes, dtype kept: bfloat16 stays bfloat16).
+     (exact bytes, dtype kept: bfloat16 stays bfloat16), in the model's
+     layout (stacked layer weights by default, see `ModelConfig.scan_layers`).
   2. `restore_model(dir)` reads config.json, builds the abstract model (shapes
      only), restores the parameters straight into arrays of those shapes on
      the default device, recomputes the RoPE frequencies and fills the model.
@@ -42,12 +43,13 @@ def save_params(model: LlamaForCausalLM, directory: str | Path) -> Path:
     return directory
 
 
-def restore_model(directory: str | Path) -> tuple[LlamaForCausalLM, ModelConfig]:
-    """The model saved by `save_params`, with its config."""
+def restore_model(directory: str | Path, scan_layers: bool = True) -> tuple[LlamaForCausalLM, ModelConfig]:
+    """The model saved by `save_params`, with its config. The parameters are stored in the model's own
+    layout, so `scan_layers` must be the `ModelConfig.scan_layers` of the model that was saved."""
     directory = Path(directory).absolute()
     if not (directory / PARAMS_SUBDIR).is_dir():
         raise ConfigError(f"no Orbax parameters at {directory / PARAMS_SUBDIR} (save_params writes them)")
-    config = ModelConfig.from_json(directory / CONFIG_FILE)
+    config = ModelConfig.from_json(directory / CONFIG_FILE).with_scan_layers(scan_layers)
     model = abstract_model(config)
     device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=device),

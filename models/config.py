@@ -9,6 +9,8 @@ Data flow:
      else looks at the raw JSON.
   3. `to_hf_dict()` writes it back (used for the demo checkpoint), so a config
      survives a round trip through `transformers`.
+  4. `scan_layers` is loong_jax's own choice of how the model runs its layers
+     (not read from or written to config.json): `with_scan_layers` sets it.
 """
 
 from __future__ import annotations
@@ -60,6 +62,9 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     pad_token_id: int | None = None
+    # Not part of config.json: run the layers as one `lax.scan` over stacked weights (compile time flat in
+    # depth) or as an unrolled Python loop over per-layer weights (kept so that a GPU run can compare both).
+    scan_layers: bool = True
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -87,6 +92,9 @@ class ModelConfig:
 
     def with_dtype(self, dtype: str) -> "ModelConfig":
         return dataclasses.replace(self, dtype=dtype)
+
+    def with_scan_layers(self, scan_layers: bool) -> "ModelConfig":
+        return dataclasses.replace(self, scan_layers=bool(scan_layers))
 
     # ----------------------------------------------------------------- reading
     @classmethod

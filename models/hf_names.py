@@ -10,11 +10,17 @@ Data flow:
      norm weights keep their layout.
   3. Tensors that transformers may write but loong_jax derives itself
      (rotary `inv_freq` buffers, a tied `lm_head.weight`) are ignorable.
+  4. Stacked layer weights (`ModelConfig.scan_layers`: path
+     `layers/mlp/up_proj/kernel`, [layers, ...]) are one leaf for as many
+     Hugging Face tensors as layers: `hf_name(path, layer)` names layer
+     `layer`'s slice.
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+from loong_jax.models.llama import is_stacked
 
 # Flax leaf name -> (torch leaf name, transpose?)
 _LEAF_TO_HF = {
@@ -27,11 +33,17 @@ _LEAF_TO_HF = {
 TIED_LM_HEAD = "lm_head.weight"
 
 
-def hf_name(path: tuple[Any, ...]) -> tuple[str, bool]:
-    """NNX parameter path -> (Hugging Face tensor name, whether to transpose).
+def hf_name(path: tuple[Any, ...], layer: int | None = None) -> tuple[str, bool]:
+    """NNX parameter path (and, for a stacked layer leaf, the layer) -> (Hugging Face tensor name,
+    whether to transpose).
 
     ('layers', 3, 'mlp', 'up_proj', 'kernel') -> ('model.layers.3.mlp.up_proj.weight', True)
+    ('layers', 'mlp', 'up_proj', 'kernel'), layer 3 -> the same
     """
+    if is_stacked(path) != (layer is not None):
+        raise ValueError(f"{path}: a layer is given exactly for stacked layer weights, got layer={layer}")
+    if layer is not None:
+        path = (path[0], layer, *path[1:])
     *modules, leaf = (str(part) for part in path)
     torch_leaf, transpose = _LEAF_TO_HF[leaf]
     prefix = [] if modules[0] == "lm_head" else ["model"]

@@ -7,13 +7,20 @@ Data flow of `LlamaForCausalLM.__call__` for a packed token stream:
      segment_ids, kv_cache)` (a function passed in: dense by default, ring
      prefill or distributed decode when sharded) -> o_proj -> residual ->
      RMSNorm -> SwiGLU MLP -> residual.
+     With `config.scan_layers` (the default) the layers' weights are stacked
+     on a leading [layers] axis and the layers run as one `jax.lax.scan`
+     carrying (x, kv_cache): the program holds one layer's code whatever the
+     depth, and `layer` reaches the hook as an int32 scalar tracer. Without
+     it the layers are separate modules run by a Python loop (`layer` a
+     static int), one copy of the code per layer.
   3. Final RMSNorm; logits [N, vocab] in float32 for the rows in
      `logits_indices` (all rows when None), so a prefill computes the LM head
      only for the tokens it samples from.
 
-Parameters carry *logical* axis names (`PARAM_LOGICAL_AXES`); the sharding
-package maps them to mesh axes with a small table, so the model itself never
-mentions devices.
+Parameters carry *logical* axis names (`PARAM_LOGICAL_AXES`, plus a leading
+"layers" axis for stacked layer weights: `logical_axes`); the sharding package
+maps them to mesh axes with a small table, so the model itself never mentions
+devices.
 """
 
 from __future__ import annotations
@@ -52,11 +59,23 @@ PARAM_LOGICAL_AXES: dict[tuple[str, str], tuple[str | None, ...]] = {
 }
 
 
-def logical_axes(path: tuple[Any, ...]) -> tuple[str | None, ...]:
+LAYERS_AXIS = "layers"  # the leading axis of stacked layer weights (`ModelConfig.scan_layers`)
+
+
+def is_stacked(path: tuple[Any, ...]) -> bool:
+    """Whether the parameter at an NNX state path holds every layer's weights on a leading axis:
+    ('layers', 'mlp', 'up_proj', 'kernel') is stacked, ('layers', 3, 'mlp', 'up_proj', 'kernel') is not."""
+    return len(path) > 1 and path[0] == "layers" and isinstance(path[1], str)
+
+
+def logical_axes(path: tuple[Any, ...]) -> tuple[str | None, ...] | None:
     """Logical axes of the parameter at an NNX state path such as
-    ('layers', 0, 'self_attn', 'q_proj', 'kernel')."""
+    ('layers', 0, 'self_attn', 'q_proj', 'kernel'), or None for a non-parameter (the RoPE frequencies)."""
     names = [p for p in path if isinstance(p, str)]
-    return PARAM_LOGICAL_AXES[(names[-2], names[-1])]
+    axes = PARAM_LOGICAL_AXES.get(tuple(names[-2:])) if len(names) >= 2 else None
+    if axes is None:
+        return None
+    return (LAYERS_AXIS, *axes) if is_stacked(path) else axes
 
 
 class RMSNorm(nnx.Module):
@@ -139,7 +158,10 @@ class LlamaForCausalLM(nnx.Module):
         self.embed_tokens = nnx.Embed(config.vocab_size, config.hidden_size, dtype=dtype,
                                       param_dtype=dtype, embedding_init=nnx.initializers.normal(0.02),
                                       rngs=rngs)
-        self.layers = nnx.List([DecoderLayer(config, rngs=rngs) for _ in range(config.num_layers)])
+        if config.scan_layers:
+            self.layers = _stacked_layers(config, rngs)  # one DecoderLayer, every weight [layers, ...]
+        else:
+            self.layers = nnx.List([DecoderLayer(config, rngs=rngs) for _ in range(config.num_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype, rngs=rngs)
         if not config.tie_word_embeddings:
             self.lm_head = _linear(config.hidden_size, config.vocab_size, False, dtype, rngs)
@@ -156,11 +178,29 @@ class LlamaForCausalLM(nnx.Module):
     ) -> tuple[jax.Array, Any]:
         x = self.embed_tokens(tokens)  # [T, hidden]
         inv_freq = self.inv_freq[...]
-        for layer_index, layer in enumerate(self.layers):
-            x, kv_cache = layer(layer_index, x, positions, segment_ids, inv_freq, attention, kv_cache)
+        if self.config.scan_layers:
+            x, kv_cache = self._scan_layers(x, positions, segment_ids, inv_freq, attention, kv_cache)
+        else:
+            for layer_index, layer in enumerate(self.layers):
+                x, kv_cache = layer(layer_index, x, positions, segment_ids, inv_freq, attention, kv_cache)
         if logits_indices is not None:
             x = x[logits_indices]  # [N, hidden]
         return self.logits(self.norm(x)), kv_cache
+
+    def _scan_layers(self, x, positions, segment_ids, inv_freq, attention, kv_cache):
+        """Every layer as one scan step: xs are the stacked weights and the layer index [layers] int32."""
+        graphdef, stacked = nnx.split(self.layers)
+
+        def one_layer(carry, layer_input):
+            x, kv_cache = carry
+            weights, layer = layer_input
+            x, kv_cache = nnx.merge(graphdef, weights)(layer, x, positions, segment_ids, inv_freq, attention,
+                                                       kv_cache)
+            return (x, kv_cache), None
+
+        layers = jnp.arange(self.config.num_layers, dtype=jnp.int32)
+        (x, kv_cache), _ = jax.lax.scan(one_layer, (x, kv_cache), (stacked, layers))
+        return x, kv_cache
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """[N, hidden] -> [N, vocab] float32."""
@@ -169,6 +209,17 @@ class LlamaForCausalLM(nnx.Module):
         else:
             logits = self.lm_head(hidden)
         return logits.astype(jnp.float32)
+
+
+def _stacked_layers(config: ModelConfig, rngs: nnx.Rngs) -> DecoderLayer:
+    """`config.num_layers` decoder layers as one module whose weights carry a leading [layers] axis.
+
+    The layers are initialised one after another from `rngs`, exactly as the unrolled model's are, then
+    stacked: a seed gives the same weights whichever way the model runs its layers."""
+    layers = [DecoderLayer(config, rngs=rngs) for _ in range(config.num_layers)]
+    graphdef = nnx.graphdef(layers[0])
+    stacked = jax.tree.map(lambda *per_layer: jnp.stack(per_layer), *(nnx.state(layer) for layer in layers))
+    return nnx.merge(graphdef, stacked)
 
 
 def init_model(config: ModelConfig, seed: int = 0) -> LlamaForCausalLM:

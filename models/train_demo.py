@@ -114,6 +114,7 @@ def demo_config(settings: TrainSettings, special_ids: dict[str, int]) -> ModelCo
         bos_token_id=special_ids[BOS],
         eos_token_ids=(special_ids[EOS], special_ids[IM_END]),
         pad_token_id=special_ids[PAD],
+        scan_layers=False,  # one module a layer while training: the weight decay mask picks matrices by ndim
     )
 
 

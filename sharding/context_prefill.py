@@ -57,7 +57,7 @@ from loong_jax.models.kernels import prefill_attention
 from loong_jax.models.kernels.dispatch import AUTO, by_platform, checks_vma
 from loong_jax.sharding.prefill_program import PrefillInputs
 from loong_jax.sharding.ring_prefill import RingPrefillCache, ring_attention
-from loong_jax.sharding.specs import BY_MEMBER_SPEC, HEADS_SPEC, LSE_SPEC, POOL_SPEC
+from loong_jax.sharding.specs import BY_MEMBER_SPEC, HEADS_SPEC, LSE_SPEC, POOL_SPEC, REPLICATED_SPEC
 from loong_jax.sharding.stripe_layout import (
     PackedLayout, stream_positions, striped_layout)
 from loong_jax.sharding.topology import SEQ
@@ -159,32 +159,38 @@ def _prefix_key_stream(page_tables, kv_lens, num_pages: int, page_size: int):
     return key_rows, key_positions, key_segments
 
 
-def _held_prefix_partials(q_all, segments_all, pool, layer: int, page_tables, kv_lens, scale: float,
+def _held_prefix_partials(q_all, segments_all, pool, layer, page_tables, kv_lens, scale: float,
                           members: int, pages_per_visit: int | None):
     """Partial attention of every query over this member's prefix tokens of its request (reference).
 
     q_all: [R, hq, hd], the rows of `members` members one block after another
-    (each block in stream order); segments_all: [R] (-1 = padding);
+    (each block in stream order); segments_all: [R] (-1 = padding); layer: [] int32;
     pool: [1, L, 2, pages, page_size, kvh, hd]; page_tables: [requests, max_pages]; kv_lens: [requests].
     Returns out [R, hq, hd] float32 and lse [R, hq] float32 (-inf: nothing held).
     """
     num_pages, page_size, kv_heads, head_dim = pool.shape[3:]
     key_rows, key_positions, key_segments = _prefix_key_stream(page_tables, kv_lens, num_pages, page_size)
-    keys = pool[0, layer, 0].reshape(num_pages * page_size, kv_heads, head_dim)
-    values = pool[0, layer, 1].reshape(num_pages * page_size, kv_heads, head_dim)
+    # The pool as rows [L * 2 * pages * page_size, kvh, hd] (a reshape: no copy); the key stream's rows are
+    # offset to the layer's keys and values there, so each tile is one gather and no layer of the pool is
+    # sliced out (a copy per layer when `layer` is traced).
+    layer_slots = num_pages * page_size
+    stores = pool.reshape(-1, kv_heads, head_dim)
+    key_store_rows = key_rows + (2 * layer) * layer_slots
+    value_store_rows = key_store_rows + layer_slots
     kv_tile = page_size * (pages_per_visit or max(1, KV_TILE // page_size))
 
     def member_block(block):  # one member's rows: in stream order, as the tiling wants
         q, segments = block  # [T, hq, hd], [T]
-        return blocked_partial_attention(q, keys, values, jnp.zeros_like(segments), segments, key_positions,
-                                         key_segments, scale, kv_rows=key_rows, kv_tile=kv_tile)
+        return blocked_partial_attention(q, stores, stores, jnp.zeros_like(segments), segments, key_positions,
+                                         key_segments, scale, kv_rows=key_store_rows, kv_tile=kv_tile,
+                                         v_rows=value_store_rows)
 
     out, lse = jax.lax.map(member_block, (q_all.reshape(members, -1, *q_all.shape[1:]),
                                           segments_all.reshape(members, -1)))
     return out.reshape(q_all.shape), lse.reshape(q_all.shape[:2])
 
 
-def _held_prefix_partials_kernel(q_all, segments_all, pool, layer: int, page_tables, kv_lens, scale: float,
+def _held_prefix_partials_kernel(q_all, segments_all, pool, layer, page_tables, kv_lens, scale: float,
                                  members: int, *, interpret: bool):
     """`_held_prefix_partials` as one flash kernel launch over all members' row blocks, key tiles
     gathered from the pool in place (the pool viewed as stores [L * 2, pages * page_size, kvh, hd])."""
@@ -199,26 +205,26 @@ def _held_prefix_partials_kernel(q_all, segments_all, pool, layer: int, page_tab
         kv_tile=prefill_attention.stream_tiles(key_rows.shape[0], prefill_attention.KV_TILE))
 
 
-def _prefix_partials(q_all, segments_all, pool, layer: int, page_tables, kv_lens, scale: float, members: int,
+def _prefix_partials(q_all, segments_all, pool, layer, page_tables, kv_lens, scale: float, members: int,
                      pages_per_visit: int | None, attention_impl: str):
     """The reference or the kernel, as `attention_impl` and the platform say."""
 
-    def reference(q_all, segments_all, pool, page_tables, kv_lens):
+    def reference(q_all, segments_all, pool, layer, page_tables, kv_lens):
         return _held_prefix_partials(q_all, segments_all, pool, layer, page_tables, kv_lens, scale, members,
                                      pages_per_visit)
 
-    def kernel(q_all, segments_all, pool, page_tables, kv_lens, *, interpret):
+    def kernel(q_all, segments_all, pool, layer, page_tables, kv_lens, *, interpret):
         return _held_prefix_partials_kernel(q_all, segments_all, pool, layer, page_tables, kv_lens, scale,
                                             members, interpret=interpret)
 
     usable = prefill_attention.supports(pool.shape[-1])
     return by_platform(attention_impl, reference, kernel if usable else None,
-                       q_all, segments_all, pool, page_tables, kv_lens)
+                       q_all, segments_all, pool, layer, page_tables, kv_lens)
 
 
-def _member_context_attention(q, segment_ids, pool, page_tables, kv_lens, *, layer: int, members: int,
+def _member_context_attention(layer, q, segment_ids, pool, page_tables, kv_lens, *, members: int,
                               scale: float, pages_per_visit: int | None, attention_impl: str):
-    """Per (member, tensor shard): q [T, hq_local, hd]; segment_ids [T];
+    """Per (member, tensor shard): layer [] int32 (replicated); q [T, hq_local, hd]; segment_ids [T];
     pool [1, L, 2, pages, page_size, kvh_local, hd]; page_tables [1, requests, max_pages];
     kv_lens [1, requests]. Returns the merged context partial of the member's own rows."""
     if members == 1:
@@ -241,24 +247,25 @@ def _member_context_attention(q, segment_ids, pool, page_tables, kv_lens, *, lay
     return merged
 
 
-def context_attention(mesh: Mesh, layer: int, q, segment_ids, pool, context: ContextInputs,
+def context_attention(mesh: Mesh, layer: int | jax.Array, q, segment_ids, pool, context: ContextInputs,
                       pages_per_visit: int | None = None, attention_impl: str = AUTO):
     """Attention of the chunk's queries over their requests' prefixes, wherever in the group they sit.
 
+    layer: the pool layer, an int or an int32 scalar traced by the model's layer scan;
     q: [rows, q_heads, head_dim] (HEADS_SPEC); segment_ids: [rows] (BY_MEMBER_SPEC);
     pool: group pool with POOL_SPEC (read only); context: `ContextInputs`;
     pages_per_visit: prefix pages per key tile of the reference code (None: about one
     `blocked_attention.KV_TILE`); attention_impl: `models.kernels.dispatch` implementation (static).
     Returns out [rows, q_heads, head_dim] float32 and lse [rows, q_heads] float32.
     """
-    body = functools.partial(_member_context_attention, layer=layer, members=mesh.shape[SEQ],
+    body = functools.partial(_member_context_attention, members=mesh.shape[SEQ],
                              scale=q.shape[-1] ** -0.5, pages_per_visit=pages_per_visit,
                              attention_impl=attention_impl)
     return jax.shard_map(
         body, mesh=mesh,
-        in_specs=(HEADS_SPEC, BY_MEMBER_SPEC, POOL_SPEC, BY_MEMBER_SPEC, BY_MEMBER_SPEC),
+        in_specs=(REPLICATED_SPEC, HEADS_SPEC, BY_MEMBER_SPEC, POOL_SPEC, BY_MEMBER_SPEC, BY_MEMBER_SPEC),
         out_specs=(HEADS_SPEC, LSE_SPEC), check_vma=checks_vma(attention_impl),
-    )(q, segment_ids, pool, context.page_tables, context.kv_lens)
+    )(jnp.asarray(layer, jnp.int32), q, segment_ids, pool, context.page_tables, context.kv_lens)
 
 
 @jax.tree_util.register_dataclass

@@ -46,7 +46,7 @@ from jax.sharding import Mesh
 from loong_jax.models.attention import NEG_INF, merge_partials
 from loong_jax.models.kernels import paged_decode_attention
 from loong_jax.models.kernels.dispatch import AUTO, by_platform, checks_vma
-from loong_jax.sharding.specs import BY_MEMBER_SPEC, HEADS_SPEC, POOL_SPEC
+from loong_jax.sharding.specs import BY_MEMBER_SPEC, HEADS_SPEC, POOL_SPEC, REPLICATED_SPEC
 from loong_jax.sharding.topology import SEQ
 # Page entries a member attends at once; more are visited chunk by chunk with an
 # online log-sum-exp merge, which bounds the gathered KV however much is held.
@@ -75,10 +75,10 @@ class DecodeKVCache:
     append_slots: jax.Array
 
 
-def _append_new_kv(pool, layer: int, k_new, v_new, append_slots):
-    """Writes this step's k, v of the member's own rows into its pool.
+def _append_new_kv(pool, layer, k_new, v_new, append_slots):
+    """Writes this step's k, v of the member's own rows into its pool (a scatter: in place).
 
-    pool: [1, layers, 2, pages, page_size, kvh, hd]; k_new, v_new: [B_local, kvh, hd];
+    layer: [] int32; pool: [1, layers, 2, pages, page_size, kvh, hd]; k_new, v_new: [B_local, kvh, hd];
     append_slots: [B_local] (-1 = padding row, written nowhere).
     """
     num_pages, page_size = pool.shape[3], pool.shape[4]
@@ -90,17 +90,19 @@ def _append_new_kv(pool, layer: int, k_new, v_new, append_slots):
     return pool.at[0, layer, 1, page, offset].set(v_new.astype(pool.dtype), mode="drop")
 
 
-def _chunk_partials(q_all, pool, layer: int, rows, pages, tokens, scale: float):
+def _chunk_partials(q_all, pool, layer, rows, pages, tokens, scale: float):
     """Partial attention of every row's query over one chunk of this member's page entries.
 
-    q_all: [R, hq, hd]; rows, pages, tokens: [C] (sorted by row, pages in range).
+    q_all: [R, hq, hd]; layer: [] int32; rows, pages, tokens: [C] (sorted by row, pages in range).
     Returns out [R, hq, hd] float32 and lse [R, hq] float32 (-inf: no token of the row here).
     """
     num_rows, q_heads, head_dim = q_all.shape
     page_size, kv_heads = pool.shape[4], pool.shape[5]
     entries, group = rows.shape[0], q_heads // kv_heads
-    keys = pool[0, layer, 0][pages].astype(jnp.float32)  # [C, page_size, kvh, hd]
-    values = pool[0, layer, 1][pages]  # [C, page_size, kvh, hd]
+    # One gather each, indexed by the layer too: slicing the layer first would copy a whole
+    # layer of the pool (a dynamic slice) when `layer` is traced.
+    keys = pool[0, layer, 0, pages].astype(jnp.float32)  # [C, page_size, kvh, hd]
+    values = pool[0, layer, 1, pages]  # [C, page_size, kvh, hd]
     held = jnp.arange(page_size)[None, :] < tokens[:, None]  # [C, page_size]
     # Slots past the held tokens may keep a former request's values; zero them so that
     # even a non-finite leftover cannot leak through a zero softmax weight.
@@ -121,7 +123,7 @@ def _chunk_partials(q_all, pool, layer: int, rows, pages, tokens, scale: float):
     return out.reshape(num_rows, q_heads, head_dim), lse.reshape(num_rows, q_heads)
 
 
-def _local_partials(q_all, pool, layer: int, entry_rows, entry_pages, entry_tokens, scale: float,
+def _local_partials(q_all, pool, layer, entry_rows, entry_pages, entry_tokens, scale: float,
                     pages_per_chunk: int):
     """Partial attention of every query over the tokens this member holds of its row's request.
 
@@ -151,28 +153,28 @@ def _local_partials(q_all, pool, layer: int, entry_rows, entry_pages, entry_toke
     return out, lse
 
 
-def _member_partials(q_all, pool, layer: int, entry_rows, entry_pages, entry_tokens, scale: float,
+def _member_partials(q_all, pool, layer, entry_rows, entry_pages, entry_tokens, scale: float,
                      pages_per_chunk: int, attention_impl: str):
     """`_local_partials` (the reference) or the paged decode kernel, as `attention_impl` and the platform say."""
     page_size, head_dim = pool.shape[4], pool.shape[6]
 
-    def reference(q_all, pool, entry_rows, entry_pages, entry_tokens):
+    def reference(q_all, pool, layer, entry_rows, entry_pages, entry_tokens):
         return _local_partials(q_all, pool, layer, entry_rows, entry_pages, entry_tokens, scale, pages_per_chunk)
 
-    def kernel(q_all, pool, entry_rows, entry_pages, entry_tokens, *, interpret):
+    def kernel(q_all, pool, layer, entry_rows, entry_pages, entry_tokens, *, interpret):
         return paged_decode_attention.paged_decode_partials(q_all, pool, layer, entry_rows, entry_pages,
                                                             entry_tokens, scale, interpret=interpret)
 
     usable = paged_decode_attention.supports(head_dim, page_size)
     return by_platform(attention_impl, reference, kernel if usable else None,
-                       q_all, pool, entry_rows, entry_pages, entry_tokens)
+                       q_all, pool, layer, entry_rows, entry_pages, entry_tokens)
 
 
-def _member_decode_attention(q, k_new, v_new, pool, entry_rows, entry_pages, entry_tokens, append_slots, *,
-                             layer: int, members: int, scale: float, pages_per_chunk: int, attention_impl: str):
+def _member_decode_attention(layer, q, k_new, v_new, pool, entry_rows, entry_pages, entry_tokens, append_slots,
+                             *, members: int, scale: float, pages_per_chunk: int, attention_impl: str):
     """The body run by every (member, tensor shard) of the group.
 
-    q: [B_local, hq_local, hd]; k_new, v_new: [B_local, kvh_local, hd];
+    layer: [] int32 (replicated); q: [B_local, hq_local, hd]; k_new, v_new: [B_local, kvh_local, hd];
     pool: [1, layers, 2, pages, page_size, kvh_local, hd];
     entry_rows, entry_pages, entry_tokens: [1, E]; append_slots: [B_local].
     """
@@ -196,12 +198,13 @@ def _member_decode_attention(q, k_new, v_new, pool, entry_rows, entry_pages, ent
     return merged_out.astype(q.dtype), pool
 
 
-def decode_attention(layer: int, q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array,
+def decode_attention(layer: int | jax.Array, q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array,
                      segment_ids: jax.Array, kv_cache: DecodeKVCache, *, mesh: Mesh,
                      pages_per_chunk: int = PAGES_PER_CHUNK,
                      attention_impl: str = AUTO) -> tuple[jax.Array, DecodeKVCache]:
     """The model's attention hook for one distributed decode step (see module docstring).
 
+    layer: the pool layer, an int or an int32 scalar traced by the model's layer scan;
     q: [d * B_local, q_heads, head_dim]; k, v: [d * B_local, kv_heads, head_dim] (RoPE applied).
     Positions and segment ids are not needed: a decode query sees every token
     its request holds, and padding rows hold nothing (no entries, slot -1).
@@ -210,14 +213,15 @@ def decode_attention(layer: int, q: jax.Array, k: jax.Array, v: jax.Array, posit
     the updated pool.
     """
     del positions, segment_ids
-    body = functools.partial(_member_decode_attention, layer=layer, members=mesh.shape[SEQ],
+    body = functools.partial(_member_decode_attention, members=mesh.shape[SEQ],
                              scale=q.shape[-1] ** -0.5, pages_per_chunk=pages_per_chunk,
                              attention_impl=attention_impl)
     out, pool = jax.shard_map(
         body,
         mesh=mesh,
-        in_specs=(HEADS_SPEC,) * 3 + (POOL_SPEC,) + (BY_MEMBER_SPEC,) * 4,  # q, k, v; pool; entries, append slots
+        # layer; q, k, v; pool; entries, append slots
+        in_specs=(REPLICATED_SPEC,) + (HEADS_SPEC,) * 3 + (POOL_SPEC,) + (BY_MEMBER_SPEC,) * 4,
         out_specs=(HEADS_SPEC, POOL_SPEC), check_vma=checks_vma(attention_impl),
-    )(q, k, v, kv_cache.pool, kv_cache.entry_rows, kv_cache.entry_pages, kv_cache.entry_tokens,
-      kv_cache.append_slots)
+    )(jnp.asarray(layer, jnp.int32), q, k, v, kv_cache.pool, kv_cache.entry_rows, kv_cache.entry_pages,
+      kv_cache.entry_tokens, kv_cache.append_slots)
     return out, dataclasses.replace(kv_cache, pool=pool)

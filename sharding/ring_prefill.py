@@ -40,7 +40,7 @@ from loong_jax.models.attention import NEG_INF, merge_partials
 from loong_jax.models.blocked_attention import segment_attention
 from loong_jax.models.kernels import prefill_attention
 from loong_jax.models.kernels.dispatch import AUTO, by_platform, checks_vma
-from loong_jax.sharding.specs import BY_MEMBER_SPEC, HEADS_SPEC, LSE_SPEC, POOL_SPEC
+from loong_jax.sharding.specs import BY_MEMBER_SPEC, HEADS_SPEC, LSE_SPEC, POOL_SPEC, REPLICATED_SPEC
 from loong_jax.sharding.topology import SEQ
 
 
@@ -81,9 +81,9 @@ def step_attention(q, k, v, q_positions, q_segments, kv_positions, kv_segments, 
                        q, k, v, q_positions, q_segments, kv_positions, kv_segments)
 
 
-def _ring_local(q, k, v, positions, segment_ids, placement_member, placement_slot, pool, *,
-                layer, members, scale, attention_impl):
-    """The per-member program (inside shard_map). Shapes are local:
+def _ring_local(layer, q, k, v, positions, segment_ids, placement_member, placement_slot, pool, *,
+                members, scale, attention_impl):
+    """The per-member program (inside shard_map). Shapes are local: layer [] int32 (replicated),
     q [T, Hq/tp, D], k/v [T, Hkv/tp, D], per-token [T], pool [1, L, 2, P, S, Hkv/tp, D]."""
     me = jax.lax.axis_index(SEQ)
     ring = [(src, (src + 1) % members) for src in range(members)]
@@ -120,7 +120,7 @@ def _ring_local(q, k, v, positions, segment_ids, placement_member, placement_slo
     return out, lse, keep(block, pool)
 
 
-def ring_attention(mesh: Mesh, layer: int, q, k, v, positions, segment_ids, placement_member,
+def ring_attention(mesh: Mesh, layer: int | jax.Array, q, k, v, positions, segment_ids, placement_member,
                    placement_slot, pool, attention_impl: str = AUTO):
     """Exact causal attention of a packed, row-laid-out prefill over a group.
 
@@ -128,19 +128,22 @@ def ring_attention(mesh: Mesh, layer: int, q, k, v, positions, segment_ids, plac
     sharded HEADS_SPEC; positions, segment_ids, placement_member,
     placement_slot: [rows] int32, sharded BY_MEMBER_SPEC; pool: the group pool
     [d, layers, 2, pages, page_size, kv_heads, head_dim] with POOL_SPEC, or
-    None to attend without keeping KV. `layer` (static) picks the pool layer;
+    None to attend without keeping KV. `layer` (an int, or an int32 scalar
+    traced by the model's layer scan) picks the pool layer;
     `attention_impl` (static) the `models.kernels.dispatch` implementation.
 
     Returns out [rows, q_heads, head_dim] float32, lse [rows, q_heads] float32
     (-inf for rows that see no key), and the updated pool.
     """
     members = mesh.shape[SEQ]
-    local = functools.partial(_ring_local, layer=layer, members=members, scale=q.shape[-1] ** -0.5,
+    local = functools.partial(_ring_local, members=members, scale=q.shape[-1] ** -0.5,
                               attention_impl=attention_impl)
     pool_spec = None if pool is None else POOL_SPEC
     program = jax.shard_map(
         local, mesh=mesh,
-        in_specs=(HEADS_SPEC,) * 3 + (BY_MEMBER_SPEC,) * 4 + (pool_spec,),  # q, k, v; per-row arrays; pool
+        # layer; q, k, v; per-row arrays; pool
+        in_specs=(REPLICATED_SPEC,) + (HEADS_SPEC,) * 3 + (BY_MEMBER_SPEC,) * 4 + (pool_spec,),
         out_specs=(HEADS_SPEC, LSE_SPEC, pool_spec), check_vma=checks_vma(attention_impl))
-    return program(q, k, v, positions, segment_ids, placement_member, placement_slot, pool)
+    return program(jnp.asarray(layer, jnp.int32), q, k, v, positions, segment_ids, placement_member,
+                   placement_slot, pool)
 

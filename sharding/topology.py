@@ -9,7 +9,8 @@ Data flow:
      m-th member of the group. Meshes are cached per group on the Topology.
   3. `place_params(state, topology)` puts the weights once on every device:
      replicated across instances (SEQ), sharded over TENSOR inside an instance
-     by the logical-axis table `PARAM_AXIS_RULES`.
+     by the logical-axis table `PARAM_AXIS_RULES` (stacked layer weights whole
+     on their leading layers axis).
   4. `group_params(placed, topology, group)` views those same per-device
      buffers as arrays over one group's mesh; nothing is copied, so any group
      of instances can run a program on the weights that are already there.
@@ -29,7 +30,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from loong_jax.models.llama import PARAM_LOGICAL_AXES
+from loong_jax.models.llama import LAYERS_AXIS, logical_axes
 
 SEQ = "seq"  # mesh axis over the members (instances) of a group
 TENSOR = "tensor"  # mesh axis over the devices inside one instance
@@ -42,6 +43,7 @@ PARAM_AXIS_RULES: dict[str, str | None] = {
     "mlp": TENSOR,
     "vocab": None,
     "embed": None,
+    LAYERS_AXIS: None,  # stacked layer weights: every layer on every device (the scan slices one)
 }
 
 Group = tuple[int, ...]
@@ -122,8 +124,7 @@ def _path_names(path: tuple[Any, ...]) -> tuple[Any, ...]:
 def param_spec(path: tuple[Any, ...]) -> P:
     """PartitionSpec of the state leaf at `path` (non-parameters, such as the
     RoPE frequencies, are replicated)."""
-    names = [n for n in _path_names(path) if isinstance(n, str)]
-    axes = PARAM_LOGICAL_AXES.get(tuple(names[-2:])) if len(names) >= 2 else None
+    axes = logical_axes(_path_names(path))
     if axes is None:
         return P()
     return P(*(PARAM_AXIS_RULES[axis] for axis in axes))

@@ -45,7 +45,7 @@ def make_config(vocab_size: int, **changes) -> ModelConfig:
 def write_checkpoint(folder, config: ModelConfig, seed: int):
     """A random model with decisive logits (weights scaled up, so greedy ties are practically
     impossible) plus the tokenizer files, as a Hugging Face folder."""
-    model = init_model(config, seed)
+    model = init_model(config.with_scan_layers(False), seed)  # one module a layer: ndim >= 2 picks the matrices
     params = nnx.state(model, nnx.Param)
     nnx.update(model, jax.tree.map(lambda x: x * 12.0 if x.ndim >= 2 else x, params))
     save_hf_checkpoint(model, config, folder)

@@ -10,8 +10,10 @@ Data flow of `paged_decode_partials`:
   1. XLA, no loop: each row's page table is the range of its entries that
      hold tokens, [first, first + count) (`row_entry_ranges`; integer
      min / max, deterministic). Padding entries and padding rows get count 0.
-     The pool is viewed as stores [layers * 2, pages * page_size, kvh, hd]
-     (a reshape, no copy); keys are store 2 * layer, values 2 * layer + 1.
+     The pool is viewed as rows [layers * 2 * pages * page_size, kvh, hd]
+     (a reshape, no copy); the layer's keys start at row
+     2 * layer * pages * page_size, its values one store later (`layer`
+     may be traced: a BlockSpec could not select it).
      Queries are grouped by kv head and the group padded to >= 16 rows (the
      smallest Triton matmul tile): q [R, kvh, G, hd].
   2. One `pallas_call`, grid (rows, kv_heads, splits). Program (r, h, s)
@@ -81,15 +83,17 @@ def row_entry_ranges(entry_rows, entry_tokens, rows: int):
     return jnp.clip(first, 0, entries - 1).astype(jnp.int32), count.astype(jnp.int32)
 
 
-def _decode_kernel(first_ref, count_ref, pages_ref, tokens_ref, q_ref, k_ref, v_ref, out_ref, lse_ref, *,
-                   scale: float, page_size: int, pages_per_tile: int, splits: int):
+def _decode_kernel(first_ref, count_ref, store_base_ref, pages_ref, tokens_ref, q_ref, stores_ref, out_ref,
+                   lse_ref, *, scale: float, page_size: int, pages_per_tile: int, splits: int):
     """One (row, kv head, split) program.
 
-    first_ref, count_ref: [R]; pages_ref, tokens_ref: [E]; q_ref: [G, D];
-    k_ref, v_ref: [pages * page_size, D] (this kv head of the layer); out_ref: [G, D]; lse_ref: [G].
+    first_ref, count_ref: [R]; store_base_ref: [2] first row of the layer's keys and of its values in
+    stores_ref; pages_ref, tokens_ref: [E]; q_ref: [G, D];
+    stores_ref: [layers * 2 * pages * page_size, D] (this kv head, every layer); out_ref: [G, D]; lse_ref: [G].
     """
     row, split = pl.program_id(0), pl.program_id(2)
     first, count = first_ref[row], count_ref[row]
+    k_base, v_base = store_base_ref[0], store_base_ref[1]
     share = pl.cdiv(pl.cdiv(count, splits), pages_per_tile) * pages_per_tile  # entries per split
     begin = jnp.minimum(split * share, count)
     end = jnp.minimum(begin + share, count)
@@ -106,8 +110,8 @@ def _decode_kernel(first_ref, count_ref, pages_ref, tokens_ref, q_ref, k_ref, v_
         page, held = pages_ref[entry], tokens_ref[entry]  # [K]
         valid = listed & (offset < held)
         slots = page * page_size + offset  # [K], in range (pages clipped): loads need no mask
-        k = k_ref[slots, :].astype(q.dtype)  # [K, D]
-        v = v_ref[slots, :].astype(q.dtype)
+        k = stores_ref[k_base + slots, :].astype(q.dtype)  # [K, D]
+        v = stores_ref[v_base + slots, :].astype(q.dtype)
         v = jnp.where(valid[:, None], v, jnp.zeros_like(v))  # stale slots may hold NaN
         scores = jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())),
                                      preferred_element_type=jnp.float32) * scale  # [G, K]
@@ -131,11 +135,13 @@ def _decode_kernel(first_ref, count_ref, pages_ref, tokens_ref, q_ref, k_ref, v_
     lse_ref[...] = jnp.where(seen, jnp.log(safe_sum) + row_max, NEG_INF)
 
 
-def paged_decode_partials(q_all, pool, layer: int, entry_rows, entry_pages, entry_tokens, scale: float, *,
-                          interpret: bool = False, splits: int | None = None) -> tuple[jax.Array, jax.Array]:
+def paged_decode_partials(q_all, pool, layer: int | jax.Array, entry_rows, entry_pages, entry_tokens,
+                          scale: float, *, interpret: bool = False,
+                          splits: int | None = None) -> tuple[jax.Array, jax.Array]:
     """Partial attention of every row's query over the tokens this member holds of the row's request.
 
     q_all: [R, q_heads, head_dim]; pool: [1, layers, 2, pages, page_size, kv_heads, head_dim];
+    layer: the pool layer (an int, or an int32 scalar traced by a layer scan);
     entry_rows, entry_pages, entry_tokens: [E] int32 (sorted by row; padding holds 0 tokens);
     splits: static split-K count (None: `choose_splits`).
     Returns out [R, q_heads, head_dim] float32 and lse [R, q_heads] float32.
@@ -148,24 +154,25 @@ def paged_decode_partials(q_all, pool, layer: int, entry_rows, entry_pages, entr
     per_tile = pages_per_tile(page_size)
     q = q_all.reshape(rows, kv_heads, group, head_dim)
     q = jnp.pad(q, ((0, 0), (0, 0), (0, padded_group - group), (0, 0)))  # [R, kvh, G, D]
-    stores = pool.reshape(layers * 2, num_pages * page_size, kv_heads, head_dim)  # a view: no copy
+    layer_slots = num_pages * page_size
+    stores = pool.reshape(layers * 2 * layer_slots, kv_heads, head_dim)  # a view: no copy
+    # A BlockSpec's index map cannot read a traced layer: the kernel sees every layer's rows and offsets
+    # its loads by the first row of the layer's keys (store 2 * layer) and values (2 * layer + 1).
+    store_base = (2 * jnp.asarray(layer, jnp.int32) + jnp.arange(2, dtype=jnp.int32)) * layer_slots  # [2]
     first, count = row_entry_ranges(entry_rows, entry_tokens, rows)
     pages = jnp.clip(entry_pages, 0, num_pages - 1)
 
     def whole(length):
         return pl.BlockSpec((length,), lambda r, h, s: (0,))
 
-    def store(index):
-        return pl.BlockSpec((None, num_pages * page_size, None, head_dim), lambda r, h, s: (index, 0, h, 0))
-
-    inputs = varying_alike(first, count, pages, entry_tokens, q, stores, stores)
+    inputs = varying_alike(first, count, store_base, pages, entry_tokens, q, stores)
     out, lse = pl.pallas_call(
         functools.partial(_decode_kernel, scale=scale, page_size=page_size, pages_per_tile=per_tile,
                           splits=splits),
         grid=(rows, kv_heads, splits),
-        in_specs=[whole(rows), whole(rows), whole(entries), whole(entries),
+        in_specs=[whole(rows), whole(rows), whole(2), whole(entries), whole(entries),
                   pl.BlockSpec((None, None, padded_group, head_dim), lambda r, h, s: (r, h, 0, 0)),
-                  store(2 * layer), store(2 * layer + 1)],
+                  pl.BlockSpec((stores.shape[0], None, head_dim), lambda r, h, s: (0, h, 0))],
         out_specs=[pl.BlockSpec((None, None, None, padded_group, head_dim), lambda r, h, s: (r, h, s, 0, 0)),
                    pl.BlockSpec((None, None, None, padded_group), lambda r, h, s: (r, h, s, 0))],
         out_shape=[kernel_output((rows, kv_heads, splits, padded_group, head_dim), jnp.float32, inputs[0]),

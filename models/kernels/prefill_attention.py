@@ -19,7 +19,8 @@ Data flow of `flash_attention`:
      query tile i of head h ([q_tile, head_dim], bf16 or f32) and loops
      `count[i]` times (a loop inside the kernel, no host round trip): it loads
      key tile first[i] + step ([kv_tile, head_dim] of kv head h // group,
-     sliced, or gathered row by row through kv_rows), its positions and
+     sliced, or gathered row by row through kv_rows, from the rows of its
+     store, offset by the store's index, which may be traced), its positions and
      segments, computes scores with float32 accumulation, masks them, and
      folds them into a running max, sum and output in float32 (natural-log
      online softmax). Values of padding keys are zeroed (they may be NaN).
@@ -54,16 +55,18 @@ def supports(head_dim: int) -> bool:
     return head_dim >= 16 and is_power_of_two(head_dim)
 
 
-def _flash_kernel(first_ref, count_ref, q_ref, q_pos_ref, q_seg_ref, k_ref, v_ref, kv_pos_ref, kv_seg_ref,
-                  kv_rows_ref, out_ref, lse_ref, *, scale: float, kv_tile: int):
+def _flash_kernel(first_ref, count_ref, store_base_ref, q_ref, q_pos_ref, q_seg_ref, k_ref, v_ref, kv_pos_ref,
+                  kv_seg_ref, kv_rows_ref, out_ref, lse_ref, *, scale: float, kv_tile: int):
     """One (query tile, q head) program; refs as laid out by `flash_attention`'s BlockSpecs.
 
-    first_ref, count_ref: [q_tiles]; q_ref: [Q, D]; q_pos_ref, q_seg_ref: [Q];
-    k_ref, v_ref: [slots, D] (this head's kv head); kv_pos_ref, kv_seg_ref,
+    first_ref, count_ref: [q_tiles]; store_base_ref: [2] first row of the key store in k_ref and of the
+    value store in v_ref; q_ref: [Q, D]; q_pos_ref, q_seg_ref: [Q];
+    k_ref, v_ref: [stores * slots, D] (this head's kv head); kv_pos_ref, kv_seg_ref,
     kv_rows_ref (or None): [kv_tokens]; out_ref: [Q, D]; lse_ref: [Q].
     """
     tile = pl.program_id(0)
     first, count = first_ref[tile], count_ref[tile]
+    k_base, v_base = store_base_ref[0], store_base_ref[1]
     q = q_ref[...]  # [Q, D]
     q_pos, q_seg = q_pos_ref[...], q_seg_ref[...]  # [Q]
 
@@ -72,10 +75,11 @@ def _flash_kernel(first_ref, count_ref, q_ref, q_pos_ref, q_seg_ref, k_ref, v_re
         keys = pl.ds((first + step) * kv_tile, kv_tile)
         kv_pos, kv_seg = kv_pos_ref[keys], kv_seg_ref[keys]  # [K]
         if kv_rows_ref is None:
-            k, v = k_ref[keys, :], v_ref[keys, :]  # [K, D]
+            k = k_ref[pl.ds(k_base + (first + step) * kv_tile, kv_tile), :]  # [K, D]
+            v = v_ref[pl.ds(v_base + (first + step) * kv_tile, kv_tile), :]
         else:
-            rows = kv_rows_ref[keys]  # [K] rows of the storage
-            k, v = k_ref[rows, :], v_ref[rows, :]
+            rows = kv_rows_ref[keys]  # [K] rows of the store
+            k, v = k_ref[k_base + rows, :], v_ref[v_base + rows, :]
         k, v = k.astype(q.dtype), v.astype(q.dtype)
         real = kv_seg >= 0
         v = jnp.where(real[:, None], v, jnp.zeros_like(v))  # 0 * NaN is NaN: clear padding first
@@ -103,33 +107,37 @@ def _flash_kernel(first_ref, count_ref, q_ref, q_pos_ref, q_seg_ref, k_ref, v_re
     lse_ref[...] = jnp.where(seen, jnp.log(safe_sum) + row_max, NEG_INF)
 
 
-def _flash_call(q, k_store, v_store, k_index: int, v_index: int, q_positions, q_segments, kv_positions,
+def _flash_call(q, k_store, v_store, k_index, v_index, q_positions, q_segments, kv_positions,
                 kv_segments, kv_rows, first, count, *, scale: float, q_tile: int, kv_tile: int, interpret: bool):
     """The pallas_call on padded streams.
 
     q: [Tq, hq, D] (Tq = q_tiles * q_tile); k_store, v_store: [stores, slots, kvh, D],
-    keys in store k_index, values in store v_index; q_positions, q_segments: [Tq];
-    kv_positions, kv_segments, kv_rows (or None): [Tk] (Tk = kv_tiles * kv_tile);
+    keys in store k_index, values in store v_index (ints or int32 scalars: traced by a layer scan);
+    q_positions, q_segments: [Tq]; kv_positions, kv_segments, kv_rows (or None): [Tk] (Tk = kv_tiles * kv_tile);
     first, count: [q_tiles] int32. Returns out [Tq, hq, D] float32, lse [hq, Tq] float32.
     """
     q_tokens, q_heads, head_dim = q.shape
     kv_heads, slots, kv_tokens = k_store.shape[2], k_store.shape[1], kv_segments.shape[0]
     group = q_heads // kv_heads
     q_tiles = q_tokens // q_tile
+    # A BlockSpec's index map cannot read a traced store index, so the kernel sees every store's rows
+    # (a reshape: no copy) and offsets its loads by the first row of its store.
+    k_rows, v_rows = k_store.reshape(-1, kv_heads, head_dim), v_store.reshape(-1, kv_heads, head_dim)
+    store_base = jnp.stack([jnp.asarray(k_index, jnp.int32), jnp.asarray(v_index, jnp.int32)]) * slots  # [2]
 
     def whole(length):  # the whole 1-D array in every program
         return pl.BlockSpec((length,), lambda i, h: (0,))
 
-    def store(index):  # all slots of kv head h // group in store `index`
-        return pl.BlockSpec((None, slots, None, head_dim), lambda i, h: (index, 0, h // group, 0))
+    def rows_of_head(store_rows):  # every row of kv head h // group
+        return pl.BlockSpec((store_rows, None, head_dim), lambda i, h: (0, h // group, 0))
 
     query_rows = pl.BlockSpec((q_tile,), lambda i, h: (i,))
-    in_specs = [whole(q_tiles), whole(q_tiles),
+    in_specs = [whole(q_tiles), whole(q_tiles), whole(2),
                 pl.BlockSpec((q_tile, None, head_dim), lambda i, h: (i, h, 0)), query_rows, query_rows,
-                store(k_index), store(v_index), whole(kv_tokens), whole(kv_tokens),
+                rows_of_head(k_rows.shape[0]), rows_of_head(v_rows.shape[0]), whole(kv_tokens), whole(kv_tokens),
                 None if kv_rows is None else whole(kv_tokens)]
-    inputs = varying_alike(first, count, q, q_positions, q_segments, k_store, v_store, kv_positions, kv_segments,
-                           kv_rows)
+    inputs = varying_alike(first, count, store_base, q, q_positions, q_segments, k_rows, v_rows, kv_positions,
+                           kv_segments, kv_rows)
     return pl.pallas_call(
         functools.partial(_flash_kernel, scale=scale, kv_tile=kv_tile),
         grid=(q_tiles, q_heads),
@@ -145,15 +153,16 @@ def _flash_call(q, k_store, v_store, k_index: int, v_index: int, q_positions, q_
 
 
 def flash_attention(q, k_store, v_store, q_positions, q_segments, kv_positions, kv_segments, scale: float, *,
-                    k_index: int = 0, v_index: int = 0, kv_rows=None, query_blocks: int = 1,
-                    interpret: bool = False, q_tile: int = Q_TILE,
+                    k_index: int | jax.Array = 0, v_index: int | jax.Array = 0, kv_rows=None,
+                    query_blocks: int = 1, interpret: bool = False, q_tile: int = Q_TILE,
                     kv_tile: int = KV_TILE) -> tuple[jax.Array, jax.Array]:
     """Partial attention of a query stream over a key stream (see the module docstring).
 
     q: [q_tokens, q_heads, head_dim], `query_blocks` sorted blocks one after another;
     q_positions, q_segments: [q_tokens] int32 (segment -1 = padding);
     k_store, v_store: [stores, slots, kv_heads, head_dim]: the keys are store k_index,
-    the values store v_index (a stream [kv_tokens, ...] is k[None]);
+    the values store v_index (ints, or int32 scalars traced by a layer scan; a stream
+    [kv_tokens, ...] is k[None]);
     kv_positions, kv_segments: [kv_tokens] int32; kv_rows: [kv_tokens] int32 slot of each
     key in the stores, or None when key j is slot j.
     Returns out [q_tokens, q_heads, head_dim] float32 and lse [q_tokens, q_heads] float32.

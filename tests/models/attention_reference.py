@@ -1,6 +1,11 @@
-"""float64 numpy reference of packed causal attention (what every attention path is compared with)."""
+"""float64 numpy reference of packed causal attention (what every attention path is compared with), and a
+dense attention hook that records every layer's k, v (what pool contents are compared with)."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+
+from loong_jax.models.attention import dense_attention
 
 
 def reference_attention(q, k, v, q_positions, q_segments, kv_positions=None, kv_segments=None):
@@ -26,3 +31,15 @@ def reference_attention(q, k, v, q_positions, q_segments, kv_positions=None, kv_
     with np.errstate(divide="ignore"):
         lse = np.where(denom > 0, np.log(denom) + row_max, -np.inf)[..., 0].T
     return out, lse
+
+
+def recording_dense_attention(layer, q, k, v, positions, segment_ids, kept):
+    """The model's dense attention hook that also writes the layer's k, v (RoPE applied) into
+    kept [layers, 2, tokens, kv_heads, head_dim] at `layer` (an int, or traced by the model's layer scan)."""
+    out, _ = dense_attention(layer, q, k, v, positions, segment_ids, None)
+    return out, kept.at[layer].set(jnp.stack([k, v]).astype(kept.dtype))
+
+
+def empty_kv_record(config, tokens: int) -> jax.Array:
+    """The `kept` buffer `recording_dense_attention` starts from: [layers, 2, tokens, kv_heads, head_dim]."""
+    return jnp.zeros((config.num_layers, 2, tokens, config.num_kv_heads, config.head_dim), config.jnp_dtype)

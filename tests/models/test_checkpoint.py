@@ -43,10 +43,18 @@ def test_round_trip_is_bit_identical_without_hf_files(hf_checkpoint, tmp_path, d
     assert original_state.keys() == restored_state.keys()
     for path, (dtype_, shape, raw) in original_state.items():
         assert restored_state[path] == (dtype_, shape, raw), path
-    assert restored_state[("layers", 0, "self_attn", "q_proj", "bias")][0] == jnp.dtype(dtype)
+    assert restored_state[("layers", "self_attn", "q_proj", "bias")][0] == jnp.dtype(dtype)
     assert restored_config.dtype == dtype
     assert hasattr(restored, "lm_head") != config.tie_word_embeddings
 
+
+
+def test_unrolled_layers_round_trip(hf_checkpoint, tmp_path):
+    """A model with one module a layer (`scan_layers=False`) restores in that layout, bit-identical."""
+    model, config = load_hf_checkpoint(hf_checkpoint, scan_layers=False)
+    restored, restored_config = restore_model(save_params(model, tmp_path), scan_layers=False)
+    assert restored_config == config and not restored_config.scan_layers
+    assert _state_bytes(restored) == _state_bytes(model)
 
 
 def test_saving_twice_overwrites(hf_checkpoint, tmp_path):

@@ -14,7 +14,7 @@ import transformers
 from flax import nnx
 
 from loong_jax.models.config import ConfigError
-from loong_jax.models.loading import CheckpointError, load_hf_checkpoint, save_hf_checkpoint
+from loong_jax.models.loading import CheckpointError, hf_tensors, load_hf_checkpoint, save_hf_checkpoint
 from loong_jax.models.safetensors_io import index_safetensors, read_tensor, write_safetensors
 from loong_jax.models.tokenizer import Tokenizer, TokenizerError
 from tests.models.tiny_hf import build_hf_model, hf_logits, save_hf_model
@@ -90,7 +90,27 @@ def test_bfloat16_checkpoint_round_trips_through_transformers(loaded, tmp_path):
     theirs = dict(reloaded.named_parameters())
     np.testing.assert_array_equal(
         theirs["model.layers.1.self_attn.k_proj.weight"].detach().float().numpy(),
-        ours[("layers", 1, "self_attn", "k_proj", "kernel")].astype(np.float32).T)
+        ours[("layers", "self_attn", "k_proj", "kernel")][1].astype(np.float32).T)
+
+
+def test_unrolled_layers_load_the_same_weights_and_logits(checkpoint_dir, loaded):
+    """`scan_layers=False` keeps one module a layer: the same weights as the stacked leaves' slices, the same
+    logits, and the same Hugging Face tensors written back."""
+    model, config = loaded
+    unrolled, unrolled_config = load_hf_checkpoint(checkpoint_dir, scan_layers=False)
+    assert config.scan_layers and unrolled_config == config.with_scan_layers(False)
+    stacked, per_layer = _params(model), _params(unrolled)
+    assert len(per_layer) == len(stacked) + (config.num_layers - 1) * sum(p[0] == "layers" for p in stacked)
+    for path, array in per_layer.items():
+        if path[0] == "layers":  # ('layers', i, ...) is slice i of ('layers', ...)
+            np.testing.assert_array_equal(stacked[("layers", *path[2:])][path[1]], array, err_msg=str(path))
+        else:
+            np.testing.assert_array_equal(stacked[path], array, err_msg=str(path))
+    np.testing.assert_allclose(_logits(unrolled), _logits(model), rtol=0, atol=1e-5)
+    ours, theirs = hf_tensors(model), hf_tensors(unrolled)
+    assert ours.keys() == theirs.keys()
+    for name in ours:
+        np.testing.assert_array_equal(ours[name], theirs[name], err_msg=name)
 
 
 def test_saved_checkpoint_loads_in_transformers(loaded, tmp_path):

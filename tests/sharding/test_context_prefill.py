@@ -10,12 +10,10 @@ from __future__ import annotations
 import warnings
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
 
-from loong_jax.models.attention import dense_attention
 from loong_jax.models.config import ModelConfig
 from loong_jax.models.generate import generate
 from loong_jax.models.llama import init_model
@@ -26,6 +24,7 @@ from loong_jax.sharding.kv_pool import PoolShape, assemble_group_pool, create_po
 from loong_jax.sharding.prefill_program import make_prefill_inputs
 from loong_jax.sharding.stripe_layout import keep_round_robin, place_densely
 from loong_jax.sharding.topology import Topology, buffer_pointers, group_params, place_params
+from tests.models.attention_reference import empty_kv_record, recording_dense_attention
 from tests.sharding.compiles import count_compiles
 from tests.sharding.kv_book import KVBook
 
@@ -67,14 +66,12 @@ def reference(model, prompts):
 def reference_kv(model, prompts):
     """Per prompt: every layer's k, v of its tokens [layers, 2, length, kv_heads, head_dim]."""
 
-    def recording(layer, q, k, v, positions, segment_ids, kept):
-        out, _ = dense_attention(layer, q, k, v, positions, segment_ids, None)
-        return out, kept + (jnp.stack([k, v]),)
-
     @jax.jit
     def run(state, tokens, positions, segments):
-        _, kept = nnx.merge(graphdef, state)(tokens, positions, segments, attention=recording, kv_cache=())
-        return jnp.stack(kept)  # [layers, 2, tokens, kvh, hd]
+        model = nnx.merge(graphdef, state)
+        _, kept = model(tokens, positions, segments, attention=recording_dense_attention,
+                        kv_cache=empty_kv_record(model.config, tokens.shape[0]))
+        return kept  # [layers, 2, tokens, kvh, hd]
 
     graphdef, state = nnx.split(model)
     segments = np.concatenate([np.full(n, r) for r, n in enumerate(PROMPT_LENGTHS)]).astype(np.int32)

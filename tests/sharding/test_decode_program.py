@@ -19,7 +19,6 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from loong_jax.models.attention import dense_attention
 from loong_jax.models.config import ModelConfig
 from loong_jax.models.generate import generate
 from loong_jax.models.llama import init_model
@@ -31,6 +30,7 @@ from loong_jax.sharding.prefill_program import make_prefill_inputs
 from loong_jax.sharding.specs import POOL_SPEC
 from loong_jax.sharding.stripe_layout import keep_round_robin, place_densely, striped_layout
 from loong_jax.sharding.topology import Topology, buffer_pointers, group_params, place_params
+from tests.models.attention_reference import empty_kv_record, recording_dense_attention
 from tests.sharding.compiles import count_compiles
 from tests.sharding.kv_book import KVBook
 
@@ -70,12 +70,6 @@ def reference(model, prompts):
     return [generate(model, prompt, DECODE_STEPS + 1, return_logits=True) for prompt in prompts]
 
 
-def recording_attention(layer, q, k, v, positions, segment_ids, kv_cache):
-    """Dense attention that also returns every layer's (k, v) [T, kv_heads, head_dim]."""
-    out, _ = dense_attention(layer, q, k, v, positions, segment_ids, None)
-    return out, kv_cache + ((k, v),)
-
-
 def dense_prompt_kv(model, prompts):
     """Per prompt: its keys/values [layers, 2, length, kv_heads, head_dim] (RoPE applied)."""
     tokens = np.concatenate(prompts).astype(np.int32)
@@ -85,9 +79,10 @@ def dense_prompt_kv(model, prompts):
 
     @jax.jit
     def run(params, tokens, positions, segments):
-        _, layers_kv = nnx.merge(graphdef, params)(tokens, positions, segments,
-                                                    attention=recording_attention, kv_cache=())
-        return jnp.stack([jnp.stack(kv) for kv in layers_kv])  # [layers, 2, T, kvh, hd]
+        model = nnx.merge(graphdef, params)
+        _, kept = model(tokens, positions, segments, attention=recording_dense_attention,
+                        kv_cache=empty_kv_record(model.config, tokens.shape[0]))
+        return kept  # [layers, 2, T, kvh, hd]
 
     stream_kv = np.asarray(run(params, tokens, positions, segments))
     return [stream_kv[:, :, segments == i] for i in range(len(prompts))]

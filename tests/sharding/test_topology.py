@@ -47,6 +47,11 @@ def test_param_specs_follow_logical_axes():
     down = ("layers", 1, "mlp", "down_proj", "kernel")
     assert param_spec(tuple(jax.tree_util.DictKey(n) for n in down)) == P(TENSOR, None)
     assert param_spec((jax.tree_util.DictKey("inv_freq"),)) == P()
+    # stacked layer weights (`ModelConfig.scan_layers`): whole on their leading layers axis
+    stacked_down = ("layers", "mlp", "down_proj", "kernel")
+    assert param_spec(tuple(jax.tree_util.DictKey(n) for n in stacked_down)) == P(None, TENSOR, None)
+    stacked_norm = ("layers", "input_layernorm", "scale")
+    assert param_spec(tuple(jax.tree_util.DictKey(n) for n in stacked_norm)) == P(None, None)
 
 
 @pytest.mark.parametrize("tp", [1, 2])
@@ -68,8 +73,8 @@ def test_group_params_reuse_placed_buffers(tp):
         assert set(view_pointers) == set(mesh.devices.flat)
         assert all(view_pointers[dev] == placed_pointers[dev] for dev in view_pointers)
     # tensor-sharded weights really are split inside an instance
-    q_kernel = view["layers"][0]["self_attn"]["q_proj"]["kernel"][...]
-    assert q_kernel.addressable_shards[0].data.shape == (64, 64 // tp)
+    q_kernel = view["layers"]["self_attn"]["q_proj"]["kernel"][...]  # [layers, hidden, q_heads * head_dim]
+    assert q_kernel.addressable_shards[0].data.shape == (CONFIG.num_layers, 64, 64 // tp)
 
 
 def test_pool_assemble_split_is_zero_copy_and_donation_is_in_place():
