@@ -9,8 +9,14 @@ What it measures (CPU or GPU, one instance of one device by default):
      step whose next inputs (token, position, append slot, tokens held per page entry) are computed on
      device, pool donated,
      `--steps - 1` steps back to back with no host work at all: the device-bound ceiling.
-  3. Prints both side by side and their ratio (target >= 0.8 at batch 32): engine and raw runs alternate
-     and the median pair is reported, so a shared machine's changing load does not favour either side.
+  3. Prints both side by side and their ratio (target >= 0.95 at batch 32, 0.9 at batch 1): engine and raw
+     runs alternate and the median pair is reported, so a shared machine's changing load does not favour
+     either side; then, for the median run, the host time of each stage of an engine step
+     (`Engine.step_timer`: schedule, dispatch (state accounting, step inputs, launch), wait (for the
+     device), apply (tokens read, detokenized), outputs) per step. With asynchronous scheduling the device
+     runs step n while the host schedules and dispatches step n+1, so "wait" is what the host still waits.
+  4. `--timeline`: one more engine run with each unit's dispatch and completion timed: the device's idle
+     time between units (0 when the next step is always queued in time) and its busy time per step.
 
 Run: `python benchmarks/engine_decode.py [--model DIR] [--batch 32] [--steps 64] [--prompt-len 64]`.
 Several processes (what one step's plan broadcast costs): the same command once per process with
@@ -25,8 +31,10 @@ import argparse
 import functools
 import logging
 import math
+import os
 import re
 import sys
+import threading
 import time
 
 import jax
@@ -66,8 +74,16 @@ def count_compiles(run):
     return result, counter.count
 
 
-def engine_decode_rate(llm: LLM, prompts, steps: int) -> float:
-    params = SamplingParams(temperature=0.0, max_tokens=steps, ignore_eos=True)
+def stage_milliseconds(before: dict, after: dict) -> dict[str, float]:
+    """Milliseconds per engine step in each stage (`Engine.step_timer`) between two `stats()`."""
+    steps = after["steps"] - before["steps"]
+    stages = {key.removeprefix("step_seconds_"): 1e3 * (after[key] - before.get(key, 0.0)) / steps
+              for key in after if key.startswith("step_seconds_")}
+    return {"steps": steps, **stages, "total": sum(stages.values())}
+
+
+def engine_decode_rate(llm: LLM, prompts, steps: int, temperature: float = 0.0, top_p: float = 1.0) -> float:
+    params = SamplingParams(temperature=temperature, top_p=top_p, seed=0, max_tokens=steps, ignore_eos=True)
     outputs = llm.generate(prompts, params, use_tqdm=False)
     decode_start = max(o.metrics.first_token_time for o in outputs)
     decode_end = max(o.metrics.finished_time for o in outputs)
@@ -134,6 +150,35 @@ def raw_decode_rate(llm: LLM, prompts, steps: int) -> float:
     return batch * (steps - 1) / seconds
 
 
+def device_timeline(llm: LLM, prompts, steps: int, sampling=()) -> dict[str, float]:
+    """One more engine run with every launch's dispatch and completion timed (a thread per launch waits for
+    its outputs): median ms per step the device sits idle between units (the next one not yet dispatched
+    when the previous one finished) and busy, and of the dispatch call itself."""
+    executor, records = llm.executor, []
+    dispatch = executor._dispatch
+
+    def timed_dispatch(launch):
+        record = [time.perf_counter(), 0.0, 0.0]
+        dispatch(launch)
+        record[1] = time.perf_counter()
+        outputs = list(launch.outputs)
+        threading.Thread(target=lambda: (jax.block_until_ready(outputs), record.__setitem__(2, time.perf_counter())),
+                         daemon=True).start()
+        records.append(record)
+
+    executor._dispatch = timed_dispatch
+    try:
+        engine_decode_rate(llm, prompts, steps, *sampling)
+        time.sleep(0.2)  # the last waiters
+    finally:
+        del executor._dispatch
+    steady = records[2:-2]
+    pairs = list(zip(steady, steady[1:]))
+    return {"idle": 1e3 * float(np.median([max(0.0, b[0] - a[2]) for a, b in pairs])),
+            "busy": 1e3 * float(np.median([b[2] - max(b[0], a[2]) for a, b in pairs])),
+            "dispatch call": 1e3 * float(np.median([r[1] - r[0] for r in steady]))}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="checkpoint folder (default: the demo model)")
@@ -143,17 +188,26 @@ def main(argv=None) -> int:
     parser.add_argument("--page-size", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5, help="timed (engine, raw) pairs; the median pair is reported")
     parser.add_argument("--cpu-devices", type=int, default=None, help="simulated CPU devices (per process)")
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="the engine samples (seeded) instead of greedy; the raw loop stays an argmax")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--timeline", action="store_true",
+                        help="also time when each unit is dispatched and done: device idle and busy ms per step")
+    parser.add_argument("--no-async-scheduling", action="store_true",
+                        help="the engine waits for each step's tokens before planning the next")
     parser.add_argument("--coordinator", default=None, help="HOST:PORT: several processes (see the docstring)")
     parser.add_argument("--num-processes", type=int, default=None)
     parser.add_argument("--process-id", type=int, default=None)
     args = parser.parse_args(argv)
 
+    sampling = (args.temperature, args.top_p)
     pages = args.batch * math.ceil((args.prompt_len + args.steps) / args.page_size) + 8
     cluster = {"coordinator": args.coordinator, "num_processes": args.num_processes, "process_id": args.process_id}
     # instances=1: the first device of the cluster, process 0's device 0
     config = EngineConfig(args.model, instances=1, page_size=args.page_size, kv_pages=pages, policy="fixed",
                           prefill_degree=1, decode_degree=1, progress=False, cpu_devices=args.cpu_devices,
-                          buckets=Buckets(prefill_requests=args.batch, decode_batch=args.batch), **cluster)
+                          buckets=Buckets(prefill_requests=args.batch, decode_batch=args.batch),
+                          async_scheduling=not args.no_async_scheduling, **cluster)
     if config.cluster is not None and not config.cluster.is_leader:
         from loong_jax.distributed.follower import run_follower
 
@@ -164,28 +218,40 @@ def main(argv=None) -> int:
     llm = LLM(engine_config=config)
     rng = np.random.default_rng(0)
     prompts = [rng.integers(5, llm.config.vocab_size, size=args.prompt_len).tolist() for _ in range(args.batch)]
-    engine_decode_rate(llm, prompts, args.steps)  # warm-up: every program and bucket the run needs
+    for _ in range(2):  # warm-up: every program and bucket the runs need (the second run's prompts hit the
+        engine_decode_rate(llm, prompts, args.steps, *sampling)  # prefix cache: its context prefill compiles here)
     llm.executor.programs.wait_background()
     # Engine and raw runs alternate, so that a shared machine's load changes hit both sides alike; the
     # median of the per-pair ratios is reported.
-    pairs, compiles = [], 0
+    pairs, compiles, stages = [], 0, []
     for _ in range(args.repeats):
-        engine_rate, new_compiles = count_compiles(lambda: engine_decode_rate(llm, prompts, args.steps))
+        before = llm.stats()
+        engine_rate, new_compiles = count_compiles(lambda: engine_decode_rate(llm, prompts, args.steps, *sampling))
         compiles += new_compiles
+        stages.append(stage_milliseconds(before, llm.stats()))
         pairs.append((engine_rate, raw_decode_rate(llm, prompts, args.steps)))
-    pairs.sort(key=lambda pair: pair[0] / pair[1])
-    engine, raw = pairs[len(pairs) // 2]
+    order = sorted(range(len(pairs)), key=lambda i: pairs[i][0] / pairs[i][1])
+    median = order[len(order) // 2]
+    (engine, raw), stage_ms = pairs[median], stages[median]
+    pairs = [pairs[i] for i in order]
     device = jax.devices()[0]
     processes = f"; {jax.process_count()} processes, {jax.device_count()} devices" if config.cluster else ""
     print(f"model: {args.model or 'demo'} ({llm.config.num_layers} layers, hidden {llm.config.hidden_size}, "
           f"vocab {llm.config.vocab_size}); device: {device.platform} {device.device_kind}{processes}")
     print(f"batch {args.batch}, prompt {args.prompt_len} tokens, {args.steps} tokens per request, "
-          f"page size {args.page_size}")
+          f"page size {args.page_size}, asynchronous scheduling {'off' if args.no_async_scheduling else 'on'}, "
+          f"sampling {'greedy' if args.temperature == 0 else f'temperature {args.temperature} top_p {args.top_p}'}")
     print(f"{'engine decode':>22}: {engine:10.1f} tokens/s")
     print(f"{'raw jitted decode loop':>22}: {raw:10.1f} tokens/s")
-    print(f"{'ratio engine / raw':>22}: {engine / raw:10.3f}   (target >= 0.8; median of {len(pairs)} pairs, "
+    print(f"{'ratio engine / raw':>22}: {engine / raw:10.3f}   (target >= 0.95; median of {len(pairs)} pairs, "
           f"range {pairs[0][0] / pairs[0][1]:.3f}-{pairs[-1][0] / pairs[-1][1]:.3f})")
     print(f"{'compilations after warm-up':>22}: {compiles:6d}       (target 0)")
+    print(f"{'load average (1 min)':>22}: {os.getloadavg()[0]:10.2f}")
+    print(f"engine step, host ms per step of the median run ({stage_ms.pop('steps'):.0f} steps; raw loop "
+          f"{1e3 * len(prompts) / raw:.2f} ms per step): " + ", ".join(f"{k} {v:.2f}" for k, v in stage_ms.items()))
+    if args.timeline:
+        timeline = device_timeline(llm, prompts, args.steps, sampling)
+        print("device timeline, median ms per step: " + ", ".join(f"{k} {v:.2f}" for k, v in timeline.items()))
     stats = llm.stats()
     if stats.get("broadcast_steps"):  # several processes: what publishing each plan cost the leader
         print(f"{'plan broadcast':>22}: {1e3 * stats['broadcast_seconds'] / stats['broadcast_steps']:10.3f} ms "

@@ -5,7 +5,8 @@ Data flow: `cost_model_samples(report)` reads the report's model cases into the 
 (complete once there are 3 prefill and 3 decode samples, what `fit_cost_model` needs); `build_cost_model` fits
 d = 1 to them and derives d > 1 from `scheduler.cost.roofline` with the measured matmul and copy ceilings and
 the efficiencies the model reached (one GPU cannot measure NVLink: those figures stay the published ones,
-noted in the file's metadata).
+noted in the file's metadata); every degree is then raised to the fit's floors (`raised_to_floors`), so a
+measured d = 1 slower than the roofline never leaves a wider group faster than its members.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 
 from gpu_accounting import shape_of
-from loong_jax.scheduler.cost.fit import fit_cost_model
+from loong_jax.scheduler.cost.fit import fit_cost_model, raised_to_floors
 from loong_jax.scheduler.cost.model import CostModel, DecodeSample, PrefillSample
 from loong_jax.scheduler.cost.roofline import HardwareCeilings, derive_cost_model
 
@@ -60,7 +61,8 @@ def build_cost_model(settings, samples: ModelSamples, ceilings: dict, memory: fl
                               migration_seconds_per_byte=projected.migration_seconds_per_byte,
                               migration_latency_s=projected.migration_latency_s)
     return CostModel(
-        tp=1, prefill={**projected.prefill, 1: measured.prefill[1]}, decode={**projected.decode, 1: measured.decode[1]},
+        tp=1, prefill=raised_to_floors({**projected.prefill, 1: measured.prefill[1]}),
+        decode=raised_to_floors({**projected.decode, 1: measured.decode[1]}),
         migration_seconds_per_byte=projected.migration_seconds_per_byte,
         migration_latency_s=projected.migration_latency_s, kv_bytes_per_token=shape.kv_bytes_per_token,
         pages_per_instance=projected.pages_per_instance, page_size=settings.page_size,

@@ -6,8 +6,9 @@ Data flow:
   2. The servicer records what it sees on the wire: a finished request (`observe_finished`: counter
      by finish reason, token counters, TTFT / end-to-end / queue-time histograms), each streamed
      delta (`observe_tokens`: inter-token latency), each rejection (`observe_rejected`, by code).
-  3. What only the engine knows (running / waiting / late requests, the oldest wait, KV pages per instance, the DoP each
-     prefill and decode batch ran at, scale-downs, scale-ups, migrations, preemptions, compiles) is
+  3. What only the engine knows (running / waiting / late requests, the oldest wait, KV pages per instance
+     (used and held by the prefix cache), the DoP each prefill and decode batch ran at, scale-downs,
+     scale-ups, migrations, preemptions, prefix-cache lookups, hits and hit rate, compiles) is
      read at scrape time: `EngineCollector` calls `engine_snapshot()` and turns the returned
      `EngineSnapshot` (`loong_jax.engine.snapshot`, the engine's one description of its state) into
      metric families, so nothing is copied between scrapes.
@@ -60,12 +61,18 @@ class EngineCollector:
         used = GaugeMetricFamily("loong_jax_kv_pages_used", "KV pages in use, per instance.",
                                  labels=["instance"])
         total = GaugeMetricFamily("loong_jax_kv_pages_total", "KV pages, per instance.", labels=["instance"])
+        cached = GaugeMetricFamily("loong_jax_kv_pages_cached",
+                                   "KV pages the prefix cache holds (in use or idle), per instance.",
+                                   labels=["instance"])
         usage = GaugeMetricFamily("loong_jax_kv_usage_ratio", "Fraction of KV pages in use, per instance.",
                                   labels=["instance"])
         for instance, (n_used, n_total) in enumerate(zip(snap.kv_pages_used, snap.kv_pages_total)):
             used.add_metric([str(instance)], n_used)
             total.add_metric([str(instance)], n_total)
             usage.add_metric([str(instance)], n_used / n_total if n_total else 0.0)
+        for instance, n_cached in enumerate(snap.kv_pages_cached):
+            cached.add_metric([str(instance)], n_cached)
+        yield cached
         yield used
         yield total
         yield usage
@@ -78,11 +85,21 @@ class EngineCollector:
                 ("loong_jax_scale_ups", snap.scale_ups, "Decode requests that moved to a new master."),
                 ("loong_jax_migrations", snap.migrations, "KV migrations between instances."),
                 ("loong_jax_preemptions", snap.preemptions, "Requests preempted (recompute)."),
+                ("loong_jax_prefix_cache_queries", snap.prefix_cache_queries,
+                 "Prefills of waiting requests that looked their prompt up in the prefix cache."),
+                ("loong_jax_prefix_cache_hits", snap.prefix_cache_hits, "Prefills that reused cached KV pages."),
+                ("loong_jax_prefix_cache_query_tokens", snap.prefix_cache_query_tokens,
+                 "Prompt tokens of the prefills that looked the prefix cache up."),
+                ("loong_jax_prefix_cache_hit_tokens", snap.prefix_cache_hit_tokens,
+                 "Prompt tokens whose KV came from the prefix cache (not computed)."),
                 ("loong_jax_compiles", snap.compiles, "Programs compiled."),
                 ("loong_jax_compile_seconds", snap.compile_seconds, "Seconds spent compiling programs.")):
             yield CounterMetricFamily(name, documentation, value=value)
         yield GaugeMetricFamily("loong_jax_programs_ready", "Compiled programs ready to run.",
                                 value=snap.programs_ready)
+        yield GaugeMetricFamily("loong_jax_prefix_cache_hit_rate",
+                                "Share of queried prompt tokens whose KV came from the prefix cache.",
+                                value=snap.prefix_cache_hit_rate)
 
 
 class ServerMetrics:

@@ -36,7 +36,7 @@ from loong_jax.bench.metrics import DEFAULT_PERCENTILES, compute_metrics, parse_
 from loong_jax.bench.report import format_summary, plot_sweep
 from loong_jax.bench.runner import run_load
 from loong_jax.simulator.metrics import DEFAULT_SLO_SCALE
-from loong_jax.simulator.workloads import WORKLOADS
+from loong_jax.simulator.workloads import DOCUMENT_ARRIVALS, WORKLOADS
 
 
 def _rate(text: str) -> float:
@@ -70,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     data = parser.add_argument_group("requests")
     data.add_argument("--workload", choices=WORKLOADS, default="sharegpt", help="synthetic workload")
     data.add_argument("--zipf-alpha", type=float, default=1.0)
+    data.add_argument("--questions-per-document", type=int, default=4,
+                      help="questions on each shared document (leval-docs, lveval-docs)")
+    data.add_argument("--document-arrivals", choices=DOCUMENT_ARRIVALS, default="close",
+                      help="a document's questions one after another (close) or scattered over the run (spread)")
     data.add_argument("--dataset-path", type=Path, default=None,
                       help="ShareGPT-format .json, or .jsonl with prompt / prompt_token_ids / messages + output_len")
     data.add_argument("--sharegpt-output-len", type=int, default=None, help="fixed output length for ShareGPT")
@@ -165,7 +169,8 @@ def build_requests(args: argparse.Namespace, client):
          special.pad_token_id if special.HasField("pad_token_id") else None]))
     return synthetic_requests(args.workload, args.num_prompts, vocabulary, length_scale=args.length_scale,
                               output_scale=args.output_length_scale, max_total_len=max_total, seed=args.seed,
-                              zipf_alpha=args.zipf_alpha), max_total
+                              zipf_alpha=args.zipf_alpha, questions_per_document=args.questions_per_document,
+                              document_arrivals=args.document_arrivals), max_total
 
 
 async def _programs_ready(client) -> int | None:

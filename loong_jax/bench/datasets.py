@@ -9,7 +9,11 @@ Data flow:
      by `length_scale` (outputs by `output_scale`, default the same: to shrink a long-context workload for
      a CPU) and clipped to the server's context;
      each prompt is `input_len` token ids drawn from the model's vocabulary (`Vocabulary`: every id that is
-     not a special token). Output lengths are exact when the run sets `ignore_eos`.
+     not a special token). Output lengths are exact when the run sets `ignore_eos`. The shared-document
+     workloads (leval-docs, lveval-docs: `simulator.workloads.make_document_workload`) give every question
+     of a document the same document tokens followed by its own question tokens, in the workload's arrival
+     order ("close": a document's questions one after another; "spread": scattered over the run), so a
+     server with a prefix cache reuses the document's KV.
   2. ShareGPT JSON (`sharegpt_requests`): the first human turn of each conversation is the prompt, the token
      count of the reply is the output length (or `fixed_output_len`); pairs with fewer than 4 tokens on
      either side, or that do not fit the context, are skipped; the rest are shuffled with the seed.
@@ -29,7 +33,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from loong_jax.simulator.workloads import WORKLOADS, sample_lengths
+from loong_jax.simulator.workloads import DOCUMENT_WORKLOADS, WORKLOADS, make_document_workload, sample_lengths
 
 MIN_SHAREGPT_TOKENS = 4
 Tokenize = Callable[[Any], list[int]]  # text or chat messages -> token ids
@@ -88,15 +92,41 @@ def scale_lengths(input_lens: np.ndarray, output_lens: np.ndarray, length_scale:
 
 def synthetic_requests(workload: str, num_prompts: int, vocabulary: Vocabulary, *, length_scale: float = 1.0,
                        output_scale: float | None = None, max_total_len: int | None = None, seed: int = 0,
-                       zipf_alpha: float = 1.0) -> list[BenchRequest]:
+                       zipf_alpha: float = 1.0, questions_per_document: int = 4,
+                       document_arrivals: str = "close") -> list[BenchRequest]:
     if workload not in WORKLOADS:
         raise ValueError(f"unknown workload {workload!r}; choose one of {', '.join(WORKLOADS)}")
     if num_prompts < 1:
         raise ValueError(f"num_prompts must be >= 1, got {num_prompts}")
+    if workload in DOCUMENT_WORKLOADS:
+        return document_requests(workload, num_prompts, vocabulary, length_scale=length_scale,
+                                 output_scale=output_scale, max_total_len=max_total_len, seed=seed,
+                                 questions_per_document=questions_per_document, arrivals=document_arrivals)
     length_rng, token_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
     input_lens, output_lens = sample_lengths(workload, num_prompts, length_rng, zipf_alpha)
     inputs, outputs = scale_lengths(input_lens, output_lens, length_scale, max_total_len, output_scale)
     return [BenchRequest(vocabulary.sample(token_rng, int(n)), int(m)) for n, m in zip(inputs, outputs)]
+
+
+def document_requests(workload: str, num_prompts: int, vocabulary: Vocabulary, *, length_scale: float = 1.0,
+                      output_scale: float | None = None, max_total_len: int | None = None, seed: int = 0,
+                      questions_per_document: int = 4, arrivals: str = "close") -> list[BenchRequest]:
+    """Questions on shared documents (see the module docstring), in arrival order; a prompt clipped to the
+    context keeps its document's first tokens."""
+    shape = make_document_workload(workload.removesuffix("-docs"), num_prompts, seed, questions_per_document,
+                                   arrivals)
+    inputs, outputs = scale_lengths(shape.input_lens, shape.output_lens, length_scale, max_total_len, output_scale)
+    document_lens, _ = scale_lengths(shape.document_lens, shape.output_lens, length_scale, None, output_scale)
+    token_rng = np.random.default_rng(np.random.SeedSequence(seed).spawn(3)[2])
+    documents: dict[int, tuple[int, ...]] = {}
+    requests = []
+    for document, document_len, input_len, output_len in zip(shape.documents, document_lens, inputs, outputs):
+        if int(document) not in documents:
+            documents[int(document)] = vocabulary.sample(token_rng, int(document_len))
+        text = documents[int(document)]
+        question = vocabulary.sample(token_rng, max(1, int(input_len) - len(text)))
+        requests.append(BenchRequest((text + question)[:int(input_len)], int(output_len)))
+    return requests
 
 
 def _fits(input_len: int, output_len: int, max_total_len: int | None) -> bool:

@@ -8,15 +8,20 @@ Data flow:
      instance. Tokens of a share are stored densely in slot order: slot s lives in page
      `page_table[s // page_size]` at offset `s % page_size`; `token_ranges` records which global positions
      the slots hold (a share may hold several position runs, e.g. prompt part + decode tail).
-  2. Pages are reference counted: `fork(parent, child)` shares every page of the parent; appending to a shared,
-     partly filled last page copies it first (copy-on-write) and queues a `PageCopy` for the executor
-     (`take_page_copies()`).
+  2. Pages are reference counted: the prefix cache and every request whose prompt starts with the same
+     cached blocks share a page. Shared pages are always full, so a request only ever appends to pages it
+     holds alone (no copy-on-write).
   3. `begin_migration(request, src, dst)` moves a whole share: destination pages are allocated at once and the
      source pages stay held (still counted used) until `finish_migration(ticket)`, because the executor reads
      them while the move runs.
   4. `free_request(request)` drops every reference; pages whose count reaches zero return to the free list.
-  5. `check_invariants()` recounts everything from scratch; `assert_all_free()` is what tests call after a
-     workload.
+  5. Prefix cache (`prefix_cache.PrefixCache`, one reference per cached page): `attach_prefix(request, hit)`
+     makes a new request's shares start with cached full pages; `cache_prompt_pages(request, hashes)` indexes
+     the full, position-aligned pages a finished prefill filled. Cached pages no request holds are *idle*:
+     they count as free (`pages_free`) and `allocate` takes the least recently used one when the free list is
+     empty (eviction). `clear_prefix_cache()` drops every cached page.
+  6. `check_invariants()` recounts everything from scratch; `assert_all_free()` is what tests call after a
+     workload (every page free or held only by the prefix cache).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
+from loong_jax.engine.prefix_cache import BlockHash, PrefixCache, PrefixCacheOptions
 from loong_jax.executor.protocol import MigrationTicket
 from loong_jax.scheduler.plan import RequestId
 from loong_jax.scheduler.view import ceil_div
@@ -43,18 +49,9 @@ class _Share:
     ranges: list[list[int]] = field(default_factory=list)  # [start_position, n] runs, in slot order
 
 
-@dataclass(frozen=True)
-class PageCopy:
-    """Copy the first `n_slots` slots of page `src_page` into `dst_page` on `instance` (copy-on-write)."""
-
-    instance: int
-    src_page: int
-    dst_page: int
-    n_slots: int
-
-
 class KVAllocator:
-    def __init__(self, pages_per_instance: Sequence[int] | int, page_size: int, num_instances: int | None = None):
+    def __init__(self, pages_per_instance: Sequence[int] | int, page_size: int, num_instances: int | None = None,
+                 prefix_cache: PrefixCacheOptions | None = None):
         if isinstance(pages_per_instance, int):
             if num_instances is None:
                 raise ValueError("num_instances is required when pages_per_instance is a single number")
@@ -72,7 +69,7 @@ class KVAllocator:
         self._shares: dict[RequestId, dict[int, _Share]] = {}
         self._tickets: dict[int, tuple[int, list[int]]] = {}  # ticket id -> (source instance, held pages)
         self._next_ticket = 0
-        self._page_copies: list[PageCopy] = []
+        self.prefix_cache = PrefixCache(pages, prefix_cache)
 
     # -- queries ------------------------------------------------------------------------------------------------
     @property
@@ -83,10 +80,16 @@ class KVAllocator:
         return self._num_pages[instance]
 
     def pages_free(self, instance: int) -> int:
-        return len(self._free[instance])
+        """Pages an allocation can take: free ones and idle cached ones (evicted on demand)."""
+        return len(self._free[instance]) + self.prefix_cache.num_idle(instance)
 
     def pages_used(self, instance: int) -> int:
-        return self._num_pages[instance] - len(self._free[instance])
+        """Pages some request holds (idle cached pages count as free)."""
+        return self._num_pages[instance] - self.pages_free(instance)
+
+    def pages_cached(self, instance: int) -> int:
+        """Pages the prefix cache indexes (held by requests or idle)."""
+        return self.prefix_cache.num_cached(instance)
 
     @property
     def total_pages(self) -> int:
@@ -94,7 +97,11 @@ class KVAllocator:
 
     @property
     def total_pages_free(self) -> int:
-        return sum(len(f) for f in self._free)
+        return sum(self.pages_free(i) for i in range(self.num_instances))
+
+    def refcount(self, instance: int, page: int) -> int:
+        """References to a page: requests holding it, the prefix cache, a migration in flight."""
+        return self._refcount[instance][page]
 
     def has_request(self, request_id: RequestId) -> bool:
         return request_id in self._shares
@@ -127,9 +134,12 @@ class KVAllocator:
         return [p for start, n in self.token_ranges(request_id, instance) for p in range(start, start + n)]
 
     def exclusive_pages(self, request_id: RequestId) -> dict[int, int]:
-        """instance -> pages only this request references (what freeing it would return; forks share)."""
+        """instance -> pages only this request references besides the prefix cache (what freeing it would make
+        available; cached prefixes share)."""
+        cache = self.prefix_cache
         return {
-            instance: sum(1 for page in share.pages if self._refcount[instance][page] == 1)
+            instance: sum(1 for page in share.pages
+                          if self._refcount[instance][page] - cache.is_cached(instance, page) == 1)
             for instance, share in self._shares.get(request_id, {}).items()
         }
 
@@ -139,22 +149,20 @@ class KVAllocator:
             return 0
         share = self._shares.get(request_id, {}).get(instance)
         have = share.n_tokens if share else 0
-        needed = ceil_div(have + n_tokens, self.page_size) - ceil_div(have, self.page_size)
-        if share and have % self.page_size and self._refcount[instance][share.pages[-1]] > 1:
-            needed += 1  # copy-on-write of the shared, partly filled last page
-        return needed
+        return ceil_div(have + n_tokens, self.page_size) - ceil_div(have, self.page_size)
 
     def can_fit(self, request_id: RequestId, instance: int, n_tokens: int) -> bool:
-        return self.pages_needed(request_id, instance, n_tokens) <= len(self._free[instance])
+        return self.pages_needed(request_id, instance, n_tokens) <= self.pages_free(instance)
 
     def room_for_tokens(self, request_id: RequestId, instance: int) -> int:
         """How many more tokens of this request the instance can take (free slots of its last page + free pages)."""
         share = self._shares.get(request_id, {}).get(instance)
         have = share.n_tokens if share else 0
         tail = (-have) % self.page_size
+        free = self.pages_free(instance)
         if share and tail and self._refcount[instance][share.pages[-1]] > 1:
-            return max(0, len(self._free[instance]) - 1) * self.page_size + (tail if self._free[instance] else 0)
-        return tail + len(self._free[instance]) * self.page_size
+            return max(0, free - 1) * self.page_size + (tail if free else 0)
+        return tail + free * self.page_size
 
     # -- mutation -----------------------------------------------------------------------------------------------
     def allocate(self, request_id: RequestId, instance: int, n_tokens: int, start_position: int | None = None) -> list[int]:
@@ -166,28 +174,18 @@ class KVAllocator:
         if n_tokens <= 0:
             raise ValueError(f"allocate: n_tokens must be positive, got {n_tokens}")
         needed = self.pages_needed(request_id, instance, n_tokens)
-        free = self._free[instance]
-        if needed > len(free):
+        if needed > self.pages_free(instance):
             raise OutOfPages(
                 f"instance {instance}: request {request_id!r} needs {needed} pages for {n_tokens} tokens, "
-                f"{len(free)} free"
+                f"{self.pages_free(instance)} free"
             )
         if start_position is None:
             start_position = self.tokens_total(request_id)
         share = self._shares.setdefault(request_id, {}).setdefault(instance, _Share())
         refcount = self._refcount[instance]
         taken: list[int] = []
-        partial = share.n_tokens % self.page_size
-        if partial and refcount[share.pages[-1]] > 1:
-            shared_page = share.pages[-1]
-            private = free.pop()
-            refcount[private] = 1
-            refcount[shared_page] -= 1
-            share.pages[-1] = private
-            taken.append(private)
-            self._page_copies.append(PageCopy(instance, shared_page, private, partial))
-        for _ in range(needed - len(taken)):
-            page = free.pop()
+        for _ in range(needed):
+            page = self._take_page(instance)
             refcount[page] = 1
             share.pages.append(page)
             taken.append(page)
@@ -198,13 +196,40 @@ class KVAllocator:
             share.ranges.append([start_position, n_tokens])
         return taken
 
+    def _take_page(self, instance: int) -> int:
+        """A page for new KV: a free one, else the least recently used idle cached page (evicted)."""
+        free = self._free[instance]
+        if free:
+            return free.pop()
+        page = self.prefix_cache.oldest_idle(instance)
+        if page is None:
+            raise OutOfPages(f"instance {instance}: no free page")
+        self._evict(instance, page)
+        return self._free[instance].pop()
+
+    def _evict(self, instance: int, page: int) -> None:
+        self.prefix_cache.remove(instance, page)
+        self.prefix_cache.stats.evictions += 1
+        self._release(instance, [page])
+
+    def _hold(self, instance: int, page: int) -> None:
+        """One more reference to a page that is already referenced (a prefix-cache hit)."""
+        self._refcount[instance][page] += 1
+        if self._refcount[instance][page] == 2 and self.prefix_cache.is_cached(instance, page):
+            self.prefix_cache.mark_held(instance, page)
+
     def _release(self, instance: int, pages: Iterable[int]) -> int:
         refcount, free, released = self._refcount[instance], self._free[instance], 0
+        cache, idle = self.prefix_cache, []
         for page in pages:
             refcount[page] -= 1
             if refcount[page] == 0:
                 free.append(page)
                 released += 1
+            elif refcount[page] == 1 and cache.is_cached(instance, page):
+                idle.append(page)
+        if idle:
+            cache.mark_idle(instance, idle)
         return released
 
     def free_on(self, request_id: RequestId, instance: int) -> int:
@@ -222,23 +247,6 @@ class KVAllocator:
         shares = self._shares.pop(request_id, {})
         return sum(self._release(instance, share.pages) for instance, share in shares.items())
 
-    def fork(self, parent: RequestId, child: RequestId) -> None:
-        """Give `child` the same KV as `parent` by sharing pages (reference counts, copy-on-write on append)."""
-        if child in self._shares:
-            raise ValueError(f"fork: request {child!r} already holds KV")
-        copies: dict[int, _Share] = {}
-        for instance, share in self._shares.get(parent, {}).items():
-            for page in share.pages:
-                self._refcount[instance][page] += 1
-            copies[instance] = _Share(list(share.pages), share.n_tokens, [list(r) for r in share.ranges])
-        if copies:
-            self._shares[child] = copies
-
-    def take_page_copies(self) -> list[PageCopy]:
-        """Copy-on-write copies the executor must perform before running the step that triggered them."""
-        copies, self._page_copies = self._page_copies, []
-        return copies
-
     def begin_migration(self, request_id: RequestId, src: int, dst: int) -> MigrationTicket:
         """Move the request's whole share from `src` to `dst`: destination pages are taken now, source pages
         stay held until `finish_migration`."""
@@ -250,8 +258,9 @@ class KVAllocator:
         moving = shares[src]
         dst_first_slot = self.tokens_on(request_id, dst)
         needed = self.pages_needed(request_id, dst, moving.n_tokens)
-        if needed > len(self._free[dst]):
-            raise OutOfPages(f"migration of {request_id!r}: instance {dst} needs {needed} pages, {len(self._free[dst])} free")
+        if needed > self.pages_free(dst):
+            raise OutOfPages(f"migration of {request_id!r}: instance {dst} needs {needed} pages, "
+                             f"{self.pages_free(dst)} free")
         for start, n in moving.ranges:
             self.allocate(request_id, dst, n, start_position=start)
         del shares[src]
@@ -267,6 +276,67 @@ class KVAllocator:
         """Release the source pages of a completed move; returns how many became free."""
         instance, pages = self._tickets.pop(ticket.ticket_id)
         return self._release(instance, pages)
+
+    # -- prefix cache -------------------------------------------------------------------------------------------
+    def attach_prefix(self, request_id: RequestId, hit: Sequence[tuple[int, int]]) -> None:
+        """Start a request that holds no KV with cached full pages: block k of `hit` is (instance, page) of
+        positions [k·page_size, (k+1)·page_size)."""
+        if request_id in self._shares:
+            raise ValueError(f"attach_prefix: request {request_id!r} already holds KV")
+        shares: dict[int, _Share] = {}
+        for block, (instance, page) in enumerate(hit):
+            if not self.prefix_cache.is_cached(instance, page):
+                raise ValueError(f"attach_prefix: page {page} of instance {instance} is not cached")
+            share = shares.setdefault(instance, _Share())
+            self._hold(instance, page)
+            share.pages.append(page)
+            share.n_tokens += self.page_size
+            position = block * self.page_size
+            if share.ranges and sum(share.ranges[-1]) == position:
+                share.ranges[-1][1] += self.page_size
+            else:
+                share.ranges.append([position, self.page_size])
+        if shares:
+            self._shares[request_id] = shares
+
+    def _aligned_full_pages(self, share: _Share) -> Iterable[tuple[int, int]]:
+        """(block, page) of the share's full pages that hold exactly the positions of one block."""
+        size, slot = self.page_size, 0
+        for start, n in share.ranges:
+            first = -(-slot // size) * size  # first page boundary at or after this run's first slot
+            for page_slot in range(first, slot + n - size + 1, size):
+                position = start + page_slot - slot
+                if position % size == 0:
+                    yield position // size, share.pages[page_slot // size]
+            slot += n
+
+    def cache_prompt_pages(self, request_id: RequestId, hashes: Sequence[BlockHash]) -> int:
+        """Index the request's full pages whose block has a hash; returns how many pages were added."""
+        cache, added = self.prefix_cache, 0
+        if not cache.enabled:
+            return 0
+        for instance, share in self._shares.get(request_id, {}).items():
+            for block, page in self._aligned_full_pages(share):
+                if block >= len(hashes) or cache.is_cached(instance, page) or cache.has(instance, hashes[block]):
+                    continue
+                if cache.num_cached(instance) >= cache.capacity[instance]:
+                    oldest = cache.oldest_idle(instance)
+                    if oldest is None:
+                        break  # full of pages running requests hold
+                    self._evict(instance, oldest)
+                self._refcount[instance][page] += 1
+                cache.add(instance, page, hashes[block], idle=False)
+                added += 1
+        return added
+
+    def clear_prefix_cache(self) -> int:
+        """Forget every cached page; returns the pages that became free (idle ones: held ones stay held)."""
+        cache, released = self.prefix_cache, 0
+        for instance in range(self.num_instances):
+            for page in cache.cached_pages(instance):
+                cache.remove(instance, page)
+                released += self._release(instance, [page])
+        return released
 
     # -- accounting checks --------------------------------------------------------------------------------------
     def check_invariants(self) -> None:
@@ -287,12 +357,16 @@ class KVAllocator:
                 if held_instance == instance:
                     for page in pages:
                         counted[page] += 1
+            for page in self.prefix_cache.cached_pages(instance):
+                counted[page] += 1
             assert counted == self._refcount[instance], f"instance {instance}: reference counts disagree"
             free = self._free[instance]
             assert len(set(free)) == len(free), f"instance {instance}: page freed twice"
             assert set(free) == {p for p in range(num_pages) if counted[p] == 0}, f"instance {instance}: free list wrong"
+        self.prefix_cache.check(self._refcount)
 
     def assert_all_free(self) -> None:
+        """No request holds KV: every page is free or held only by the prefix cache (clear it for a bare pool)."""
         self.check_invariants()
         assert not self._shares, f"requests still hold KV: {sorted(map(str, self._shares))}"
         assert not self._tickets, f"{len(self._tickets)} migrations still hold source pages"

@@ -6,11 +6,16 @@ drive too:
      work for the idle instances;
   2. core.dispatch(plan, sampling rows): pages are taken (placements, masters, migrations), preempted
      requests go back to waiting, and every unit goes to the executor with its inputs (each request's
-     sampling row, which holds its tokens, and its page tables): nothing calls back into the engine;
+     sampling row, which holds its tokens, and its page tables): nothing calls back into the engine. With
+     asynchronous scheduling the decode steps are then released: booked as done, their tokens pending, so
+     that if nothing older runs the step ends here and the next plan is made while they run;
   3. results = core.wait(): the unit(s) that finish first come back with their sampled tokens;
   4. the tokens are detokenized (stop strings, stop tokens, max_tokens decide which requests finish),
-     core.apply(result) frees the pages of finished requests, and the step returns the new output of every
-     request it touched (deltas: new token ids, text and logprobs, with the finish reason at the end).
+     core.apply(result) frees the pages of finished requests (for a released unit: core.resolve writes the
+     pending tokens, and a request that stopped is finished now or when the step planned behind it
+     returns, whose token it never shows), and the step returns the new output of every request it touched
+     (deltas: new token ids, text and logprobs, with the finish reason at the end). `step_timer` adds up
+     the host time of each stage.
 
 Requests are validated at the edge (`validate_request`): a bad prompt, bad sampling parameters or a
 request that could never fit the cluster's KV raises ValueError before anything is queued. A request with
@@ -28,7 +33,8 @@ from typing import Sequence
 from loong_jax.sampling.detokenizer import SequenceDetokenizer
 from loong_jax.engine.core import EngineCore
 from loong_jax.engine.snapshot import EngineSnapshot, capture as capture_snapshot
-from loong_jax.engine.state import EngineState
+from loong_jax.engine.state import EngineState, Release
+from loong_jax.engine.step_timer import StepTimer
 from loong_jax.executor.protocol import Executor, UnitResult
 from loong_jax.outputs import CompletionOutput, RequestMetrics, RequestOutput
 from loong_jax.sampling.batch import SamplingRow
@@ -84,11 +90,15 @@ class _Request:
 
 class Engine:
     def __init__(self, executor: Executor, tokenizer, policy, cost_model, *, max_context: int, vocab_size: int,
-                 pages_per_instance: int, page_size: int, clock=time.monotonic, compile_aware: bool = True):
+                 pages_per_instance: int, page_size: int, clock=time.monotonic, compile_aware: bool = True,
+                 async_scheduling: bool = True, prefix_cache=None):
         """`compile_aware`: the policy is told which programs are compiled and what a compilation costs (off
-        for reproducible runs: compile times vary)."""
-        self.state = EngineState(executor.num_instances, pages_per_instance, page_size)
-        self.core = EngineCore(self.state, policy, cost_model, executor, clock=clock, compile_aware=compile_aware)
+        for reproducible runs: compile times vary). `async_scheduling`: plan step n+1 while step n runs
+        (`EngineCore`), where the executor can feed step n's tokens on the device. `prefix_cache`: the
+        `PrefixCacheOptions` of the KV pages shared by equal prompt prefixes (None: enabled, unbounded)."""
+        self.state = EngineState(executor.num_instances, pages_per_instance, page_size, prefix_cache)
+        self.core = EngineCore(self.state, policy, cost_model, executor, clock=clock, compile_aware=compile_aware,
+                               async_scheduling=async_scheduling)
         self.tokenizer = tokenizer
         self.eos_token_ids = tuple(getattr(tokenizer, "eos_token_ids", ()) or ())
         self.max_context, self.vocab_size, self.pages_per_instance = max_context, vocab_size, pages_per_instance
@@ -97,6 +107,9 @@ class Engine:
         self._sequences: dict[int, _Sequence] = {}
         self._engine_ids = itertools.count()
         self._deltas: dict[str, tuple[_Request, dict[int, CompletionOutput]]] = {}  # not yet emitted
+        # Released early, tokens not yet read; by the unit's identity: two steps of the same batch are equal.
+        self._released: dict[int, Release] = {}
+        self.step_timer = StepTimer()
 
     # -- requests -------------------------------------------------------------------------------------------------
     def token_limits(self) -> tuple[int, int]:
@@ -162,7 +175,8 @@ class Engine:
             detokenizer = SequenceDetokenizer(self.tokenizer, request.params, request.prompt_token_ids,
                                               self.eos_token_ids, index=index)
             sequence = _Sequence(engine_id, record, index, detokenizer)
-            self.state.add_request(engine_id, len(request.prompt_token_ids), request.params.max_tokens, arrival=now)
+            self.state.add_request(engine_id, len(request.prompt_token_ids), request.params.max_tokens, arrival=now,
+                                   prompt_token_ids=request.prompt_token_ids)
             record.sequences.append(sequence)
             self._sequences[engine_id] = sequence
         self._requests[request.request_id] = record
@@ -198,7 +212,9 @@ class Engine:
                    for instance in allocator.kv_layout(sequence.engine_id))
 
     def has_unfinished(self) -> bool:
-        return bool(self._requests) or bool(self._deltas)
+        """Requests to serve, outputs to hand out, or released units whose results are still to be read
+        (after a stop, the step planned behind it still runs)."""
+        return bool(self._requests) or bool(self._deltas) or bool(self._released)
 
     @property
     def num_unfinished(self) -> int:
@@ -223,14 +239,21 @@ class Engine:
     # -- the loop -------------------------------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """One scheduling event (see the module docstring); returns the outputs it produced (deltas)."""
-        plan = self.core.schedule()
-        self.core.dispatch(plan, self._sampling_rows(plan))
+        timer = self.step_timer.start()
+        plan = timer.lap("schedule", self.core.schedule())
+        self.core.check_progress(plan)
+        releases = self.core.dispatch(plan, self._sampling_rows(plan))
         self._note_dispatched(plan)
-        for result in self.core.wait():
-            self._apply(result)
-        if not self._deltas:
-            self.core.check_progress(plan)
-        return self.take_outputs()
+        for release in releases:
+            self._note_released(release)
+        timer.lap("dispatch")
+        if not releases or self.executor.in_flight > len(releases):
+            results = timer.lap("wait", self.core.wait())
+            for result in results:
+                self._apply(result)
+            timer.lap("apply")
+        # else everything running was released just now: the next step is planned while it runs
+        return timer.lap("outputs", self.take_outputs(), step_done=True)
 
     def take_outputs(self) -> list[RequestOutput]:
         """The delta output of every request that changed since the last call, in the order they changed."""
@@ -267,12 +290,26 @@ class Engine:
                            getattr(self.core.policy, "name", "?"), self._sequences[engine_id].request.prepared.request_id)
             self._finish_if_done(self._sequences[engine_id])
 
+    def _note_released(self, release: Release) -> None:
+        """A unit the state accounted before its tokens are known: its tokens are read when it returns.
+        Requests it finished close now if they are aborted or already stopped; one that reached
+        max_tokens closes once its last token is read."""
+        self._released[id(release.unit)] = release
+        for request in release.finished:
+            sequence = self._sequences[request.request_id]
+            if request.finish_reason != "finished" or sequence.detokenizer.finished:
+                self._finish_if_done(sequence)
+
     def _apply(self, result: UnitResult) -> None:
+        release = self._released.pop(id(result.unit), None)
+        if release is not None:
+            self._apply_released(result, release)
+            return
         finished = set()
         requests, sequences, all_logprobs = self.state.requests, self._sequences, result.logprobs
         for engine_id, token in result.new_tokens.items():
-            if requests[engine_id].aborted:
-                continue  # its unit was running when it was aborted; the token is dropped
+            if requests[engine_id].ending is not None:
+                continue  # its unit was running when it was aborted or stopped; the token is dropped
             sequence = sequences[engine_id]
             detokenizer, logprobs = sequence.detokenizer, all_logprobs.get(engine_id)
             self._record(sequence, detokenizer.update((token,), None if logprobs is None else (logprobs,)))
@@ -284,6 +321,27 @@ class Engine:
             request = requests.get(engine_id)
             if request is not None and request.status == FINISHED:  # the common case (running) skips the call
                 self._finish_if_done(sequences[engine_id])
+
+    def _apply_released(self, result: UnitResult, release: Release) -> None:
+        """The tokens of a released unit: written in place of the pending ones, then detokenized. A request
+        that stopped at an earlier token, or was aborted, shows none of them."""
+        self.core.resolve(result, release)
+        requests = self.state.requests
+        for engine_id in release.pending:
+            sequence = self._sequences.get(engine_id)
+            request = requests.get(engine_id)
+            if sequence is None or request is None or "abort" in (request.ending, request.finish_reason):
+                continue
+            detokenizer = sequence.detokenizer
+            if detokenizer.finished:
+                continue  # sampled after its stop, while the stop was not yet known
+            logprobs = result.logprobs.get(engine_id)
+            self._record(sequence, detokenizer.update((result.new_tokens[engine_id],),
+                                                      None if logprobs is None else (logprobs,)))
+            sequence.request.metrics.record_token(result.finish_time)
+            if detokenizer.finished:
+                self.state.finish_request(engine_id, "finished", result.finish_time)
+                self._finish_if_done(sequence)
 
     def _finish_if_done(self, sequence: _Sequence) -> None:
         """Once the state has finished a sequence (stop, length, abort, rejection), close its records."""
@@ -311,7 +369,8 @@ class Engine:
         """Engine counters: elastic moves (state), batches per degree of parallelism, units run (executor),
         program cache statistics."""
         return {**self.state.counters, "prefill_batches_by_degree": dict(sorted(self.core.dops.prefill.items())),
-                "decode_batches_by_degree": dict(sorted(self.core.dops.decode.items())), **self.executor.stats()}
+                "decode_batches_by_degree": dict(sorted(self.core.dops.decode.items())), **self.executor.stats(),
+                **self.step_timer.as_dict()}
 
     def snapshot(self) -> EngineSnapshot:
         """The state at this instant as immutable values (metrics, server info, admission limits); safe to

@@ -37,7 +37,12 @@ class EngineSnapshot:
     oldest_waiting_seconds: float = 0.0  # how long the longest-waiting request has waited (0: none waits)
     late: int = 0  # waiting requests the policy holds behind every timely one (ESP's overload triage)
     kv_pages_total: tuple[int, ...] = ()  # per instance
-    kv_pages_used: tuple[int, ...] = ()  # per instance
+    kv_pages_used: tuple[int, ...] = ()  # per instance (idle cached pages count as free)
+    kv_pages_cached: tuple[int, ...] = ()  # per instance: pages the prefix cache holds (in use or idle)
+    prefix_cache_queries: int = 0  # prefills of waiting requests that looked their prompt up
+    prefix_cache_hits: int = 0  # of them, those that reused cached pages
+    prefix_cache_query_tokens: int = 0
+    prefix_cache_hit_tokens: int = 0  # prompt tokens not computed thanks to the cache
     prefill_dop_counts: Mapping[int, int] = dataclasses.field(default_factory=dict)  # DoP -> batches
     decode_dop_counts: Mapping[int, int] = dataclasses.field(default_factory=dict)
     scale_downs: int = 0
@@ -53,6 +58,11 @@ class EngineSnapshot:
         return len(self.kv_pages_total)
 
     @property
+    def prefix_cache_hit_rate(self) -> float:
+        """Share of queried prompt tokens whose KV came from the prefix cache."""
+        return self.prefix_cache_hit_tokens / self.prefix_cache_query_tokens if self.prefix_cache_query_tokens else 0.0
+
+    @property
     def kv_pages_free(self) -> tuple[int, ...]:
         return tuple(total - used for total, used in zip(self.kv_pages_total, self.kv_pages_used))
 
@@ -65,6 +75,7 @@ def capture(state, clock: Callable[[], float], *, policy, prefill_dops: Mapping[
     allocator = state.allocator
     instances = range(allocator.num_instances)
     counters = dict(state.counters)
+    cache_stats = dataclasses.replace(state.prefix_cache.stats)  # one copy: its fields stay consistent
     oldest = max(0.0, clock() - min(request.arrival for request in waiting)) if waiting else 0.0
     return EngineSnapshot(
         policy=policy.name, page_size=state.page_size, token_limits=TokenLimits(*token_limits),
@@ -73,6 +84,9 @@ def capture(state, clock: Callable[[], float], *, policy, prefill_dops: Mapping[
         late=policy.late_requests,
         kv_pages_total=tuple(allocator.num_pages(i) for i in instances),
         kv_pages_used=tuple(allocator.pages_used(i) for i in instances),
+        kv_pages_cached=tuple(allocator.pages_cached(i) for i in instances),
+        prefix_cache_queries=cache_stats.queries, prefix_cache_hits=cache_stats.hits,
+        prefix_cache_query_tokens=cache_stats.query_tokens, prefix_cache_hit_tokens=cache_stats.hit_tokens,
         prefill_dop_counts=MappingProxyType(dict(prefill_dops)), decode_dop_counts=MappingProxyType(dict(decode_dops)),
         scale_downs=counters.get("scale_downs", 0), scale_ups=counters.get("scale_ups", 0),
         migrations=counters.get("migrations", 0), preemptions=counters.get("preemptions", 0),

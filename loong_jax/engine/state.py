@@ -13,6 +13,15 @@ The engine loop is event driven (programs on disjoint groups run side by side):
      tables and KV layout after this dispatch, each migration's tickets).
   5. `apply(UnitResult)` when a unit finishes: its instances become idle, new tokens are recorded, prefills
      that reached the end of their prompt start decoding, finished or aborted requests free their pages.
+
+Prefix cache (`prefix_cache`): a request queued with its prompt token ids (or simulated block hashes) gets
+its block hashes once. `view` tells the policy, per waiting request, how much of its prompt is cached and
+where (`cached_tokens`, `cached_kv`, `cached_pins`). A prefill chunk of a waiting request that starts at
+its cached length is a hit: `on_dispatched` checks it against a fresh lookup and the chunk's group, and
+attaches the cached pages before any page is taken for this plan (so no allocation can evict them). When a
+prefill reaches the end of the prompt, its full pages enter the cache (`KVAllocator.cache_prompt_pages`).
+Finished, aborted, preempted and migrated requests release their references as before; cached pages no
+request holds stay, idle, until an allocation needs them.
 """
 
 from __future__ import annotations
@@ -22,17 +31,16 @@ from dataclasses import dataclass, field
 from typing import Mapping
 
 from loong_jax.engine.kv_allocator import KVAllocator
-from loong_jax.executor.protocol import MigrationTicket, RequestInputs, StepInputs, UnitResult
+from loong_jax.engine.plan_check import PlanError, check_plan
+from loong_jax.engine.prefix_hits import PrefixHits
+from loong_jax.engine.prefix_cache import BlockHash, PrefixCacheOptions, chain_hashes
+from loong_jax.executor.protocol import PENDING_TOKEN, MigrationTicket, RequestInputs, StepInputs, UnitResult
 from loong_jax.sampling.batch import SamplingRow
 from loong_jax.scheduler.plan import DecodeBatch, MigrationBatch, Plan, PrefillBatch, RequestId, WorkUnit
 from loong_jax.scheduler.view import (
     DECODING, FINISHED, PREFILLING, WAITING, InstanceView, RequestView, SchedulerView,
 )
 
-
-
-class PlanError(ValueError):
-    """A policy produced a plan the state cannot carry out (a policy bug, never a user error)."""
 
 
 @dataclass(slots=True, eq=False)
@@ -45,7 +53,20 @@ class RequestState(RequestView):
     finish_time: float | None = None
     finish_reason: str | None = None  # "finished", "abort", "rejected"
     num_preemptions: int = 0
-    aborted: bool = False  # abort asked while in flight: pages freed when its unit comes back
+    ending: str | None = None  # finish asked while in flight ("abort", "finished"): done when its unit is
+    block_hashes: tuple[BlockHash, ...] = ()  # of the prompt's full pages (prefix cache)
+    prefix_hit: tuple[tuple[int, int], ...] = ()  # (instance, page) per cached block, as of `prefix_hit_version`
+    prefix_hit_version: int = -1
+    computing_prefix: bool = False  # its prompt's blocks are counted in `PrefixHits` (prefill running)
+
+
+@dataclass(frozen=True)
+class Release:
+    """A unit accounted before its tokens are known (`EngineState.release_early`)."""
+
+    unit: WorkUnit
+    pending: dict[RequestId, int]  # request -> index of the output token the unit samples for it
+    finished: list[RequestState]  # finished on release: max_new_tokens reached, or a finish asked meanwhile
 
 
 @dataclass
@@ -56,8 +77,10 @@ class _InFlight:
 
 
 class EngineState:
-    def __init__(self, num_instances: int, pages_per_instance: int | list[int], page_size: int):
-        self.allocator = KVAllocator(pages_per_instance, page_size, num_instances)
+    def __init__(self, num_instances: int, pages_per_instance: int | list[int], page_size: int,
+                 prefix_cache: PrefixCacheOptions | None = None):
+        self.allocator = KVAllocator(pages_per_instance, page_size, num_instances, prefix_cache)
+        self.prefix_cache = self.allocator.prefix_cache
         self.num_instances = self.allocator.num_instances
         self.page_size = page_size
         self.requests: dict[RequestId, RequestState] = {}
@@ -69,6 +92,7 @@ class EngineState:
         self._busy_until = [0.0] * self.num_instances
         self._in_flight: dict[WorkUnit, _InFlight] = {}
         self._next_seq = 0
+        self.prefix_hits = PrefixHits(self.prefix_cache, page_size)
         self.counters = {"preemptions": 0, "migrations": 0, "scale_ups": 0, "scale_downs": 0, "rejections": 0}
 
     # -- requests -----------------------------------------------------------------------------------------------
@@ -77,7 +101,10 @@ class EngineState:
         return self.allocator.total_pages * self.page_size
 
     def add_request(self, request_id: RequestId, prompt_len: int, max_new_tokens: int | None = None,
-                    arrival: float = 0.0) -> RequestState:
+                    arrival: float = 0.0, prompt_token_ids=None,
+                    block_hashes: tuple[BlockHash, ...] | None = None) -> RequestState:
+        """Queue a request. With `prompt_token_ids` (or, from simulated workloads, `block_hashes`) its prompt
+        can reuse and fill the prefix cache."""
         if request_id in self.requests:
             raise ValueError(f"request id {request_id!r} is already in use")
         if prompt_len < 1:
@@ -93,8 +120,15 @@ class EngineState:
                 f"({self.num_instances} instances x {self.allocator.total_pages // self.num_instances} pages x "
                 f"{self.page_size}); shorten the prompt or lower max_new_tokens"
             )
+        if prompt_token_ids is not None and len(prompt_token_ids) != prompt_len:
+            raise ValueError(f"request {request_id!r}: {len(prompt_token_ids)} prompt token ids for prompt_len "
+                             f"{prompt_len}")
+        if block_hashes is None:
+            block_hashes = ()
+            if prompt_token_ids is not None and self.prefix_cache.enabled:
+                block_hashes = chain_hashes(prompt_token_ids, self.page_size, self.prefix_cache.options.model_identity)
         request = RequestState(request_id=request_id, seq=self._next_seq, arrival=arrival, prompt_len=prompt_len,
-                               max_new_tokens=max_new_tokens)
+                               max_new_tokens=max_new_tokens, block_hashes=tuple(block_hashes))
         self._next_seq += 1
         self.requests[request_id] = request
         self._waiting.append(request)
@@ -109,13 +143,18 @@ class EngineState:
 
     def abort(self, request_id: RequestId, now: float = 0.0) -> bool:
         """Finish a request as aborted; pages are freed now, or when its running unit returns."""
+        return self.finish_request(request_id, "abort", now)
+
+    def finish_request(self, request_id: RequestId, reason: str, now: float = 0.0) -> bool:
+        """Finish a request ("abort", or "finished" when the engine saw it stop after its unit was released):
+        pages are freed now, or when the unit it is running in returns (whose token for it is dropped)."""
         request = self.requests.get(request_id)
         if request is None or request.status == FINISHED:
             return False
         if request.in_flight:
-            request.aborted = True
+            request.ending = reason
             return True
-        self._finish(request, "abort", now)
+        self._finish(request, reason, now)
         return True
 
     def forget(self, request_id: RequestId) -> None:
@@ -129,13 +168,16 @@ class EngineState:
 
     # -- what the policy sees -----------------------------------------------------------------------------------
     def view(self, cost_model, now: float = 0.0, **options) -> SchedulerView:
+        for request in self._waiting:
+            self.prefix_hits.refresh(request)
         instances = tuple(
             InstanceView(i, self.allocator.num_pages(i), self.allocator.pages_free(i), self._busy[i] is not None,
                          self._busy_until[i])
             for i in range(self.num_instances)
         )
         return SchedulerView(
-            instances=instances, waiting=tuple(self._waiting), decoding=tuple(self.decoding.values()),
+            instances=instances, waiting=self.prefix_hits.schedulable(self._waiting),
+            decoding=tuple(self.decoding.values()),
             prefilling=tuple(self.prefilling.values()), page_size=self.page_size, cost_model=cost_model, now=now,
             **options,
         )
@@ -163,7 +205,10 @@ class EngineState:
     def on_dispatched(self, plan: Plan, now: float = 0.0) -> list[WorkUnit]:
         """Check the plan, apply its accounting, mark its units in flight; returns the units to execute."""
         units = list(plan.work_units())
-        self._validate(plan, units)
+        hits = check_plan(self, plan, units)
+        for request_id, hit in hits.items():  # before any allocation of this plan could evict these pages
+            self.allocator.attach_prefix(request_id, hit)
+            self.requests[request_id].kv = self.allocator.kv_layout(request_id)
         for request_id in plan.rejections:
             self.counters["rejections"] += 1
             self._finish(self.requests[request_id], "rejected", now)
@@ -206,6 +251,8 @@ class EngineState:
         for request_id, (start, _), segments in zip(batch.request_ids, batch.chunks, batch.placement):
             request = self.requests[request_id]
             if request.status == WAITING:
+                self.prefix_hits.count_query(request, start)
+                self.prefix_hits.track_computing(request, True)
                 self._remove_waiting(request)
                 request.status = PREFILLING
                 self.prefilling[request_id] = request
@@ -218,82 +265,6 @@ class EngineState:
             request.kv = self.allocator.kv_layout(request_id)
             request.master = segments[-1][0]
             request.in_flight = True
-
-    def _validate(self, plan: Plan, units: list[WorkUnit]) -> None:
-        owner: dict[int, WorkUnit] = {}
-        for unit in units:
-            if not unit.request_ids and not (isinstance(unit, DecodeBatch) and unit.fused_prefill):
-                raise PlanError(f"empty unit {unit}")
-            for instance in unit.group:
-                if not 0 <= instance < self.num_instances:
-                    raise PlanError(f"instance {instance} does not exist ({self.num_instances} instances)")
-                if self._busy[instance] is not None:
-                    raise PlanError(f"instance {instance} is busy but the plan uses it in {type(unit).__name__}")
-                if instance in owner:
-                    raise PlanError(f"instance {instance} is in two units of one plan")
-                owner[instance] = unit
-        seen: set = set()
-
-        def claim(request_id, allowed: tuple[str, ...], what: str) -> RequestState:
-            request = self.requests.get(request_id)
-            if request is None:
-                raise PlanError(f"{what}: unknown request {request_id!r}")
-            if request_id in seen:
-                raise PlanError(f"{what}: request {request_id!r} appears twice in the plan")
-            if request.in_flight:
-                raise PlanError(f"{what}: request {request_id!r} is already in flight")
-            if request.status not in allowed:
-                raise PlanError(f"{what}: request {request_id!r} is {request.status}, expected {allowed}")
-            seen.add(request_id)
-            return request
-
-        freed = [0] * self.num_instances
-        for request_id in plan.rejections:
-            claim(request_id, (WAITING,), "rejection")
-        for preemption in plan.preemptions:
-            claim(preemption.request_id, (PREFILLING, DECODING), "preemption")
-            for instance, pages in self.allocator.exclusive_pages(preemption.request_id).items():
-                freed[instance] += pages
-        demand: dict[tuple, int] = {}  # (request, instance) -> tokens appended there by this plan
-
-        def check_prefill(batch: PrefillBatch) -> None:
-            for request_id, (start, length), segments in zip(batch.request_ids, batch.chunks, batch.placement):
-                request = claim(request_id, (WAITING, PREFILLING), "prefill")
-                if start != request.num_computed:
-                    raise PlanError(f"prefill of {request_id!r} starts at {start} but {request.num_computed} tokens are computed")
-                if start + length > request.prefill_target:
-                    raise PlanError(f"prefill of {request_id!r} runs to {start + length} > prompt {request.prefill_target}")
-                for instance, n_tokens in segments:
-                    demand[(request_id, instance)] = demand.get((request_id, instance), 0) + n_tokens
-
-        for unit in units:
-            if isinstance(unit, MigrationBatch):
-                for move in unit.migrations:
-                    request = claim(move.request_id, (PREFILLING, DECODING), "migration")
-                    held = request.kv.get(move.src_instance, 0)
-                    if held != move.n_tokens:
-                        raise PlanError(f"migration of {move.request_id!r} moves {move.n_tokens} tokens from "
-                                        f"{move.src_instance} which holds {held} (a migration moves a whole share)")
-                    key = (move.request_id, move.dst_instance)
-                    demand[key] = demand.get(key, 0) + move.n_tokens
-            elif isinstance(unit, PrefillBatch):
-                check_prefill(unit)
-            else:
-                if unit.fused_prefill is not None:
-                    check_prefill(unit.fused_prefill)
-                group = set(unit.group)
-                for request_id, master in zip(unit.request_ids, unit.masters):
-                    request = claim(request_id, (DECODING,), "decode")
-                    if not group.issuperset(request.kv):
-                        raise PlanError(f"decode of {request_id!r}: KV on {sorted(request.kv)} not inside group {unit.group}")
-                    demand[(request_id, master)] = demand.get((request_id, master), 0) + 1
-        needed = [0] * self.num_instances
-        for (request_id, instance), n_tokens in demand.items():
-            needed[instance] += self.allocator.pages_needed(request_id, instance, n_tokens)
-        for instance in range(self.num_instances):
-            available = self.allocator.pages_free(instance) + freed[instance]
-            if needed[instance] > available:
-                raise PlanError(f"instance {instance}: plan needs {needed[instance]} pages, {available} available")
 
     # -- results ------------------------------------------------------------------------------------------------
     def apply(self, result: UnitResult) -> list[RequestState]:
@@ -316,7 +287,9 @@ class EngineState:
                 for request_id, (start, length) in zip(prefill.request_ids, prefill.chunks):
                     request = self.requests[request_id]
                     touched.append(request)
-                    if start + length == request.prefill_target and not request.aborted:
+                    if start + length == request.prefill_target and request.ending is None:
+                        self.allocator.cache_prompt_pages(request_id, request.block_hashes)
+                        self.prefix_hits.track_computing(request, False)
                         self._take_token(request, result, now)
                         del self.prefilling[request_id]
                         request.status = DECODING
@@ -325,18 +298,47 @@ class EngineState:
                 for request_id in unit.request_ids:
                     request = self.requests[request_id]
                     touched.append(request)
-                    if not request.aborted:
+                    if request.ending is None:
                         self._take_token(request, result, now)
         done: list[RequestState] = []
         for request in touched:
             request.in_flight = False
-            if request.aborted:
-                self._finish(request, "abort", now)
+            if request.ending is not None:
+                self._finish(request, request.ending, now)
                 done.append(request)
             elif request.request_id in result.finished:
                 self._finish(request, "finished", now)
                 done.append(request)
         return done
+
+    # -- asynchronous scheduling ------------------------------------------------------------------------------
+    def release_early(self, unit: WorkUnit, now: float) -> "Release":
+        """Account a just-dispatched decode unit as finished before its tokens are known, so that
+        the next plan is made while it runs: its instances become idle, and each request it samples takes
+        `PENDING_TOKEN` as its next token (the executor feeds the real one on the device; `resolve_token`
+        writes it here when the result comes back). A request that reaches max_new_tokens finishes here,
+        its last token still pending."""
+        if not isinstance(unit, DecodeBatch):
+            raise PlanError(f"only decode steps are released early, not a {type(unit).__name__}")
+        requests = [self.requests[request_id] for request_id in unit.all_request_ids]
+        before = [request.num_generated for request in requests]
+        done = self.apply(UnitResult(unit, dict.fromkeys(unit.all_request_ids, PENDING_TOKEN), finish_time=now))
+        for request in requests:
+            if request.status != FINISHED and request.remaining_new_tokens(1) == 0:
+                self._finish(request, "finished", now)
+                done.append(request)
+        pending = {request.request_id: index for request, index in zip(requests, before)
+                   if request.num_generated > index}
+        return Release(unit, pending, done)
+
+    def resolve_token(self, request_id: RequestId, index: int, token: int, now: float) -> None:
+        """The token a released unit sampled for output `index`, in place of its `PENDING_TOKEN`."""
+        request = self.requests[request_id]
+        if request.generated[index] != PENDING_TOKEN:
+            raise PlanError(f"output {index} of {request_id!r} is {request.generated[index]}, not pending")
+        request.generated[index] = int(token)
+        if index == 0:
+            request.first_token_time = now
 
     def _take_token(self, request: RequestState, result: UnitResult, now: float) -> None:
         try:
@@ -356,6 +358,7 @@ class EngineState:
         del self._waiting[index]
 
     def _preempt(self, request: RequestState) -> None:
+        self.prefix_hits.track_computing(request, False)
         self.allocator.free_request(request.request_id)
         self.prefilling.pop(request.request_id, None)
         self.decoding.pop(request.request_id, None)
@@ -367,6 +370,7 @@ class EngineState:
         bisect.insort(self._waiting, request, key=lambda r: r.seq)
 
     def _finish(self, request: RequestState, reason: str, now: float) -> None:
+        self.prefix_hits.track_computing(request, False)
         self.allocator.free_request(request.request_id)
         if request.status == WAITING:
             self._remove_waiting(request)
@@ -390,8 +394,14 @@ class EngineState:
                 assert request.num_computed == request.context_len - 1, f"{request_id!r}: decode KV count"
         units = {u for u in self._busy if u is not None}
         assert units == set(self._in_flight), "busy instances and in-flight units disagree"
+        computing: dict = {}
+        for request in self.requests.values():
+            assert not request.computing_prefix or request.status == PREFILLING, f"{request.request_id!r} computing"
+            for key in request.block_hashes if request.computing_prefix else ():
+                computing[key] = computing.get(key, 0) + 1
+        assert computing == self.prefix_hits.computing, "prompt blocks counted as being computed disagree"
 
 
-def make_state_for(cost_model, num_instances: int) -> EngineState:
+def make_state_for(cost_model, num_instances: int, prefix_cache: PrefixCacheOptions | None = None) -> EngineState:
     """An EngineState with the KV geometry the cost model describes (same capacity for every policy)."""
-    return EngineState(num_instances, cost_model.pages_per_instance, cost_model.page_size)
+    return EngineState(num_instances, cost_model.pages_per_instance, cost_model.page_size, prefix_cache)

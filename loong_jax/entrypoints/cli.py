@@ -58,6 +58,13 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     engine.add_argument("--dtype", default=None, choices=("float32", "bfloat16"), help="override the checkpoint dtype")
     engine.add_argument("--compilation-cache-dir", default=None, help="JAX persistent compilation cache folder")
     engine.add_argument("--no-warmup", action="store_true", help="compile programs on demand only")
+    engine.add_argument("--no-async-scheduling", action="store_true",
+                        help="wait for each step's tokens before planning the next (default: plan the next step "
+                             "while the devices run this one)")
+    engine.add_argument("--no-prefix-cache", action="store_true",
+                        help="recompute every prompt (default: reuse the KV pages of cached prompt prefixes)")
+    engine.add_argument("--prefix-cache-fraction", type=float, default=1.0, metavar="F",
+                        help="share of each instance's KV pages the prefix cache may hold (default: %(default)s)")
     engine.add_argument("--cpu-devices", type=int, default=None, metavar="N", help=CPU_DEVICES_HELP)
 
 
@@ -111,7 +118,9 @@ def engine_kwargs_from_args(args: argparse.Namespace) -> dict:
                   kv_pages=args.kv_pages, policy=args.policy.name, policy_options=dict(args.policy.options) or None,
                   prefill_degree=args.prefill_degree,
                   decode_degree=args.decode_degree, dtype=args.dtype, warmup=not args.no_warmup,
-                  cpu_devices=args.cpu_devices)
+                  async_scheduling=not args.no_async_scheduling,
+                  cpu_devices=args.cpu_devices, prefix_caching=not args.no_prefix_cache,
+                  prefix_cache_fraction=args.prefix_cache_fraction)
     if args.compilation_cache_dir is not None:
         kwargs["compilation_cache_dir"] = args.compilation_cache_dir
     return kwargs

@@ -41,6 +41,7 @@ import numpy as np
 from loong_jax.distributed.channel import FollowerChannel, LeaderChannel, agree, open_session
 from loong_jax.distributed.launch import ClusterOptions, cluster_options, coordination_client, join_cluster
 from loong_jax.engine.llm_engine import Engine, LogicalClock
+from loong_jax.engine.prefix_cache import PrefixCacheOptions
 from loong_jax.entrypoints.cpu_devices import use_cpu_devices
 from loong_jax.executor.jax_executor import Buckets, JaxExecutor
 from loong_jax.executor.program_cache import DEFAULT_CACHE_DIR, enable_persistent_cache
@@ -67,6 +68,12 @@ class EngineConfig:
     measured one for this model shape and platform, else a roofline estimate. deterministic: units complete
     in dispatch order and the engine runs on a logical clock, so a run (scheduling decisions included)
     repeats exactly; for debugging and tests (timings become step counts, groups no longer overlap in time).
+    async_scheduling: plan each step while the previous one runs on the devices, its tokens fed there
+    (`loong_jax.engine.core`; one process only); off: every step waits for its tokens before the next plan.
+    prefix_caching: keep the KV pages of prompt prefixes after their requests finish and reuse them for
+    requests that start with the same tokens (`loong_jax.engine.prefix_cache`; on by default);
+    prefix_cache_fraction: the share of each instance's pages the cache may hold (idle cached pages are
+    evicted, least recently used first, whenever an allocation needs them).
     cpu_devices: run on this many simulated CPU devices; it must come before JAX's first use in the
     process (ValueError if JAX already started with another count); over several processes it is each
     process's own device count. coordinator / num_processes / process_id: a multi-process launch (all
@@ -92,6 +99,9 @@ class EngineConfig:
     kv_memory_fraction: float = 0.5
     progress: bool = True
     deterministic: bool = False
+    async_scheduling: bool = True
+    prefix_caching: bool = True
+    prefix_cache_fraction: float = 1.0
     cpu_devices: int | None = None
     coordinator: str | None = None  # HOST:PORT of process 0's coordination service
     num_processes: int | None = None
@@ -103,6 +113,8 @@ class EngineConfig:
             raise ValueError(f"page_size must be >= 1, got {self.page_size}")
         if self.kv_pages is not None and self.kv_pages < 1:
             raise ValueError(f"kv_pages must be >= 1, got {self.kv_pages}")
+        if not 0.0 <= self.prefix_cache_fraction <= 1.0:
+            raise ValueError(f"prefix_cache_fraction must be in [0, 1], got {self.prefix_cache_fraction}")
 
     @property
     def cluster(self) -> ClusterOptions | None:
@@ -122,10 +134,12 @@ class EngineParts:
     cost_model: CostModel
     clock: Callable[[], float]
     deterministic: bool
+    async_scheduling: bool
     compilation_cache_dir: Path | None  # the directory in force (the first one configured in the process)
     cluster: ClusterOptions | None = None  # over several processes: this process's place
     session: int | None = None  # over several processes: the engine's number in the coordination service
     follower_channel: FollowerChannel | None = None  # a follower's end (its heartbeat runs from the start)
+    prefix_cache: PrefixCacheOptions = PrefixCacheOptions()
 
 
 def build_engine_parts(config: EngineConfig) -> EngineParts:
@@ -154,8 +168,12 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
                               eos_token_ids=tokenizer.eos_token_ids, clock=clock, broadcast=broadcast)
     cost_model = resolve_cost_model(config.cost_model, model.config, topology, executor.pool_shape.pages,
                                     executor.page_size)
-    return EngineParts(tokenizer, model.config, model_name(config.model, model.config), topology, executor,
-                       cost_model, clock, config.deterministic, cache_dir, cluster, session, follower_channel)
+    name = model_name(config.model, model.config)
+    prefix_cache = PrefixCacheOptions(config.prefix_caching, config.prefix_cache_fraction,
+                                      model_identity=f"{name}:{model.config.dtype}")
+    return EngineParts(tokenizer, model.config, name, topology, executor,
+                       cost_model, clock, config.deterministic, config.async_scheduling, cache_dir, cluster, session,
+                       follower_channel, prefix_cache)
 
 
 def build_engine(parts: EngineParts, policy: str = DEFAULT_POLICY, prefill_degree: int | None = None,
@@ -165,7 +183,8 @@ def build_engine(parts: EngineParts, policy: str = DEFAULT_POLICY, prefill_degre
     executor, model_config = parts.executor, parts.model_config
     return Engine(executor, parts.tokenizer, built, parts.cost_model, max_context=model_config.max_context,
                   vocab_size=model_config.vocab_size, pages_per_instance=executor.pool_shape.pages,
-                  page_size=executor.page_size, clock=parts.clock, compile_aware=not parts.deterministic)
+                  page_size=executor.page_size, clock=parts.clock, compile_aware=not parts.deterministic,
+                  async_scheduling=parts.async_scheduling, prefix_cache=parts.prefix_cache)
 
 
 # -- devices, weights, executor ---------------------------------------------------------------------------------

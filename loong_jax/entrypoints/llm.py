@@ -67,8 +67,10 @@ class LLM:
     def set_policy(self, policy: str = "esp", prefill_degree: int | None = None, decode_degree: int | None = None,
                    policy_options: dict | None = None, warmup: bool = True) -> None:
         """Switch the scheduling policy (between generate calls); compiled programs are kept."""
-        if self.engine is not None and self.engine.has_unfinished():
-            raise RuntimeError("cannot switch policy while requests are running")
+        if self.engine is not None:
+            if self.engine.num_unfinished:
+                raise RuntimeError("cannot switch policy while requests are running")
+            self._drain()  # steps planned behind the last stops may still run (asynchronous scheduling)
         self.engine = build_engine(self._parts, policy, prefill_degree, decode_degree, policy_options)
         if warmup:
             self.warm_up()

@@ -198,7 +198,8 @@ class ProfileBench:
         self.repetitions = repetitions
         self.state = EngineState(executor.num_instances, executor.pool_shape.pages, executor.page_size)
         self.requests = SyntheticRequests(self.state, executor.config.vocab_size, seed)
-        self.core = EngineCore(self.state, None, None, executor, compile_aware=False)  # plans come from here
+        self.core = EngineCore(self.state, None, None, executor, compile_aware=False,  # plans come from here
+                               async_scheduling=False)  # each unit is timed to its end
         self._ids = itertools.count()
 
     @property

@@ -43,23 +43,26 @@ from loong_jax.models.llama import LlamaForCausalLM
 from loong_jax.executor.program_cache import ProgramCache, ProgramKey
 from loong_jax.executor.programs import ProgramContext, lowering
 from loong_jax.sampling.batch import PLAIN_GREEDY, unpack_sampler_output
-from loong_jax.scheduler.plan import DecodeBatch, MigrationBatch, Plan, PrefillBatch, WorkUnit
+from loong_jax.scheduler.plan import DecodeBatch, MigrationBatch, Plan, PrefillBatch, RequestId, WorkUnit
 from loong_jax.sharding.kv_pool import PoolShape, assemble_group_pool, create_pool, split_group_pool
 from loong_jax.sharding.topology import Topology, group_params, place_params
 from loong_jax.executor.unit_inputs import Buckets, ProgramCall, UnitInputs
+from loong_jax.executor.pending_tokens import PendingTokens, TokenSource
 from loong_jax.executor.protocol import PlanBroadcast, StepInputs, UnitResult
 
 __all__ = ["Buckets", "JaxExecutor", "PLAIN_GREEDY"]
 DEFAULT_COMPILE_COST_S = 30.0  # what the scheduler assumes a compile costs before the first one is timed
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)
 class _Launch:
     """A unit and its programs (two when a chunked prefill rides in a decode step, else one)."""
 
     unit: WorkUnit
     programs: list[ProgramCall]
     index: int = 0  # position in its plan's `work_units()` (what a multi-process step names it by)
+    fed: dict[int, dict[int, TokenSource]] = dataclasses.field(default_factory=dict)  # program -> row -> source
+    outputs: list[jax.Array] | None = None  # once dispatched
 
 
 @dataclasses.dataclass
@@ -107,6 +110,12 @@ class JaxExecutor:
         self.unit_inputs = UnitInputs(self.buckets, page_size, self.config.vocab_size, self.eos_token_ids)
         self.counters = Counter()
         self._ready_programs: tuple[int, frozenset] = (-1, frozenset())  # (compile count, scheduler keys)
+        self.pending = PendingTokens(topology)
+
+    @property
+    def feeds_pending_tokens(self) -> bool:
+        """One process: pending tokens are fed from this process's own outputs (`pending_tokens`)."""
+        return self.broadcast is None and self.topology.local_instances == frozenset(self.topology.all_instances)
 
     @property
     def num_instances(self) -> int:
@@ -127,20 +136,33 @@ class JaxExecutor:
 
     def submit_step(self, plan: Plan, inputs: StepInputs, step: int | None = None) -> None:
         """Dispatch, in the plan's order, the units on this process's instances. A unit on none of them is
-        skipped (a follower), or awaited from the process that reports it (the leader: `broadcast`)."""
+        skipped (a follower), or awaited from the process that reports it (the leader: `broadcast`). Units
+        that need a pending token read on the host go last (`pending_tokens`)."""
+        units, fed = list(enumerate(plan.work_units())), {}
+        if self.feeds_pending_tokens:
+            fed, reads = self.pending.settle(plan, inputs)
+            if reads:
+                waiting = [(index, unit) for index, unit in units if not reads.keys().isdisjoint(unit.all_request_ids)]
+                self._submit_units([pair for pair in units if pair not in waiting], inputs, fed, step)
+                units, inputs = waiting, self.pending.read_on_host(inputs, reads, self._outputs_of)
+        self._submit_units(units, inputs, fed, step)
+
+    def _submit_units(self, units: list[tuple[int, WorkUnit]], inputs: StepInputs,
+                      fed: dict[RequestId, TokenSource], step: int | None) -> None:
         local = self.topology.local_instances
-        for index, unit in enumerate(plan.work_units()):
+        for index, unit in units:
             if local.isdisjoint(unit.group):
                 if self.broadcast is not None:
                     launch = _Launch(unit, self._host_inputs(unit, inputs), index)
                     self._running.append(_Running(launch, [], self.broadcast.remote_outputs(step, index, unit.group)))
                 continue
-            launch = self._prepare(unit, inputs)
+            launch = self._prepare(unit, inputs, fed)
             launch.index = index
-            if all(self.programs.is_ready(part.key) for part in launch.programs):
+            queued = {i for waiting, _ in self._compiling for i in waiting.unit.group}
+            if queued.isdisjoint(unit.group) and all(self.programs.is_ready(part.key) for part in launch.programs):
                 self._dispatch(launch)
-            else:  # compile in the background; other groups keep running meanwhile
-                futures = [self.programs.request(part.key) for part in launch.programs]
+            else:  # compile in the background (or wait behind a unit on its instances that compiles);
+                futures = [self.programs.request(part.key) for part in launch.programs]  # others run
                 self._compiling.append((launch, futures))
 
     def wait_next(self) -> list[UnitResult]:
@@ -154,15 +176,26 @@ class JaxExecutor:
                 return [self._finish(self._running[0])]
             finished = [run for run in self._running if run.fetch is not None and run.fetch.done()]
             if finished:
-                return [self._finish(run) for run in finished]
-            if len(self._running) == 1 and not self._compiling:
-                return [self._finish(self._running[0])]  # one unit: block here, no thread hop
+                return [self._finish(run) for run in self._with_earlier_of_their_requests(finished)]
+            if not self._compiling and len({run.launch.unit.group for run in self._running}) == 1:
+                return [self._finish(self._running[0])]  # one group, whose units finish in order: no thread hop
             for run in self._running:
                 if run.fetch is None:  # block in a helper thread, so that whichever finishes first wakes us
                     run.fetch = self._fetchers.submit(self._fetch, run)
-            waiting = [run.fetch for run in self._running] + [f for _, futures in self._compiling for f in futures]
+            waiting = [run.fetch for run in self._running] + [  # (a compiled launch still queued behind another
+                f for _, futures in self._compiling for f in futures if not f.done()]  # waits on that one's)
             concurrent.futures.wait(waiting, return_when=concurrent.futures.FIRST_COMPLETED)
         return []
+
+    def _with_earlier_of_their_requests(self, finished: list[_Running]) -> list[_Running]:
+        """`finished` and every earlier unit sharing a request with one of them, in dispatch order, so that a
+        request's tokens come back in order. (An earlier unit of a request whose token a later one was fed is
+        done: it ran before it on the same devices, or its token was read on the host first.)"""
+        chosen = {id(run) for run in finished}
+        requests = set().union(*(run.launch.unit.all_request_ids for run in finished))
+        last = max(index for index, run in enumerate(self._running) if id(run) in chosen)
+        return [run for run in self._running[:last + 1]
+                if id(run) in chosen or not requests.isdisjoint(run.launch.unit.all_request_ids)]
 
     def collect(self) -> list[tuple[_Launch, list]]:
         """Every unit in flight, waited for: (its launch, the host copies of its outputs). What a follower
@@ -193,6 +226,7 @@ class JaxExecutor:
         """Units run per program kind and the program cache's statistics (with the programs ready to run);
         over several processes, the leader's broadcast counters too."""
         return {**{f"units_{kind}": count for kind, count in self.counters.items()},
+                **{f"pending_tokens_{how}": count for how, count in self.pending.counters.items()},
                 **{f"programs_{name}": value for name, value in self.programs.stats.as_dict().items()},
                 "programs_ready": len(self.programs.ready_keys()),
                 **(self.broadcast.stats() if self.broadcast is not None else {})}
@@ -250,12 +284,21 @@ class JaxExecutor:
         return params
 
     # -- host side: plan units -> program inputs --------------------------------------------------------------
-    def _prepare(self, unit: WorkUnit, step: StepInputs) -> _Launch:
+    def _prepare(self, unit: WorkUnit, step: StepInputs, fed: dict[RequestId, TokenSource]) -> _Launch:
+        """`fed`: requests whose newest token is pending, to be fed on the device (`pending_tokens`)."""
         calls = self._host_inputs(unit, step)
         for call in calls:
             if call.next_key is not None and not self.programs.is_ready(call.next_key):
                 self.programs.request(call.next_key)  # requests grow: have their next bucket compiled in time
-        return _Launch(unit, calls)
+        launch = _Launch(unit, calls)
+        if self.feeds_pending_tokens:
+            for program, call in enumerate(calls):
+                rows = {row: fed[request_id] for request_id, row in call.sampled
+                        if call.key.kind == "decode" and request_id in fed}
+                if rows:
+                    launch.fed[program] = rows
+            self.pending.record(launch, step)
+        return launch
 
     def _host_inputs(self, unit: WorkUnit, step: StepInputs) -> list[ProgramCall]:
         inputs = self.unit_inputs
@@ -274,14 +317,18 @@ class JaxExecutor:
     # -- device side ----------------------------------------------------------------------------------------
     def _dispatch(self, launch: _Launch) -> None:
         outputs = []
-        for part in launch.programs:
-            program, group = self.programs.get(part.key), part.key.group
+        for index, part in enumerate(launch.programs):
+            program, group, inputs = self.programs.get(part.key), part.key.group, part.inputs
+            if index in launch.fed:  # decode rows whose token an earlier unit is still computing
+                decode, sampling = inputs
+                tokens = self.pending.feed(group, decode.tokens, launch.fed[index], self._outputs_of)
+                inputs = (dataclasses.replace(decode, tokens=tokens), sampling)
             pool = assemble_group_pool([self.pools[i] for i in group], self.topology.group_mesh(group))
             if part.key.kind == "migrate":
-                pool = program(pool, *part.inputs)
+                pool = program(pool, *inputs)
                 outputs.append(pool)
             else:
-                output, pool = program(self._params_for(group), pool, *part.inputs)
+                output, pool = program(self._params_for(group), pool, *inputs)
                 if not output.is_fully_addressable:  # a group across processes: the local copy of the
                     output = output.addressable_data(0)  # replicated tokens is the whole of them
                 output.copy_to_host_async()  # the program's one device->host transfer starts when it can
@@ -290,17 +337,29 @@ class JaxExecutor:
                 if member_pool is not None:
                     self.pools[instance] = member_pool
             self.counters[part.key.kind] += 1
+        launch.outputs = outputs
         self._running.append(_Running(launch, outputs))
 
+    def _outputs_of(self, launch: _Launch) -> list[jax.Array]:
+        """A launch's output arrays, dispatching it first if its programs were still compiling."""
+        while launch.outputs is None:  # it goes once it and every launch queued before it have compiled
+            position = next(i for i, (queued, _) in enumerate(self._compiling) if queued is launch)
+            concurrent.futures.wait([f for _, futures in self._compiling[:position + 1] for f in futures])
+            self._dispatch_compiled()
+        return launch.outputs
+
     def _dispatch_compiled(self) -> None:
-        still_compiling = []
+        """Dispatch the queued launches whose programs are ready, in order on each instance (a launch
+        released early may be queued behind one on its instances that still compiles)."""
+        still_compiling, blocked = [], set()
         for launch, futures in self._compiling:
-            if all(future.done() for future in futures):
+            if blocked.isdisjoint(launch.unit.group) and all(future.done() for future in futures):
                 for future in futures:
                     future.result()  # a failed compilation raises here
                 self._dispatch(launch)
             else:
                 still_compiling.append((launch, futures))
+                blocked.update(launch.unit.group)
         self._compiling = still_compiling
 
     @staticmethod
@@ -311,6 +370,7 @@ class JaxExecutor:
 
     def _finish(self, run: _Running) -> UnitResult:
         self._running.remove(run)
+        self.pending.forget(run.launch)
         fetched = run.fetch.result() if run.fetch is not None else self._fetch(run)
         tokens, logprobs = {}, {}
         for part, packed in zip(run.launch.programs, fetched):

@@ -11,7 +11,11 @@ Data flow of one step, seen from an executor:
      executor returns: one token per request that produced one, logprobs when asked, the requests the
      executor already knows are finished (the simulator knows output lengths; the JAX executor knows
      none: the engine decides stops), and the finish time on the executor's clock.
-  3. `in_flight`, `ready_programs()`, `compile_seconds_per_program()` and `stats()` are what the scheduler's
+  3. With asynchronous scheduling the engine accounts a unit as done as soon as it is dispatched
+     (`EngineState.release_early`) and plans the next step while it runs: a request's token from that unit
+     is `PENDING_TOKEN` in the next step's inputs until the result is back. The executor feeds it from the
+     earlier unit's output on the device (a decode on the same devices) or waits for it (anything else).
+  4. `in_flight`, `ready_programs()`, `compile_seconds_per_program()` and `stats()` are what the scheduler's
      view and the engine's counters read.
 
 `JaxExecutor` (`loong_jax.executor.jax_executor`) runs units as jitted programs on devices;
@@ -30,6 +34,10 @@ from typing import Mapping, Protocol, Sequence
 from loong_jax.outputs import TokenLogprobs
 from loong_jax.sampling.batch import SamplingRow
 from loong_jax.scheduler.plan import MigrationBatch, Plan, RequestId, WorkUnit
+
+
+# A token sampled by a unit that is still running (asynchronous scheduling): see step 3 above.
+PENDING_TOKEN = -1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,6 +112,10 @@ class Executor(Protocol):
     @property
     def in_flight(self) -> int:
         """Units submitted and not yet returned by `wait_next`."""
+
+    @property
+    def feeds_pending_tokens(self) -> bool:
+        """Whether `submit` accepts `PENDING_TOKEN` in a request's tokens (asynchronous scheduling)."""
 
     def ready_programs(self) -> frozenset | None:
         """Scheduler keys (kind, group, token bucket) that run without compiling first; None = all of them."""

@@ -16,8 +16,10 @@ has no data-dependent branch, because there each `lax.cond` copies its predicate
      apply min_p (keep p >= min_p * p_max), then top_k and top_p together as
      one logit threshold per row (top_p on the distribution left by top_k),
      found among the 256 largest logits or, for rows whose nucleus is wider,
-     by a full sort (compiled in only when some row's top_k / top_p could need
-     it; run then on a CPU only when a row did not settle, elsewhere always);
+     over the whole row (compiled in only when some row's top_k / top_p could
+     need it): by a full sort on GPUs, always; on a CPU, where XLA's sort is
+     slow, by a bitwise select over the logits, run only when a row did not
+     settle;
      then draw with the Gumbel-max trick. Row r at step s
      uses the key
      fold_in(fold_in(fold_in(fold_in(key(0), seed_lo), seed_hi), sample_index), s),
@@ -104,6 +106,52 @@ def _nucleus_threshold(descending: jax.Array, log_norm: jax.Array, top_k: jax.Ar
     return jnp.where(unfiltered[:, None], NEG_INF, threshold), settled | unfiltered
 
 
+def _order_keys(values: jax.Array) -> jax.Array:
+    """float32 -> uint32 keys in the same order (negative floats: every bit flipped; others: sign bit set)."""
+    bits = jax.lax.bitcast_convert_type(values, jnp.uint32)
+    return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(1 << 31))
+
+
+def _key_value(keys: jax.Array) -> jax.Array:
+    """The float32 of `_order_keys`' keys."""
+    bits = jnp.where(keys >> 31 == 1, keys ^ jnp.uint32(1 << 31), ~keys)
+    return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
+def _largest_key(keys: jax.Array, weights: jax.Array, target: jax.Array) -> jax.Array:
+    """[batch, 1] per row the largest key K with sum(weights[keys >= K]) >= target, bit by bit from the top
+    (32 masked sums, no sort); the measure only shrinks as K grows, so K is one of the row's keys."""
+
+    def next_bit(bit, found):
+        candidate = found | (jnp.uint32(1) << (31 - bit).astype(jnp.uint32))
+        measure = jnp.sum(jnp.where(keys >= candidate, weights, 0), axis=-1, keepdims=True)
+        return jnp.where(measure >= target, candidate, found)
+
+    return jax.lax.fori_loop(0, 32, next_bit, jnp.zeros(target.shape, jnp.uint32))
+
+
+def _selected_threshold(scaled: jax.Array, log_norm: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+    """`_nucleus_threshold` over the whole row without sorting it: the k-th largest logit by a count
+    select, then the largest logit whose head (ties included) still holds top_p of the top_k mass, where,
+    as in the sorted version, a tie at the k-th logit counts only as many tokens as reach k. (CPU only: it
+    branches on whether any row has a top_k.)"""
+    vocab = scaled.shape[-1]
+    keys = _order_keys(scaled)  # [batch, vocab]
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)[:, None]  # [batch, 1]
+    kth = jax.lax.cond(jnp.any(k < vocab),  # [batch, 1]; key 0: below every key (no top_k anywhere)
+                       lambda: _largest_key(keys, jnp.ones_like(keys, jnp.int32), k),
+                       lambda: jnp.zeros(k.shape, jnp.uint32))
+    kth = jnp.where(k < vocab, kth, 0)
+    above = keys > kth  # [batch, vocab] strictly inside the top_k
+    probs = jnp.where(above, jnp.exp(scaled - log_norm), 0.0)  # shares of the whole row
+    ties = k - jnp.sum(above, axis=-1, keepdims=True)  # tokens of the k-th logit's tie that count
+    tie_mass = ties * jnp.exp(_key_value(kth) - log_norm)
+    top_k_mass = jnp.where(k < vocab, jnp.sum(probs, axis=-1, keepdims=True) + tie_mass, 1.0)
+    nucleus = _largest_key(keys, probs, top_p[:, None] * top_k_mass)  # 0 when only the tie is left
+    threshold = jnp.where(top_p[:, None] >= 1.0, kth, jnp.maximum(nucleus, kth))
+    return jnp.where(threshold == 0, NEG_INF, _key_value(threshold))  # key 0: keep everything
+
+
 def apply_top_k_top_p(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array, full_sort: bool = True) -> jax.Array:
     """Keep the top_k largest logits, then the smallest head of them whose mass reaches top_p.
 
@@ -112,9 +160,11 @@ def apply_top_k_top_p(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array, ful
     nucleus reaches past them (flat distributions, large top_k) take it from a
     full sort instead. `full_sort` (static) compiles the sort in: the caller
     leaves it out only when every row is known to settle among the candidates
-    (`sampling.batch.sampler_paths`). Where it is in, a CPU sorts only when
-    some row did not settle (a branch on a CPU is no device round trip), other
-    platforms always (a branch there would wait for the host). Each row's path
+    (`sampling.batch.sampler_paths`). Where it is in, a CPU looks past the
+    candidates only when some row did not settle (a branch on a CPU is no
+    device round trip), and by a select instead of a sort (`_selected_threshold`:
+    XLA's CPU sort of [32, 4096] takes 30 ms, the select a few); other platforms
+    always sort (a branch there would wait for the host). Each row's path
     depends on that row alone, so the batch around it never changes its result.
     """
     vocab = scaled.shape[-1]
@@ -128,10 +178,13 @@ def apply_top_k_top_p(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array, ful
             full = _nucleus_threshold(descending, log_norm, top_k, top_p, vocab)[0]
             return jnp.where(settled[:, None], threshold, full)
 
-        def sort_if_unsettled():
-            return jax.lax.cond(jnp.all(settled), lambda: threshold, with_full_sort)
+        def select_if_unsettled():
+            def with_select():
+                return jnp.where(settled[:, None], threshold, _selected_threshold(scaled, log_norm, top_k, top_p))
 
-        threshold = jax.lax.platform_dependent(cpu=sort_if_unsettled, default=with_full_sort)
+            return jax.lax.cond(jnp.all(settled), lambda: threshold, with_select)
+
+        threshold = jax.lax.platform_dependent(cpu=select_if_unsettled, default=with_full_sort)
     return jnp.where(scaled >= threshold, scaled, NEG_INF)
 
 

@@ -58,7 +58,7 @@ def scale_up_scope(view: SchedulerView, scale_up: bool = True):
 
 
 def exclusive_page_counts(request: RequestView, page_size: int) -> dict[int, int]:
-    """Pages per instance that the request's tokens fill (what preempting it returns, forks aside)."""
+    """Pages per instance that the request's tokens fill (what preempting it returns, cached prefix pages aside)."""
     return {i: -(-n // page_size) for i, n in request.kv.items()}
 
 

@@ -42,6 +42,13 @@ class RequestView:
     master: int | None = None  # instance that appended the latest KV token (decode master)
     in_flight: bool = False  # part of a unit that is running now
     status: str = WAITING
+    # Prefix cache, for a waiting request that holds no KV: the first `cached_tokens` of its prompt are cached
+    # as `cached_kv` (instance -> tokens there); a prefill chunk may start at `cached_tokens` on a group that
+    # contains those instances (`scheduler.prefix`), taking `cached_pins` (instance -> pages) of the pages the
+    # view counts as free (idle cached pages) out of the free pool.
+    cached_tokens: int = 0
+    cached_kv: dict[int, int] = field(default_factory=dict)
+    cached_pins: dict[int, int] = field(default_factory=dict)
 
     @property
     def prefill_target(self) -> int:

@@ -35,13 +35,14 @@ from typing import Sequence
 
 import numpy as np
 
+from loong_jax.engine.prefix_cache import PrefixCacheOptions
 from loong_jax.scheduler.cost.model import DEFAULT_COST_MODEL_PATH, CostModel
 from loong_jax.scheduler.policy import PolicySpec, policy_names
 from loong_jax.simulator.metrics import DEFAULT_ATTAINMENT_TARGET, DEFAULT_SLO_SCALE, SloSpec, isolated_latencies
 from loong_jax.simulator.report import ExperimentResult, PolicyResult, format_table, plot_experiment
 from loong_jax.simulator.run import RatePoint, initial_rate_guess, search_max_rate, simulate
 from loong_jax.simulator.steady import SteadyPoint, capacity_bound, search_sustainable_rate, simulate_steady
-from loong_jax.simulator.workloads import WORKLOADS, Workload, load_trace, make_workload
+from loong_jax.simulator.workloads import DOCUMENT_ARRIVALS, WORKLOADS, Workload, load_trace, make_workload
 
 DEFAULT_POLICIES = "esp,chunked-prefill,pd-disagg,static-sp,replicas"  # ESP and the issue's four baselines
 
@@ -62,6 +63,12 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--workload", choices=WORKLOADS, default="sharegpt", help="synthetic workload")
     source.add_argument("--trace", type=Path, help="CSV or JSONL of arrival,input_len,output_len")
     parser.add_argument("--zipf-alpha", type=float, default=1.0, help="exponent of the zipf workload")
+    parser.add_argument("--questions-per-document", type=int, default=4,
+                        help="questions on each shared document (leval-docs, lveval-docs)")
+    parser.add_argument("--document-arrivals", choices=DOCUMENT_ARRIVALS, default="close",
+                        help="a document's questions arrive in a burst (close) or scattered over the run (spread)")
+    parser.add_argument("--no-prefix-cache", action="store_true",
+                        help="recompute every prompt (default: reuse cached KV pages of shared documents)")
     parser.add_argument("--instances", type=int, default=8, help="model instances in the cluster")
     parser.add_argument("--tp", type=int, default=1, help="tensor-parallel devices per instance")
     parser.add_argument("--cost-model", type=Path, default=DEFAULT_COST_MODEL_PATH, help="cost-model JSON")
@@ -93,11 +100,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def prefix_cache_of(args) -> PrefixCacheOptions:
+    return PrefixCacheOptions(enabled=not args.no_prefix_cache)
+
+
 def _workload(args, num_requests: int | None = None) -> Workload:
     count = args.num_requests if num_requests is None else num_requests
     if args.trace is not None:
         return load_trace(args.trace, count)
-    return make_workload(args.workload, count, args.seed, args.zipf_alpha)
+    return make_workload(args.workload, count, args.seed, args.zipf_alpha, args.questions_per_document,
+                         args.document_arrivals)
 
 
 def _workload_stats(workload: Workload, isolated: np.ndarray) -> dict:
@@ -133,7 +145,8 @@ def run_policies(args, workload: Workload, cost_model: CostModel, progress,
         progress.set_postfix_str(f"{spec.label} @ {rate:.3g} req/s")
         point = simulate(workload.requests(rate), spec, cost_model, args.instances, request_rate=rate, slo=slo,
                          give_up_below=args.attainment if give_up else None,
-                         reveal_output_lengths=not args.hide_output_lengths, isolated=isolated)
+                         reveal_output_lengths=not args.hide_output_lengths, isolated=isolated,
+                         prefix_cache=prefix_cache_of(args))
         progress.update(1)
         return point
 
@@ -178,7 +191,7 @@ def steady_figures(args, spec: PolicySpec, result: PolicyResult, workload: Workl
     steady-state runs at the finite-run max rate and at every listed --request-rates rate."""
     probe = workload.requests(1.0)
     isolated = isolated_latencies(probe, cost_model, args.instances)
-    bound = capacity_bound(probe, cost_model, args.instances)
+    bound = capacity_bound(probe, cost_model, args.instances, prefix_cache=not args.no_prefix_cache)
     points: dict[float, SteadyPoint] = {}
 
     def run(rate: float, give_up: bool) -> SteadyPoint:
@@ -187,7 +200,8 @@ def steady_figures(args, spec: PolicySpec, result: PolicyResult, workload: Workl
         progress.set_postfix_str(f"{spec.label} steady @ {rate:.3g} req/s")
         points[rate] = simulate_steady(workload.requests(rate), spec, cost_model, args.instances, request_rate=rate,
                                        slo=slo, isolated=isolated, target=args.attainment, give_up=give_up,
-                                       reveal_output_lengths=not args.hide_output_lengths)
+                                       reveal_output_lengths=not args.hide_output_lengths,
+                                       prefix_cache=prefix_cache_of(args))
         progress.update(1)
         return points[rate]
 
@@ -224,7 +238,8 @@ def simulate_main(argv: Sequence[str] | None = None) -> int:
     isolated = isolated_latencies(workload.requests(1.0), cost_model, args.instances)
     bound_workload = steady_workload or workload
     stats = _workload_stats(workload, isolated)
-    stats["capacity_bound"] = capacity_bound(bound_workload.requests(1.0), cost_model, args.instances)
+    stats["capacity_bound"] = capacity_bound(bound_workload.requests(1.0), cost_model, args.instances,
+                                             prefix_cache=not args.no_prefix_cache)
     stats["capacity_bound_requests"] = len(bound_workload)
     config = {
         "workload": workload.name,

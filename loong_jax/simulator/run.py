@@ -30,6 +30,7 @@ from typing import Callable, Collection, Sequence
 import numpy as np
 
 from loong_jax.engine.core import EngineCore, SchedulerStalled
+from loong_jax.engine.prefix_cache import PrefixCacheOptions
 from loong_jax.engine.state import EngineState, make_state_for
 from loong_jax.scheduler.cost.model import CostModel
 from loong_jax.scheduler.policy import Policy, PolicySpec
@@ -43,7 +44,7 @@ from loong_jax.simulator.metrics import (
     summarize,
 )
 from loong_jax.simulator.sim_executor import SimExecutor
-from loong_jax.simulator.workloads import RequestSpec
+from loong_jax.simulator.workloads import DocumentHashes, RequestSpec
 
 MAX_PLANS_AT_ONE_TIME = 10_000  # a policy that keeps planning without letting time move is looping
 
@@ -119,6 +120,7 @@ def simulate(
     slo: SloSpec | None = None,
     stop_at: float | None = None,
     watch_ids: Collection | None = None,
+    prefix_cache: PrefixCacheOptions | None = None,
 ) -> RatePoint:
     """Serve `requests` with the policy on `num_instances` simulated instances.
 
@@ -130,12 +132,16 @@ def simulate(
     `stop_at`: stop the clock at this time instead of draining (steady-state runs); what is unfinished then
     stays unfinished in the records.
     `check_invariants`: cross-check the state after every event and require every page free at the end (tests).
+    `prefix_cache`: the cache's options (default: on); requests of shared-document workloads reuse the KV of
+    their document's cached pages (`RequestSpec.document`), priced by the cost model as a suffix prefill
+    attending to the prefix.
     """
     wall_start = time.perf_counter()
     label = policy.label if isinstance(policy, PolicySpec) else getattr(policy, "name", type(policy).__name__)
     if isinstance(policy, PolicySpec):
         policy = policy.build()
-    state: EngineState = make_state_for(cost_model, num_instances)
+    state: EngineState = make_state_for(cost_model, num_instances, prefix_cache)
+    document_hashes = DocumentHashes(cost_model.page_size)
     output_lengths = {r.request_id: r.output_len for r in requests}
     executor = SimExecutor(cost_model, state, output_lengths)
     core = EngineCore(state, policy, cost_model, executor, clock=lambda: executor.now, compile_aware=False)
@@ -164,7 +170,8 @@ def simulate(
             next_arrival += 1
             try:
                 state.add_request(spec.request_id, spec.input_len,
-                                  spec.output_len if reveal_output_lengths else None, arrival=spec.arrival_time)
+                                  spec.output_len if reveal_output_lengths else None, arrival=spec.arrival_time,
+                                  block_hashes=document_hashes.of(spec))
             except ValueError:  # larger than the whole cluster's KV: rejected at the edge
                 records[spec.request_id].rejected = True
                 reject(spec.request_id)
@@ -231,7 +238,8 @@ def simulate(
         policy=label,
         metrics=metrics,
         complete=complete,
-        counters=dict(state.counters),
+        counters=dict(state.counters, prefix_cache_hits=state.prefix_cache.stats.hits,
+                      prefix_cache_hit_tokens=state.prefix_cache.stats.hit_tokens),
         prefill_dops=dict(core.dops.prefill),
         decode_dops=dict(core.dops.decode),
         units=dict(executor.units_run),

@@ -103,6 +103,8 @@ class SimExecutor:
     def in_flight(self) -> int:
         return len(self._heap)
 
+    feeds_pending_tokens = False  # the simulator knows every token count ahead: nothing to overlap
+
     def ready_programs(self) -> None:
         return None  # nothing compiles in a simulation
 

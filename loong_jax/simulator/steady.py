@@ -38,6 +38,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from loong_jax.engine.prefix_cache import PrefixCacheOptions
 from loong_jax.scheduler.cost.model import CostModel
 from loong_jax.scheduler.cost.request_cost import instance_seconds_lower_bound
 from loong_jax.scheduler.policy import PolicySpec
@@ -51,12 +52,22 @@ GROWTH_MIN_REQUESTS = 8.0  # a rise of fewer request-equivalents over the window
 GROWTH_RELATIVE = 0.5  # ...and so is a rise below half the mean backlog
 
 
-def capacity_bound(requests: Sequence[RequestSpec], cost_model: CostModel, num_instances: int) -> float:
-    """Requests per second at which serving all of `requests` (their length mix) uses every instance-second."""
-    cache: dict[tuple[int, int], float] = {}
+def capacity_bound(requests: Sequence[RequestSpec], cost_model: CostModel, num_instances: int,
+                   prefix_cache: bool = True) -> float:
+    """Requests per second at which serving all of `requests` (their length mix) uses every instance-second.
+    With the prefix cache, every question on a document but the first (in arrival order) may reuse the
+    document's full pages: the bound counts only its suffix."""
+    cache: dict[tuple[int, int, int], float] = {}
+    seen_documents: set[int] = set()
     total = 0.0
-    for request in requests:
-        key = (request.input_len, request.output_len)
+    for request in sorted(requests, key=lambda r: (r.arrival_time, r.request_id)):
+        cached = 0
+        if prefix_cache and request.document is not None:
+            if request.document in seen_documents:
+                page = cost_model.page_size
+                cached = min(request.document_len // page * page, (request.input_len - 1) // page * page)
+            seen_documents.add(request.document)
+        key = (request.input_len, request.output_len, cached)
         if key not in cache:
             cache[key] = instance_seconds_lower_bound(cost_model, *key)
         total += cache[key]
@@ -155,12 +166,14 @@ def simulate_steady(
     target: float = DEFAULT_ATTAINMENT_TARGET,
     give_up: bool = False,
     reveal_output_lengths: bool = True,
+    prefix_cache: PrefixCacheOptions | None = None,
 ) -> SteadyPoint:
     """One steady-state run at `request_rate` (the requests' arrival times already at that rate)."""
     window = steady_window(requests, slo, isolated)
     point = simulate(requests, policy, cost_model, num_instances, request_rate=request_rate, slo=slo,
                      isolated=isolated, give_up_below=target if give_up else None, stop_at=window.stop,
-                     watch_ids=window.middle_ids, reveal_output_lengths=reveal_output_lengths)
+                     watch_ids=window.middle_ids, reveal_output_lengths=reveal_output_lengths,
+                     prefix_cache=prefix_cache)
     met = {r.request_id for r, iso in zip(point.records, isolated) if slo.meets(r, iso)}
     work = np.array([instance_seconds_lower_bound(cost_model, r.input_len, r.output_len) for r in point.records])
     considered = [r for r in point.records if r.request_id in window.considered_ids]

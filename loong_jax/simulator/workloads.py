@@ -18,6 +18,13 @@ Length distributions (synthetic stand-ins; plug the real datasets in through a t
   - mixed: equal numbers of sharegpt, leval and lveval requests, shuffled.
   - zipf: total length k in [10, 200K] with P(k) ∝ k^(−α) (α = `zipf_alpha`, default 1.0); output
     lognormal(median 128, σ 0.8) capped at a quarter of the total; input = total − output.
+  - leval-docs, lveval-docs: shared documents (`make_document_workload`), several questions per long
+    document as in L-Eval and LV-Eval: a document's length is drawn from the base dataset's input length,
+    each of its `questions_per_document` questions adds lognormal(median 40, σ 0.6) tokens and has the base
+    dataset's output length. A request carries its document id and length, so the simulator gives its
+    prompt block hashes that equal documents share (`engine.prefix_cache.document_hashes`). Arrivals:
+    "close" (a document's questions arrive in a burst, exponential gaps of mean 0.05 s at unit rate) or
+    "spread" (each question arrives on its own in the unit-rate Poisson stream, its document drawn at random).
 """
 
 from __future__ import annotations
@@ -30,7 +37,11 @@ from typing import Callable
 
 import numpy as np
 
-WORKLOADS = ("sharegpt", "leval", "lveval", "mixed", "zipf")
+from loong_jax.engine.prefix_cache import document_hashes
+
+DOCUMENT_WORKLOADS = ("leval-docs", "lveval-docs")
+WORKLOADS = ("sharegpt", "leval", "lveval", "mixed", "zipf") + DOCUMENT_WORKLOADS
+DOCUMENT_ARRIVALS = ("close", "spread")
 ZIPF_MIN_TOKENS, ZIPF_MAX_TOKENS = 10, 200_000
 
 
@@ -40,6 +51,8 @@ class RequestSpec:
     arrival_time: float  # seconds from the start of the run
     input_len: int
     output_len: int  # tokens generated, the first one by the prefill
+    document: int | None = None  # the shared document the prompt starts with (None: none)
+    document_len: int = 0  # its tokens (a prefix of input_len)
 
 
 @dataclass(frozen=True)
@@ -49,6 +62,8 @@ class Workload:
     output_lens: np.ndarray  # [requests] int64
     unit_arrivals: np.ndarray  # [requests] float64, arrival times at a mean rate of 1 request/s, ascending
     native_rate: float | None = None  # a trace's own mean rate (requests/s); None for synthetic workloads
+    documents: np.ndarray | None = None  # [requests] int64 document id (-1: none), shared-document workloads
+    document_lens: np.ndarray | None = None  # [requests] int64 tokens of that document
 
     def __len__(self) -> int:
         return len(self.input_lens)
@@ -63,9 +78,15 @@ class Workload:
             raise ValueError(f"request rate must be positive, got {rate}")
         arrivals = self.unit_arrivals / rate
         return [
-            RequestSpec(index, float(arrivals[index]), int(self.input_lens[index]), int(self.output_lens[index]))
+            RequestSpec(index, float(arrivals[index]), int(self.input_lens[index]), int(self.output_lens[index]),
+                        *self._document_of(index))
             for index in range(len(self))
         ]
+
+    def _document_of(self, index: int) -> tuple[int | None, int]:
+        if self.documents is None or self.documents[index] < 0:
+            return None, 0
+        return int(self.documents[index]), int(self.document_lens[index])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -156,13 +177,61 @@ def poisson_unit_arrivals(rng: np.random.Generator, count: int) -> np.ndarray:
     return np.cumsum(rng.exponential(1.0, size=count))
 
 
-def make_workload(name: str, num_requests: int, seed: int = 0, zipf_alpha: float = 1.0) -> Workload:
+def make_workload(name: str, num_requests: int, seed: int = 0, zipf_alpha: float = 1.0,
+                  questions_per_document: int = 4, document_arrivals: str = "close") -> Workload:
     if num_requests <= 0:
         raise ValueError(f"num_requests must be positive, got {num_requests}")
+    if name in DOCUMENT_WORKLOADS:
+        return make_document_workload(name.removesuffix("-docs"), num_requests, seed, questions_per_document,
+                                      document_arrivals)
     length_rng, arrival_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
     inputs, outputs = sample_lengths(name, num_requests, length_rng, zipf_alpha)
     label = f"zipf{zipf_alpha:g}" if name == "zipf" else name
     return Workload(label, inputs, outputs, poisson_unit_arrivals(arrival_rng, num_requests))
+
+
+def make_document_workload(base: str, num_requests: int, seed: int = 0, questions_per_document: int = 4,
+                           arrivals: str = "close") -> Workload:
+    """Several questions per shared document (see the module docstring); `base`: leval or lveval."""
+    if questions_per_document < 1:
+        raise ValueError(f"questions_per_document must be >= 1, got {questions_per_document}")
+    if arrivals not in DOCUMENT_ARRIVALS:
+        raise ValueError(f"document arrivals must be one of {', '.join(DOCUMENT_ARRIVALS)}, got {arrivals!r}")
+    length_rng, arrival_rng = (np.random.default_rng(s) for s in np.random.SeedSequence(seed).spawn(2))
+    num_documents = -(-num_requests // questions_per_document)
+    document_lens, _ = sample_lengths(base, num_documents, length_rng)
+    _, outputs = sample_lengths(base, num_requests, length_rng)
+    question_lens = _lognormal_ints(length_rng, 40, 0.6, num_requests)
+    documents = np.repeat(np.arange(num_documents, dtype=np.int64), questions_per_document)[:num_requests]
+    if arrivals == "close":  # documents at rate 1/q, each followed by a burst of its questions
+        starts = np.cumsum(arrival_rng.exponential(questions_per_document, size=num_documents))
+        times = starts[documents] + np.concatenate(
+            [np.cumsum(arrival_rng.exponential(0.05, size=questions_per_document))] * num_documents)[:num_requests]
+    else:  # every question on its own in the Poisson stream, its document at random
+        documents = arrival_rng.permutation(documents)
+        times = poisson_unit_arrivals(arrival_rng, num_requests)
+    order = np.argsort(times, kind="stable")
+    documents = documents[order]
+    lens = document_lens[documents]
+    label = f"{base}-docs{questions_per_document}-{arrivals}"
+    return Workload(label, lens + question_lens, outputs, times[order], documents=documents, document_lens=lens)
+
+
+class DocumentHashes:
+    """Block hashes of each request's shared document, made once per document (requests share the tuple)."""
+
+    def __init__(self, page_size: int):
+        self.page_size = page_size
+        self._by_document: dict[int, tuple] = {}
+
+    def of(self, spec: RequestSpec) -> tuple | None:
+        if spec.document is None:
+            return None
+        hashes = self._by_document.get(spec.document)
+        if hashes is None:
+            hashes = self._by_document[spec.document] = document_hashes(spec.document, spec.document_len,
+                                                                         self.page_size)
+        return hashes
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -55,6 +55,8 @@ def test_repeated_run_compiles_nothing(shared_llm):
     first = shared_llm.generate(prompts, params, use_tqdm=False)  # any other bucket it needs
     shared_llm.executor.programs.wait_background()
     stats_before = shared_llm.executor.programs.stats.as_dict()
+    # The same workload again: with the first run's prompts cached it would reuse them (other programs).
+    shared_llm.engine.state.allocator.clear_prefix_cache()
     with jax_compilations() as compilations:
         second = shared_llm.generate(prompts, params, use_tqdm=False)
     stats_after = shared_llm.executor.programs.stats.as_dict()

@@ -57,6 +57,8 @@ def test_preemption_scale_up_and_migration_keep_tokens_exact(scarce_llm, referen
     totals = {key: sum(run[key] for run in runs) for key in ("preemptions", "scale_ups", "migrations",
                                                               "units_migrate")}
     assert all(count > 0 for count in totals.values()), totals
+    # Asynchronous scheduling was on: tokens fed on the device, and read on the host where a request moved.
+    assert runs[-1]["pending_tokens_fed_on_device"] > 0 and runs[-1]["pending_tokens_read_on_host"] > 0, runs[-1]
 
 
 def test_chunked_prefill_matches_reference(scarce_llm, reference):

@@ -28,7 +28,8 @@ def test_esp_engine_run_shows_every_elastic_move(trace_script, checkpoint_dir, c
     llm = LLM(checkpoint_dir, page_size=script.PAGE_SIZE, kv_pages=script.KV_PAGES, policy="esp",
               cost_model=script.h200_policy_cost_model(script.KV_PAGES, script.PAGE_SIZE),
               policy_options={"growth_horizon": script.GROWTH_HORIZON}, buckets=TEST_BUCKETS, warmup=False,
-              compilation_cache_dir=compile_cache_dir, progress=False, deterministic=True)
+              compilation_cache_dir=compile_cache_dir, progress=False, deterministic=True,
+              async_scheduling=False)  # as the script: with early-released decode steps ESP migrates nothing here
     prompts, arrivals = script.two_wave_workload(llm.config.vocab_size)
     params = SamplingParams(temperature=0.0, max_tokens=script.MAX_TOKENS, ignore_eos=True)
     with llm:

@@ -37,24 +37,6 @@ def test_out_of_pages_changes_nothing_and_pages_needed_is_exact():
     allocator.check_invariants()
 
 
-def test_fork_shares_pages_and_copies_on_write():
-    allocator = KVAllocator(10, page_size=4, num_instances=1)
-    allocator.allocate("parent", 0, 6)  # pages 0 (full), 1 (2 slots used)
-    allocator.fork("parent", "child")
-    assert allocator.pages_used(0) == 2  # shared, not copied
-    assert allocator.exclusive_pages("parent") == {0: 0}  # freeing it now would return nothing
-    assert allocator.pages_needed("child", 0, 1) == 1  # the shared partial page must be copied first
-    allocator.allocate("child", 0, 1)
-    copies = allocator.take_page_copies()
-    assert len(copies) == 1 and copies[0].src_page == 1 and copies[0].n_slots == 2
-    assert allocator.page_table("child", 0)[0] == 0 and allocator.page_table("child", 0)[1] == copies[0].dst_page
-    allocator.check_invariants()
-    assert allocator.exclusive_pages("parent") == {0: 1} and allocator.exclusive_pages("child") == {0: 1}
-    assert allocator.free_request("parent") == 1  # page 0 still used by the child
-    assert allocator.free_request("child") == 2
-    allocator.assert_all_free()
-
-
 def test_migration_holds_source_pages_until_finished():
     allocator = KVAllocator(4, page_size=4, num_instances=2)
     allocator.allocate("a", 0, 8, start_position=0)
@@ -89,11 +71,6 @@ def test_random_workload_returns_every_page():
                 tickets.append(allocator.begin_migration(request, src, dst))
         elif action < 0.7 and tickets:
             allocator.finish_migration(tickets.pop(rng.randrange(len(tickets))))
-        elif action < 0.75 and live:
-            parent = rng.choice(sorted(live))
-            child = f"fork{step}"
-            allocator.fork(parent, child)
-            live.add(child)
         elif live:
             request = rng.choice(sorted(live))
             allocator.free_request(request)

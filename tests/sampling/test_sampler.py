@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from loong_jax.sampling.sampler import (TOP_CANDIDATES, apply_min_p, apply_penalties, apply_top_k_top_p,
-                               sample, sample_rows)
+from loong_jax.sampling.sampler import (TOP_CANDIDATES, _nucleus_threshold, _selected_threshold, apply_min_p,
+                                        apply_penalties, apply_top_k_top_p, sample, sample_rows)
 from loong_jax.sampling.batch import (HISTORY_BUCKET_MIN, STOP_IDS_BUCKET_MIN, SamplingRow, bucket_size,
                                       num_logprobs_columns, pack_sampling_batch, unpack_sampler_output)
 from loong_jax.sampling.params import MAX_LOGPROBS, SamplingParams
@@ -109,6 +109,23 @@ def test_candidate_path_and_full_sort_agree_with_numpy_reference():
         sizes.append(len(want))
     assert sizes[0] < TOP_CANDIDATES < min(sizes[1], sizes[2], sizes[6])  # both paths ran
     assert sizes[5] == vocab and sizes[3] == 50 and 200 < sizes[4] <= TOP_CANDIDATES
+
+
+def test_select_gives_the_sorted_threshold_with_ties_and_masked_tokens():
+    # The CPU's sort-free path (`_selected_threshold`) against the sorted one, row by row: ties at the
+    # threshold, tokens already at -inf (min_p), top_k below, at and above the candidates, top_p 1.
+    rng = np.random.default_rng(12)
+    vocab = 700
+    logits = np.round(rng.normal(0, 1, (12, vocab)), 1).astype(np.float32)  # many ties
+    logits[3, ::2] = -np.inf
+    top_k = jnp.asarray([0, 0, 5, 0, 300, 699, 700, 1, 0, 260, 0, 40], np.int32)
+    top_p = jnp.asarray([0.9, 0.5, 1.0, 0.99, 0.9, 0.95, 0.3, 0.8, 1.0, 0.97, 0.999, 0.6], np.float32)
+    scaled = jnp.asarray(logits)
+    log_norm = jax.nn.logsumexp(scaled, axis=-1, keepdims=True)
+    selected = jax.jit(_selected_threshold)(scaled, log_norm, top_k, top_p)
+    descending = -jnp.sort(-scaled, axis=-1)
+    sorted_threshold = _nucleus_threshold(descending, log_norm, top_k, top_p, vocab)[0]
+    np.testing.assert_array_equal(np.asarray(selected), np.asarray(sorted_threshold))
 
 
 def test_top_k_1_and_tiny_top_p_are_greedy():

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from loong_jax.scheduler.cost.fit import fit_cost_model, relative_nonnegative_least_squares
+from loong_jax.scheduler.cost.fit import fit_cost_model, raised_to_floors, relative_nonnegative_least_squares
 from loong_jax.scheduler.cost.model import (
     SHIPPED_DIR,
     CostModel,
@@ -244,6 +244,17 @@ def test_fit_floors_each_degree_by_the_one_below():
     assert np.all(4 * coefficients[1] >= coefficients[0] * (1 - 1e-12))
     with pytest.raises(ValueError, match="lower_bounds"):
         relative_nonnegative_least_squares(np.ones((3, 2)), np.ones(3), np.array([-1.0, 0.0]))
+
+
+def test_coefficients_from_two_sources_are_raised_to_the_floors():
+    # A measured d = 1 three times slower than the projection d = 2 was derived beside: the projected pair
+    # would do in 2·T_2 < T_1 what one instance needs, until raised.
+    slow_one = PrefillCoefficients(3e-3, 3e-6, 3e-11)
+    projected_two, projected_four = PrefillCoefficients(1e-3, 1e-6, 1e-11), PrefillCoefficients(9e-4, 1e-6, 1e-12)
+    raised = raised_to_floors({1: slow_one, 2: projected_two, 4: projected_four})
+    assert raised[1] == slow_one
+    assert raised[2] == PrefillCoefficients(1.5e-3, 1.5e-6, 1.5e-11)
+    assert raised[4] == PrefillCoefficients(9e-4, 1e-6, 7.5e-12)  # each coefficient by the one below it
 
 
 def test_roofline_numbers():

@@ -9,6 +9,7 @@ import pytest
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from google.protobuf import descriptor_pb2
 
+from loong_jax.executor.protocol import PENDING_TOKEN
 from loong_jax.server.app import GenerationServer, ServerOptions
 from loong_jax.server.client import SERVICE_NAME, LoongClient
 from loong_jax.server.engine_port import EnginePort
@@ -114,7 +115,8 @@ def test_engine_death_ends_open_calls_with_internal_and_health_not_serving(loop_
                     healthy_step()
                     raise RuntimeError("injected device failure")
                 outputs = healthy_step()
-                started = [r for r in engine.state.requests.values() if r.num_generated and not r.finish_reason]
+                started = [r for r in engine.state.requests.values()  # first token read (not still pending)
+                           if r.generated and r.generated[0] != PENDING_TOKEN and not r.finish_reason]
                 if len(started) >= 3:  # every stream has its first token: the next step dies (no timing race)
                     doomed_after_next.append(True)
                 return outputs

@@ -74,7 +74,7 @@ def test_zipf_follows_the_power_law():
 def test_unknown_workload():
     with pytest.raises(ValueError, match="unknown workload 'alpaca'"):
         make_workload("alpaca", 10)
-    assert set(WORKLOADS) == {"sharegpt", "leval", "lveval", "mixed", "zipf"}
+    assert set(WORKLOADS) == {"sharegpt", "leval", "lveval", "mixed", "zipf", "leval-docs", "lveval-docs"}
 
 
 def test_trace_csv_and_jsonl(tmp_path):

@@ -23,6 +23,7 @@ from loong_jax.scheduler.decode_planner import home_group, plan_decodes
 from loong_jax.scheduler.cost.estimates import prefill_chunks_seconds
 from loong_jax.scheduler.esp.queue import QueueDiscipline
 from loong_jax.scheduler.plan import Plan, PrefillBatch
+from loong_jax.scheduler.prefix import charge_pins, prefill_chunk
 from loong_jax.scheduler.view import SchedulerView
 
 
@@ -85,13 +86,14 @@ class ChunkedPrefillPolicy(OneDegreePolicy):
 
         def place(request) -> bool:
             nonlocal spare, unclaimed
-            need = ceil_div(request.prefill_target + capped_growth(view, request, self.growth_horizon, len(group),
-                                                                   len(group)), page_size)
-            need += len(group)  # one partly filled page per member
+            start, length = prefill_chunk(request, group)  # a cached prefix on the group: only the suffix
+            need = ceil_div(length + capped_growth(view, request, self.growth_horizon, len(group),
+                                                   len(group)), page_size)
+            need += len(group) + sum(request.cached_pins.values()) * bool(start)  # partly filled pages, pins
             if unclaimed <= 0 or need > spare:
                 return False
             spare -= need
-            unclaimed -= request.prefill_target
+            unclaimed -= length
             chosen.append(request)
             admitted.append(request)
             return True
@@ -101,11 +103,16 @@ class ChunkedPrefillPolicy(OneDegreePolicy):
         for request in chosen:
             if budget <= 0:
                 break
-            start = request.num_computed
+            start, _ = prefill_chunk(request, group)
             length = min(request.prefill_target - start, budget)
-            segments = spread_tokens(length, group, pages_free, page_size)
+            trial = list(pages_free)
+            if start > request.num_computed and not charge_pins(request, trial):
+                start, length = request.num_computed, min(request.prefill_target - request.num_computed, budget)
+                trial = list(pages_free)
+            segments = spread_tokens(length, group, trial, page_size)
             if segments is None:
                 break
+            pages_free[:] = trial
             budget -= length
             request_ids.append(request.request_id)
             chunks.append((start, length))
@@ -114,6 +121,7 @@ class ChunkedPrefillPolicy(OneDegreePolicy):
             return None, []
         placed = set(request_ids)
         estimate = prefill_chunks_seconds(view.cost_model, len(group), chunks)
-        estimate += view.compile_penalty_s("prefill", group, sum(length for _, length in chunks))
+        kind = "prefill_context" if any(start for start, _ in chunks) else "prefill"
+        estimate += view.compile_penalty_s(kind, group, sum(length for _, length in chunks))
         batch = PrefillBatch(tuple(group), tuple(request_ids), tuple(chunks), tuple(placement), estimated_s=estimate)
         return batch, [r.request_id for r in admitted if r.request_id in placed]

@@ -16,7 +16,10 @@ Data flow of `schedule(view)`:
      stopping at the first that does not fit; `queue=deadline`: ESP's order and backfilling, the head's
      prefill group reserved; `esp.queue.QueueDiscipline`). A request's KV is spread evenly (page-aligned)
      over the keeping members; the member holding the last segment is its first master, rotated from
-     request to request so that every member of a decode group masters some requests.
+     request to request so that every member of a decode group masters some requests. A request whose
+     prompt starts with cached pages (`scheduler.prefix`) prefills only its suffix when its keeping members
+     hold the cached prefix; while the idle prefill group holding its prefix is still to be served, other
+     groups leave it to that group.
   3. Each idle decode group not taken by a prefill runs one decode step of every request it holds: masters
      keep their slot while they have room, scale up inside the group when full, and the newest request of
      the group is preempted (recompute) when the whole group is out of pages.
@@ -32,6 +35,7 @@ from loong_jax.scheduler.baselines.static import (
 from loong_jax.scheduler.cost.estimates import prefill_chunks_seconds
 from loong_jax.scheduler.esp.queue import QueueDiscipline
 from loong_jax.scheduler.plan import Plan, PrefillBatch
+from loong_jax.scheduler.prefix import charge_pins, prefill_chunk, prefix_home, reusable, waits_for_prefix
 from loong_jax.scheduler.policy import PolicyDefaults
 from loong_jax.scheduler.view import RequestView, SchedulerView
 
@@ -94,13 +98,16 @@ class FixedPolicy(PolicyDefaults):
         pages_free = [i.pages_free for i in view.instances]
         reserve = reserve_for_decodes(view, self.growth_horizon)
         rejections, waiting = self._split_never_fitting(view)
+        waiting = [r for r in waiting if not waits_for_prefix(r, view)]  # its cached prefix frees soon
         waiting, reserved, refused = self.queue.fixed_layout_queue(view, waiting, self.growth_horizon, prefill_groups, idle)
 
         prefills, used = [], set()
         for group in prefill_groups:
             if not idle.issuperset(group) or group == reserved:
                 continue
-            batch = self._prefill(view, group, decode_groups, waiting, pages_free, reserve)
+            later = [g for g in prefill_groups if g != group and g != reserved and idle.issuperset(g)
+                     and not used.intersection(g)]
+            batch = self._prefill(view, group, decode_groups, waiting, pages_free, reserve, later)
             if batch is not None:
                 prefills.append(batch)
                 used.update(group)
@@ -126,46 +133,58 @@ class FixedPolicy(PolicyDefaults):
             (kept if fits else rejected).append(request)
         return tuple(r.request_id for r in rejected), kept
 
-    def _keepers(self, group: tuple[int, ...], decode_groups, usable: list[int]) -> tuple[int, ...]:
-        """Members of prefill `group` that keep a prompt's KV: the decode group inside it with the most
-        usable pages (scale-down), or the whole prefill group when decode groups are larger."""
+    def _keepers(self, group: tuple[int, ...], decode_groups, usable: list[int], request) -> tuple[int, ...]:
+        """Members of prefill `group` that keep a prompt's KV: the decode group inside it that holds the
+        request's cached prefix, else the one with the most usable pages (scale-down), or the whole prefill
+        group when decode groups are larger."""
         inside = [g for g in decode_groups if set(g) <= set(group)]
         if not inside:
             return group
-        return max(inside, key=lambda g: (sum(usable[i] for i in g), -g[0]))
+        return prefix_home(request, inside) or max(inside, key=lambda g: (sum(usable[i] for i in g), -g[0]))
 
-    def _prefill(self, view: SchedulerView, group, decode_groups, waiting, pages_free, reserve):
-        """The queue's head requests whose prompt and expected growth fit their keeping members now."""
+    def _prefill(self, view: SchedulerView, group, decode_groups, waiting, pages_free, reserve, later=()):
+        """The queue's head requests whose prompt and expected growth fit their keeping members now (a
+        request whose cached prefix lives in one of the `later` idle prefill groups is left to it)."""
         usable = [max(0, pages_free[i] - reserve[i]) for i in range(view.num_instances)]
-        chosen, placements = [], []
+        chosen, chunks, placements, pinned = [], [], [], list(pages_free)
 
         def place(request) -> bool:
             nonlocal usable
-            keepers = self._keepers(group, decode_groups, usable)
+            keepers = self._keepers(group, decode_groups, usable, request)
+            if not reusable(request, keepers) and prefix_home(request, later) is not None:
+                return False
             growth = growth_tokens(view, request, self.growth_horizon)
             shift = self._rotation % len(keepers)
             ordered = keepers[shift + 1:] + keepers[:shift + 1]  # the last member becomes the master
             trial = list(usable)
-            segments = spread_tokens(request.prefill_target, ordered, trial, view.page_size, keep_free=growth)
+            start, length = prefill_chunk(request, keepers)
+            if start and not charge_pins(request, trial):
+                return False
+            segments = spread_tokens(length, ordered, trial, view.page_size, keep_free=growth)
             if segments is None:
                 return False
             trial[segments[-1][0]] -= ceil_div(max(0, growth - (-segments[-1][1]) % view.page_size), view.page_size)
             if trial[segments[-1][0]] < 0:
                 return False
+            if start:
+                charge_pins(request, pinned)  # pinned >= usable everywhere: it fits there too
             usable = trial
             self._rotation += 1
             chosen.append(request)
+            chunks.append((start, length))
             placements.append(segments)
             return True
 
         self.queue.admit(waiting[: self.max_admit], place)
         if not chosen:
             return None
+        pages_free[:] = pinned
         for segments in placements:
             for instance, n_tokens in segments:
                 pages_free[instance] -= ceil_div(n_tokens, view.page_size)
-        chunks = tuple((0, r.prefill_target) for r in chosen)
+        chunks = tuple(chunks)
         estimate = prefill_chunks_seconds(view.cost_model, len(group), chunks)
-        estimate += view.compile_penalty_s("prefill", group, sum(length for _, length in chunks))
+        kind = "prefill_context" if any(start for start, _ in chunks) else "prefill"
+        estimate += view.compile_penalty_s(kind, group, sum(length for _, length in chunks))
         return PrefillBatch(tuple(group), tuple(r.request_id for r in chosen), chunks, tuple(placements),
                             estimated_s=estimate)

@@ -24,6 +24,7 @@ from loong_jax.scheduler.cost.estimates import prefill_chunks_seconds
 from loong_jax.scheduler.esp.queue import QueueDiscipline
 from loong_jax.scheduler.groups import free_blocks, power_of_two_sizes
 from loong_jax.scheduler.plan import Migration, Plan, Preemption, PrefillBatch
+from loong_jax.scheduler.prefix import charge_pins, prefill_chunk, reusable
 from loong_jax.scheduler.policy import PolicyDefaults
 from loong_jax.scheduler.view import SchedulerView
 
@@ -143,25 +144,33 @@ class PdDisaggPolicy(PolicyDefaults):
 
     def _prefill(self, view: SchedulerView, group, waiting, pages_free) -> PrefillBatch | None:
         page_size = view.page_size
-        chosen, placements = [], []
+        chosen, chunks, placements = [], [], []
 
         def place(request) -> bool:
-            for size in power_of_two_sizes(len(group)):  # as few members as hold it
-                for start in range(0, len(group) - size + 1, size):
-                    trial = list(pages_free)
-                    segments = spread_tokens(request.prefill_target, group[start:start + size], trial, page_size)
-                    if segments is not None:
-                        pages_free[:] = trial
-                        chosen.append(request)
-                        placements.append(segments)
-                        return True
+            cached, length = prefill_chunk(request, group)  # a cached prefix in the pool: only the suffix
+            options = [(cached, length), (0, request.prefill_target)] if cached else [(0, length)]
+            for start_at, n_tokens in options:  # without room beside the prefix: the whole prompt
+                for size in power_of_two_sizes(len(group)):  # as few members as hold it
+                    for start in range(0, len(group) - size + 1, size):
+                        members = group[start:start + size]
+                        trial = list(pages_free)
+                        if start_at and (not reusable(request, members) or not charge_pins(request, trial)):
+                            continue  # the suffix stays beside its prefix (migrations move whole shares)
+                        segments = spread_tokens(n_tokens, members, trial, page_size)
+                        if segments is not None:
+                            pages_free[:] = trial
+                            chosen.append(request)
+                            chunks.append((start_at, n_tokens))
+                            placements.append(segments)
+                            return True
             return False
 
         self.queue.admit(waiting[: self.max_admit], place)
         if not chosen:
             return None
-        chunks = tuple((0, r.prefill_target) for r in chosen)
+        chunks = tuple(chunks)
         estimate = prefill_chunks_seconds(view.cost_model, len(group), chunks)
-        estimate += view.compile_penalty_s("prefill", group, sum(length for _, length in chunks))
+        kind = "prefill_context" if any(start for start, _ in chunks) else "prefill"
+        estimate += view.compile_penalty_s(kind, group, sum(length for _, length in chunks))
         return PrefillBatch(tuple(group), tuple(r.request_id for r in chosen), chunks, tuple(placements),
                             estimated_s=estimate)

@@ -22,6 +22,7 @@ from loong_jax.scheduler.decode_planner import home_group, plan_decodes
 from loong_jax.scheduler.esp.queue import QueueDiscipline
 from loong_jax.scheduler.cost.estimates import prefill_chunks_seconds
 from loong_jax.scheduler.plan import DecodeBatch, Plan, PrefillBatch
+from loong_jax.scheduler.prefix import charge_pins, prefill_chunk, reusable, waits_for_prefix
 from loong_jax.scheduler.policy import PolicyDefaults, degrees_do_not_apply
 from loong_jax.scheduler.view import RequestView, SchedulerView, ceil_div
 
@@ -159,6 +160,7 @@ class StaticSpPolicy(OneDegreePolicy):
         pages_free = [i.pages_free for i in view.instances]
         reserve = reserve_for_decodes(view, self.growth_horizon)
         rejections, waiting = split_never_fitting(view, self._degree(view))
+        waiting = [r for r in waiting if not waits_for_prefix(r, view)]  # its cached prefix frees soon
         queue, reserved, refused = self.queue.fixed_layout_queue(view, waiting, self.growth_horizon, groups, idle)
         idle_groups = [g for g in groups if idle.issuperset(g)]
         prefills = self._prefills(view, [g for g in idle_groups if g != reserved], queue, pages_free, reserve)
@@ -175,8 +177,9 @@ class StaticSpPolicy(OneDegreePolicy):
 
     def _prefills(self, view, idle_groups, queue, pages_free, reserve) -> list[PrefillBatch]:
         """The queue's head requests, each to the idle group with the fewest tokens assigned so far that
-        holds it (spread over all its members); a request no idle group holds now stops admission (fifo)
-        or is passed over (deadline)."""
+        holds it (spread over all its members), the group holding its cached prefix first (it prefills only
+        the suffix there); a request no idle group holds now stops admission (fifo) or is passed over
+        (deadline)."""
         page_size = view.page_size
         usable = [max(0, pages_free[i] - reserve[i]) for i in range(view.num_instances)]
         assigned: dict[tuple, list] = {g: [] for g in idle_groups}
@@ -184,19 +187,25 @@ class StaticSpPolicy(OneDegreePolicy):
 
         def place(request) -> bool:
             nonlocal usable
-            for group in sorted(idle_groups, key=lambda g: (load[g], -sum(usable[i] for i in g))):
+            for group in sorted(idle_groups, key=lambda g: (not reusable(request, g), load[g],
+                                                            -sum(usable[i] for i in g))):
                 growth = capped_growth(view, request, self.growth_horizon, len(group))
-                if ceil_div(request.prefill_target + growth, page_size) > sum(usable[i] for i in group):
-                    continue
+                start, length = prefill_chunk(request, group)
                 trial = list(usable)
-                segments = spread_tokens(request.prefill_target, group, trial, page_size, keep_free=growth)
+                if start and not charge_pins(request, trial):
+                    continue
+                if ceil_div(length + growth, page_size) > sum(trial[i] for i in group):
+                    continue
+                segments = spread_tokens(length, group, trial, page_size, keep_free=growth)
                 if segments is None:
                     continue
+                if start:
+                    charge_pins(request, pages_free)
                 usable = trial
                 for instance, n_tokens in segments:
                     pages_free[instance] -= ceil_div(n_tokens, page_size)
-                assigned[group].append((request, segments))
-                load[group] += request.prefill_target
+                assigned[group].append((request, start, segments))
+                load[group] += length
                 return True
             return False
 
@@ -205,11 +214,12 @@ class StaticSpPolicy(OneDegreePolicy):
         for group, items in assigned.items():
             if not items:
                 continue
-            chunks = tuple((0, r.prefill_target) for r, _ in items)
+            chunks = tuple((start, r.prefill_target - start) for r, start, _ in items)
             estimate = prefill_chunks_seconds(view.cost_model, len(group), chunks)
-            estimate += view.compile_penalty_s("prefill", group, sum(length for _, length in chunks))
-            batches.append(PrefillBatch(tuple(group), tuple(r.request_id for r, _ in items), chunks,
-                                        tuple(seg for _, seg in items), estimated_s=estimate))
+            kind = "prefill_context" if any(start for start, _ in chunks) else "prefill"
+            estimate += view.compile_penalty_s(kind, group, sum(length for _, length in chunks))
+            batches.append(PrefillBatch(tuple(group), tuple(r.request_id for r, _, _ in items), chunks,
+                                        tuple(seg for _, _, seg in items), estimated_s=estimate))
         return batches
 
 

@@ -8,10 +8,12 @@ Data flow of `fit_cost_model(samples, ...)`:
      smaller degree d' (θ_d ≥ θ_d'·d'/d), so that a group of d is never faster than d instances' worth
      of work.
   3. The coefficients, the KV geometry and the provenance make the `CostModel`.
+`raised_to_floors` applies the same floors to coefficients put together from several sources.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from typing import Iterable
 
@@ -115,6 +117,21 @@ def fit_cost_model(
         provenance=provenance,
         metadata=dict(metadata or {}),
     )
+
+
+def raised_to_floors(coefficients: dict[int, PrefillCoefficients | DecodeCoefficients]) -> dict:
+    """Per-degree coefficients (from different sources, e.g. a measured d = 1 beside a projected d > 1) with
+    each degree raised, coefficient by coefficient, to the floor its next smaller degree sets (`_floor_of`):
+    no group ends up faster than its members put together."""
+    raised, floor = {}, None
+    for dop in sorted(coefficients):
+        values = np.asarray(dataclasses.astuple(coefficients[dop]), dtype=np.float64)
+        bound = _floor_of(floor, dop)
+        if bound is not None:
+            values = np.maximum(values, bound)
+        raised[dop] = type(coefficients[dop])(*map(float, values))
+        floor = (dop, values)
+    return raised
 
 
 def _floor_of(smaller: tuple[int, np.ndarray] | None, dop: int) -> np.ndarray | None:

@@ -3,9 +3,10 @@
 Data flow:
   1. `isolated_latency(cost, input_len, output_len, max_dop)`: seconds to serve the request alone with the best
      degree for each phase; the simulator's default SLO is a multiple of it (`simulator.metrics`).
-  2. `instance_seconds_lower_bound(cost, input_len, output_len)`: the least instance-seconds any batching,
-     placement or widening spends on it; the simulator's capacity bound divides the cluster's instances by
-     its mean over a workload (`simulator.steady.capacity_bound`).
+  2. `instance_seconds_lower_bound(cost, input_len, output_len, cached_len)`: the least instance-seconds any
+     batching, placement or widening spends on it (with `cached_len` prompt tokens' KV reused from the prefix
+     cache, its prefill is the suffix attending to them); the simulator's capacity bound divides the
+     cluster's instances by its mean over a workload (`simulator.steady.capacity_bound`).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def isolated_latency(cost_model: CostModel, input_len: int, output_len: int, max
     return prefill + decode
 
 
-def instance_seconds_lower_bound(cost_model: CostModel, input_len: int, output_len: int) -> float:
+def instance_seconds_lower_bound(cost_model: CostModel, input_len: int, output_len: int, cached_len: int = 0) -> float:
     """Instance-seconds that serving one request costs at least, however it is batched, placed or widened.
 
     Per-token and per-request terms are the cheapest over degrees in instance-time (d·B_d, d·C_d, d·b_d, d·c_d;
@@ -51,7 +52,8 @@ def instance_seconds_lower_bound(cost_model: CostModel, input_len: int, output_l
     dops = cost_model.dops
     prefill, decode = cost_model.prefill, cost_model.decode
     fixed_per_pool_token = min(min(prefill[d].constant, decode[d].constant) for d in dops) / cost_model.tokens_per_instance
-    prompt = min(d * (prefill[d].per_token * input_len + prefill[d].per_token_squared * input_len**2) for d in dops)
+    computed, squares = input_len - cached_len, input_len**2 - cached_len**2  # a cached prefix is not recomputed
+    prompt = min(d * (prefill[d].per_token * computed + prefill[d].per_token_squared * squares) for d in dops)
     steps = max(0, output_len - 1)
     context_sum = steps * input_len + steps * (steps + 1) / 2  # Σ over decode steps k of input_len + k
     generation = min(d * (decode[d].per_request * steps + decode[d].per_context_token * context_sum) for d in dops)

@@ -4,7 +4,8 @@ Data flow:
   1. Candidate prefill sets: the free instances, then that set plus the idle decode groups whose requests are
      cheapest to delay, one more group each time (stopping when one more made it worse).
   2. For each candidate: admission in queue order against its pages, then the batching DP (which minimises summed
-     normalised latency). Candidates are compared in one currency, urgency-weighted delay (a second costs a
+     normalised latency; a request whose cached prefix lies on the candidate's instances costs its suffix
+     attending to the prefix, normalised by its whole prompt). Candidates are compared in one currency, urgency-weighted delay (a second costs a
      request 1 / its isolated latency, as SLOs are multiples of it): the batches' time for their requests,
      the delay inflicted on the lent decode groups (they wait for the longest batch), and the requests a
      wider candidate would admit that this one leaves waiting until its first batch ends.
@@ -32,6 +33,7 @@ from loong_jax.scheduler.esp.dispatch import (
 )
 from loong_jax.scheduler.groups import capacity_by_threshold, covering_group, free_blocks
 from loong_jax.scheduler.plan import Migration
+from loong_jax.scheduler.prefix import prefill_chunk
 from loong_jax.scheduler.view import RequestView
 
 
@@ -95,11 +97,15 @@ def evaluate_instances(snapshot: ClusterSnapshot, instances, waiting, limits: Ba
                            snapshot.defer_seconds(r, wait, limits.defer_age_limit, max(sizes)) / max(1, r.prefill_target)
                            for r in admitted]
         # A forced head (nothing else can run) is admitted on its bare prompt: cap its demand to what fits.
+        # A prefix-cache hit on these instances computes its suffix and attends to the cached prefix.
+        chunks = [prefill_chunk(r, instances) for r in admitted]
         result = plan_batches(
-            [r.prefill_target for r in admitted], [min(snapshot.pages_for_prompt(r), largest) for r in admitted],
+            [length for _, length in chunks], [min(snapshot.pages_for_prompt(r), largest) for r in admitted],
             view.cost_model, sizes, thresholds, pages_capacity, max_batches=limits.max_batches,
             max_boundaries=limits.max_boundaries, penalty=penalty,
             max_tokens_per_instance=limits.max_tokens_per_instance, defer_costs=defer_costs,
+            squares=[(start + length) ** 2 - start ** 2 for start, length in chunks],
+            normalizers=[max(1, r.prefill_target) for r in admitted],
         )
         if result is not None:
             return admitted, (result if result.batches else None), blocks

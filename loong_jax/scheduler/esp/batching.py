@@ -120,6 +120,8 @@ def plan_batches(
     penalty: Callable[[int, int], float] | None = None,
     max_tokens_per_instance: int | None = None,
     defer_costs: Sequence[float] | None = None,
+    squares: Sequence[float] | None = None,
+    normalizers: Sequence[float] | None = None,
 ) -> BatchingResult | None:
     """Best split of the requests into batches with DoPs (and, with `defer_costs`, requests left for later);
     None when they cannot be placed.
@@ -127,7 +129,10 @@ def plan_batches(
     `sizes`: DoPs allowed (ascending); `threshold_capacity[s]`: instances in free blocks of size >= s;
     `pages_capacity[d]`: the most free pages any allowed group of size d has; `penalty(d, tokens)`: extra
     seconds (compile) for a batch of that DoP and token count; `defer_costs[i]`: what leaving request i
-    waiting costs in the objective's units (inf: it must run now; None: every request must run now).
+    waiting costs in the objective's units (inf: it must run now; None: every request must run now);
+    `squares[i]`: request i's quadratic attention term (default lengths[i]²; a prefix-cache hit computing
+    `lengths[i]` tokens after `h` cached ones attends (h + lengths[i])² − h²); `normalizers[i]`: the length
+    request i's latency is normalised by (default lengths[i]; a hit's whole prompt, as its deferral cost is).
     """
     n = len(lengths)
     if n == 0:
@@ -144,8 +149,10 @@ def plan_batches(
     def prefix(values: np.ndarray) -> np.ndarray:
         return np.concatenate([[0.0], np.cumsum(values)])[cuts]
 
-    sum_l, sum_sq, sum_w, sum_pages = (prefix(sorted_lengths), prefix(sorted_lengths ** 2),
-                                       prefix(1.0 / sorted_lengths), prefix(sorted_pages))
+    sorted_squares = sorted_lengths ** 2 if squares is None else np.asarray(squares, dtype=np.float64)[order]
+    sorted_normalizers = sorted_lengths if normalizers is None else np.asarray(normalizers, np.float64)[order]
+    sum_l, sum_sq, sum_w, sum_pages = (prefix(sorted_lengths), prefix(sorted_squares),
+                                       prefix(1.0 / sorted_normalizers), prefix(sorted_pages))
     d_l = sum_l[None, :] - sum_l[:, None]  # [start cut, end cut]
     d_sq = sum_sq[None, :] - sum_sq[:, None]
     d_w = sum_w[None, :] - sum_w[:, None]

@@ -19,6 +19,11 @@ Data flow of one call:
   4. If nothing prefills, consolidation by migration may free a decode instance for the queue.
   5. Scaling plan (`esp.scaling`, `decode_planner`): placement of every prompt's KV (scale-down), then decode
      batches on every other idle instance with masters, scale-up and newest-first preemption.
+Prefix cache (`scheduler.prefix`): a waiting request whose cached prefix lies on busy instances that free
+sooner than recomputing it would take waits for them; the batching DP prices a request whose cached prefix
+lies inside a candidate's instances as its suffix attending to the prefix (so lending the decode group that
+holds a document can win); groups holding more reusable prefix are preferred, requests move to the batch
+whose group holds their prefix, and placement keeps the suffix beside it (`esp.scaling`).
 Prefill and decode groups are only of sizes the cost model prices (`ClusterSnapshot.prefill_sizes`,
 `decode_planner.scale_up_scope`). Ablations switch one elastic move off each: `scale_down=0`, `scale_up=0`,
 `migration=0`, `max_prefill_degree=1`.
@@ -31,10 +36,11 @@ from loong_jax.scheduler.esp.allocation import BatchingLimits, choose_prefill, p
 from loong_jax.scheduler.esp.dispatch import ClusterSnapshot, group_pages
 from loong_jax.scheduler.esp.queue import QueueDiscipline, fits_free_instances, never_fits_test, reserve_for_head
 from loong_jax.scheduler.esp.scaling import place_batch
-from loong_jax.scheduler.cost.estimates import prefill_seconds
+from loong_jax.scheduler.cost.estimates import prefill_chunks_seconds
 from loong_jax.scheduler.groups import free_blocks, pack_sizes
 from loong_jax.scheduler.plan import Plan, Preemption, PrefillBatch
 from loong_jax.scheduler.policy import PolicyDefaults
+from loong_jax.scheduler.prefix import reusable, waits_for_prefix
 from loong_jax.scheduler.view import SchedulerView
 
 
@@ -82,6 +88,7 @@ class EspPolicy(PolicyDefaults):
         never_fits, cluster_facts = never_fits_test(view, self.limits.max_tokens_per_instance,
                                                     snapshot.prefill_sizes()[-1])
         rejections, queue = self.queue.head(snapshot, never_fits, cluster_facts, self.limits.max_admit)
+        queue = [r for r in queue if not waits_for_prefix(r, view)]  # its cached prefix frees soon
         preemptions = [Preemption(r.request_id) for r in view.prefilling if not r.in_flight]
         nothing_running = not view.decoding and not view.prefilling and len(view.idle_instances) == view.num_instances
 
@@ -166,21 +173,24 @@ class EspPolicy(PolicyDefaults):
         if groups is None:
             return [], set()
         groups = self._match_groups(snapshot, choices, groups, option.admitted, option.instances)
+        batches = _join_cached_prefixes([[option.admitted[i] for i in c.indices] for c in choices], groups)
         prefills = []
-        for choice, group in zip(choices, groups):
-            requests = [option.admitted[i] for i in choice.indices]
+        for requests, group in zip(batches, groups):
+            if not requests:
+                continue
             placed, _ = place_batch(snapshot, group, requests, self.scale_down)
             if not placed:
                 continue
             used.update(group)
-            lengths = [r.prefill_target for r, _ in placed]
-            estimate = prefill_seconds(view.cost_model, len(group), lengths)
-            estimate += view.compile_penalty_s("prefill", group, sum(lengths))
+            chunks = tuple((start, r.prefill_target - start) for r, start, _ in placed)
+            estimate = prefill_chunks_seconds(view.cost_model, len(group), chunks)
+            kind = "prefill_context" if any(start for start, _ in chunks) else "prefill"
+            estimate += view.compile_penalty_s(kind, group, sum(length for _, length in chunks))
             prefills.append(PrefillBatch(
                 group=group,
-                request_ids=tuple(r.request_id for r, _ in placed),
-                chunks=tuple((0, r.prefill_target) for r, _ in placed),
-                placement=tuple(segments for _, segments in placed),
+                request_ids=tuple(r.request_id for r, _, _ in placed),
+                chunks=chunks,
+                placement=tuple(segments for _, _, segments in placed),
                 estimated_s=estimate,
             ))
         if not prefills:  # nothing prefills after all: lent decode groups keep decoding
@@ -190,14 +200,33 @@ class EspPolicy(PolicyDefaults):
     @staticmethod
     def _match_groups(snapshot: ClusterSnapshot, choices, groups, admitted, instances):
         """Move each batch (largest DoP, then most tokens first) to the best family group of its size that is
-        free of the others: a ready program first, then the most free pages."""
+        free of the others: a ready program first, then the most cached prompt tokens it can reuse, then the
+        most free pages."""
         view = snapshot.view
         family = [g for g in view.group_family if set(g) <= instances]
         tokens = [sum(admitted[i].prefill_target for i in c.indices) for c in choices]
         result = list(groups)
+
+        def reused(choice, group) -> int:
+            return sum(admitted[i].cached_tokens for i in choice.indices if reusable(admitted[i], group))
+
         for k in sorted(range(len(result)), key=lambda k: (-len(result[k]), -tokens[k])):
             taken = {i for j, g in enumerate(result) if j != k for i in g}
             options = [g for g in family if len(g) == len(result[k]) and not taken.intersection(g)]
             result[k] = min(options, key=lambda g: (not view.program_ready("prefill", g, tokens[k]),
-                                                    -group_pages(snapshot, g), g))
+                                                    -reused(choices[k], g), -group_pages(snapshot, g), g))
         return result
+
+
+def _join_cached_prefixes(batches: list[list], groups: list[tuple[int, ...]]) -> list[list]:
+    """Move each request whose cached prefix its batch's group misses into a batch whose group holds it (a
+    suffix prefill there costs less than computing the prompt again)."""
+    moved = [list(batch) for batch in batches]
+    for k, batch in enumerate(batches):
+        for request in batch:
+            if request.cached_tokens and not reusable(request, groups[k]):
+                home = next((j for j, group in enumerate(groups) if reusable(request, group)), None)
+                if home is not None:
+                    moved[k].remove(request)
+                    moved[home].append(request)
+    return moved

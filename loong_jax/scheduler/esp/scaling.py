@@ -12,6 +12,9 @@ Data flow, per batch (longest request first):
      becomes the master (its segment is last), and it keeps room for the growth.
   3. A request that fits nowhere with its growth room is placed without it (decode scale-up finds the room
      later); one that fits nowhere at all, or only spread wider than it needs, stays waiting.
+  4. A request whose cached prefix (`scheduler.prefix`) lies inside the batch group places only its suffix,
+     first on the smallest aligned sub-group around the prefix (its KV stays compact for decoding), and
+     takes the idle cached pages it reuses out of the free pages; its chunk starts at the cached length.
 Decode scale-up (a master out of pages) lives in `decode_planner`.
 """
 
@@ -19,6 +22,7 @@ from __future__ import annotations
 
 from loong_jax.scheduler.esp.dispatch import ClusterSnapshot
 from loong_jax.scheduler.groups import power_of_two_sizes
+from loong_jax.scheduler.prefix import charge_pins, prefill_chunk
 from loong_jax.scheduler.view import RequestView, ceil_div
 
 
@@ -108,14 +112,43 @@ def commit_placement(snapshot: ClusterSnapshot, request: RequestView, segments) 
     snapshot.reserve_growth(request, master, master_tokens)
 
 
+def prefix_subgroup(group: tuple[int, ...], instances) -> tuple[int, ...]:
+    """The smallest aligned sub-group of `group` (sizes 1, 2, 4, ...) that contains `instances`."""
+    size = 1
+    while size < len(group):
+        for start in range(0, len(group) - size + 1, size):
+            if set(instances) <= set(group[start:start + size]):
+                return group[start:start + size]
+        size *= 2
+    return group
+
+
+def place_suffix(snapshot: ClusterSnapshot, group: tuple[int, ...], request: RequestView, scale_down: bool = True):
+    """(start, segments) for the tokens of `request` its prefill computes on `group` (only the suffix when
+    its cached prefix lies inside the group; see the module docstring), or None."""
+    start, length = prefill_chunk(request, group)
+    if start and charge_pins(request, snapshot.pages_free):
+        full_growth = snapshot.growth(request)
+        for members in (prefix_subgroup(group, request.cached_kv), group):
+            for growth in (full_growth, 0) if full_growth else (0,):
+                segments = _place(snapshot, members, length, growth, scale_down)
+                if segments is not None:
+                    return start, segments
+        for instance, pins in request.cached_pins.items():  # give the pins back: a full prefill instead
+            snapshot.pages_free[instance] += pins
+    segments = place_request(snapshot, group, request, scale_down)
+    return None if segments is None else (0, segments)
+
+
 def place_batch(snapshot: ClusterSnapshot, group: tuple[int, ...], requests: list[RequestView], scale_down: bool = True):
-    """(placed [(request, segments)], left waiting [request]) for one prefill batch on `group`."""
+    """(placed [(request, start, segments)], left waiting [request]) for one prefill batch on `group`."""
     placed, left = [], []
     for request in sorted(requests, key=lambda r: -r.prefill_target):
-        segments = place_request(snapshot, group, request, scale_down)
-        if segments is None:
+        chosen = place_suffix(snapshot, group, request, scale_down)
+        if chosen is None:
             left.append(request)
             continue
+        start, segments = chosen
         commit_placement(snapshot, request, segments)
-        placed.append((request, segments))
+        placed.append((request, start, segments))
     return placed, left

@@ -1,0 +1,111 @@
+"""The waiting requests' side of the prefix cache: what each one finds cached, which ones the policy sees,
+and which prompt blocks running prefills are computing.
+
+`EngineState` holds one `PrefixHits` (over its allocator's `PrefixCache`) and calls it at these points:
+  1. `view`: `refresh(request)` for every waiting request (a lookup only when the cache changed since the
+     request's last one) sets its `cached_tokens`, `cached_kv` and `cached_pins`; `schedulable(waiting)`
+     holds back a request whose uncached prompt is at least half being computed already (by a running
+     prefill, or first by an earlier waiting request with the same start), so a document's questions sent
+     together compute it once.
+  2. `check_plan`: `usable_hit(request, start, group)` re-checks a prefill that starts at a cached length.
+  3. A prefill starts: `count_query(request, start)` (hit statistics) and `track_computing(request, True)`;
+     it ends, is preempted or the request finishes: `track_computing(request, False)`.
+"""
+
+from __future__ import annotations
+
+from loong_jax.engine.plan_check import PlanError
+from loong_jax.engine.prefix_cache import BlockHash, PrefixCache
+from loong_jax.scheduler.view import WAITING
+
+
+class PrefixHits:
+    def __init__(self, cache: PrefixCache, page_size: int):
+        self.cache = cache
+        self.page_size = page_size
+        self._computing: dict[BlockHash, int] = {}  # blocks of the prompts whose prefill runs -> how many
+
+    @property
+    def computing(self) -> dict[BlockHash, int]:
+        return dict(self._computing)
+
+    def refresh(self, request) -> tuple[tuple[int, int], ...]:
+        """Look the waiting request's prompt up (again, if the cache changed) and set its view fields."""
+        cache = self.cache
+        if not request.block_hashes or request.prefix_hit_version == cache.version:
+            return request.prefix_hit
+        hit = cache.lookup(request.block_hashes, (request.prompt_len - 1) // self.page_size)
+        request.prefix_hit, request.prefix_hit_version = hit, cache.version
+        tokens: dict[int, int] = {}
+        pins: dict[int, int] = {}
+        for instance, page in hit:
+            tokens[instance] = tokens.get(instance, 0) + self.page_size
+            if cache.is_idle(instance, page):
+                pins[instance] = pins.get(instance, 0) + 1
+        request.cached_tokens, request.cached_kv, request.cached_pins = len(hit) * self.page_size, tokens, pins
+        return hit
+
+    def schedulable(self, waiting: list) -> tuple:
+        """The waiting requests the policy sees: a request whose uncached blocks making up at least half of its
+        prompt are being computed (by a running prefill, or first by an earlier waiting request that shares
+        them) waits for them to be cached instead of computing them again beside it (a document's questions
+        arriving together)."""
+        shown, first_of = [], {}  # first uncached block -> the earliest shown request starting there
+        for request in waiting:
+            hashes, start = request.block_hashes, len(request.prefix_hit)
+            usable = min(len(hashes), (request.prompt_len - 1) // self.page_size)
+            if start < usable:
+                end = start
+                while end < usable and hashes[end] in self._computing:
+                    end += 1
+                earlier = first_of.get(hashes[start])
+                if earlier is not None:
+                    other = earlier.block_hashes
+                    shared = start
+                    while shared < min(usable, len(other)) and other[shared] == hashes[shared]:
+                        shared += 1
+                    end = max(end, shared)
+                if (end - start) * self.page_size * 2 >= request.prompt_len:
+                    continue
+                first_of.setdefault(hashes[start], request)
+            shown.append(request)
+        return tuple(shown)
+
+    def track_computing(self, request, running: bool) -> None:
+        """Count (or uncount) the request's prompt blocks as being computed by a running prefill."""
+        if running == request.computing_prefix or not request.block_hashes:
+            return
+        request.computing_prefix = running
+        computing = self._computing
+        for key in request.block_hashes:
+            if running:
+                computing[key] = computing.get(key, 0) + 1
+            elif computing[key] == 1:
+                del computing[key]
+            else:
+                computing[key] -= 1
+
+    def usable_hit(self, request, start: int, group: tuple[int, ...]) -> tuple[tuple[int, int], ...]:
+        """The cached pages a prefill of a waiting request starting at `start` reuses (a `PlanError` if the
+        cache does not hold them, or they are not on the chunk's group)."""
+        if request.status != WAITING or request.kv or start % self.page_size:
+            raise PlanError(f"prefill of {request.request_id!r} starts at {start} but {request.num_computed} "
+                            "tokens are computed")
+        hit = self.refresh(request)[:start // self.page_size]
+        if len(hit) * self.page_size != start:
+            raise PlanError(f"prefill of {request.request_id!r} starts at {start} but only "
+                            f"{len(hit) * self.page_size} tokens of its prompt are cached")
+        if not set(group).issuperset(instance for instance, _ in hit):
+            raise PlanError(f"prefill of {request.request_id!r} reuses cached pages on "
+                            f"{sorted({i for i, _ in hit})}, outside its group {group}")
+        return hit
+
+    def count_query(self, request, start: int) -> None:
+        stats = self.cache.stats
+        if self.cache.enabled:
+            stats.queries += 1
+            stats.query_tokens += request.prefill_target
+            stats.hits += start > 0
+            stats.hit_tokens += start
+        request.prefix_hit, request.prefix_hit_version = (), -1
+        request.cached_tokens, request.cached_kv, request.cached_pins = 0, {}, {}
