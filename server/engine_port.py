@@ -230,8 +230,13 @@ class EnginePort:
         info.tp = self.description()["tp"]
         info.page_size = snapshot.page_size
         info.instances.extend(pb.InstanceInfo(index=i, kv_pages_total=total, kv_pages_used=used,
-                                              kv_pages_free=total - used)
-                              for i, (total, used) in enumerate(zip(snapshot.kv_pages_total, snapshot.kv_pages_used)))
+                                              kv_pages_free=total - used, kv_pages_cached=cached)
+                              for i, (total, used, cached) in enumerate(zip(
+                                  snapshot.kv_pages_total, snapshot.kv_pages_used, snapshot.kv_pages_cached)))
+        info.prefix_cache.CopyFrom(pb.PrefixCacheInfo(
+            queries=snapshot.prefix_cache_queries, hits=snapshot.prefix_cache_hits,
+            query_tokens=snapshot.prefix_cache_query_tokens, hit_tokens=snapshot.prefix_cache_hit_tokens,
+            token_hit_rate=snapshot.prefix_cache_hit_rate))
         info.programs_ready = snapshot.programs_ready
         info.queue_length = snapshot.waiting
         info.queued_tokens = snapshot.queued_tokens

@@ -288,19 +288,35 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InstanceInfo(_message.Message):
-    __slots__ = ("index", "kv_pages_total", "kv_pages_free", "kv_pages_used")
+    __slots__ = ("index", "kv_pages_total", "kv_pages_free", "kv_pages_used", "kv_pages_cached")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     KV_PAGES_TOTAL_FIELD_NUMBER: _ClassVar[int]
     KV_PAGES_FREE_FIELD_NUMBER: _ClassVar[int]
     KV_PAGES_USED_FIELD_NUMBER: _ClassVar[int]
+    KV_PAGES_CACHED_FIELD_NUMBER: _ClassVar[int]
     index: int
     kv_pages_total: int
     kv_pages_free: int
     kv_pages_used: int
-    def __init__(self, index: _Optional[int] = ..., kv_pages_total: _Optional[int] = ..., kv_pages_free: _Optional[int] = ..., kv_pages_used: _Optional[int] = ...) -> None: ...
+    kv_pages_cached: int
+    def __init__(self, index: _Optional[int] = ..., kv_pages_total: _Optional[int] = ..., kv_pages_free: _Optional[int] = ..., kv_pages_used: _Optional[int] = ..., kv_pages_cached: _Optional[int] = ...) -> None: ...
+
+class PrefixCacheInfo(_message.Message):
+    __slots__ = ("queries", "hits", "query_tokens", "hit_tokens", "token_hit_rate")
+    QUERIES_FIELD_NUMBER: _ClassVar[int]
+    HITS_FIELD_NUMBER: _ClassVar[int]
+    QUERY_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_HIT_RATE_FIELD_NUMBER: _ClassVar[int]
+    queries: int
+    hits: int
+    query_tokens: int
+    hit_tokens: int
+    token_hit_rate: float
+    def __init__(self, queries: _Optional[int] = ..., hits: _Optional[int] = ..., query_tokens: _Optional[int] = ..., hit_tokens: _Optional[int] = ..., token_hit_rate: _Optional[float] = ...) -> None: ...
 
 class ServerInfo(_message.Message):
-    __slots__ = ("version", "num_instances", "tp", "page_size", "instances", "programs_ready", "queue_length", "queued_tokens", "running", "policy", "ready", "draining", "max_queued_requests", "max_queued_tokens", "open_streams")
+    __slots__ = ("version", "num_instances", "tp", "page_size", "instances", "programs_ready", "queue_length", "queued_tokens", "running", "policy", "ready", "draining", "max_queued_requests", "max_queued_tokens", "open_streams", "prefix_cache")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     NUM_INSTANCES_FIELD_NUMBER: _ClassVar[int]
     TP_FIELD_NUMBER: _ClassVar[int]
@@ -316,6 +332,7 @@ class ServerInfo(_message.Message):
     MAX_QUEUED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     MAX_QUEUED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     OPEN_STREAMS_FIELD_NUMBER: _ClassVar[int]
+    PREFIX_CACHE_FIELD_NUMBER: _ClassVar[int]
     version: str
     num_instances: int
     tp: int
@@ -331,4 +348,5 @@ class ServerInfo(_message.Message):
     max_queued_requests: int
     max_queued_tokens: int
     open_streams: int
-    def __init__(self, version: _Optional[str] = ..., num_instances: _Optional[int] = ..., tp: _Optional[int] = ..., page_size: _Optional[int] = ..., instances: _Optional[_Iterable[_Union[InstanceInfo, _Mapping]]] = ..., programs_ready: _Optional[int] = ..., queue_length: _Optional[int] = ..., queued_tokens: _Optional[int] = ..., running: _Optional[int] = ..., policy: _Optional[str] = ..., ready: _Optional[bool] = ..., draining: _Optional[bool] = ..., max_queued_requests: _Optional[int] = ..., max_queued_tokens: _Optional[int] = ..., open_streams: _Optional[int] = ...) -> None: ...
+    prefix_cache: PrefixCacheInfo
+    def __init__(self, version: _Optional[str] = ..., num_instances: _Optional[int] = ..., tp: _Optional[int] = ..., page_size: _Optional[int] = ..., instances: _Optional[_Iterable[_Union[InstanceInfo, _Mapping]]] = ..., programs_ready: _Optional[int] = ..., queue_length: _Optional[int] = ..., queued_tokens: _Optional[int] = ..., running: _Optional[int] = ..., policy: _Optional[str] = ..., ready: _Optional[bool] = ..., draining: _Optional[bool] = ..., max_queued_requests: _Optional[int] = ..., max_queued_tokens: _Optional[int] = ..., open_streams: _Optional[int] = ..., prefix_cache: _Optional[_Union[PrefixCacheInfo, _Mapping]] = ...) -> None: ...

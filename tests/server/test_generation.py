@@ -114,6 +114,17 @@ def test_tokenize_detokenize_and_info(client, engine_port):
     assert server_info.policy == "esp" and server_info.ready and server_info.programs_ready > 0
 
 
+def test_a_repeated_document_hits_the_prefix_cache_in_server_info(client):
+    document = " ".join(["Pages of keys and values move between instances; tokens never change."] * 12)
+    before = client.server_info().prefix_cache
+    for question in (" First question?", " Second question?"):
+        assert client.complete(document + question, max_tokens=2, temperature=0).finish_reason == "length"
+    info = client.server_info()
+    assert info.prefix_cache.queries >= before.queries + 2 and info.prefix_cache.hits >= before.hits + 1
+    assert info.prefix_cache.hit_tokens > before.hit_tokens and 0 < info.prefix_cache.token_hit_rate <= 1
+    assert sum(instance.kv_pages_cached for instance in info.instances) > 0
+
+
 def test_abort_rpc_ends_the_stream_and_frees_pages(client, server, engine_port):
     stream = client.generate(PROMPTS[0], max_tokens=200, temperature=0, ignore_eos=True, request_id="to-abort")
     iterator = iter(stream)
