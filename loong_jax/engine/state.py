@@ -14,14 +14,10 @@ The engine loop is event driven (programs on disjoint groups run side by side):
   5. `apply(UnitResult)` when a unit finishes: its instances become idle, new tokens are recorded, prefills
      that reached the end of their prompt start decoding, finished or aborted requests free their pages.
 
-Prefix cache (`prefix_cache`): a request queued with its prompt token ids (or simulated block hashes) gets
-its block hashes once. `view` tells the policy, per waiting request, how much of its prompt is cached and
-where (`cached_tokens`, `cached_kv`, `cached_pins`). A prefill chunk of a waiting request that starts at
-its cached length is a hit: `on_dispatched` checks it against a fresh lookup and the chunk's group, and
-attaches the cached pages before any page is taken for this plan (so no allocation can evict them). When a
-prefill reaches the end of the prompt, its full pages enter the cache (`KVAllocator.cache_prompt_pages`).
-Finished, aborted, preempted and migrated requests release their references as before; cached pages no
-request holds stay, idle, until an allocation needs them.
+Prefix cache: a request queued with its prompt token ids (or simulated block hashes) gets its block hashes
+once; `view` tells the policy what each waiting request finds cached (`prefix_hits.PrefixHits`); a prefill
+starting at the cached length is a hit, checked (`plan_check`) and attached before any page of the plan
+is taken; a finished prefill's full pages enter the cache (`KVAllocator.cache_prompt_pages`).
 """
 
 from __future__ import annotations

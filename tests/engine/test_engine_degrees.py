@@ -44,7 +44,6 @@ def test_fixed_degrees_match_reference(shared_llm, reference, prefill_degree, de
 
 def test_esp_policy_matches_reference(shared_llm, reference):
     shared_llm.set_policy("esp", warmup=False)
-    plans = record_plans(shared_llm)
     prompts = mixed_prompts(shared_llm.config.vocab_size, seed=1)
     outputs = shared_llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS), use_tqdm=False)
     check_against_reference(shared_llm, reference, prompts, outputs)
