@@ -306,15 +306,11 @@ class Engine:
             self._apply_released(result, release)
             return
         finished = set()
-        requests, sequences, all_logprobs = self.state.requests, self._sequences, result.logprobs
-        for engine_id, token in result.new_tokens.items():
+        requests, sequences = self.state.requests, self._sequences
+        for engine_id in result.new_tokens:
             if requests[engine_id].ending is not None:
                 continue  # its unit was running when it was aborted or stopped; the token is dropped
-            sequence = sequences[engine_id]
-            detokenizer, logprobs = sequence.detokenizer, all_logprobs.get(engine_id)
-            self._record(sequence, detokenizer.update((token,), None if logprobs is None else (logprobs,)))
-            sequence.request.metrics.record_token(result.finish_time)
-            if detokenizer.finished:
+            if self._show_token(sequences[engine_id], result):
                 finished.add(engine_id)
         self.core.apply(result.finishing(frozenset(finished)))
         for engine_id in result.unit.all_request_ids:
@@ -332,16 +328,21 @@ class Engine:
             request = requests.get(engine_id)
             if sequence is None or request is None or "abort" in (request.ending, request.finish_reason):
                 continue
-            detokenizer = sequence.detokenizer
-            if detokenizer.finished:
+            if sequence.detokenizer.finished:
                 continue  # sampled after its stop, while the stop was not yet known
-            logprobs = result.logprobs.get(engine_id)
-            self._record(sequence, detokenizer.update((result.new_tokens[engine_id],),
-                                                      None if logprobs is None else (logprobs,)))
-            sequence.request.metrics.record_token(result.finish_time)
-            if detokenizer.finished:
+            if self._show_token(sequence, result):
                 self.state.finish_request(engine_id, "finished", result.finish_time)
                 self._finish_if_done(sequence)
+
+    def _show_token(self, sequence: _Sequence, result: UnitResult) -> bool:
+        """Detokenize the sequence's token of `result` into its delta output; True when it ended the sequence
+        (stop token, stop string, max_tokens)."""
+        logprobs = result.logprobs.get(sequence.engine_id)
+        delta = sequence.detokenizer.update((result.new_tokens[sequence.engine_id],),
+                                            None if logprobs is None else (logprobs,))
+        self._record(sequence, delta)
+        sequence.request.metrics.record_token(result.finish_time)
+        return sequence.detokenizer.finished
 
     def _finish_if_done(self, sequence: _Sequence) -> None:
         """Once the state has finished a sequence (stop, length, abort, rejection), close its records."""

@@ -10,13 +10,14 @@ and which prompt blocks running prefills are computing.
   2. `check_plan`: `usable_hit(request, start, group)` re-checks a prefill that starts at a cached length.
   3. A prefill starts: `count_query(request, start)` (hit statistics) and `track_computing(request, True)`;
      it ends, is preempted or the request finishes: `track_computing(request, False)`.
+  4. `check_invariants(requests)` (tests): the counted blocks are recounted from the requests.
 """
 
 from __future__ import annotations
 
 from loong_jax.engine.plan_check import PlanError
 from loong_jax.engine.prefix_cache import BlockHash, PrefixCache
-from loong_jax.scheduler.view import WAITING
+from loong_jax.scheduler.view import PREFILLING, WAITING
 
 
 class PrefixHits:
@@ -25,9 +26,14 @@ class PrefixHits:
         self.page_size = page_size
         self._computing: dict[BlockHash, int] = {}  # blocks of the prompts whose prefill runs -> how many
 
-    @property
-    def computing(self) -> dict[BlockHash, int]:
-        return dict(self._computing)
+    def check_invariants(self, requests) -> None:
+        """The blocks counted as being computed are exactly those of the prefilling requests that count them."""
+        computing: dict[BlockHash, int] = {}
+        for request in requests:
+            assert not request.computing_prefix or request.status == PREFILLING, f"{request.request_id!r} computing"
+            for key in request.block_hashes if request.computing_prefix else ():
+                computing[key] = computing.get(key, 0) + 1
+        assert computing == self._computing, "prompt blocks counted as being computed disagree"
 
     def refresh(self, request) -> tuple[tuple[int, int], ...]:
         """Look the waiting request's prompt up (again, if the cache changed) and set its view fields."""

@@ -38,7 +38,6 @@ from loong_jax.scheduler.view import (
 )
 
 
-
 @dataclass(slots=True, eq=False)
 class RequestState(RequestView):
     """A request's live record: the numbers of its `RequestView` plus tokens and timings."""
@@ -49,7 +48,7 @@ class RequestState(RequestView):
     finish_time: float | None = None
     finish_reason: str | None = None  # "finished", "abort", "rejected"
     num_preemptions: int = 0
-    ending: str | None = None  # finish asked while in flight ("abort", "finished"): done when its unit is
+    ending: str | None = None  # finish asked while in flight ("abort", "finished"): done when its unit returns
     block_hashes: tuple[BlockHash, ...] = ()  # of the prompt's full pages (prefix cache)
     prefix_hit: tuple[tuple[int, int], ...] = ()  # (instance, page) per cached block, as of `prefix_hit_version`
     prefix_hit_version: int = -1
@@ -390,12 +389,7 @@ class EngineState:
                 assert request.num_computed == request.context_len - 1, f"{request_id!r}: decode KV count"
         units = {u for u in self._busy if u is not None}
         assert units == set(self._in_flight), "busy instances and in-flight units disagree"
-        computing: dict = {}
-        for request in self.requests.values():
-            assert not request.computing_prefix or request.status == PREFILLING, f"{request.request_id!r} computing"
-            for key in request.block_hashes if request.computing_prefix else ():
-                computing[key] = computing.get(key, 0) + 1
-        assert computing == self.prefix_hits.computing, "prompt blocks counted as being computed disagree"
+        self.prefix_hits.check_invariants(self.requests.values())
 
 
 def make_state_for(cost_model, num_instances: int, prefix_cache: PrefixCacheOptions | None = None) -> EngineState:

@@ -142,9 +142,10 @@ class JaxExecutor:
         if self.feeds_pending_tokens:
             fed, reads = self.pending.settle(plan, inputs)
             if reads:
-                waiting = [(index, unit) for index, unit in units if not reads.keys().isdisjoint(unit.all_request_ids)]
-                self._submit_units([pair for pair in units if pair not in waiting], inputs, fed, step)
-                units, inputs = waiting, self.pending.read_on_host(inputs, reads, self._outputs_of)
+                needs_read = [not reads.keys().isdisjoint(unit.all_request_ids) for _, unit in units]
+                self._submit_units([pair for pair, later in zip(units, needs_read) if not later], inputs, fed, step)
+                units = [pair for pair, later in zip(units, needs_read) if later]
+                inputs = self.pending.read_on_host(inputs, reads, self._outputs_of)
         self._submit_units(units, inputs, fed, step)
 
     def _submit_units(self, units: list[tuple[int, WorkUnit]], inputs: StepInputs,
@@ -293,9 +294,8 @@ class JaxExecutor:
         launch = _Launch(unit, calls)
         if self.feeds_pending_tokens:
             for program, call in enumerate(calls):
-                rows = {row: fed[request_id] for request_id, row in call.sampled
-                        if call.key.kind == "decode" and request_id in fed}
-                if rows:
+                rows = {row: fed[request_id] for request_id, row in call.sampled if request_id in fed}
+                if rows and call.key.kind == "decode":  # (a prefill reads no pending token: never fed)
                     launch.fed[program] = rows
             self.pending.record(launch, step)
         return launch
