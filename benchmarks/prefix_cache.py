@@ -51,24 +51,44 @@ def run_mode(prefix_caching: bool, args) -> dict:
         warm_document, document = (rng.integers(5, vocab, size=args.document_tokens).tolist() for _ in range(2))
         for prompt in questions_on(warm_document, 2, vocab, seed=args.seed + 1):  # compile, untimed
             llm.generate([prompt], params, use_tqdm=False)
-        ttft, tokens = [], []
+        ttft, tokens, compiles, groups = [], [], [], []
+        plans = _recorded_plans(llm)
         for prompt in questions_on(document, args.questions, vocab, seed=args.seed + 2):
+            before = llm.snapshot().compiles
+            plans.clear()
             (output,) = llm.generate([prompt], params, use_tqdm=False)
             ttft.append(output.metrics.time_to_first_token)
             tokens.append(output.outputs[0].token_ids)
+            compiles.append(llm.snapshot().compiles - before)
+            groups.append(next(b.group for plan in plans for b in plan.prefills))
         snapshot = llm.snapshot()
-        return {"ttft": ttft, "tokens": tokens, "hits": snapshot.prefix_cache_hits,
-                "hit_rate": snapshot.prefix_cache_hit_rate, "policy": snapshot.policy}
+        return {"ttft": ttft, "tokens": tokens, "hits": snapshot.prefix_cache_hits, "compiles": compiles,
+                "groups": groups, "hit_rate": snapshot.prefix_cache_hit_rate, "policy": snapshot.policy}
     finally:
         llm.close()
+
+
+def _recorded_plans(llm) -> list:
+    """The plans the engine's policy makes from now on (to name each question's prefill group)."""
+    plans, core = [], llm.engine.core
+    schedule = core.policy.schedule
+
+    def recording(view):
+        plans.append(schedule(view))
+        return plans[-1]
+
+    core.policy.schedule = recording  # an attribute of this policy object only: a fresh engine per mode
+    return plans
 
 
 def report(cached: dict, uncached: dict, args) -> list[str]:
     lines = [f"{args.questions} questions on one {args.document_tokens}-token document, policy {cached['policy']}, "
              f"page size {args.page_size}, {args.max_tokens} output tokens each",
-             f"{'question':>8}  {'TTFT cache on (s)':>17}  {'TTFT cache off (s)':>18}  {'off / on':>8}"]
+             f"{'question':>8}  {'TTFT cache on (s)':>17}  {'TTFT cache off (s)':>18}  {'off / on':>8}  "
+             "prefill group, compiles (on | off)"]
     for k, (on, off) in enumerate(zip(cached["ttft"], uncached["ttft"]), start=1):
-        lines.append(f"{k:>8}  {on:>17.4f}  {off:>18.4f}  {off / on:>8.1f}")
+        lines.append(f"{k:>8}  {on:>17.4f}  {off:>18.4f}  {off / on:>8.1f}  {cached['groups'][k - 1]}, "
+                     f"{cached['compiles'][k - 1]} | {uncached['groups'][k - 1]}, {uncached['compiles'][k - 1]}")
     on, off = np.mean(cached["ttft"][1:]), np.mean(uncached["ttft"][1:])
     lines.append(f"questions 2..{args.questions}: mean TTFT {on:.4f} s with the cache, {off:.4f} s without: "
                  f"{off / on:.1f}x lower")

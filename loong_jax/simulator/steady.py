@@ -5,8 +5,8 @@ its backlog outgrows the SLO), so these figures judge a policy on the middle of 
 
 Data flow:
   1. `capacity_bound(requests, cost_model, num_instances)`: the rate at which serving every request exactly
-     uses the cluster's instance-time, num_instances / mean over the workload of
-     `instance_seconds_lower_bound` (cost model: perfect batching, cheapest degree, no migration). No policy
+     uses the cluster's instance-time, num_instances / mean over the workload of `request_work`, each
+     request's `instance_seconds_lower_bound` (cost model: perfect batching, cheapest degree, no migration). No policy
      sustains more; it is an upper bound, loose where batches are limited by something other than KV.
   2. `steady_window(requests, slo, isolated)`: arrivals span [0, T]; the middle window is [T/4, 3T/4] and its
      requests are the ones judged; the run stops (without draining) at max(T, latest SLO deadline of a
@@ -15,8 +15,8 @@ Data flow:
      middle window's attainment is certainly below the target) and reduces it to a `SteadyPoint`:
        - middle_attainment: share of middle-window requests meeting their SLO (rejected, unfinished: missed);
        - backlog = outstanding WORK, in request-equivalents: Σ over requests arrived and not yet finished
-         (rejected ones count as settled on arrival) of `instance_seconds_lower_bound`, divided by its mean
-         over the workload. Counting requests instead would let a policy hide overload by serving the short
+         (rejected ones count as settled on arrival) of `request_work` (what the capacity bound counts: a
+         question on a cached document is its suffix), divided by its mean over the workload. Counting requests instead would let a policy hide overload by serving the short
          ones and deferring the long ones; work cannot be reordered away. Sampled on 256 even points of the
          window: backlog_growth_per_s = least-squares slope, backlog_mean = its mean;
        - backlog_growing (`backlog_is_growing`): the fitted rise over the window, slope × window length,
@@ -52,26 +52,32 @@ GROWTH_MIN_REQUESTS = 8.0  # a rise of fewer request-equivalents over the window
 GROWTH_RELATIVE = 0.5  # ...and so is a rise below half the mean backlog
 
 
-def capacity_bound(requests: Sequence[RequestSpec], cost_model: CostModel, num_instances: int,
-                   prefix_cache: bool = True) -> float:
-    """Requests per second at which serving all of `requests` (their length mix) uses every instance-second.
+def request_work(requests: Sequence[RequestSpec], cost_model: CostModel, prefix_cache: bool = True) -> np.ndarray:
+    """[requests] the instance-seconds serving each request costs at least (`instance_seconds_lower_bound`).
     With the prefix cache, every question on a document but the first (in arrival order) may reuse the
-    document's full pages: the bound counts only its suffix."""
-    cache: dict[tuple[int, int, int], float] = {}
+    document's full pages: it counts only its suffix."""
+    memo: dict[tuple[int, int, int], float] = {}
     seen_documents: set[int] = set()
-    total = 0.0
-    for request in sorted(requests, key=lambda r: (r.arrival_time, r.request_id)):
-        cached = 0
+    work = np.zeros(len(requests))
+    for k in sorted(range(len(requests)), key=lambda k: (requests[k].arrival_time, requests[k].request_id)):
+        request, cached = requests[k], 0
         if prefix_cache and request.document is not None:
             if request.document in seen_documents:
                 page = cost_model.page_size
                 cached = min(request.document_len // page * page, (request.input_len - 1) // page * page)
             seen_documents.add(request.document)
         key = (request.input_len, request.output_len, cached)
-        if key not in cache:
-            cache[key] = instance_seconds_lower_bound(cost_model, *key)
-        total += cache[key]
-    return num_instances * len(requests) / total
+        if key not in memo:
+            memo[key] = instance_seconds_lower_bound(cost_model, *key)
+        work[k] = memo[key]
+    return work
+
+
+def capacity_bound(requests: Sequence[RequestSpec], cost_model: CostModel, num_instances: int,
+                   prefix_cache: bool = True) -> float:
+    """Requests per second at which serving all of `requests` (their length mix) uses every instance-second
+    (`request_work`: a question on a cached document counts only its suffix)."""
+    return num_instances * len(requests) / float(request_work(requests, cost_model, prefix_cache).sum())
 
 
 @dataclass(frozen=True)
@@ -175,7 +181,9 @@ def simulate_steady(
                      watch_ids=window.middle_ids, reveal_output_lengths=reveal_output_lengths,
                      prefix_cache=prefix_cache)
     met = {r.request_id for r, iso in zip(point.records, isolated) if slo.meets(r, iso)}
-    work = np.array([instance_seconds_lower_bound(cost_model, r.input_len, r.output_len) for r in point.records])
+    cached = prefix_cache is None or prefix_cache.enabled
+    work_of = dict(zip((r.request_id for r in requests), request_work(requests, cost_model, cached)))
+    work = np.array([work_of[r.request_id] for r in point.records])
     considered = [r for r in point.records if r.request_id in window.considered_ids]
     rejected = sum(r.rejected for r in considered)
     unserved = sum(not r.rejected and not r.finished for r in considered)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from loong_jax.sampling.params import SamplingParams
-from loong_jax.scheduler.plan import Plan, Preemption
+from loong_jax.scheduler.plan import Plan, PrefillBatch, Preemption
 from tests.engine_fixtures import PAGE_SIZE, record_plans
 
 MAX_TOKENS = 6
@@ -153,3 +153,44 @@ def test_the_benchmark_reports_both_modes_side_by_side():
     uncached = {"ttft": [1.0, 1.0, 1.0], "tokens": [[1], [2], [3]], "hits": 0, "hit_rate": 0.0, "policy": "esp"}
     lines = script.report(cached, uncached, args)
     assert "13.3x lower" in lines[-2] and lines[-1].endswith("True")
+
+
+@pytest.mark.parametrize("keepers", [(5,), (5, 6, 7)])
+def test_a_suffix_kept_on_other_instances_than_its_prefix_matches_the_reference(shared_llm, reference, keepers):
+    """The prefix lives on one instance; the suffix's KV is kept on `keepers` only (the prefix's instance
+    joins the ring to serve its cached pages and keeps nothing new), and the request then decodes over both
+    (multi-master decode)."""
+    shared_llm.set_policy("esp", warmup=False)
+    vocab = shared_llm.config.vocab_size
+    document = _document(vocab, seed=41 + len(keepers))
+    first, second = _questions(vocab, document, 2, seed=42)
+    _generate_and_check(shared_llm, reference, [first])
+    engine, policy = shared_llm.engine, shared_llm.engine.policy
+    scripted = []
+
+    class SuffixElsewhere:
+        """The policy, except that the hit's suffix is kept on `keepers` (a group around its prefix)."""
+
+        name = policy.name
+
+        def schedule(self, view):
+            for request in view.waiting:
+                if request.cached_tokens and not scripted:
+                    (home,) = request.cached_kv
+                    assert home not in keepers
+                    length = request.prefill_target - request.cached_tokens
+                    shares = [length // len(keepers) + (k < length % len(keepers)) for k in range(len(keepers))]
+                    batch = PrefillBatch((home, *keepers), (request.request_id,), ((request.cached_tokens, length),),
+                                         (tuple((i, n) for i, n in zip(keepers, shares) if n),))
+                    scripted.append(batch)
+                    return Plan(prefills=(batch,))
+            return policy.schedule(view)
+
+        def __getattr__(self, attribute):
+            return getattr(policy, attribute)
+
+    engine.core.policy = SuffixElsewhere()
+    _generate_and_check(shared_llm, reference, [second])
+    (batch,) = scripted
+    assert batch.group[0] not in batch.kept_instances and batch.chunks[0][0] == len(document)
+    _check_pages(shared_llm)

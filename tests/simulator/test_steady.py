@@ -12,7 +12,7 @@ from loong_jax.scheduler.policy import PolicySpec
 from loong_jax.simulator.metrics import RequestRecord, SloSpec, slo_met
 from loong_jax.simulator.run import simulate
 from loong_jax.simulator.steady import (GROWTH_MIN_REQUESTS, SteadyPoint, backlog_is_growing, backlog_trend,
-                                        capacity_bound, outstanding, search_sustainable_rate, simulate_steady,
+                                        capacity_bound, outstanding, request_work, search_sustainable_rate, simulate_steady,
                                         steady_window)
 from loong_jax.simulator.workloads import RequestSpec, make_workload
 from tests.simulator.test_sim_executor import OnePerInstance, cost_model
@@ -83,6 +83,18 @@ def test_capacity_bound_by_hand():
     expected = prompt + generation + fixed
     assert instance_seconds_lower_bound(model, 1000, 3) == pytest.approx(expected)
     assert capacity_bound([request, request], model, num_instances=4) == pytest.approx(4 / expected)
+
+
+def test_a_question_on_a_cached_document_weighs_its_suffix_in_the_bound_and_the_backlog():
+    model = cost_model()
+    page = model.page_size
+    first, second = (RequestSpec(k, float(k), 10 * page + 7, 3, document=5, document_len=10 * page) for k in range(2))
+    other = RequestSpec(2, 2.0, 10 * page + 7, 3, document=6, document_len=10 * page)
+    whole, suffix = (instance_seconds_lower_bound(model, 10 * page + 7, 3, cached) for cached in (0, 10 * page))
+    # Arrival order decides which question computes the document, whatever the list order.
+    assert request_work([second, other, first], model).tolist() == pytest.approx([suffix, whole, whole])
+    assert request_work([second, other, first], model, prefix_cache=False).tolist() == pytest.approx([whole] * 3)
+    assert capacity_bound([first, second], model, 4) == pytest.approx(4 * 2 / (whole + suffix))
 
 
 def test_steady_runs_below_and_above_capacity():
