@@ -11,7 +11,9 @@ Data flow:
      come; the last one has `finished=True`.
   3. `await engine.abort(request_id)` (or leaving the `async for` early) posts an abort: the engine frees
      the request's pages at its next iteration, or when the unit the request is part of returns (within one
-     step); `abort` returns once the pages are free.
+     step); `abort` returns once the pages are free and the request's final output has left the engine.
+     A stream left early stays registered (`_Stream.left`) until that final output comes, which is then
+     dropped: its id cannot be reused before, so an old request's output never reaches a new stream.
   4. `shutdown()` aborts what is left and stops the thread.
   5. `is_scheduled(request_id)`: the engine has begun the request (scheduled or already answered); a
      server counts its waiting queue with it, from the engine's state rather than from its own writes.
@@ -48,6 +50,8 @@ class EngineDeadError(RuntimeError):
 class _Stream:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
+    left: bool = False  # the consumer went away before the final output: outputs are dropped
+    ended: bool = False  # the final output (or an error) was handed over: nothing more will come
 
 
 class AsyncLLM:
@@ -58,7 +62,7 @@ class AsyncLLM:
         self._wakeup = threading.Event()
         self._streams: dict[str, _Stream] = {}
         self._unscheduled: set[str] = set()  # streams whose request the engine has not begun yet
-        self._aborts: dict[str, list[concurrent.futures.Future]] = {}
+        self._aborts: dict[str, list[tuple[concurrent.futures.Future, bool]]] = {}  # id -> (future, found)
         self._stopping = False
         self._dead: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="loong-jax-engine", daemon=True)
@@ -95,8 +99,11 @@ class AsyncLLM:
             if not finished:
                 self._post(("abort", request.request_id, None))
             with self._lock:
-                self._streams.pop(request.request_id, None)
-                self._unscheduled.discard(request.request_id)
+                if stream.ended:
+                    self._streams.pop(request.request_id, None)
+                    self._unscheduled.discard(request.request_id)
+                else:  # the engine still owes this id its final output: keep the id until it comes
+                    stream.left = True
 
     async def abort(self, request_id: str) -> bool:
         """Cancel a request; returns once its pages are free (False if it was not running)."""
@@ -193,7 +200,7 @@ class AsyncLLM:
             self._dead = error
             with self._lock:
                 streams = list(self._streams.values())
-                aborts = [f for futures in self._aborts.values() for f in futures]
+                aborts = [future for pending in self._aborts.values() for future, _ in pending]
             for stream in streams:
                 stream.loop.call_soon_threadsafe(stream.queue.put_nowait, error)
             for future in aborts:
@@ -210,10 +217,7 @@ class AsyncLLM:
         _, request_id, done = command
         running = engine.abort(request_id)
         if done is not None:
-            if running:
-                self._aborts.setdefault(request_id, []).append(done)
-            else:
-                done.set_result(False)
+            self._aborts.setdefault(request_id, []).append((done, running))  # resolved when the id is free
 
     def _note_scheduled(self, engine) -> None:
         with self._lock:
@@ -224,20 +228,29 @@ class AsyncLLM:
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         for output in outputs:
-            with self._lock:
-                self._unscheduled.discard(output.request_id)  # answered: begun (or refused, or finished)
-                stream = self._streams.get(output.request_id)
-            if stream is not None:
-                stream.loop.call_soon_threadsafe(stream.queue.put_nowait, output)
+            self._hand_over(output.request_id, output, output.finished)
 
     def _deliver_error(self, request_id: str, error: BaseException) -> None:
+        self._hand_over(request_id, error, True)
+
+    def _hand_over(self, request_id: str, item: RequestOutput | BaseException, final: bool) -> None:
+        """Queue an output (or an error) for the request's stream; a left stream's final item frees its id."""
         with self._lock:
-            self._unscheduled.discard(request_id)
+            self._unscheduled.discard(request_id)  # answered: begun (or refused, or finished)
             stream = self._streams.get(request_id)
-        if stream is not None:
-            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, error)
+            if stream is None:
+                return
+            stream.ended = stream.ended or final
+            if stream.left:
+                if final:
+                    del self._streams[request_id]
+                return
+        stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
 
     def _resolve_aborts(self, engine) -> None:
-        for request_id in [r for r in self._aborts if not engine.is_running(r)]:
-            for future in self._aborts.pop(request_id):
-                future.set_result(True)
+        """An abort returns once the engine no longer runs the request and its final output has left."""
+        with self._lock:
+            owed = {r for r, stream in self._streams.items() if not stream.ended}
+        for request_id in [r for r in self._aborts if not engine.is_running(r) and r not in owed]:
+            for future, found in self._aborts.pop(request_id):
+                future.set_result(found)

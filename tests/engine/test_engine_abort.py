@@ -137,3 +137,36 @@ async def _until_idle(async_llm, timeout_s: float = 30.0):
     while async_llm.llm.engine.has_unfinished() or async_llm.llm.executor.in_flight:
         assert loop.time() < deadline, "engine did not become idle"
         await asyncio.sleep(0.01)
+
+
+def test_an_id_reused_right_after_its_stream_was_left_gets_its_own_tokens(async_llm, reference):
+    """The server's release path, many times over: a consumer leaves a stream early, waits for the abort
+    (`AsyncLLM.abort`), and the same id is sent again at once. The old request's final "abort" output must
+    never reach the new stream (it once ended the new request with no token), and the id must be free
+    again as soon as the abort returned."""
+    prompts = mixed_prompts(async_llm.llm.config.vocab_size, count=2, seed=12)
+    long = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)
+    short = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    expected = reference(prompts[1], short.max_tokens, eos_token_ids=())[0]
+
+    async def leave_then_reuse(request_id: str, leave_after: int):
+        stream = async_llm.generate(prompts[0], long, request_id)
+        deltas = 0
+        async for _ in stream:
+            deltas += 1
+            if deltas == leave_after:
+                break
+        await stream.aclose()
+        await async_llm.abort(request_id)
+        merged = None
+        async for delta in async_llm.generate(prompts[1], short, request_id):
+            merged = delta if merged is None else merged.merged(delta)
+        return merged
+
+    for attempt in range(8):
+        output = asyncio.run(leave_then_reuse(f"reused-{attempt % 2}", leave_after=1 + attempt % 3))
+        assert output.finished and output.outputs[0].finish_reason == "length", attempt
+        assert output.outputs[0].token_ids == expected, attempt
+    asyncio.run(_until_idle(async_llm))
+    assert not async_llm._streams
+    async_llm.llm.engine.check_all_free()

@@ -155,6 +155,31 @@ def test_cancel_and_deadline_abort_the_request(client, engine_port):
     assert client.complete(PROMPTS[0], max_tokens=2, temperature=0).finish_reason == "length"
 
 
+
+def test_an_id_reused_right_after_a_cancel_is_refused_or_answered_in_full(client, reference_llm, engine_port):
+    """A client cancels a stream and sends the same request_id again at once, many times: the new call is
+    refused with ALREADY_EXISTS while the old request is being released, or answered in full; the old
+    request's "abort" never ends the new call (it once ended OK with no token)."""
+    expected = _reference(reference_llm, PROMPTS[0], max_tokens=4, temperature=0.0).outputs[0].token_ids
+    answered = 0
+    for attempt in range(6):
+        request_id = f"reused-after-cancel-{attempt % 2}"
+        stream = client.generate(PROMPTS[1], request_id=request_id, max_tokens=300, temperature=0, ignore_eos=True)
+        next(iter(stream))
+        stream.cancel()
+        for _ in range(50):
+            try:
+                completion = client.complete(PROMPTS[0], request_id=request_id, max_tokens=4, temperature=0)
+            except grpc.RpcError as err:
+                assert err.code() == grpc.StatusCode.ALREADY_EXISTS, err
+                time.sleep(0.02)
+                continue
+            assert completion.finish_reason == "length" and list(completion.token_ids) == expected, attempt
+            answered += 1
+            break
+    assert answered == 6
+    wait_pages_free(engine_port)
+
 def test_message_size_limit_and_malformed_messages(client, server):
     with pytest.raises(grpc.RpcError) as err:
         client.complete("x" * (300 * 1024), max_tokens=1)  # the fixture's server takes 256 KiB
