@@ -56,6 +56,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     engine.add_argument("--page-size", type=int, default=16, help="tokens per KV page")
     engine.add_argument("--kv-pages", type=int, default=None, help="KV pages per instance (default: from memory)")
     engine.add_argument("--dtype", default=None, choices=("float32", "bfloat16"), help="override the checkpoint dtype")
+    engine.add_argument("--no-scan-layers", action="store_true",
+                        help="one copy of the layer code per layer in every program (default: the layers run "
+                             "under one scan over stacked weights, so compile time does not grow with depth)")
     engine.add_argument("--compilation-cache-dir", default=None, help="JAX persistent compilation cache folder")
     engine.add_argument("--no-warmup", action="store_true", help="compile programs on demand only")
     engine.add_argument("--no-async-scheduling", action="store_true",
@@ -118,6 +121,7 @@ def engine_kwargs_from_args(args: argparse.Namespace) -> dict:
                   kv_pages=args.kv_pages, policy=args.policy.name, policy_options=dict(args.policy.options) or None,
                   prefill_degree=args.prefill_degree,
                   decode_degree=args.decode_degree, dtype=args.dtype, warmup=not args.no_warmup,
+                  scan_layers=False if args.no_scan_layers else None,
                   async_scheduling=not args.no_async_scheduling,
                   cpu_devices=args.cpu_devices, prefix_caching=not args.no_prefix_cache,
                   prefix_cache_fraction=args.prefix_cache_fraction)

@@ -90,6 +90,7 @@ class EngineConfig:
     _: dataclasses.KW_ONLY
     tokenizer: Tokenizer | str | Path | None = None
     dtype: str | None = None
+    scan_layers: bool | None = None  # a checkpoint's layers under one lax.scan (None: yes); False: unrolled
     devices: Sequence[Any] | None = None  # jax.Device; None = every device JAX sees
     policy_options: dict | None = None
     cost_model: CostModel | str | Path | None = None
@@ -151,7 +152,7 @@ def build_engine_parts(config: EngineConfig) -> EngineParts:
     cache_dir = enable_persistent_cache(config.compilation_cache_dir)  # JAX's cache is global: first one wins
     topology = build_topology(config.devices, config.tp, config.instances)
     tokenizer = load_tokenizer(config.model, config.tokenizer)
-    model = load_checkpoint(config.model, config.dtype)
+    model = load_checkpoint(config.model, config.dtype, config.scan_layers)
     clock = LogicalClock() if config.deterministic else time.monotonic
     pages = config.kv_pages or default_kv_pages(model.config, topology, config.page_size, config.kv_memory_fraction)
     session, broadcast, follower_channel = None, None, None
@@ -208,13 +209,15 @@ def load_tokenizer(model, tokenizer) -> Tokenizer:
     return tokenizer if isinstance(tokenizer, Tokenizer) else Tokenizer.from_dir(tokenizer)
 
 
-def load_checkpoint(model, dtype: str | None) -> LlamaForCausalLM:
+def load_checkpoint(model, dtype: str | None, scan_layers: bool | None = None) -> LlamaForCausalLM:
     """An in-memory model as it is, or the checkpoint folder (None: the shipped demo model) loaded."""
     if isinstance(model, LlamaForCausalLM):
         if dtype is not None and dtype != model.config.dtype:
             raise ValueError("dtype cannot be changed for an in-memory model")
+        if scan_layers is not None and scan_layers != model.config.scan_layers:
+            raise ValueError("scan_layers cannot be changed for an in-memory model")
         return model
-    loaded, _ = load_hf_checkpoint(resolve_model_path(model), dtype)
+    loaded, _ = load_hf_checkpoint(resolve_model_path(model), dtype, scan_layers=scan_layers is not False)
     return loaded
 
 

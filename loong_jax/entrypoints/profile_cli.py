@@ -109,7 +109,7 @@ def profile_main(argv: Sequence[str] | None = None, stdout=None) -> int:
     try:
         config = EngineConfig(args.model, args.tp, args.instances, args.page_size, args.kv_pages, dtype=args.dtype)
         topology = build_topology(config.devices, config.tp, config.instances)
-        executor = build_executor(config, load_checkpoint(config.model, config.dtype), topology)
+        executor = build_executor(config, load_checkpoint(config.model, config.dtype, config.scan_layers), topology)
         degrees = degrees_for(executor.num_instances, degrees)
     except (ValueError, FileNotFoundError) as error:
         print(f"loong-jax profile: error: {error}", file=sys.stderr)

@@ -123,6 +123,9 @@ def test_cli_generate_streams_to_stdout(checkpoint_dir, compile_cache_dir, llm, 
     out = io.StringIO()
     assert generate_main(flags, stdout=out, stdin=io.StringIO(prompt)) == 0  # prompt from stdin
     assert out.getvalue() == expected + "\n"
+    out = io.StringIO()
+    assert generate_main([prompt, "--no-scan-layers"] + flags, stdout=out) == 0  # one layer module per layer
+    assert out.getvalue() == expected + "\n"
     with pytest.raises(SystemExit):
         generate_main([prompt, "--temperature", "-2"])  # refused before any model is loaded
     assert main([]) == 2  # no command: help
@@ -144,3 +147,14 @@ def test_engine_config_is_what_llm_takes_and_is_checked_when_made(llm):
         EngineConfig(kv_pages=0)
     with pytest.raises(ValueError, match="not both"):
         LLM(engine_config=EngineConfig(), tp=2)
+
+
+
+def test_scan_layers_option_loads_a_checkpoint_either_way(checkpoint_dir):
+    from loong_jax.entrypoints.engine_config import load_checkpoint
+
+    scanned, unrolled = load_checkpoint(checkpoint_dir, None), load_checkpoint(checkpoint_dir, None, False)
+    assert scanned.config.scan_layers and not unrolled.config.scan_layers
+    assert load_checkpoint(scanned, None, True) is scanned
+    with pytest.raises(ValueError, match="scan_layers cannot be changed"):
+        load_checkpoint(scanned, None, False)
