@@ -106,7 +106,8 @@ class AsyncLLM:
                     stream.left = True
 
     async def abort(self, request_id: str) -> bool:
-        """Cancel a request; returns once its pages are free (False if it was not running)."""
+        """Cancel a request; returns once its pages are free and its final output has left the engine, so its
+        id may be used again (False if it was not running)."""
         self._check_alive()
         done: concurrent.futures.Future = concurrent.futures.Future()
         self._post(("abort", request_id, done))
