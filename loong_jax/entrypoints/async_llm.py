@@ -192,6 +192,7 @@ class AsyncLLM:
                     self._note_scheduled(engine)
                     self._resolve_aborts(engine)
                 elif stopping:
+                    self._resolve_aborts(engine, every=True)  # nothing runs any more: no caller waits forever
                     return
                 else:
                     self._resolve_aborts(engine)
@@ -248,10 +249,10 @@ class AsyncLLM:
                 return
         stream.loop.call_soon_threadsafe(stream.queue.put_nowait, item)
 
-    def _resolve_aborts(self, engine) -> None:
+    def _resolve_aborts(self, engine, every: bool = False) -> None:
         """An abort returns once the engine no longer runs the request and its final output has left."""
         with self._lock:
-            owed = {r for r, stream in self._streams.items() if not stream.ended}
+            owed = set() if every else {r for r, stream in self._streams.items() if not stream.ended}
         for request_id in [r for r in self._aborts if not engine.is_running(r) and r not in owed]:
             for future, found in self._aborts.pop(request_id):
                 future.set_result(found)
