@@ -2,15 +2,18 @@
 and which prompt blocks running prefills are computing.
 
 `EngineState` holds one `PrefixHits` (over its allocator's `PrefixCache`) and calls it at these points:
-  1. `view`: `refresh(request)` for every waiting request (a lookup only when the cache changed since the
-     request's last one) sets its `cached_tokens`, `cached_kv` and `cached_pins`; `schedulable(waiting)`
-     holds back a request whose uncached prompt is at least half being computed already (by a running
-     prefill, or first by an earlier waiting request with the same start), so a document's questions sent
-     together compute it once.
+  1. `view`: `visible(waiting, version)` runs `refresh(request)` for every waiting request (a lookup only
+     when the cache changed since the request's last one), which sets its `cached_tokens`, `cached_kv` and
+     `cached_pins`, then `schedulable(waiting)`, which holds back a request whose uncached prompt is at
+     least half being computed already (by a running prefill, or first by an earlier waiting request with
+     the same start), so a document's questions sent together compute it once. Both walk the whole queue,
+     so their answer is kept until the queue, the cache or the blocks being computed change (a step that
+     only decodes changes none of them).
   2. `check_plan`: `usable_hit(request, start, group)` re-checks a prefill that starts at a cached length.
   3. A prefill starts: `count_query(request, start)` (hit statistics) and `track_computing(request, True)`;
      it ends, is preempted or the request finishes: `track_computing(request, False)`.
-  4. `check_invariants(requests)` (tests): the counted blocks are recounted from the requests.
+  4. `check_invariants(requests, waiting, version)` (tests): the counted blocks are recounted from the
+     requests, and the kept `visible` answer is compared with a fresh one.
 """
 
 from __future__ import annotations
@@ -25,15 +28,30 @@ class PrefixHits:
         self.cache = cache
         self.page_size = page_size
         self._computing: dict[BlockHash, int] = {}  # blocks of the prompts whose prefill runs -> how many
+        self._computing_version = 0
+        self._visible_key: tuple | None = None  # (queue version, cache version, computing version) of:
+        self._visible: tuple = ()
 
-    def check_invariants(self, requests) -> None:
-        """The blocks counted as being computed are exactly those of the prefilling requests that count them."""
+    def check_invariants(self, requests, waiting: list, waiting_version: int) -> None:
+        """The blocks counted as being computed are exactly those of the prefilling requests that count them,
+        and the kept `visible` answer, while its key holds, is what computing it afresh gives."""
+        if self._visible_key == (waiting_version, self.cache.version, self._computing_version):
+            assert self._visible == self.schedulable(waiting), "kept waiting view is stale"
         computing: dict[BlockHash, int] = {}
         for request in requests:
             assert not request.computing_prefix or request.status == PREFILLING, f"{request.request_id!r} computing"
             for key in request.block_hashes if request.computing_prefix else ():
                 computing[key] = computing.get(key, 0) + 1
         assert computing == self._computing, "prompt blocks counted as being computed disagree"
+
+    def visible(self, waiting: list, waiting_version: int) -> tuple:
+        """The waiting requests the policy sees, each refreshed (see the module docstring, step 1)."""
+        key = (waiting_version, self.cache.version, self._computing_version)
+        if key != self._visible_key:
+            for request in waiting:
+                self.refresh(request)
+            self._visible, self._visible_key = self.schedulable(waiting), key
+        return self._visible
 
     def refresh(self, request) -> tuple[tuple[int, int], ...]:
         """Look the waiting request's prompt up (again, if the cache changed) and set its view fields."""
@@ -82,6 +100,7 @@ class PrefixHits:
         if running == request.computing_prefix or not request.block_hashes:
             return
         request.computing_prefix = running
+        self._computing_version += 1
         computing = self._computing
         for key in request.block_hashes:
             if running:

@@ -80,6 +80,7 @@ class EngineState:
         self.page_size = page_size
         self.requests: dict[RequestId, RequestState] = {}
         self._waiting: list[RequestState] = []  # sorted by seq
+        self._waiting_version = 0  # changes with every insertion or removal (what `view` caches against)
         self.prefilling: dict[RequestId, RequestState] = {}
         self.decoding: dict[RequestId, RequestState] = {}
         self.finished: dict[RequestId, RequestState] = {}
@@ -127,6 +128,7 @@ class EngineState:
         self._next_seq += 1
         self.requests[request_id] = request
         self._waiting.append(request)
+        self._waiting_version += 1
         return request
 
     @property
@@ -163,15 +165,13 @@ class EngineState:
 
     # -- what the policy sees -----------------------------------------------------------------------------------
     def view(self, cost_model, now: float = 0.0, **options) -> SchedulerView:
-        for request in self._waiting:
-            self.prefix_hits.refresh(request)
         instances = tuple(
             InstanceView(i, self.allocator.num_pages(i), self.allocator.pages_free(i), self._busy[i] is not None,
                          self._busy_until[i])
             for i in range(self.num_instances)
         )
         return SchedulerView(
-            instances=instances, waiting=self.prefix_hits.schedulable(self._waiting),
+            instances=instances, waiting=self.prefix_hits.visible(self._waiting, self._waiting_version),
             decoding=tuple(self.decoding.values()),
             prefilling=tuple(self.prefilling.values()), page_size=self.page_size, cost_model=cost_model, now=now,
             **options,
@@ -351,6 +351,7 @@ class EngineState:
         if index >= len(self._waiting) or self._waiting[index] is not request:
             raise PlanError(f"request {request.request_id!r} is not waiting")
         del self._waiting[index]
+        self._waiting_version += 1
 
     def _preempt(self, request: RequestState) -> None:
         self.prefix_hits.track_computing(request, False)
@@ -363,6 +364,7 @@ class EngineState:
         request.num_preemptions += 1
         self.counters["preemptions"] += 1
         bisect.insort(self._waiting, request, key=lambda r: r.seq)
+        self._waiting_version += 1
 
     def _finish(self, request: RequestState, reason: str, now: float) -> None:
         self.prefix_hits.track_computing(request, False)
@@ -389,7 +391,7 @@ class EngineState:
                 assert request.num_computed == request.context_len - 1, f"{request_id!r}: decode KV count"
         units = {u for u in self._busy if u is not None}
         assert units == set(self._in_flight), "busy instances and in-flight units disagree"
-        self.prefix_hits.check_invariants(self.requests.values())
+        self.prefix_hits.check_invariants(self.requests.values(), self._waiting, self._waiting_version)
 
 
 def make_state_for(cost_model, num_instances: int, prefix_cache: PrefixCacheOptions | None = None) -> EngineState:
