@@ -83,6 +83,14 @@ class KVAllocator:
         """Pages an allocation can take: free ones and idle cached ones (evicted on demand)."""
         return len(self._free[instance]) + self.prefix_cache.num_idle(instance)
 
+    @property
+    def pages_per_instance(self) -> tuple[int, ...]:
+        return tuple(self._num_pages)
+
+    def pages_free_per_instance(self) -> list[int]:
+        """`pages_free` of every instance, in instance order (one call where a view needs them all)."""
+        return [len(free) + idle for free, idle in zip(self._free, self.prefix_cache.idle_counts())]
+
     def pages_used(self, instance: int) -> int:
         """Pages some request holds (idle cached pages count as free)."""
         return self._num_pages[instance] - self.pages_free(instance)

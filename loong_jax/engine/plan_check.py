@@ -104,8 +104,7 @@ def check_plan(state, plan: Plan, units: list[WorkUnit]) -> dict[RequestId, tupl
         # an idle cached page (only the cache holds it, after this plan's preemptions) leaves the free pool
         if refcount(instance, page) - released_by_preemption.get((instance, page), 0) == 1:
             needed[instance] += 1
-    for instance in range(state.num_instances):
-        available = state.allocator.pages_free(instance) + freed[instance]
-        if needed[instance] > available:
-            raise PlanError(f"instance {instance}: plan needs {needed[instance]} pages, {available} available")
+    for instance, need in enumerate(needed):
+        if need and need > (available := state.allocator.pages_free(instance) + freed[instance]):
+            raise PlanError(f"instance {instance}: plan needs {need} pages, {available} available")
     return hits

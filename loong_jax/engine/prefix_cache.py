@@ -115,6 +115,9 @@ class PrefixCache:
     def num_idle(self, instance: int) -> int:
         return len(self._idle[instance])
 
+    def idle_counts(self) -> list[int]:
+        return [len(idle) for idle in self._idle]
+
     def is_idle(self, instance: int, page: int) -> bool:
         return page in self._idle[instance]
 

@@ -165,11 +165,9 @@ class EngineState:
 
     # -- what the policy sees -----------------------------------------------------------------------------------
     def view(self, cost_model, now: float = 0.0, **options) -> SchedulerView:
-        instances = tuple(
-            InstanceView(i, self.allocator.num_pages(i), self.allocator.pages_free(i), self._busy[i] is not None,
-                         self._busy_until[i])
-            for i in range(self.num_instances)
-        )
+        instances = tuple(map(InstanceView, range(self.num_instances), self.allocator.pages_per_instance,
+                              self.allocator.pages_free_per_instance(), [u is not None for u in self._busy],
+                              self._busy_until))
         return SchedulerView(
             instances=instances, waiting=self.prefix_hits.visible(self._waiting, self._waiting_version),
             decoding=tuple(self.decoding.values()),
