@@ -149,10 +149,14 @@ def test_the_benchmark_reports_both_modes_side_by_side():
     questions = script.questions_on(document, 3, 100, seed=0)
     assert all(q[:20] == document and 16 <= len(q) - 20 <= 40 for q in questions)
     args = argparse.Namespace(questions=3, document_tokens=20, page_size=16, max_tokens=2)
-    cached = {"ttft": [1.0, 0.1, 0.05], "tokens": [[1], [2], [3]], "hits": 2, "hit_rate": 0.8, "policy": "esp"}
-    uncached = {"ttft": [1.0, 1.0, 1.0], "tokens": [[1], [2], [3]], "hits": 0, "hit_rate": 0.0, "policy": "esp"}
+    groups, compiles = [(0, 1)] * 3, {"compiles": [0, 1, 0]}
+    cached = {"ttft": [1.0, 0.1, 0.05], "tokens": [[1], [2], [3]], "hits": 2, "hit_rate": 0.8, "policy": "esp",
+              "groups": groups, **compiles}
+    uncached = {"ttft": [1.0, 1.0, 1.0], "tokens": [[1], [2], [3]], "hits": 0, "hit_rate": 0.0, "policy": "esp",
+                "groups": groups, "compiles": [0, 0, 0]}
     lines = script.report(cached, uncached, args)
     assert "13.3x lower" in lines[-2] and lines[-1].endswith("True")
+    assert lines[3].endswith("(0, 1), 1 | (0, 1), 0")  # question 2: its group and compilations in both modes
 
 
 def test_a_suffix_kept_on_other_instances_than_its_prefix_matches_the_reference(shared_llm, reference):
