@@ -17,6 +17,8 @@ What it measures (CPU or GPU, one instance of one device by default):
      runs step n while the host schedules and dispatches step n+1, so "wait" is what the host still waits.
   4. `--timeline`: one more engine run with each unit's dispatch and completion timed: the device's idle
      time between units (0 when the next step is always queued in time) and its busy time per step.
+  5. How many decode programs had their inputs advanced from their group's last step instead of built
+     from scratch (`executor.decode_steps`; warm-up runs included).
 
 Run: `python benchmarks/engine_decode.py [--model DIR] [--batch 32] [--steps 64] [--prompt-len 64]`.
 Several processes (what one step's plan broadcast costs): the same command once per process with
@@ -253,6 +255,10 @@ def main(argv=None) -> int:
         timeline = device_timeline(llm, prompts, args.steps, sampling)
         print("device timeline, median ms per step: " + ", ".join(f"{k} {v:.2f}" for k, v in timeline.items()))
     stats = llm.stats()
+    kept = llm.executor.unit_inputs.decode_steps  # (`executor.decode_steps`; None: built every step)
+    if kept is not None:
+        print(f"{'decode inputs kept':>22}: {kept.advanced} of {stats.get('units_decode', 0)} decode programs "
+              "advanced from their group's last step (the rest built from scratch)")
     if stats.get("broadcast_steps"):  # several processes: what publishing each plan cost the leader
         print(f"{'plan broadcast':>22}: {1e3 * stats['broadcast_seconds'] / stats['broadcast_steps']:10.3f} ms "
               f"per step on the leader's path (+ {1e3 * stats['broadcast_rpc_seconds'] / stats['broadcast_steps']:.3f} "

@@ -13,7 +13,8 @@ Data flow of one work unit:
   2. Device: ONE jitted program per unit (two when a chunked prefill rides in a decode step), forward and
      sampling fused (prefill, decode) or the slot move (migration), as `programs` defines each kind, taken
      from the `ProgramCache` by (kind, group, bucket), which compiles with `programs.lowering`. The group's
-     pool is assembled from the members' pools without a copy and donated, so KV is updated in place; the members get their buffers back (`split_group_pool`) at once.
+     pool (`instance_pools.InstancePools`: the members' pools viewed as one, or the group's last pool kept
+     whole) is donated, so KV is updated in place.
      Dispatch is asynchronous: programs on disjoint groups run side by side, and a unit whose program is
      still compiling waits in the background while the others run.
   3. `wait_next()` returns the units that finished first, each with ONE small device->host transfer: the
@@ -44,8 +45,9 @@ from loong_jax.executor.program_cache import ProgramCache, ProgramKey
 from loong_jax.executor.programs import ProgramContext, lowering
 from loong_jax.sampling.batch import PLAIN_GREEDY, unpack_sampler_output
 from loong_jax.scheduler.plan import DecodeBatch, MigrationBatch, Plan, PrefillBatch, RequestId, WorkUnit
-from loong_jax.sharding.kv_pool import PoolShape, assemble_group_pool, create_pool, split_group_pool
+from loong_jax.sharding.kv_pool import PoolShape, create_pool
 from loong_jax.sharding.topology import Topology, group_params, place_params
+from loong_jax.executor.instance_pools import InstancePools
 from loong_jax.executor.unit_inputs import Buckets, ProgramCall, UnitInputs
 from loong_jax.executor.pending_tokens import PendingTokens, TokenSource
 from loong_jax.executor.protocol import PlanBroadcast, StepInputs, UnitResult
@@ -99,8 +101,9 @@ class JaxExecutor:
         self.pool_shape = PoolShape.for_model(self.config, pages_per_instance, page_size)
         self.broadcast = broadcast
         # Each process holds the pools of its own instances only (None: another process's instance).
-        self.pools = [create_pool(self.pool_shape, topology, i) if i in topology.local_instances else None
-                      for i in range(topology.num_instances)]
+        self.pools = InstancePools(topology, [create_pool(self.pool_shape, topology, i)
+                                              if i in topology.local_instances else None
+                                              for i in range(topology.num_instances)])
         self.programs = program_cache or ProgramCache(lowering(ProgramContext(
             graphdef, topology, self.params, self.pool_shape, self.attention_impl)))
         self._group_params: dict[tuple[int, ...], Any] = {}
@@ -323,7 +326,7 @@ class JaxExecutor:
                 decode, sampling = inputs
                 tokens = self.pending.feed(group, decode.tokens, launch.fed[index], self._outputs_of)
                 inputs = (dataclasses.replace(decode, tokens=tokens), sampling)
-            pool = assemble_group_pool([self.pools[i] for i in group], self.topology.group_mesh(group))
+            pool = self.pools.take(group)
             if part.key.kind == "migrate":
                 pool = program(pool, *inputs)
                 outputs.append(pool)
@@ -333,9 +336,7 @@ class JaxExecutor:
                     output = output.addressable_data(0)  # replicated tokens is the whole of them
                 output.copy_to_host_async()  # the program's one device->host transfer starts when it can
                 outputs.append(output)
-            for instance, member_pool in zip(group, split_group_pool(pool, self.topology, group)):
-                if member_pool is not None:
-                    self.pools[instance] = member_pool
+            self.pools.put(group, pool)
             self.counters[part.key.kind] += 1
         launch.outputs = outputs
         self._running.append(_Running(launch, outputs))

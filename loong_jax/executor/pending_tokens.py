@@ -56,7 +56,7 @@ class PendingTokens:
     def __init__(self, topology: Topology):
         self.topology = topology
         self._sources: dict[RequestId, dict[int, TokenSource]] = {}  # request -> output index -> source
-        self._feeders: dict[tuple[int, ...], Callable] = {}  # group -> jitted `_gather_pending`
+        self._feeders: dict[tuple[int, ...], tuple] = {}  # group -> (jitted `_gather_pending`, mesh, devices)
         self.counters = Counter()  # pending tokens "fed_on_device" and "read_on_host"
 
     def record(self, launch, step: StepInputs) -> None:
@@ -111,21 +111,27 @@ class PendingTokens:
     def feed(self, group: tuple[int, ...], tokens: np.ndarray, rows: Mapping[int, TokenSource],
              outputs: Callable[[Any], Sequence[jax.Array]]) -> jax.Array:
         """A decode program's token input with its pending rows (row -> source) gathered on the device."""
-        mesh = self.topology.group_mesh(group)
-        arrays, source_ids = [], np.full(tokens.shape, -1, np.int32)
-        source_rows = np.zeros(tokens.shape, np.int32)
+        arrays, index_of, fed_rows, fed_from = [], {}, [], []  # (index_of: (launch, program) -> k)
         for row, source in rows.items():
-            array = outputs(source.launch)[source.program]
-            k = next((k for k, seen in enumerate(arrays) if seen is array), len(arrays))
-            if k == len(arrays):
-                arrays.append(array)
-            source_ids[row], source_rows[row] = k, source.row
-        on_group = set(mesh.devices.flat)
+            k = index_of.get((source.launch, source.program))
+            if k is None:
+                k = index_of[source.launch, source.program] = len(arrays)
+                arrays.append(outputs(source.launch)[source.program])
+            fed_rows.append(row)
+            fed_from.append((k, source.row))
+        source_ids, source_rows = np.full(tokens.shape, -1, np.int32), np.zeros(tokens.shape, np.int32)
+        source_ids[fed_rows], source_rows[fed_rows] = np.asarray(fed_from, np.int32).T
+        feeder, mesh, on_group = self._feeder(group)
         arrays = [array if array.sharding.device_set == on_group  # else copied over, device to device
                   else jax.device_put(array, NamedSharding(mesh, REPLICATED_SPEC)) for array in arrays]
         self.counters["fed_on_device"] += len(rows)
+        return feeder(tokens, source_ids, source_rows, tuple(arrays))
+
+    def _feeder(self, group: tuple[int, ...]) -> tuple[Callable, Any, set]:
+        """The group's jitted `_gather_pending`, its mesh and its devices."""
         feeder = self._feeders.get(group)
         if feeder is None:
-            sharding = NamedSharding(mesh, BY_MEMBER_SPEC)
-            feeder = self._feeders[group] = jax.jit(_gather_pending, out_shardings=sharding)
-        return feeder(tokens, source_ids, source_rows, tuple(arrays))
+            mesh = self.topology.group_mesh(group)
+            gather = jax.jit(_gather_pending, out_shardings=NamedSharding(mesh, BY_MEMBER_SPEC))
+            feeder = self._feeders[group] = (gather, mesh, set(mesh.devices.flat))
+        return feeder

@@ -12,6 +12,8 @@ Data flow, per unit (`UnitInputs.prefill` / `decode` / `migration` -> `ProgramCa
      slot of its KV on the master (allocated by `state.on_dispatched`), and every member's pages and token
      counts of the request, flattened per member into the ragged page entries the batch holds there
      (`layout_decode_batch`; the bucket counts the busiest member's pages, not batch x longest request).
+     When the group's last decode step ran the same requests and each only moved on by one token, its
+     inputs are advanced instead of rebuilt (`decode_steps.DecodeSteps`: same arrays, less host work).
   3. MigrationBatch: the unit's migration tickets give, for every moved token, its slot on the source and its
      slot on the destination (a share appended after the destination's own tokens may start mid-page).
   4. Each request that samples gets its `SamplingRow` at its output row (padding rows are greedy); the
@@ -28,6 +30,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from loong_jax.executor.decode_steps import DecodeSteps
 from loong_jax.executor.program_cache import ProgramKey
 from loong_jax.executor.protocol import MigrationTicket, RequestInputs
 from loong_jax.sampling.batch import (GreedyBatch, SamplingBatch, SamplingRow, SamplingSignature, greedy_batch,
@@ -78,8 +81,12 @@ def _flat_slots(pages: Sequence[int], first: int, count: int, page_size: int) ->
 class UnitInputs:
     """Builds `ProgramCall`s from plan units and the `RequestInputs` of their requests (numpy only)."""
 
-    def __init__(self, buckets: Buckets, page_size: int, vocab_size: int, eos_token_ids: Sequence[int]):
+    def __init__(self, buckets: Buckets, page_size: int, vocab_size: int, eos_token_ids: Sequence[int],
+                 keep_decode_steps: bool = True):
+        """keep_decode_steps: advance each group's last decode inputs when only its tokens moved on
+        (`decode_steps`); False builds every step from scratch (what the tests compare it with)."""
         self.buckets = buckets
+        self.decode_steps = DecodeSteps(page_size) if keep_decode_steps else None
         self.page_size = page_size
         self.vocab_size = vocab_size
         self.eos_token_ids = tuple(eos_token_ids)
@@ -154,7 +161,40 @@ class UnitInputs:
         return ProgramCall(key, (inputs, context, sampling), sampled, rows)
 
     def decode(self, batch: DecodeBatch, request_inputs: Mapping[RequestId, RequestInputs]) -> ProgramCall:
-        """One multi-master decode step: each request in its master's block of rows."""
+        """One multi-master decode step: each request in its master's block of rows (advanced from the
+        group's last step when only the requests' tokens moved on: `decode_steps`)."""
+        b, members = self.buckets, len(batch.group)
+        advanced = None if self.decode_steps is None else self.decode_steps.advance(batch, request_inputs)
+        if advanced is not None:
+            host, kept_sampling = advanced
+            most_pages = int(np.count_nonzero(host.entry_tokens, axis=1).max())
+            batch_local, member_pages = len(host.tokens) // members, host.entry_rows.shape[1]
+            if b.round(most_pages, b.decode_batch * b.decode_pages) != member_pages:  # (it cannot shrink)
+                advanced = None
+        if advanced is None:
+            host, batch_local, member_pages, most_pages = self._decode_layout(batch, request_inputs)
+            kept_sampling = None
+        sampling_rows = [PADDING_ROW] * (members * batch_local)
+        for request_id, row in zip(batch.request_ids, host.rows):
+            sampling_rows[row] = request_inputs[request_id].sampling
+        if kept_sampling is not None:
+            sampling, signature = kept_sampling
+        else:
+            sampling, signature = self._sampling(sampling_rows, members * batch_local)
+            if self.decode_steps is not None and advanced is None:
+                self.decode_steps.store(batch, request_inputs, host, sampling, signature, sampling_rows)
+            elif self.decode_steps is not None:
+                self.decode_steps.sampling_built(batch.group, sampling, signature, sampling_rows)
+        key = ProgramKey("decode", batch.group, (batch_local, member_pages, signature))
+        grown = None
+        if 4 * most_pages > 3 * member_pages:  # requests grow: the next page bucket will be needed soon
+            grown = ProgramKey("decode", batch.group, (batch_local, 2 * member_pages, signature))
+        return ProgramCall(key, (host.inputs(), sampling), list(zip(batch.request_ids, host.rows)), sampling_rows,
+                           grown)
+
+    def _decode_layout(self, batch: DecodeBatch, request_inputs: Mapping[RequestId, RequestInputs]):
+        """The decode batch's rows and page entries built from scratch: (layout, rows per member, page
+        entries per member (bucket), page entries of the busiest member)."""
         group, page_size = batch.group, self.page_size
         member_of = {instance: m for m, instance in enumerate(group)}
         rows = []
@@ -176,17 +216,8 @@ class UnitInputs:
         most_pages = pages_held(rows, members, self.page_size)
         batch_local = b.round(busiest_master, b.decode_batch)
         member_pages = b.round(most_pages, b.decode_batch * b.decode_pages)
-        host = layout_decode_batch(rows, members, batch_local, member_pages, self.page_size)
-        inputs = host.inputs()
-        sampling_rows = [PADDING_ROW] * (members * batch_local)
-        for request_id, row in zip(batch.request_ids, host.rows):
-            sampling_rows[row] = request_inputs[request_id].sampling
-        sampling, signature = self._sampling(sampling_rows, members * batch_local)
-        key = ProgramKey("decode", group, (batch_local, member_pages, signature))
-        grown = None
-        if 4 * most_pages > 3 * member_pages:  # requests grow: the next page bucket will be needed soon
-            grown = ProgramKey("decode", group, (batch_local, 2 * member_pages, signature))
-        return ProgramCall(key, (inputs, sampling), list(zip(batch.request_ids, host.rows)), sampling_rows, grown)
+        return layout_decode_batch(rows, members, batch_local, member_pages, page_size), batch_local, \
+            member_pages, most_pages
 
     def migration(self, batch: MigrationBatch, tickets: Sequence[MigrationTicket]) -> ProgramCall:
         """Token slots to move from the source (member 0) to the destination (member 1)."""

@@ -20,6 +20,8 @@ shapes of either (`SamplingSignature`, part of the program key), and `abstract_s
 arrays a program is lowered with. The signature also carries `SamplerPaths` (`sampler_paths(rows)`): which
 of the sampler's optional stages any row needs, decided here on the host so that the sampler compiled for a
 GPU has no data-dependent branch (there each one would copy its predicate to the host and wait).
+`differs_next_step_in_steps_only` says when the next step's batch is this one with every step + 1 (what
+`executor.decode_steps` advances instead of packing the rows again).
 """
 
 from __future__ import annotations
@@ -247,6 +249,18 @@ def sampling_signature(rows: Sequence[SamplingRow], batch: SamplingBatch | Greed
     return SamplingSignature(batch.stop_token_ids.shape[1], batch.prompt_token_ids.shape[1],
                              batch.output_token_ids.shape[1], num_logprobs_columns(rows), False,
                              sampler_paths(rows))
+
+
+def differs_next_step_in_steps_only(batch: SamplingBatch | GreedyBatch, rows: Sequence[SamplingRow]) -> bool:
+    """Whether the batch of `rows` one token further on (the same parameters) is `batch` with each row's
+    `step` one higher and nothing else changed: no row masks its stop ids any more (min_tokens), reads a
+    token history (penalties) or draws a fresh seed every step (unseeded)."""
+    if np.any(batch.min_tokens > batch.step):
+        return False
+    if isinstance(batch, GreedyBatch):
+        return True
+    return (batch.prompt_token_ids.shape[1] == 1 and batch.output_token_ids.shape[1] == 1
+            and all(row.params.seed is not None for row in rows))
 
 
 def greedy_batch(rows: Sequence[SamplingRow], vocab_size: int, eos_token_ids: Sequence[int]) -> GreedyBatch:
