@@ -21,6 +21,9 @@ What it measures (CPU or GPU, one instance of one device by default):
      from scratch (`executor.decode_steps`; warm-up runs included).
 
 Run: `python benchmarks/engine_decode.py [--model DIR] [--batch 32] [--steps 64] [--prompt-len 64]`.
+A large model's shape with random weights (no checkpoint needed, e.g. on a bare GPU machine): `--shape
+llama2-7b` (bfloat16; the demo model's tokenizer and vocabulary, so every sampled id detokenizes; an
+H200 holds batch 32 x 4K of its KV, an H100 batch 16 x 4K).
 Several processes (what one step's plan broadcast costs): the same command once per process with
 `--cpu-devices 4 --coordinator 127.0.0.1:PORT --num-processes 2 --process-id I`; process 0 measures (its
 engine publishes every plan to the follower over JAX's coordination service; the decode instance is its
@@ -45,6 +48,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from loong_jax.executor.jax_executor import Buckets
+from loong_jax.entrypoints.cpu_devices import use_cpu_devices
 from loong_jax.entrypoints.engine_config import EngineConfig
 from loong_jax.entrypoints.llm import LLM
 from loong_jax.sampling.params import SamplingParams
@@ -52,6 +56,10 @@ from loong_jax.sharding.decode_program import DecodeInputs, DecodeRow, decode_fo
 from loong_jax.sharding.kv_pool import assemble_group_pool
 
 _COMPILING = re.compile(r"Compiling (\w+)")
+# Transformer shapes for `--shape` (the vocabulary and tokenizer stay the demo model's).
+SHAPES = {"llama2-7b": dict(hidden_size=4096, intermediate_size=11008, num_layers=32, num_heads=32, num_kv_heads=32,
+                            head_dim=128, rms_norm_eps=1e-5),
+          "tiny": dict(hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16)}
 
 
 class CompileCounter(logging.Handler):
@@ -181,9 +189,25 @@ def device_timeline(llm: LLM, prompts, steps: int, sampling=()) -> dict[str, flo
             "dispatch call": 1e3 * float(np.median([r[1] - r[0] for r in steady]))}
 
 
+def random_model(shape: str, context: int):
+    """A model of `shape` with random bfloat16 weights and the demo model's vocabulary."""
+    import dataclasses
+
+    from loong_jax.models.config import ModelConfig
+    from loong_jax.models.demo import resolve_model_path
+    from loong_jax.models.llama import init_model
+
+    demo = ModelConfig.from_json(resolve_model_path(None))
+    config = dataclasses.replace(demo, **SHAPES[shape], dtype="bfloat16", tie_word_embeddings=False,
+                                 max_position_embeddings=max(demo.max_position_embeddings, context))
+    return init_model(config, seed=0)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="checkpoint folder (default: the demo model)")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default=None,
+                        help="random bfloat16 weights of this shape instead of a checkpoint (see the docstring)")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--steps", type=int, default=64, help="tokens generated per request")
     parser.add_argument("--prompt-len", type=int, default=64)
@@ -206,7 +230,15 @@ def main(argv=None) -> int:
     pages = args.batch * math.ceil((args.prompt_len + args.steps) / args.page_size) + 8
     cluster = {"coordinator": args.coordinator, "num_processes": args.num_processes, "process_id": args.process_id}
     # instances=1: the first device of the cluster, process 0's device 0
-    config = EngineConfig(args.model, instances=1, page_size=args.page_size, kv_pages=pages, policy="fixed",
+    model, tokenizer = args.model, None
+    if args.shape is not None:
+        from loong_jax.models.demo import resolve_model_path
+
+        if args.model is not None:
+            parser.error("--shape builds its own model: give --model or --shape, not both")
+        use_cpu_devices(args.cpu_devices)  # before the weights are placed on a device
+        model, tokenizer = random_model(args.shape, args.prompt_len + args.steps), resolve_model_path(None)
+    config = EngineConfig(model, tokenizer=tokenizer, instances=1, page_size=args.page_size, kv_pages=pages, policy="fixed",
                           prefill_degree=1, decode_degree=1, progress=False, cpu_devices=args.cpu_devices,
                           buckets=Buckets(prefill_requests=args.batch, decode_batch=args.batch),
                           async_scheduling=not args.no_async_scheduling, **cluster)
@@ -238,7 +270,7 @@ def main(argv=None) -> int:
     pairs = [pairs[i] for i in order]
     device = jax.devices()[0]
     processes = f"; {jax.process_count()} processes, {jax.device_count()} devices" if config.cluster else ""
-    print(f"model: {args.model or 'demo'} ({llm.config.num_layers} layers, hidden {llm.config.hidden_size}, "
+    print(f"model: {args.shape or args.model or 'demo'} ({llm.config.num_layers} layers, hidden {llm.config.hidden_size}, "
           f"vocab {llm.config.vocab_size}); device: {device.platform} {device.device_kind}{processes}")
     print(f"batch {args.batch}, prompt {args.prompt_len} tokens, {args.steps} tokens per request, "
           f"page size {args.page_size}, asynchronous scheduling {'off' if args.no_async_scheduling else 'on'}, "

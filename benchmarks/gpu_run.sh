@@ -3,6 +3,7 @@
 #
 #   bash benchmarks/gpu_run.sh [OUT_DIR]          # OUT_DIR: default $OUT, else benchmarks/results
 #   bash benchmarks/gpu_run.sh --cpu-smoke DIR    # the same steps at tiny shapes on a CPU (tests/bench)
+#   bash benchmarks/gpu_run.sh --engine [OUT_DIR] # instead of 3: the engine against a raw decode loop (4 minutes)
 #
 # 1. Versions: python, nvidia-smi (when there is one).
 # 2. The project, offline from this tree: nothing when `loong_jax` already imports; else
@@ -12,17 +13,21 @@
 #    phase): env + ceilings + float32 greedy exactness against the CPU + attention per layer, then the whole
 #    7B-shaped model and its cost-model file.
 #    Results accumulate in OUT_DIR/gpu_h200.json (rewritten after every case) and the log in OUT_DIR/gpu_run.log.
+#    With --engine, step 3 is benchmarks/engine_decode.py instead: the whole engine (asynchronous steps) against
+#    a raw jitted decode loop of a Llama-2-7B-shaped model with random bf16 weights, 4K-token prompts, batch 32
+#    on a GPU of 120 GB or more, else 16 (KV for 32 x 4K is 66 GB); printed to OUT_DIR/engine_decode.txt.
 # Exit status: 0 when both phases finished, else the first failing phase's.
 set -uo pipefail
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$REPO"
 
-SMOKE=0 LINK_FARM=0 OUT_DIR=""
+SMOKE=0 LINK_FARM=0 ENGINE=0 OUT_DIR=""
 for arg in "$@"; do
     case "$arg" in
         --cpu-smoke) SMOKE=1 ;;
         --link-farm) LINK_FARM=1 ;;
+        --engine) ENGINE=1 ;;
         -*) echo "gpu_run.sh: unknown option $arg" >&2; exit 2 ;;
         *) OUT_DIR=$arg ;;
     esac
@@ -80,6 +85,20 @@ fi
 say "project: loong_jax from $(cd / && "$PYTHON" -c 'import loong_jax; print(loong_jax.__file__)')"
 
 # 3. The benchmark, one hard limit per process.
+if [ "$ENGINE" = 1 ]; then
+    if [ "$SMOKE" = 1 ]; then
+        ENGINE_FLAGS=(--shape tiny --batch 2 --prompt-len 16 --steps 8 --repeats 1) ENGINE_LIMIT=120
+    else
+        MEMORY_MIB=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -1)
+        BATCH=$([ "${MEMORY_MIB:-0}" -ge 120000 ] && echo 32 || echo 16)
+        ENGINE_FLAGS=(--shape llama2-7b --batch "$BATCH" --prompt-len 4096 --steps 32 --repeats 3 --timeline)
+        ENGINE_LIMIT=240
+    fi
+    say "engine decode: ${ENGINE_FLAGS[*]} (at most $ENGINE_LIMIT s)"
+    timeout --kill-after=10 "$ENGINE_LIMIT" "$PYTHON" benchmarks/engine_decode.py "${ENGINE_FLAGS[@]}" 2>&1 \
+        | tee -a "$LOG" "$OUT_DIR/engine_decode.txt"
+    exit "${PIPESTATUS[0]}"
+fi
 REPORT="$OUT_DIR/gpu_h200.json"
 rm -f "$REPORT"
 run_phase() {  # limit, phases, budget

@@ -111,3 +111,20 @@ def test_full_size_model_programs_lower_for_cuda(gpu_bench):
         # One attention kernel a layer: once in the layer scan's body, whatever the depth.
         config = gpu_bench.LLAMA2_7B
         assert text.count("xla.gpu.triton") == (1 if config.scan_layers else config.num_layers)
+
+
+def test_engine_decode_shapes_fit_the_gpus_the_engine_run_picks(gpu_bench):
+    """`gpu_run.sh --engine`: batch 32 x 4K on a GPU of 120 GB or more (an H200), 16 on an H100; the random
+    model has the shape asked for and the demo model's vocabulary (every sampled id detokenizes)."""
+    accounting = sys.modules["gpu_accounting"]
+    engine_decode = load_benchmark_script("engine_decode")
+    shape = accounting.shape_of(gpu_bench.LLAMA2_7B)
+    context = 4096 + 32
+    assert accounting.decode_fits(shape, 32, context, 0.92 * 141e9)
+    assert accounting.decode_fits(shape, 16, context, 0.92 * 79.6e9)
+    assert not accounting.decode_fits(shape, 32, context, 0.92 * 79.6e9)
+    model = engine_decode.random_model("tiny", context)
+    assert model.config.hidden_size == engine_decode.SHAPES["tiny"]["hidden_size"] and model.config.dtype == "bfloat16"
+    assert model.config.vocab_size == 4096 and model.config.max_position_embeddings >= context
+    assert {k: getattr(gpu_bench.LLAMA2_7B, k) for k in engine_decode.SHAPES["llama2-7b"]} == \
+        engine_decode.SHAPES["llama2-7b"]
