@@ -40,6 +40,23 @@ def _hits(plans) -> list[tuple]:
     return [(batch.group, start) for plan in plans for batch in plan.prefills for start, _ in batch.chunks if start]
 
 
+def _override_policy(llm, override) -> None:
+    """The engine's policy, except that `override(view)` plans first when it returns a Plan (not None)."""
+    policy = llm.engine.policy
+
+    class Overridden:
+        name = policy.name
+
+        def schedule(self, view):
+            plan = override(view)
+            return policy.schedule(view) if plan is None else plan
+
+        def __getattr__(self, attribute):
+            return getattr(policy, attribute)
+
+    llm.engine.core.policy = Overridden()
+
+
 def _check_pages(llm):
     llm.engine.check_all_free()  # free, or held by the cache alone
     allocator = llm.engine.state.allocator
@@ -111,25 +128,16 @@ def test_preempting_a_request_on_cached_pages_keeps_tokens_and_pages_exact(share
     document = _document(vocab, seed=31)
     first, second = _questions(vocab, document, 2, seed=32)
     _generate_and_check(shared_llm, reference, [first])
-    engine, policy = shared_llm.engine, shared_llm.engine.policy
-    preempted = []
+    engine, preempted = shared_llm.engine, []
 
-    class PreemptOnce:
-        """The policy, except that once the request on cached pages decodes, it is preempted (recompute)."""
+    def preempt_once(view):  # once the request on cached pages decodes, it is preempted (recompute)
+        for request in view.decoding:
+            if not preempted and not request.in_flight and request.num_generated >= 2:
+                preempted.append(request.request_id)
+                return Plan(preemptions=(Preemption(request.request_id),))
+        return None
 
-        name = policy.name
-
-        def schedule(self, view):
-            for request in view.decoding:
-                if not preempted and not request.in_flight and request.num_generated >= 2:
-                    preempted.append(request.request_id)
-                    return Plan(preemptions=(Preemption(request.request_id),))
-            return policy.schedule(view)
-
-        def __getattr__(self, attribute):
-            return getattr(policy, attribute)
-
-    engine.core.policy = PreemptOnce()
+    _override_policy(shared_llm, preempt_once)
     plans = record_plans(shared_llm)
     _generate_and_check(shared_llm, reference, [second])
     assert preempted and engine.state.counters["preemptions"] == 1
@@ -169,31 +177,22 @@ def test_a_suffix_kept_on_other_instances_than_its_prefix_matches_the_reference(
     document = _document(vocab, seed=44)
     first, second = _questions(vocab, document, 2, seed=42)
     _generate_and_check(shared_llm, reference, [first])
-    engine, policy = shared_llm.engine, shared_llm.engine.policy
     scripted = []
 
-    class SuffixElsewhere:
-        """The policy, except that the hit's suffix is kept on `keepers` (a group around its prefix)."""
+    def suffix_elsewhere(view):  # the hit's suffix is kept on `keepers`, a ring around its prefix's instance
+        for request in view.waiting:
+            if request.cached_tokens and not scripted:
+                (home,) = request.cached_kv
+                assert home not in keepers
+                length = request.prefill_target - request.cached_tokens
+                shares = [length // len(keepers) + (k < length % len(keepers)) for k in range(len(keepers))]
+                batch = PrefillBatch((home, *keepers), (request.request_id,), ((request.cached_tokens, length),),
+                                     (tuple((i, n) for i, n in zip(keepers, shares) if n),))
+                scripted.append(batch)
+                return Plan(prefills=(batch,))
+        return None
 
-        name = policy.name
-
-        def schedule(self, view):
-            for request in view.waiting:
-                if request.cached_tokens and not scripted:
-                    (home,) = request.cached_kv
-                    assert home not in keepers
-                    length = request.prefill_target - request.cached_tokens
-                    shares = [length // len(keepers) + (k < length % len(keepers)) for k in range(len(keepers))]
-                    batch = PrefillBatch((home, *keepers), (request.request_id,), ((request.cached_tokens, length),),
-                                         (tuple((i, n) for i, n in zip(keepers, shares) if n),))
-                    scripted.append(batch)
-                    return Plan(prefills=(batch,))
-            return policy.schedule(view)
-
-        def __getattr__(self, attribute):
-            return getattr(policy, attribute)
-
-    engine.core.policy = SuffixElsewhere()
+    _override_policy(shared_llm, suffix_elsewhere)
     _generate_and_check(shared_llm, reference, [second])
     (batch,) = scripted
     assert batch.group[0] not in batch.kept_instances and batch.chunks[0][0] == len(document)
