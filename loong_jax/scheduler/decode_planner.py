@@ -18,7 +18,9 @@ from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
 from loong_jax.scheduler.cost.estimates import decode_seconds
-from loong_jax.scheduler.groups import aligned_block, covering_group, parent_group, power_of_two_sizes
+from loong_jax.scheduler.groups import (
+    aligned_block, covering_group, outermost_groups, parent_group, power_of_two_sizes,
+)
 from loong_jax.scheduler.plan import DecodeBatch, Preemption
 from loong_jax.scheduler.view import RequestView, SchedulerView
 
@@ -90,8 +92,17 @@ def plan_decodes(
     preempted: set = set()
     chosen: list[tuple[RequestView, int, tuple[int, ...]]] = []
     for index, (request, home) in enumerate(candidates):
-        if request.request_id in preempted:
+        if preempted and request.request_id in preempted:
             continue
+        master = request.master
+        if master is not None:  # the common case, `_find_slot`'s first test inlined: room on its master
+            if request.kv.get(master, 0) % page_size:
+                chosen.append((request, master, home))
+                continue
+            if pages_free[master] > 0:
+                pages_free[master] -= 1
+                chosen.append((request, master, home))
+                continue
         while True:
             master, new_home = _find_slot(request, home, allowed, pages_free, page_size, n, scope_of)
             if master is not None or new_home == "wait":
@@ -160,17 +171,8 @@ def _newest_in_reach(remaining, preempted, request, home, allowed, n, scope_of):
 
 
 def _batches(view: SchedulerView, chosen) -> list[DecodeBatch]:
-    homes = sorted({home for _, _, home in chosen}, key=lambda g: (-len(g), g))
-    home_sets = {home: set(home) for home in homes}
-    top: list[tuple[int, ...]] = []
-    outer_of: dict[tuple[int, ...], tuple[int, ...]] = {}  # home -> the first top group containing it
-    for home in homes:
-        outer = next((g for g in top if home_sets[home] <= home_sets[g]), None)
-        if outer is None:
-            top.append(home)
-            outer = home
-        outer_of[home] = outer
-    members: dict[tuple[int, ...], list] = {g: [] for g in top}
+    outer_of = outermost_groups({home for _, _, home in chosen})  # home -> the widest home containing it
+    members: dict[tuple[int, ...], list] = {outer: [] for home, outer in outer_of.items() if home == outer}
     for request, master, home in chosen:
         members[outer_of[home]].append((request, master))
     batches = []

@@ -6,7 +6,8 @@ instances, and any two of them are either disjoint or nested — which keeps mer
   1. `aligned_groups(n)` lists the family (plus the whole cluster when n is not a power of two).
   2. `covering_group(instances, n)` is the smallest family group containing a set (a decode group).
   3. `free_blocks(free, n)` splits a set of instances into maximal family groups it fully contains.
-  4. `pack_sizes(sizes, blocks)` places power-of-two group sizes into those blocks (largest first), which
+  4. `outermost_groups(groups)` maps each group to the widest one containing it (decode batches).
+  5. `pack_sizes(sizes, blocks)` places power-of-two group sizes into those blocks (largest first), which
      succeeds exactly when for every size s the demand of sizes >= s fits in the blocks of size >= s.
 """
 
@@ -73,9 +74,14 @@ def parent_group(group: Group, num_instances: int) -> Group | None:
 
 def free_blocks(free: Iterable[int], num_instances: int) -> list[Group]:
     """Maximal family groups fully inside `free`, largest first (ties by position)."""
-    free_set = set(free)
+    return list(_free_blocks(frozenset(free), num_instances))
+
+
+@lru_cache(maxsize=4096)
+def _free_blocks(free_set: frozenset, num_instances: int) -> tuple[Group, ...]:
+    """`free_blocks`, cached: a policy asks for the same few sets many times per step and across steps."""
     if len(free_set) == num_instances and not is_power_of_two(num_instances):
-        return [tuple(range(num_instances))]
+        return (tuple(range(num_instances)),)
     blocks: list[Group] = []
     covered: set[int] = set()
     for size in reversed(power_of_two_sizes(num_instances)):
@@ -84,7 +90,23 @@ def free_blocks(free: Iterable[int], num_instances: int) -> list[Group]:
             if not covered.intersection(block) and free_set.issuperset(block):
                 blocks.append(block)
                 covered.update(block)
-    return blocks
+    return tuple(blocks)
+
+
+def outermost_groups(groups: Iterable[Group]) -> dict[Group, Group]:
+    """Each of `groups` (family groups) -> the widest of them containing it, itself if none does; keys
+    widest first (ties by position), so the outer groups come in that order too. Family groups are nested
+    or disjoint: a group lies inside a wider one exactly when its first instance does."""
+    outer_of: dict[Group, Group] = {}
+    outer_by_instance: dict[int, Group] = {}
+    for group in sorted(groups, key=lambda g: (-len(g), g)):
+        outer = outer_by_instance.get(group[0])
+        if outer is None:
+            outer = group
+            for instance in group:
+                outer_by_instance[instance] = group
+        outer_of[group] = outer
+    return outer_of
 
 
 def pack_sizes(sizes: Sequence[int], blocks: Sequence[Group]) -> list[Group] | None:

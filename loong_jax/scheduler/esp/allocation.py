@@ -28,9 +28,7 @@ from dataclasses import dataclass
 
 from loong_jax.scheduler.decode_planner import home_group
 from loong_jax.scheduler.esp.batching import BatchingResult, plan_batches
-from loong_jax.scheduler.esp.dispatch import (
-    ClusterSnapshot, admit_fifo, group_pages,
-)
+from loong_jax.scheduler.esp.dispatch import ClusterSnapshot, admit_by_pages, admit_fifo, group_pages
 from loong_jax.scheduler.groups import capacity_by_threshold, covering_group, free_blocks
 from loong_jax.scheduler.plan import Migration
 from loong_jax.scheduler.prefix import prefill_chunk
@@ -187,11 +185,12 @@ def plan_consolidation(snapshot: ClusterSnapshot, waiting, limits: BatchingLimit
     singles = [g[0] for g in snapshot.decode_groups if len(g) == 1] if across_singles else []
     single_urgency = {y: snapshot.urgency(snapshot.decode_groups[(y,)]) for y in singles}
     gain_by_freed: dict[int, float] = {}  # pages freed -> urgency of the queue requests they admit
+    needs = [snapshot.pages_for_prompt(r) for r in waiting]
 
     def queue_gain(freed: int) -> float:
         if freed not in gain_by_freed:
-            gainers = admit_fifo(snapshot, waiting, freed, freed, limits.max_admit, backfill=limits.backfill)
-            gain_by_freed[freed] = snapshot.urgency(gainers)
+            gainers = admit_by_pages(needs, freed, freed, limits.max_admit, limits.backfill)
+            gain_by_freed[freed] = snapshot.urgency(waiting[k] for k in gainers)
         return gain_by_freed[freed]
 
     for group, requests in snapshot.decode_groups.items():

@@ -12,8 +12,8 @@ Data flow:
      matrix from prefix sums (Σl, Σl², Σ1/l, Σpages).
   3. The DP state is the multiset of DoPs used so far (bounded family: powers of two). A multiset is feasible
      exactly when, for each size s, the instances asked by batches of DoP >= s fit in the free blocks of
-     size >= s (aligned groups pack largest first). States are processed in layers (number of batches);
-     each layer and DoP is one vectorised min-plus product over split points.
+     size >= s (aligned groups pack largest first). The search itself is
+     `esp.multiset_dp`: states in layers (number of batches), each layer one vectorised min-plus product.
   4. Optionally a run of requests may be deferred (left waiting) at a cost the caller gives per request: a
      step that adds no batch, so each layer is closed under it after its moves. (Without it, a 200K prompt
      that needs both free instances would drag the short prompts behind it into its batch.)
@@ -24,12 +24,11 @@ Data flow:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from functools import lru_cache
 from typing import Callable, Sequence
 
 import numpy as np
 
-INFEASIBLE = np.inf
+from loong_jax.scheduler.esp.multiset_dp import INFEASIBLE, cheapest_cover, multiset_transitions
 
 
 @dataclass(frozen=True)
@@ -63,48 +62,6 @@ def split_points(n: int, max_boundaries: int, singles: int) -> np.ndarray:
     rest = max_boundaries - singles
     tail = np.linspace(singles, n, rest).round().astype(np.int64)
     return np.unique(np.concatenate([np.arange(singles), tail]))
-
-
-@lru_cache(maxsize=256)
-def multiset_transitions(sizes: tuple[int, ...], capacities: tuple[int, ...], max_batches: int):
-    """DoP multisets (count tuples over `sizes`) that pack into the free blocks, and the moves between them.
-
-    `capacities[k]` is the number of instances in free blocks of size >= sizes[k]. Returns (states, moves)
-    where moves is a list, layer by layer, of (dop, source state ids, target state ids); within one entry
-    every target appears once.
-    """
-
-    def fits(counts) -> bool:
-        for k, s in enumerate(sizes):
-            demand = sum(c * size for c, size in zip(counts, sizes) if size >= s)
-            if demand > capacities[k]:
-                return False
-        return True
-
-    empty = tuple(0 for _ in sizes)
-    states, ids = [empty], {empty: 0}
-    frontier, layers = [empty], []
-    for _ in range(max_batches):
-        grown_frontier = []
-        layer_moves = {d: ([], []) for d in sizes}
-        for counts in frontier:
-            for k, d in enumerate(sizes):
-                grown = counts[:k] + (counts[k] + 1,) + counts[k + 1:]
-                if not fits(grown):
-                    continue
-                if grown not in ids:
-                    ids[grown] = len(states)
-                    states.append(grown)
-                    grown_frontier.append(grown)
-                layer_moves[d][0].append(ids[counts])
-                layer_moves[d][1].append(ids[grown])
-        moves = tuple((d, np.array(sources), np.array(targets))
-                      for d, (sources, targets) in layer_moves.items() if sources)
-        if not moves:
-            break
-        layers.append(moves)
-        frontier = grown_frontier
-    return tuple(states), tuple(layers)
 
 
 def plan_batches(
@@ -180,46 +137,17 @@ def plan_batches(
         skip = np.where(forward & (blocked[None, :] == blocked[:, None]), finite[None, :] - finite[:, None], INFEASIBLE)
 
     states, layers = multiset_transitions(tuple(sizes), tuple(threshold_capacity[d] for d in sizes), max_batches)
-    best = np.full((len(states), m), INFEASIBLE)  # [state, cut]: cheapest cover of requests before the cut
-    best[0, 0] = 0.0
-    parent_state = np.zeros((len(states), m), np.int64)
-    parent_dop = np.zeros((len(states), m), np.int64)
-    parent_cut = np.zeros((len(states), m), np.int64)
-
-    def relax(targets: np.ndarray, sources: np.ndarray, d: int, matrix: np.ndarray) -> None:
-        totals = best[sources][:, :, None] + matrix[None, :, :]  # [moves, from cut, to cut]
-        from_cut = totals.argmin(axis=1)  # [moves, to cut]
-        values = totals.min(axis=1)
-        improve = values < best[targets]
-        if improve.any():
-            rows, cols = np.nonzero(improve)
-            target_rows = targets[rows]
-            best[target_rows, cols] = values[rows, cols]
-            parent_state[target_rows, cols] = sources[rows]
-            parent_dop[target_rows, cols] = d
-            parent_cut[target_rows, cols] = from_cut[rows, cols]
-
-    if skip is not None:
-        relax(np.array([0]), np.array([0]), 0, skip)
-    for layer in layers:
-        for d, sources, targets in layer:
-            relax(targets, sources, d, cost_by_dop[d])
-        if skip is not None:  # deferral adds no batch: close this layer's states under it (costs add up)
-            reached = np.unique(np.concatenate([targets for _, _, targets in layer]))
-            relax(reached, reached, 0, skip)
-    final_state = int(best[:, -1].argmin())
-    final_cost = float(best[final_state, -1])
-    if not np.isfinite(final_cost):
+    cover = cheapest_cover(np.stack([cost_by_dop[d] for d in sizes], axis=-1), skip, states, layers)
+    if cover is None:
         return None
+    final_cost, steps = cover
     batches, deferred = [], []
-    state, cut = final_state, m - 1
-    while cut > 0:
-        d, a = int(parent_dop[state, cut]), int(parent_cut[state, cut])
+    for step in steps:
+        a, cut = step.start_cut, step.end_cut
         indices = tuple(int(i) for i in order[cuts[a]:cuts[cut]])
-        if d == 0:
+        if step.dop_index is None:
             deferred.extend(indices)
         else:
+            d = sizes[step.dop_index]
             batches.append(BatchChoice(indices, d, float(seconds_by_dop[d][a, cut]), float(d_w[a, cut])))
-        state, cut = int(parent_state[state, cut]), a
-    batches.reverse()
     return BatchingResult(tuple(batches), float(final_cost), tuple(sorted(deferred)))

@@ -4,10 +4,12 @@
 hopeless). This index gives the same answer for the head of the queue, incrementally.
 
 Data flow of `DeadlineIndex.step(snapshot, waiting, never_fits, ...)`:
-  1. Diff the waiting requests against the last call (sets of object ids, C speed): requests that left are
-     dropped; new ones get an entry (deadline, isolated latency, work) and are checked once by `never_fits`
-     (rejected, never queued). A request is the same object for as long as it waits (the index holds it, so
-     its id is not reused); a preempted one comes back as a new entry.
+  1. Diff the waiting requests against the last call: when the last call's requests are still the head of
+     the list (the common case: nothing left, perhaps arrivals at the tail) the tail is new; otherwise sets
+     of object ids (C speed) tell which requests left (dropped) and which are new. New ones get an entry
+     (deadline, isolated latency, work) and are checked once by `never_fits` (rejected, never queued). A
+     request is the same object for as long as it waits (the index holds it, so its id is not reused); a
+     preempted one comes back as a new entry.
   2. Time only moves forward, and a request only moves down the tiers as it does: timely (not yet hopeless)
      -> hopeless (now + isolated > deadline) -> overdue (waited `starvation_limit` x its budget). Heaps of
      the (approximate) moments each entry crosses them hand the index the entries to re-check; the exact
@@ -67,6 +69,7 @@ class DeadlineIndex:
         self._to_hopeless: list[tuple] = []  # heap of (moment, seq, id)
         self._to_overdue: list[tuple] = []  # heap of (moment, seq, id)
         self._state: dict[int, str] = {}  # id -> "timely" | "hopeless" | "overdue"
+        self._waiting: tuple = ()  # the waiting requests of the last call (holding them keeps their ids)
 
     def step(self, snapshot: ClusterSnapshot, waiting, never_fits: Callable[[RequestView], bool],
              signature: Hashable) -> list[RequestView]:
@@ -75,6 +78,22 @@ class DeadlineIndex:
         if signature != self._signature or now < self._now:
             self._reset(signature)
         self._now = now
+        waiting, previous = tuple(waiting), self._waiting
+        if waiting[:len(previous)] == previous:  # none of them left (requests compare by identity)
+            new = list(reversed(waiting[len(previous):]))  # arrivals at the tail only, or no change
+        else:
+            new = self._diff(waiting)
+        self._waiting = waiting
+        for request in new:
+            if never_fits(request):
+                self._rejected[id(request)] = request
+            else:
+                self._add(snapshot, request)
+        self._advance(now)
+        return sorted((r for r in new if id(r) in self._entries), key=lambda r: r.seq)
+
+    def _diff(self, waiting: tuple) -> list[RequestView]:
+        """Drop the entries of requests that left; the new requests, the latest first."""
         current = set(map(id, waiting))
         for key in self._entries.keys() - current:
             self._remove(key)
@@ -88,13 +107,7 @@ class DeadlineIndex:
                     new.append(request)
                     if len(new) == len(new_ids):
                         break
-        for request in new:
-            if never_fits(request):
-                self._rejected[id(request)] = request
-            else:
-                self._add(snapshot, request)
-        self._advance(now)
-        return sorted((r for r in new if id(r) in self._entries), key=lambda r: r.seq)
+        return new
 
     def rejections(self, waiting) -> tuple:
         """Ids of the waiting requests set aside (never fitting, or refused), in waiting order."""

@@ -21,7 +21,7 @@ import math
 from dataclasses import dataclass, field
 
 from loong_jax.scheduler.decode_planner import home_group
-from loong_jax.scheduler.groups import is_power_of_two, power_of_two_sizes
+from loong_jax.scheduler.groups import is_power_of_two, outermost_groups, power_of_two_sizes
 from loong_jax.scheduler.view import RequestView, SchedulerView, ceil_div
 
 
@@ -44,6 +44,8 @@ class ClusterSnapshot:
     _prompt_pages: dict = field(default_factory=dict)  # id(request) -> pages (cache for this call)
     _urgency: dict = field(default_factory=dict)  # id(request) -> 1 / isolated seconds (cache)
     _best_prefill: dict = field(default_factory=dict)  # (id(request), dop) -> prefill seconds alone (cache)
+    _home_counts: dict = field(default_factory=dict)  # home group -> decoding requests living there
+    _decoding_per_instance: dict | None = None
 
     @classmethod
     def build(cls, view: SchedulerView, growth_horizon: int, slo_scale: float = 25.0,
@@ -60,7 +62,7 @@ class ClusterSnapshot:
         busy_members: set[int] = set()  # instances holding KV of a decode in flight
         idle, homes, reserve = snapshot.idle, snapshot.homes, snapshot.reserve
         page_size, horizon, default_output = view.page_size, growth_horizon, view.default_output_tokens
-        distinct_homes: set[tuple[int, ...]] = set()
+        home_counts = snapshot._home_counts
         # The hot loop of every schedule() call (hundreds of decoding requests): `home_group` and
         # `reserve_growth` inlined for the common single-instance request.
         for request in view.decoding:
@@ -70,7 +72,7 @@ class ClusterSnapshot:
             else:
                 home = home_group(request, n)
             homes[request.request_id] = home
-            distinct_homes.add(home)
+            home_counts[home] = home_counts.get(home, 0) + 1
             if master is not None:
                 cap = request.max_new_tokens
                 remaining = default_output if cap is None else cap - request.num_generated
@@ -81,19 +83,16 @@ class ClusterSnapshot:
                 busy_members.update(home)
             elif idle.issuperset(home):
                 idle_homes.setdefault(home, []).append(request)
-        for home in distinct_homes:
+        for home in home_counts:
             claimed.update(home)
         for request in view.prefilling:
             claimed.update(request.kv)
-        outer: list[tuple[int, ...]] = []
-        home_sets = {home: set(home) for home in idle_homes}
-        for home in sorted(idle_homes, key=lambda g: (-len(g), g)):
-            if not any(home_sets[home] <= home_sets[g] for g in outer):
-                outer.append(home)
-        for group in outer:
-            members = home_sets[group]
-            snapshot.decode_groups[group] = [r for home, rs in idle_homes.items() if home_sets[home] <= members
-                                             for r in rs]
+        outer_of = outermost_groups(idle_homes)
+        for home, outer in outer_of.items():
+            if home == outer:
+                snapshot.decode_groups[outer] = []
+        for home, requests in idle_homes.items():
+            snapshot.decode_groups[outer_of[home]].extend(requests)
         # A decode group is only usable if no busy request also lives in it.
         for group in list(snapshot.decode_groups):
             if busy_members.intersection(group):
@@ -116,6 +115,16 @@ class ClusterSnapshot:
         members = set(group)
         for touched in [g for g in self.decode_groups if not members.isdisjoint(g)]:
             del self.decode_groups[touched]
+
+    def decoding_per_instance(self) -> dict[int, int]:
+        """Instance -> decoding requests whose home group contains it (computed once per snapshot)."""
+        if self._decoding_per_instance is None:
+            counts: dict[int, int] = {}
+            for home, requests in self._home_counts.items():
+                for instance in home:
+                    counts[instance] = counts.get(instance, 0) + requests
+            self._decoding_per_instance = counts
+        return self._decoding_per_instance
 
     def reserve_growth(self, request: RequestView, master: int, master_tokens: int) -> None:
         """Keep pages on the master for the request's expected growth beyond its last, partly filled page."""
@@ -243,22 +252,34 @@ def admit_fifo(snapshot: ClusterSnapshot, waiting, pages_available: int, largest
     at the first request that does not fit. With `force_head`, a head that only fits without its growth
     room is admitted on its bare prompt.
     """
+    def bare_pages(k: int) -> int:
+        return ceil_div(waiting[k].prefill_target, snapshot.view.page_size)
+
+    needs = [snapshot.pages_for_prompt(r) for r in waiting]
+    admitted = admit_by_pages(needs, pages_available, largest_group_pages, max_admit, backfill,
+                              bare_pages if force_head else None)
+    return [waiting[k] for k in admitted]
+
+
+def admit_by_pages(needs: list[int], pages_available: int, largest_group_pages: int, max_admit: int,
+                   backfill: bool = True, bare_pages=None) -> list[int]:
+    """`admit_fifo` on the requests' page needs (positions admitted); `bare_pages(k)`, when given, is what
+    request k needs without its growth room, for a head that only fits so."""
     admitted, used = [], 0
-    for request in waiting:
+    for k, need in enumerate(needs):
         if len(admitted) >= max_admit:
             break
-        need = snapshot.pages_for_prompt(request)
         if need > largest_group_pages or used + need > pages_available:
-            if force_head and not admitted:
-                bare = ceil_div(request.prefill_target, snapshot.view.page_size)
+            if bare_pages is not None and not admitted:
+                bare = bare_pages(k)
                 if bare <= largest_group_pages and bare <= pages_available:
-                    admitted.append(request)
+                    admitted.append(k)
                     used += bare
                     continue
             if not backfill:
                 break
             continue
-        admitted.append(request)
+        admitted.append(k)
         used += need
     return admitted
 
@@ -287,24 +308,34 @@ def instance_seconds(view: SchedulerView, request: RequestView) -> float:
 def estimate_wait(snapshot: ClusterSnapshot) -> float:
     """Seconds until some instance not free now is expected to become free for prefill (inf if never)."""
     view, cost = snapshot.view, snapshot.view.cost_model
-    drain_by_home: dict[tuple[int, ...], float] = {}
-    members: dict[tuple[int, ...], list[RequestView]] = {}
-    for request in view.decoding:
-        members.setdefault(snapshot.homes[request.request_id], []).append(request)
-    for home, requests in members.items():
-        steps = max(r.remaining_new_tokens(view.default_output_tokens) for r in requests)
-        step_time = cost.decode_time(len(home), len(requests), sum(r.context_len for r in requests))
-        drain_by_home[home] = steps * step_time
+    homes, default = snapshot.homes, view.default_output_tokens
+    by_home: dict[tuple[int, ...], list[int]] = {}  # home -> [requests, Σ context, most tokens still to come]
+    for request in view.decoding:  # (`remaining_new_tokens` and `context_len` inlined: the hot loop)
+        cap, generated = request.max_new_tokens, request.num_generated
+        remaining = default if cap is None else max(0, cap - generated)
+        totals = by_home.get(homes[request.request_id])
+        if totals is None:
+            by_home[homes[request.request_id]] = [1, request.prompt_len + generated, remaining]
+        else:
+            totals[0] += 1
+            totals[1] += request.prompt_len + generated
+            if remaining > totals[2]:
+                totals[2] = remaining
+    drain_by_instance: dict[int, float] = {}  # the longest drain of a home holding the instance
+    for home, (count, context, steps) in by_home.items():
+        drain = steps * cost.decode_time(len(home), count, context)
+        for instance in home:
+            if drain > drain_by_instance.get(instance, -math.inf):
+                drain_by_instance[instance] = drain
     best = math.inf
     for instance in view.instances:
         if instance.index in snapshot.free:
             continue
         until = max(0.0, instance.busy_until - view.now) if instance.busy else 0.0
-        covering = [t for home, t in drain_by_home.items() if instance.index in home]
-        if covering:
-            until = max(until, max(covering))
+        drain = drain_by_instance.get(instance.index)
+        if drain is not None:
+            until = max(until, drain)
         elif not instance.busy:
             continue  # idle but held by a partial prefill: not a candidate
         best = min(best, until)
     return best
-

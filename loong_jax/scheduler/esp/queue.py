@@ -37,6 +37,7 @@ from dataclasses import dataclass
 
 from loong_jax.scheduler.esp.deadline_index import DeadlineIndex
 from loong_jax.scheduler.esp.dispatch import ClusterSnapshot
+from loong_jax.scheduler.groups import free_blocks
 from loong_jax.scheduler.view import RequestView, SchedulerView, ceil_div
 
 
@@ -87,6 +88,7 @@ class OfferedLoad:
         self._arrivals: deque[tuple[float, float, float]] = deque(maxlen=window)  # (arrival, work, isolated s)
         self._last_seq = -1
         self._limit: float | None = None
+        self._typical: float | None = None  # `typical_latency`, until the next arrival
 
     def observe(self, snapshot: ClusterSnapshot, waiting: list[RequestView]) -> None:
         new = sorted((r for r in waiting if r.seq > self._last_seq), key=lambda r: r.seq)
@@ -94,7 +96,7 @@ class OfferedLoad:
             self._arrivals.append((request.arrival, snapshot.work(request), snapshot.isolated(request)))
             self._last_seq = request.seq
         if new:
-            self._limit = None
+            self._limit = self._typical = None
 
     def work_limit(self, num_instances: int) -> float:
         """Instance-seconds above which a request is late now (inf when the load is within capacity)."""
@@ -106,8 +108,10 @@ class OfferedLoad:
         """Median isolated latency of the recent arrivals (inf before any)."""
         if not self._arrivals:
             return math.inf
-        latencies = sorted(isolated for _, _, isolated in self._arrivals)
-        return latencies[len(latencies) // 2]
+        if self._typical is None:
+            latencies = sorted(isolated for _, _, isolated in self._arrivals)
+            self._typical = latencies[len(latencies) // 2]
+        return self._typical
 
     def _compute_limit(self, num_instances: int) -> float:
         if len(self._arrivals) < self.min_arrivals:  # too few to tell a sustained overload from a burst
@@ -309,9 +313,14 @@ def head_pages(snapshot: ClusterSnapshot, head: RequestView) -> tuple[int | None
 def fits_free_instances(snapshot: ClusterSnapshot, head: RequestView) -> bool:
     """Does some prefill group made only of free instances have the pages for the head now?"""
     _, need = head_pages(snapshot, head)
-    free, sizes = snapshot.free, snapshot.prefill_sizes()
-    return any(len(g) in sizes and free.issuperset(g) and sum(snapshot.usable_pages(i) for i in g) >= need
-               for g in snapshot.view.group_family)
+    usable = snapshot.usable_pages
+    # Every family group made of free instances lies inside one of the maximal free blocks.
+    for block in free_blocks(snapshot.free, snapshot.view.num_instances):
+        for size in snapshot.prefill_sizes():
+            for start in range(0, len(block) - size + 1, size):
+                if sum(usable(i) for i in block[start:start + size]) >= need:
+                    return True
+    return False
 
 
 def reserve_for_head(snapshot: ClusterSnapshot, head: RequestView,
@@ -336,10 +345,7 @@ def best_reservation(snapshot: ClusterSnapshot, groups, need: int) -> Reservatio
     idle), else the one holding the fewest pages (it drains first); then the fewest decoding requests
     living on it, the most usable pages."""
     view = snapshot.view
-    homed: dict[int, int] = {}
-    for home in snapshot.homes.values():
-        for instance in home:
-            homed[instance] = homed.get(instance, 0) + 1
+    homed = snapshot.decoding_per_instance()
     best, best_key = None, None
     for group in groups:
         usable = sum(snapshot.usable_pages(i) for i in group)
