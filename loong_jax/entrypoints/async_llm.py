@@ -251,6 +251,8 @@ class AsyncLLM:
 
     def _resolve_aborts(self, engine, every: bool = False) -> None:
         """An abort returns once the engine no longer runs the request and its final output has left."""
+        if not self._aborts:  # the common step: no abort waits (nothing to scan)
+            return
         with self._lock:
             owed = set() if every else {r for r, stream in self._streams.items() if not stream.ended}
         for request_id in [r for r in self._aborts if not engine.is_running(r) and r not in owed]:

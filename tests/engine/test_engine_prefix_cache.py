@@ -40,6 +40,17 @@ def _hits(plans) -> list[tuple]:
     return [(batch.group, start) for plan in plans for batch in plan.prefills for start, _ in batch.chunks if start]
 
 
+def _cache_a_document(llm, reference, seed: int, *policy) -> tuple[list[int], list[int]]:
+    """On a fresh engine with `policy`, a document's first question runs (its pages are cached); returns the
+    document and a second question on it."""
+    llm.set_policy(*policy, warmup=False)
+    vocab = llm.config.vocab_size
+    document = _document(vocab, seed=seed)
+    first, second = _questions(vocab, document, 2, seed=seed + 1)
+    _generate_and_check(llm, reference, [first])
+    return document, second
+
+
 def _override_policy(llm, override) -> None:
     """The engine's policy, except that `override(view)` plans first when it returns a Plan (not None)."""
     policy = llm.engine.policy
@@ -101,11 +112,7 @@ def test_a_suffix_goes_to_the_instance_holding_its_prefix(shared_llm, reference)
 
 
 def test_a_partly_evicted_prefix_is_reused_as_far_as_it_lasts(shared_llm, reference):
-    shared_llm.set_policy("fixed", 1, 1, warmup=False)
-    vocab = shared_llm.config.vocab_size
-    document = _document(vocab, seed=21)
-    first, second = _questions(vocab, document, 2, seed=22)
-    _generate_and_check(shared_llm, reference, [first])
+    document, second = _cache_a_document(shared_llm, reference, 21, "fixed", 1, 1)
     allocator = shared_llm.engine.state.allocator
     (instance,) = [i for i in range(allocator.num_instances) if allocator.pages_cached(i)]
     cached_blocks = allocator.pages_cached(instance)  # the first question's full pages, document and beyond
@@ -123,11 +130,7 @@ def test_a_partly_evicted_prefix_is_reused_as_far_as_it_lasts(shared_llm, refere
 
 
 def test_preempting_a_request_on_cached_pages_keeps_tokens_and_pages_exact(shared_llm, reference):
-    shared_llm.set_policy("fixed", 1, 1, warmup=False)
-    vocab = shared_llm.config.vocab_size
-    document = _document(vocab, seed=31)
-    first, second = _questions(vocab, document, 2, seed=32)
-    _generate_and_check(shared_llm, reference, [first])
+    document, second = _cache_a_document(shared_llm, reference, 31, "fixed", 1, 1)
     engine, preempted = shared_llm.engine, []
 
     def preempt_once(view):  # once the request on cached pages decodes, it is preempted (recompute)
@@ -172,11 +175,7 @@ def test_a_suffix_kept_on_other_instances_than_its_prefix_matches_the_reference(
     joins the ring to serve its cached pages and keeps nothing new), and the request then decodes over all
     four (multi-master decode)."""
     keepers = (5, 6, 7)
-    shared_llm.set_policy("esp", warmup=False)
-    vocab = shared_llm.config.vocab_size
-    document = _document(vocab, seed=44)
-    first, second = _questions(vocab, document, 2, seed=42)
-    _generate_and_check(shared_llm, reference, [first])
+    document, second = _cache_a_document(shared_llm, reference, 41, "esp")
     scripted = []
 
     def suffix_elsewhere(view):  # the hit's suffix is kept on `keepers`, a ring around its prefix's instance
