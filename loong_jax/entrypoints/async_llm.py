@@ -46,6 +46,18 @@ class EngineDeadError(RuntimeError):
     """The engine thread failed; the error that killed it is the cause."""
 
 
+def _settle(future: concurrent.futures.Future, result=None, error: BaseException | None = None) -> None:
+    """Answer an abort's future, unless its caller gave up waiting (a cancelled `await engine.abort(...)`):
+    that must never stop the engine thread."""
+    try:
+        if error is None:
+            future.set_result(result)
+        else:
+            future.set_exception(error)
+    except concurrent.futures.InvalidStateError:
+        pass  # cancelled by its caller
+
+
 @dataclasses.dataclass
 class _Stream:
     loop: asyncio.AbstractEventLoop
@@ -206,7 +218,7 @@ class AsyncLLM:
             for stream in streams:
                 stream.loop.call_soon_threadsafe(stream.queue.put_nowait, error)
             for future in aborts:
-                future.set_exception(EngineDeadError("the engine thread failed"))
+                _settle(future, error=EngineDeadError("the engine thread failed"))
 
     def _handle(self, engine, command: tuple) -> None:
         if command[0] == "add":
@@ -257,4 +269,4 @@ class AsyncLLM:
             owed = set() if every else {r for r, stream in self._streams.items() if not stream.ended}
         for request_id in [r for r in self._aborts if not engine.is_running(r) and r not in owed]:
             for future, found in self._aborts.pop(request_id):
-                future.set_result(found)
+                _settle(future, found)

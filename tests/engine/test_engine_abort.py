@@ -170,3 +170,30 @@ def test_an_id_reused_right_after_its_stream_was_left_gets_its_own_tokens(async_
     asyncio.run(_until_idle(async_llm))
     assert not async_llm._streams
     async_llm.llm.engine.check_all_free()
+
+
+def test_an_abort_whose_caller_gives_up_waiting_leaves_the_engine_running(async_llm, reference):
+    """A server handler cancelled while it awaits `abort` (its client went away) cancels the abort's future;
+    answering that future later must not stop the engine thread (it once did, with InvalidStateError)."""
+    prompts = mixed_prompts(async_llm.llm.config.vocab_size, count=2, seed=13)
+    long = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)
+    short = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+
+    async def abort_then_give_up(request_id: str):
+        stream = async_llm.generate(prompts[0], long, request_id)
+        await anext(stream)
+        waiting = asyncio.ensure_future(async_llm.abort(request_id))
+        await asyncio.sleep(0)  # the abort is posted; its answer comes after the engine's next step
+        waiting.cancel()
+        await stream.aclose()
+        merged = None
+        async for delta in async_llm.generate(prompts[1], short):
+            merged = delta if merged is None else merged.merged(delta)
+        return merged
+
+    for attempt in range(3):
+        output = asyncio.run(abort_then_give_up(f"given-up-{attempt}"))
+        assert output.outputs[0].token_ids == reference(prompts[1], short.max_tokens, eos_token_ids=())[0]
+    assert async_llm.dead_error is None
+    asyncio.run(_until_idle(async_llm))
+    async_llm.llm.engine.check_all_free()
