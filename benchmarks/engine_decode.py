@@ -19,6 +19,11 @@ What it measures (CPU or GPU, one instance of one device by default):
      time between units (0 when the next step is always queued in time) and its busy time per step.
   5. How many decode programs had their inputs advanced from their group's last step instead of built
      from scratch (`executor.decode_steps`; warm-up runs included).
+  6. A control for the host's share of the machine: the raw loop once more, its host thread spending in
+     pure Python, after each launch, as many ms as the median engine run spent on the host per step
+     (schedule + dispatch + apply + outputs), while the launched step runs. On a CPU the "device" computes
+     on the host's cores, so host work slows it even when it overlaps; the engine's ratio to this loop is
+     what the engine costs beyond its host time. On a GPU the two loops should match.
 
 Run: `python benchmarks/engine_decode.py [--model DIR] [--batch 32] [--steps 64] [--prompt-len 64]`.
 A large model's shape with random weights (no checkpoint needed, e.g. on a bare GPU machine): `--shape
@@ -100,8 +105,16 @@ def engine_decode_rate(llm: LLM, prompts, steps: int, temperature: float = 0.0, 
     return len(prompts) * (steps - 1) / (decode_end - decode_start)
 
 
-def raw_decode_rate(llm: LLM, prompts, steps: int) -> float:
-    """The same requests, decoded by a jitted loop with no engine around it."""
+def spend_host_time(milliseconds: float) -> None:
+    """Busy pure-Python work on this thread for `milliseconds` (holding the GIL, as the engine's host does)."""
+    end = time.perf_counter() + milliseconds / 1e3
+    while time.perf_counter() < end:
+        sum(range(64))
+
+
+def raw_decode_rate(llm: LLM, prompts, steps: int, host_ms_per_step: float = 0.0) -> float:
+    """The same requests, decoded by a jitted loop with no engine around it; with `host_ms_per_step`, its
+    host spends that long in Python after each launch (the control of step 6 of the docstring)."""
     executor, page_size = llm.executor, llm.executor.page_size
     group = (0,)
     mesh = llm.topology.group_mesh(group)
@@ -154,6 +167,8 @@ def raw_decode_rate(llm: LLM, prompts, steps: int) -> float:
     start = time.perf_counter()
     for _ in range(steps - 1):
         pool, inputs, held = decode_step(params, pool, inputs, held)
+        if host_ms_per_step:
+            spend_host_time(host_ms_per_step)
     jax.block_until_ready((pool, inputs))
     seconds = time.perf_counter() - start
     executor.pools[0] = pool  # the pool buffers were donated; hand the engine its pool back
@@ -283,6 +298,10 @@ def main(argv=None) -> int:
     print(f"{'load average (1 min)':>22}: {os.getloadavg()[0]:10.2f}")
     print(f"engine step, host ms per step of the median run ({stage_ms.pop('steps'):.0f} steps; raw loop "
           f"{1e3 * len(prompts) / raw:.2f} ms per step): " + ", ".join(f"{k} {v:.2f}" for k, v in stage_ms.items()))
+    host_ms = stage_ms["total"] - stage_ms["wait"]
+    controls = sorted(raw_decode_rate(llm, prompts, args.steps, host_ms) for _ in range(3))
+    print(f"{'raw loop + host time':>22}: {controls[1]:10.1f} tokens/s   (its host busy {host_ms:.2f} ms per step, "
+          f"as the engine's; median of 3) -> engine / this: {engine / controls[1]:.3f}")
     if args.timeline:
         timeline = device_timeline(llm, prompts, args.steps, sampling)
         print("device timeline, median ms per step: " + ", ".join(f"{k} {v:.2f}" for k, v in timeline.items()))
