@@ -15,6 +15,7 @@ Data flow:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from operator import attrgetter
 from typing import Callable, Sequence
 
 from loong_jax.scheduler.cost.estimates import decode_seconds
@@ -23,6 +24,9 @@ from loong_jax.scheduler.groups import (
 )
 from loong_jax.scheduler.plan import DecodeBatch, Preemption
 from loong_jax.scheduler.view import RequestView, SchedulerView
+
+
+_by_seq = attrgetter("seq")
 
 
 @dataclass
@@ -81,27 +85,32 @@ def plan_decodes(
     n = view.num_instances
     page_size = view.page_size
     plan = DecodePlan()
-    candidates = []
-    for request in requests:
+    # Parallel lists rather than a tuple per request: thousands of live tuples a call would set off the
+    # garbage collector (which then walks every young container) once or twice per call.
+    candidates, candidate_homes = [], []
+    for request in sorted(requests, key=_by_seq):  # oldest first
         home = homes[request.request_id] if homes is not None else home_group(request, n)
         if allowed.issuperset(home):
-            candidates.append((request, home))
+            candidates.append(request)
+            candidate_homes.append(home)
         else:
             plan.waiting_requests.append(request)
-    candidates.sort(key=lambda item: item[0].seq)  # oldest first
     preempted: set = set()
-    chosen: list[tuple[RequestView, int, tuple[int, ...]]] = []
-    for index, (request, home) in enumerate(candidates):
+    chosen: list[RequestView] = []
+    masters: list[int] = []
+    chosen_homes: list[tuple[int, ...]] = []  # each chosen request's home after this step
+    for index, request in enumerate(candidates):
         if preempted and request.request_id in preempted:
             continue
-        master = request.master
+        home, master = candidate_homes[index], request.master
         if master is not None:  # the common case, `_find_slot`'s first test inlined: room on its master
-            if request.kv.get(master, 0) % page_size:
-                chosen.append((request, master, home))
-                continue
-            if pages_free[master] > 0:
-                pages_free[master] -= 1
-                chosen.append((request, master, home))
+            room = request.kv.get(master, 0) % page_size
+            if room or pages_free[master] > 0:
+                if not room:
+                    pages_free[master] -= 1
+                chosen.append(request)
+                masters.append(master)
+                chosen_homes.append(home)
                 continue
         while True:
             master, new_home = _find_slot(request, home, allowed, pages_free, page_size, n, scope_of)
@@ -121,8 +130,10 @@ def plan_decodes(
             continue
         if master != request.master:
             plan.scale_ups += 1
-        chosen.append((request, master, new_home))
-    plan.batches = _batches(view, chosen)
+        chosen.append(request)
+        masters.append(master)
+        chosen_homes.append(new_home)
+    plan.batches = _batches(view, chosen, masters, chosen_homes)
     return plan
 
 
@@ -162,7 +173,7 @@ def _newest_in_reach(remaining, preempted, request, home, allowed, n, scope_of):
     """Newest not-yet-served request whose KV lies where `request` could find a slot (itself if none newer)."""
     limit = set(scope_of(request, home) if scope_of else range(n)) & allowed
     newest = request
-    for other, _ in remaining:
+    for other in remaining:
         if other.request_id in preempted or other is request:
             continue
         if other.seq > newest.seq and limit.intersection(other.kv):
@@ -170,16 +181,21 @@ def _newest_in_reach(remaining, preempted, request, home, allowed, n, scope_of):
     return newest
 
 
-def _batches(view: SchedulerView, chosen) -> list[DecodeBatch]:
-    outer_of = outermost_groups({home for _, _, home in chosen})  # home -> the widest home containing it
-    members: dict[tuple[int, ...], list] = {outer: [] for home, outer in outer_of.items() if home == outer}
-    for request, master, home in chosen:
-        members[outer_of[home]].append((request, master))
+def _batches(view: SchedulerView, chosen: list[RequestView], masters: list[int],
+             homes: list[tuple[int, ...]]) -> list[DecodeBatch]:
+    """One batch per outermost home: its chosen requests (in order) and their masters."""
+    outer_of = outermost_groups(set(homes))  # home -> the widest home containing it
+    members: dict[tuple[int, ...], tuple[list, list]] = {
+        outer: ([], []) for home, outer in outer_of.items() if home == outer}
+    for request, master, home in zip(chosen, masters, homes):
+        requests, their_masters = members[outer_of[home]]
+        requests.append(request)
+        their_masters.append(master)
     batches = []
-    for group, items in members.items():
-        contexts = [r.context_len for r, _ in items]
+    for group, (requests, their_masters) in members.items():
+        contexts = [r.prompt_len + r.num_generated for r in requests]  # `context_len`, inlined (every request)
         estimate = decode_seconds(view.cost_model, len(group), contexts)
-        estimate += view.compile_penalty_s("decode", group, len(items))
-        batches.append(DecodeBatch(group, tuple(r.request_id for r, _ in items), tuple(m for _, m in items),
+        estimate += view.compile_penalty_s("decode", group, len(requests))
+        batches.append(DecodeBatch(group, tuple(r.request_id for r in requests), tuple(their_masters),
                                    estimated_s=estimate))
     return batches

@@ -30,6 +30,8 @@ def reusable(request: RequestView, instances: Iterable[int]) -> bool:
 
 def prefill_chunk(request: RequestView, instances: Iterable[int]) -> tuple[int, int]:
     """(start, length) of the request's next prefill chunk when it runs on `instances` (to the prompt's end)."""
+    if not request.cached_tokens and not request.kv:  # the common case: the whole prompt
+        return 0, request.prefill_target
     start = request.cached_tokens if reusable(request, instances) else request.num_computed
     return start, request.prefill_target - start
 

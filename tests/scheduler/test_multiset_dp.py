@@ -5,7 +5,7 @@ Small integer costs make many ties, so the tie-breaking (first DoP, first start 
 import numpy as np
 import pytest
 
-from loong_jax.scheduler.esp.multiset_dp import CoverStep, cheapest_cover, multiset_transitions
+from loong_jax.scheduler.esp.multiset_dp import CoverReuse, CoverStep, cheapest_cover, multiset_transitions
 
 
 def reference_cover(batch_costs, skip, states, layers):
@@ -102,3 +102,32 @@ def test_equal_covers_keep_the_first_start_cut():
     skip[1, 3], skip[2, 3] = 2, 1  # defer requests 1-2 after a batch of request 0, or request 2 after 0-1
     expected = (3.0, [CoverStep(0, 0, 1), CoverStep(None, 1, 3)])
     assert cheapest_cover(costs, skip, states, layers) == expected == reference_cover(costs, skip, states, layers)
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_a_wider_candidate_reusing_the_last_tables_gets_what_a_fresh_pass_gets(seed):
+    """`CoverReuse`: a pass on more capacity (a wider candidate set) after one on less, with the same costs,
+    copies the common multisets' rows and computes the rest: the same cover as a fresh pass, tables and
+    all. Other costs are not reused."""
+    rng = np.random.default_rng(seed)
+    sizes = tuple(1 << k for k in range(rng.integers(1, 5)))
+    narrow = tuple(int(rng.integers(s, 2 * sizes[-1] + 1)) for s in sizes)
+    wide = tuple(c + int(rng.integers(0, 2 * s + 1)) for c, s in zip(narrow, sizes))
+    m, max_batches = int(rng.integers(3, 9)), int(rng.integers(1, 6))
+    run = np.arange(m)[None, :] - np.arange(m)[:, None]
+    batch_costs = (run ** 2)[:, :, None] + rng.integers(0, 3, (m, m, len(sizes))).astype(np.float64)
+    batch_costs[run <= 0] = np.inf
+    skip = np.where(run > 0, run * rng.integers(1, 4, (m, m)).astype(np.float64), np.inf) if seed % 2 else None
+    reuse = CoverReuse()
+    cheapest_cover(batch_costs, skip, *multiset_transitions(sizes, narrow, max_batches), reuse)
+    narrow_tables = reuse.tables
+    states, layers = multiset_transitions(sizes, wide, max_batches)
+    fresh = CoverReuse()
+    assert cheapest_cover(batch_costs, skip, states, layers, reuse) == cheapest_cover(
+        batch_costs, skip, states, layers, fresh)
+    for reused, computed in zip(reuse.tables, fresh.tables):
+        assert np.array_equal(reused, computed)
+    other = batch_costs + 1.0  # other costs: nothing is copied from the last pass
+    assert not CoverReuse(batch_costs, skip, states, narrow_tables).seed(
+        tuple(np.zeros_like(t) for t in fresh.tables), states, other, skip).any()
+    assert cheapest_cover(other, skip, states, layers, reuse) == reference_cover(other, skip, states, layers)

@@ -23,12 +23,15 @@ Data flow:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from loong_jax.scheduler.decode_planner import home_group
 from loong_jax.scheduler.esp.batching import BatchingResult, plan_batches
 from loong_jax.scheduler.esp.dispatch import ClusterSnapshot, admit_by_pages, admit_fifo, group_pages
+from loong_jax.scheduler.esp.multiset_dp import CoverReuse
 from loong_jax.scheduler.groups import capacity_by_threshold, covering_group, free_blocks
 from loong_jax.scheduler.plan import Migration
 from loong_jax.scheduler.prefix import prefill_chunk
@@ -55,6 +58,11 @@ class PrefillOption:
     lend_cost: float = 0.0  # urgency-weighted delay the lent decode groups suffer
 
 
+class PrefillChoice(NamedTuple):
+    best: PrefillOption | None  # the cheapest way to prefill now (None: waiting is cheaper)
+    free_only: PrefillOption | None  # the free instances alone: the choice with `max_lent_groups=0`
+
+
 def _groups_inside(blocks, size: int):
     for block in blocks:
         if len(block) >= size:
@@ -64,9 +72,10 @@ def _groups_inside(blocks, size: int):
 
 def evaluate_instances(snapshot: ClusterSnapshot, instances, waiting, limits: BatchingLimits,
                        force_head: bool, wait: float, must_run: frozenset = frozenset(),
-                       ) -> tuple[list, BatchingResult | None, list]:
+                       reuse: CoverReuse | None = None) -> tuple[list, BatchingResult | None, list]:
     """(admitted, batching, blocks) for prefilling the head of `waiting` on `instances`; admitted requests
-    the DP defers (see `ClusterSnapshot.defer_seconds`) stay waiting, except those named in `must_run`."""
+    the DP defers (see `ClusterSnapshot.defer_seconds`) stay waiting, except those named in `must_run`.
+    `reuse` carries the batching DP's tables from one candidate to the next."""
     view = snapshot.view
     n = view.num_instances
     blocks = free_blocks(instances, n)
@@ -91,8 +100,9 @@ def evaluate_instances(snapshot: ClusterSnapshot, instances, waiting, limits: Ba
     while admitted:
         defer_costs = None
         if not force_head:
+            widest = max(sizes)
             defer_costs = [math.inf if r.request_id in must_run else
-                           snapshot.defer_seconds(r, wait, limits.defer_age_limit, max(sizes)) / max(1, r.prefill_target)
+                           snapshot.defer_seconds(r, wait, limits.defer_age_limit, widest) / max(1, r.prefill_target)
                            for r in admitted]
         # A forced head (nothing else can run) is admitted on its bare prompt: cap its demand to what fits.
         # A prefix-cache hit on these instances computes its suffix and attends to the cached prefix.
@@ -103,7 +113,7 @@ def evaluate_instances(snapshot: ClusterSnapshot, instances, waiting, limits: Ba
             max_boundaries=limits.max_boundaries, penalty=penalty,
             max_tokens_per_instance=limits.max_tokens_per_instance, defer_costs=defer_costs,
             squares=[(start + length) ** 2 - start ** 2 for start, length in chunks],
-            normalizers=[max(1, r.prefill_target) for r in admitted],
+            normalizers=[max(1, r.prefill_target) for r in admitted], reuse=reuse,
         )
         if result is not None:
             return admitted, (result if result.batches else None), blocks
@@ -112,12 +122,14 @@ def evaluate_instances(snapshot: ClusterSnapshot, instances, waiting, limits: Ba
 
 
 def choose_prefill(snapshot: ClusterSnapshot, waiting, limits: BatchingLimits, max_lent_groups: int,
-                   nothing_running: bool, must_run: frozenset = frozenset()) -> PrefillOption | None:
-    """The cheapest way to prefill now, or None when waiting is cheaper (see module docstring); requests in
-    `must_run` (a ready reservation's head) are never deferred."""
+                   nothing_running: bool, must_run: frozenset = frozenset()) -> PrefillChoice:
+    """`best`: the cheapest way to prefill now, or None when waiting is cheaper (see module docstring);
+    requests in `must_run` (a ready reservation's head) are never deferred. `free_only`: what the free
+    instances alone would prefill (the first candidate, which a consolidation falls back to), kept so that
+    it is not evaluated twice."""
     if not waiting:
-        return None
-    group_weight = {g: snapshot.urgency(rs) for g, rs in snapshot.decode_groups.items()}
+        return PrefillChoice(None, None)
+    group_weight = {g: snapshot.group_urgency(g) for g in snapshot.decode_groups}
     wait = snapshot.wait()
     n = snapshot.view.num_instances
 
@@ -138,6 +150,7 @@ def choose_prefill(snapshot: ClusterSnapshot, waiting, limits: BatchingLimits, m
         return snapshot.urgency(extra) * min(wait, option.batching.shortest_seconds)
 
     options: list[PrefillOption] = []
+    free_only = None
     pool: set[int] = set(snapshot.free)
     lent: list = []
     candidates = [(frozenset(pool), ())] if pool else []
@@ -145,28 +158,31 @@ def choose_prefill(snapshot: ClusterSnapshot, waiting, limits: BatchingLimits, m
         pool |= set(group)
         lent.append(group)
         candidates.append((frozenset(pool), tuple(lent)))
+    reuse = CoverReuse()  # a wider candidate often has the narrower one's DP tables (same costs)
     for instances, lent_groups in candidates:
         admitted, result, _ = evaluate_instances(snapshot, instances, waiting, limits,
-                                                 nothing_running and not lent_groups, wait, must_run)
+                                                 nothing_running and not lent_groups, wait, must_run, reuse)
         if result is None:
             continue
         option = PrefillOption(instances, lent_groups, admitted, result)
         option.lend_cost = option.batching.longest_seconds * sum(group_weight[g] for g in lent_groups)
         option.cost = weighed(option) + option.lend_cost
+        if not lent_groups:
+            free_only = dataclasses.replace(option)  # before `left_behind` below adds to the cost
         if options and option.cost >= options[-1].cost + left_behind(options[-1], option):
             break  # lending one more group made things worse: lending further will not help either
         options.append(option)
     if not options:
-        return None
+        return PrefillChoice(None, free_only)
     widest = max(options, key=lambda o: len(o.admitted))
     for option in options:
         option.cost += left_behind(option, widest)
     best = min(options, key=lambda o: o.cost)
     if any(not o.lent_groups for o in options):
         # Free instances delay nobody: use them unless lending decode instances as well is cheaper.
-        return best
+        return PrefillChoice(best, free_only)
     idle_cost = snapshot.urgency(widest.admitted) * wait + weighed(widest)
-    return best if best.cost < idle_cost else None
+    return PrefillChoice(best if best.cost < idle_cost else None, free_only)
 
 
 def plan_consolidation(snapshot: ClusterSnapshot, waiting, limits: BatchingLimits,
@@ -183,7 +199,8 @@ def plan_consolidation(snapshot: ClusterSnapshot, waiting, limits: BatchingLimit
     wait = snapshot.wait()
     best_net, best_moves = 0.0, []
     singles = [g[0] for g in snapshot.decode_groups if len(g) == 1] if across_singles else []
-    single_urgency = {y: snapshot.urgency(snapshot.decode_groups[(y,)]) for y in singles}
+    single_urgency = {y: snapshot.group_urgency((y,)) for y in singles}
+    roomiest_singles = sorted(singles, key=lambda y: -snapshot.usable_pages(y))  # stable: first among equals
     gain_by_freed: dict[int, float] = {}  # pages freed -> urgency of the queue requests they admit
     needs = [snapshot.pages_for_prompt(r) for r in waiting]
 
@@ -194,13 +211,12 @@ def plan_consolidation(snapshot: ClusterSnapshot, waiting, limits: BatchingLimit
         return gain_by_freed[freed]
 
     for group, requests in snapshot.decode_groups.items():
-        delayed = snapshot.urgency(requests)
+        delayed = snapshot.group_urgency(group)
         for x in group:
             moving = [r for r in requests if x in r.kv]
             if not moving:
                 continue
-            tokens = sum(r.kv[x] for r in moving)
-            seconds = cost.migration_time(tokens)
+            seconds = cost.migration_time(sum(r.kv[x] for r in moving))
             if lend_cost is None and wait <= seconds:
                 continue
             # Inside a wider group onto a member with room; a one-instance group onto another one-instance
@@ -210,17 +226,17 @@ def plan_consolidation(snapshot: ClusterSnapshot, waiting, limits: BatchingLimit
             else:
                 # A one-instance group's requests live on x alone: the pages they ask of y do not depend on
                 # y, so only the target with the most room (the first of them) can take them.
-                targets = [(y, single_urgency[y]) for y in singles if y != x]
-                targets = [max(targets, key=lambda t: snapshot.usable_pages(t[0]))] if targets else []
+                roomiest = next((y for y in roomiest_singles if y != x), None)
+                targets = [] if roomiest is None else [(roomiest, single_urgency[roomiest])]
+            if targets:
+                pages_on_x, growth_pages = _pages_moving(moving, x, snapshot)
             for y, also_delayed in sorted(targets, key=lambda t: -snapshot.usable_pages(t[0])):
                 if len(group) > 1 and not _frees_instance(requests, moving, x, y, n):
                     continue  # (a one-instance group's requests all move: x always comes free)
-                need = sum(-(-(r.kv.get(y, 0) + r.kv[x]) // page_size) - (-(-r.kv.get(y, 0) // page_size))
-                           for r in moving)
-                need += sum(-(-snapshot.growth(r) // page_size) for r in moving if r.master == x)
+                need = _pages_asked_of(y, moving, x, pages_on_x, page_size) + growth_pages
                 if need > snapshot.usable_pages(y):
                     continue
-                freed = snapshot.pages_free[x] + sum(-(-r.kv[x] // page_size) for r in moving)
+                freed = snapshot.pages_free[x] + pages_on_x
                 if lend_cost is None:
                     net = queue_gain(freed) * (wait - seconds) - seconds * (delayed + also_delayed)
                 else:
@@ -231,6 +247,27 @@ def plan_consolidation(snapshot: ClusterSnapshot, waiting, limits: BatchingLimit
                                   for r in moving]
                 break  # y with the most room was checked; others have less
     return best_moves
+
+
+def _pages_moving(moving: list[RequestView], x: int, snapshot: ClusterSnapshot) -> tuple[int, int]:
+    """(pages their shares fill on x, pages the growth of those mastered on x asks of their new master) of
+    the requests moving off x, in one pass (counted once for every target tried)."""
+    page_size, horizon, default = snapshot.view.page_size, snapshot.growth_horizon, snapshot.view.default_output_tokens
+    pages = growth_pages = 0
+    for request in moving:
+        pages += -(-request.kv[x] // page_size)
+        if request.master == x:  # `snapshot.growth`, inlined (every decoding request of the cluster passes here)
+            cap = request.max_new_tokens
+            growth = min(default if cap is None else max(0, cap - request.num_generated), horizon)
+            growth_pages += -(-growth // page_size)
+    return pages, growth_pages
+
+
+def _pages_asked_of(y: int, moving: list[RequestView], x: int, pages_on_x: int, page_size: int) -> int:
+    """Pages y takes when every share on x joins y's part of its request: as many as the shares fill on x
+    (`pages_on_x`), less what joining a part already on y saves (their last pages merge)."""
+    return pages_on_x + sum(-(-(r.kv[y] + r.kv[x]) // page_size) + (-r.kv[y] // page_size) + (-r.kv[x] // page_size)
+                            for r in moving if y in r.kv)
 
 
 def _frees_instance(requests: list[RequestView], moving: list[RequestView], x: int, y: int, n: int) -> bool:

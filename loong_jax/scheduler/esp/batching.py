@@ -28,7 +28,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from loong_jax.scheduler.esp.multiset_dp import INFEASIBLE, cheapest_cover, multiset_transitions
+from loong_jax.scheduler.esp.multiset_dp import INFEASIBLE, CoverReuse, cheapest_cover, multiset_transitions
 
 
 @dataclass(frozen=True)
@@ -79,6 +79,7 @@ def plan_batches(
     defer_costs: Sequence[float] | None = None,
     squares: Sequence[float] | None = None,
     normalizers: Sequence[float] | None = None,
+    reuse: CoverReuse | None = None,
 ) -> BatchingResult | None:
     """Best split of the requests into batches with DoPs (and, with `defer_costs`, requests left for later);
     None when they cannot be placed.
@@ -90,6 +91,7 @@ def plan_batches(
     `squares[i]`: request i's quadratic attention term (default lengths[i]²; a prefix-cache hit computing
     `lengths[i]` tokens after `h` cached ones attends (h + lengths[i])² − h²); `normalizers[i]`: the length
     request i's latency is normalised by (default lengths[i]; a hit's whole prompt, as its deferral cost is).
+    `reuse`: shared by the calls of one scheduling step (`multiset_dp.CoverReuse`).
     """
     n = len(lengths)
     if n == 0:
@@ -137,7 +139,7 @@ def plan_batches(
         skip = np.where(forward & (blocked[None, :] == blocked[:, None]), finite[None, :] - finite[:, None], INFEASIBLE)
 
     states, layers = multiset_transitions(tuple(sizes), tuple(threshold_capacity[d] for d in sizes), max_batches)
-    cover = cheapest_cover(np.stack([cost_by_dop[d] for d in sizes], axis=-1), skip, states, layers)
+    cover = cheapest_cover(np.stack([cost_by_dop[d] for d in sizes], axis=-1), skip, states, layers, reuse)
     if cover is None:
         return None
     final_cost, steps = cover

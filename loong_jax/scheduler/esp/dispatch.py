@@ -9,9 +9,12 @@ Data flow:
      the pages of the candidate prefill instances (minus reservations); one that does not fit is passed over
      (backfilling). `release` / `withhold` apply the head's reservation to the snapshot.
   3. `estimate_wait` is how long the queue would wait if no instance were taken from decoding now: the
-     earliest moment a busy instance or a decode group is expected to come free. It is the gain side of the
-     delay-decode cost/gain test in `esp.allocation`, where a second of delay costs a request its
-     `urgency`: 1 / its slack to a latency target of `slo_scale` x its isolated latency.
+     earliest moment a busy instance or a decode group is expected to come free (from each home's totals,
+     added up in `build`'s pass over the decoding requests). It is the gain side of the delay-decode
+     cost/gain test in `esp.allocation`, where a second of delay costs a request its `urgency`: 1 / its
+     slack to a latency target of `slo_scale` x its isolated latency. Every idle decoding request is
+     weighed in one pass when the first decode group is, and each group's sum is kept for the call
+     (`group_urgency`).
   4. `defer_seconds` prices leaving an admitted request waiting this step (the batching DP may do so).
 """
 
@@ -37,14 +40,17 @@ class ClusterSnapshot:
     idle: set = field(default_factory=set)
     slo_scale: float = 25.0  # latency target = slo_scale x isolated latency (urgency is slack to it)
     request_costs: dict = field(default_factory=dict)  # (id, prompt, max) -> (isolated s, instance-s) (policy-owned)
-    urgency_parts: dict = field(default_factory=dict)  # (id, ..., generated) -> (budget, remaining s) (policy-owned)
     max_prefill_degree: int | None = None  # widest prefill group allowed (None: the cluster)
     _prefill_sizes: tuple | None = None
     _wait: float | None = None
     _prompt_pages: dict = field(default_factory=dict)  # id(request) -> pages (cache for this call)
-    _urgency: dict = field(default_factory=dict)  # id(request) -> 1 / isolated seconds (cache)
+    _urgency: dict = field(default_factory=dict)  # id(request) -> its urgency now (cache)
+    _group_urgency: dict = field(default_factory=dict)  # decode group -> urgency of its requests (cache)
     _best_prefill: dict = field(default_factory=dict)  # (id(request), dop) -> prefill seconds alone (cache)
-    _home_counts: dict = field(default_factory=dict)  # home group -> decoding requests living there
+    _smallest_pool: dict = field(default_factory=dict)  # group -> fewest pages_total of a member (cache)
+    _defer: dict = field(default_factory=dict)  # (id(request), wait, age limit, dop) -> `defer_seconds` (cache)
+    # home group -> [decoding requests living there, Σ their context, most output tokens one has still to come]
+    _home_totals: dict = field(default_factory=dict)
     _decoding_per_instance: dict | None = None
 
     @classmethod
@@ -62,28 +68,41 @@ class ClusterSnapshot:
         busy_members: set[int] = set()  # instances holding KV of a decode in flight
         idle, homes, reserve = snapshot.idle, snapshot.homes, snapshot.reserve
         page_size, horizon, default_output = view.page_size, growth_horizon, view.default_output_tokens
-        home_counts = snapshot._home_counts
+        home_totals = snapshot._home_totals
+        one_instance = view.group_family  # its first n groups are (0,), (1,), ...: shared, not built per request
         # The hot loop of every schedule() call (hundreds of decoding requests): `home_group` and
-        # `reserve_growth` inlined for the common single-instance request.
+        # `reserve_growth` inlined for the common single-instance request, and the homes' totals that
+        # `estimate_wait` drains (`remaining_new_tokens` and `context_len` inlined).
         for request in view.decoding:
             kv, master = request.kv, request.master
             if len(kv) == 1 and (master is None or master in kv):
-                home = (master,) if master is not None else tuple(kv)
+                home = one_instance[master if master is not None else next(iter(kv))]
             else:
                 home = home_group(request, n)
             homes[request.request_id] = home
-            home_counts[home] = home_counts.get(home, 0) + 1
+            cap, generated = request.max_new_tokens, request.num_generated
+            remaining = default_output if cap is None else cap - generated
+            totals = home_totals.get(home)
+            if totals is None:
+                home_totals[home] = [1, request.prompt_len + generated, max(0, remaining)]
+            else:
+                totals[0] += 1
+                totals[1] += request.prompt_len + generated
+                if remaining > totals[2]:
+                    totals[2] = remaining
             if master is not None:
-                cap = request.max_new_tokens
-                remaining = default_output if cap is None else cap - request.num_generated
                 beyond_tail = min(remaining, horizon) - (-kv.get(master, 0)) % page_size
                 if beyond_tail > 0:
                     reserve[master] += -(-beyond_tail // page_size)
             if request.in_flight:
                 busy_members.update(home)
             elif idle.issuperset(home):
-                idle_homes.setdefault(home, []).append(request)
-        for home in home_counts:
+                living = idle_homes.get(home)  # (not `setdefault`: a new list per request)
+                if living is None:
+                    idle_homes[home] = [request]
+                else:
+                    living.append(request)
+        for home in home_totals:
             claimed.update(home)
         for request in view.prefilling:
             claimed.update(request.kv)
@@ -120,7 +139,7 @@ class ClusterSnapshot:
         """Instance -> decoding requests whose home group contains it (computed once per snapshot)."""
         if self._decoding_per_instance is None:
             counts: dict[int, int] = {}
-            for home, requests in self._home_counts.items():
+            for home, (requests, _, _) in self._home_totals.items():
                 for instance in home:
                     counts[instance] = counts.get(instance, 0) + requests
             self._decoding_per_instance = counts
@@ -138,6 +157,18 @@ class ClusterSnapshot:
 
     def usable_pages(self, instance: int) -> int:
         return max(0, self.pages_free[instance] - self.reserve[instance])
+
+    def usable_by_instance(self, instances) -> dict[int, int]:
+        """`usable_pages` of each of `instances` (one pass: placement reads a whole group per request)."""
+        pages_free, reserve = self.pages_free, self.reserve
+        return {i: (left if (left := pages_free[i] - reserve[i]) > 0 else 0) for i in instances}
+
+    def smallest_pool(self, group) -> int:
+        """The fewest pages any member of `group` holds in all (cached: placement asks per request)."""
+        pages = self._smallest_pool.get(group)
+        if pages is None:
+            pages = self._smallest_pool[group] = min(self.view.instances[i].pages_total for i in group)
+        return pages
 
     def pages_for_prompt(self, request: RequestView) -> int:
         """Pages the prompt and its expected growth take (one spare for the partly filled last pages)."""
@@ -163,10 +194,16 @@ class ClusterSnapshot:
         (the widest group it could have had now). Deferring thus pays off when running now would drag it
         into a worse batch, not merely because a wider group might come. Infinite once it has waited
         `age_limit` times its isolated latency (no request is deferred forever)."""
-        waited = self.view.now - request.arrival
-        if waited > age_limit * self.isolated(request):
-            return math.inf
-        return min(wait, self.fastest_prefill_seconds(request)) + self.prefill_seconds(request, dop_now)
+        key = (id(request), wait, age_limit, dop_now)  # each candidate prefill set asks again
+        seconds = self._defer.get(key)
+        if seconds is None:
+            waited = self.view.now - request.arrival
+            if waited > age_limit * self.isolated(request):
+                seconds = math.inf
+            else:
+                seconds = min(wait, self.fastest_prefill_seconds(request)) + self.prefill_seconds(request, dop_now)
+            self._defer[key] = seconds
+        return seconds
 
     def fastest_prefill_seconds(self, request: RequestView) -> float:
         """Prefill time of the request alone on the widest group a prefill may use (`prefill_sizes`)."""
@@ -192,7 +229,7 @@ class ClusterSnapshot:
         for request in requests:
             value = cache.get(id(request))
             if value is None:
-                value = cache[id(request)] = self._urgency_of(request)
+                value = self._urgency_of(request)
             total += value
         return total
 
@@ -218,24 +255,45 @@ class ClusterSnapshot:
             self._wait = estimate_wait(self)
         return self._wait
 
+    def group_urgency(self, group) -> float:
+        """`urgency` of a decode group's requests (`decode_groups[group]`), once per snapshot: choosing the
+        prefill and consolidation both weigh every group."""
+        value = self._group_urgency.get(group)
+        if value is None:
+            if not self._group_urgency:  # the first group: weigh the requests of every group in one pass
+                for requests in self.decode_groups.values():
+                    self._weigh(requests)
+            value = self._group_urgency[group] = self.urgency(self.decode_groups[group])
+        return value
+
     def _urgency_of(self, request: RequestView) -> float:
-        view = self.view
-        decoding = bool(request.kv) and request.master is not None
-        key = (request.request_id, request.prompt_len, request.max_new_tokens, request.num_generated, decoding)
-        parts = self.urgency_parts.get(key)  # what does not depend on the clock, kept across calls
-        if parts is None:
-            isolated = self.isolated(request)
-            if decoding:  # what is left is its remaining output
-                remaining = request.remaining_new_tokens(view.default_output_tokens) * view.cost_model.decode_time(
-                    1, 1, request.context_len)
+        self._weigh((request,))
+        return self._urgency[id(request)]
+
+    def _weigh(self, requests) -> None:
+        """The urgency of each request, into the cache (see `urgency`). What is left of a decoding request
+        (KV and a master) is its remaining output at one decode step alone on one instance,
+        `decode_time(1, 1, context)`; of a waiting one, its isolated latency. (Inlined: this loop runs over
+        every decoding request on every call, and the value changes with every token, so it is not kept
+        across calls.)"""
+        view, cache, costs = self.view, self._urgency, self.request_costs
+        now, slo_scale, default = view.now, self.slo_scale, view.default_output_tokens
+        coefficients = view.cost_model.decode.get(1)
+        if coefficients is None:  # let the cost model say what is missing
+            view.cost_model.decode_time(1, 1, 1)
+        fixed, per_token = coefficients.constant + coefficients.per_request * 1, coefficients.per_context_token
+        for request in requests:
+            entry = costs.get((request.request_id, request.prompt_len, request.max_new_tokens))
+            isolated = entry[0] if entry is not None else self.isolated(request)
+            if request.kv and request.master is not None:
+                cap, generated = request.max_new_tokens, request.num_generated
+                tokens = default if cap is None else max(0, cap - generated)
+                remaining = tokens * (fixed + per_token * (request.prompt_len + generated))
             else:
                 remaining = isolated
-            parts = self.urgency_parts[key] = (self.slo_scale * isolated, remaining)
-        budget, remaining = parts
-        slack = budget - (view.now - request.arrival) - remaining
-        if slack <= 0:
-            return 1.0 / budget
-        return 1.0 / min(slack, budget)
+            budget = slo_scale * isolated
+            slack = budget - (now - request.arrival) - remaining  # to the latency target
+            cache[id(request)] = 1.0 / budget if slack <= 0 else 1.0 / min(slack, budget)
 
 
 def group_pages(snapshot: ClusterSnapshot, group) -> int:
@@ -308,21 +366,8 @@ def instance_seconds(view: SchedulerView, request: RequestView) -> float:
 def estimate_wait(snapshot: ClusterSnapshot) -> float:
     """Seconds until some instance not free now is expected to become free for prefill (inf if never)."""
     view, cost = snapshot.view, snapshot.view.cost_model
-    homes, default = snapshot.homes, view.default_output_tokens
-    by_home: dict[tuple[int, ...], list[int]] = {}  # home -> [requests, Σ context, most tokens still to come]
-    for request in view.decoding:  # (`remaining_new_tokens` and `context_len` inlined: the hot loop)
-        cap, generated = request.max_new_tokens, request.num_generated
-        remaining = default if cap is None else max(0, cap - generated)
-        totals = by_home.get(homes[request.request_id])
-        if totals is None:
-            by_home[homes[request.request_id]] = [1, request.prompt_len + generated, remaining]
-        else:
-            totals[0] += 1
-            totals[1] += request.prompt_len + generated
-            if remaining > totals[2]:
-                totals[2] = remaining
     drain_by_instance: dict[int, float] = {}  # the longest drain of a home holding the instance
-    for home, (count, context, steps) in by_home.items():
+    for home, (count, context, steps) in snapshot._home_totals.items():  # (`build` adds them up)
         drain = steps * cost.decode_time(len(home), count, context)
         for instance in home:
             if drain > drain_by_instance.get(instance, -math.inf):

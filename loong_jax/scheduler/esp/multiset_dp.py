@@ -9,10 +9,15 @@ Data flow:
      is one min-plus product over all of its moves, laid out [from cut, to cut, move] so that numpy's inner
      loops run over the moves (hundreds, contiguous) rather than over the ~24 cuts; then deferral (`skip`, a
      step that adds no batch) closes the layer. Only values are kept, no argmins.
-  3. The walk back from the cheapest final state recomputes, at each step, which move and which start cut
+  3. `CoverReuse` carries a forward pass's tables to the next `cheapest_cover` of the same call: the
+     candidate prefill sets of one step grow one decode group at a time, so a wider one has every multiset
+     of a narrower one, and when the same requests are admitted under the same limits its cost tables are
+     the same: a multiset's values depend only on those tables, so they are copied and only the new
+     multisets are computed (exactly what a fresh pass would give).
+  4. The walk back from the cheapest final state recomputes, at each step, which move and which start cut
      gave the value: among equal costs the first move in DoP order and the first cut, exactly what relaxing
-     the moves one DoP after another with strict improvement keeps. That is a few short vectors per step
-     instead of an argmin over every move of every layer.
+     the moves one DoP after another with strict improvement keeps. That is one small [move, cut] table per
+     step instead of an argmin over every move of every layer.
 """
 
 from __future__ import annotations
@@ -100,12 +105,45 @@ def _layer_moves(moves: list[tuple[int, int, int]]) -> LayerMoves:
                       np.array([k for k, _, _ in moves], np.int64), np.array(targets, np.int64), slots)
 
 
+@dataclass
+class CoverReuse:
+    """The last forward pass of one call's candidates (see the module docstring, step 3)."""
+
+    batch_costs: np.ndarray | None = None
+    skip: np.ndarray | None = None
+    states: tuple = ()  # its multisets (counts), one per row of `tables`
+    tables: tuple | None = None  # (best, before_deferral, deferred_last)
+
+    def seed(self, tables, states, batch_costs: np.ndarray, skip: np.ndarray | None) -> np.ndarray:
+        """Copy the rows of the multisets the last pass computed on the same costs; [states] bool: copied."""
+        known = np.zeros(len(states), bool)
+        if self.tables is None or not _same(self.batch_costs, batch_costs) or not _same(self.skip, skip):
+            return known
+        row_of = {counts: row for row, counts in enumerate(self.states)}
+        new_rows = [row for row, counts in enumerate(states) if counts in row_of]
+        old_rows = [row_of[states[row]] for row in new_rows]
+        for table, old in zip(tables, self.tables):
+            table[new_rows] = old[old_rows]
+        known[new_rows] = True
+        return known
+
+    def keep(self, tables, states, batch_costs: np.ndarray, skip: np.ndarray | None) -> None:
+        self.batch_costs, self.skip, self.states, self.tables = batch_costs, skip, states, tables
+
+
+def _same(a: np.ndarray | None, b: np.ndarray | None) -> bool:
+    if a is None or b is None:
+        return a is b
+    return a.shape == b.shape and np.array_equal(a, b)
+
+
 def cheapest_cover(batch_costs: np.ndarray, skip: np.ndarray | None, states, layers,
-                   ) -> tuple[float, list[CoverStep]] | None:
+                   reuse: CoverReuse | None = None) -> tuple[float, list[CoverStep]] | None:
     """(cost, steps in request order) of the cheapest cover of every request, or None if none is finite.
 
     `batch_costs[from cut, to cut, dop index]`: cost of one batch of those requests at that DoP (inf where it
     does not fit); `skip[from cut, to cut]`: cost of deferring them (None: nothing may be deferred).
+    `reuse`: the tables of the last pass (used when its costs are these) and, after, of this one.
     """
     m = batch_costs.shape[0]
     best = np.full((len(states), m), INFEASIBLE)  # [state, cut]
@@ -113,13 +151,19 @@ def cheapest_cover(batch_costs: np.ndarray, skip: np.ndarray | None, states, lay
     before_deferral = best.copy()  # [state, cut]: best before deferral closed the state's layer
     deferred_last = np.zeros((len(states), m), bool)  # best[state, cut] ends with a deferred run
     tables = (best, before_deferral, deferred_last)
-    if skip is not None:
+    known = np.zeros(len(states), bool) if reuse is None else reuse.seed(tables, states, batch_costs, skip)
+    if skip is not None and not known[0]:
         _close_under_deferral(tables, np.array([0]), skip)
     for layer in layers:
-        best[layer.targets] = _cheapest_moves(best, layer, batch_costs)
-        before_deferral[layer.targets] = best[layer.targets]
+        layer_left = _moves_into_unknown(layer, known)
+        if layer_left is None:
+            continue
+        best[layer_left.targets] = _cheapest_moves(best, layer_left, batch_costs)
+        before_deferral[layer_left.targets] = best[layer_left.targets]
         if skip is not None:
-            _close_under_deferral(tables, layer.targets, skip)
+            _close_under_deferral(tables, layer_left.targets, skip)
+    if reuse is not None:
+        reuse.keep(tables, states, batch_costs, skip)
     final_state = int(best[:, -1].argmin())
     final_cost = float(best[final_state, -1])
     if not np.isfinite(final_cost):
@@ -138,6 +182,20 @@ def cheapest_cover(batch_costs: np.ndarray, skip: np.ndarray | None, states, lay
         cut = start
     steps.reverse()
     return final_cost, steps
+
+
+def _moves_into_unknown(layer: LayerMoves, known: np.ndarray) -> LayerMoves | None:
+    """The part of `layer` that reaches targets not `known` (None: every target is)."""
+    rows = np.flatnonzero(~known[layer.targets])
+    if len(rows) == len(layer.targets):
+        return layer
+    if not len(rows):
+        return None
+    slots = layer.slots[rows]
+    padding = len(layer.sources)
+    used = np.unique(slots[slots < padding])  # ascending: DoP order is kept
+    remapped = np.where(slots < padding, np.searchsorted(used, slots), len(used))
+    return LayerMoves(layer.sources[used], layer.dop_index[used], layer.targets[rows], remapped)
 
 
 def _cheapest_moves(best: np.ndarray, layer: LayerMoves, batch_costs: np.ndarray) -> np.ndarray:
@@ -164,15 +222,11 @@ def _close_under_deferral(tables, targets: np.ndarray, skip: np.ndarray) -> None
 def _cheapest_move_into(best: np.ndarray, layer: LayerMoves, batch_costs: np.ndarray, state: int,
                         cut: int) -> tuple[int, int, int]:
     """(source state, DoP index, start cut) of the move that gave best[state, cut]: the first in DoP order
-    with the least cost, and its first start cut with that cost."""
-    row = int(np.searchsorted(layer.targets, state))
-    chosen, chosen_value = None, INFEASIBLE
-    for j in layer.slots[row]:
-        if j == len(layer.sources):
-            break
-        source, dop_index = int(layer.sources[j]), int(layer.dop_index[j])
-        totals = best[source] + batch_costs[:, cut, dop_index]
-        start = int(totals.argmin())
-        if chosen is None or totals[start] < chosen_value:
-            chosen, chosen_value = (source, dop_index, start), totals[start]
-    return chosen
+    with the least cost, and its first start cut with that cost (argmin takes the first of equal values)."""
+    moves = layer.slots[int(np.searchsorted(layer.targets, state))]
+    moves = moves[moves < len(layer.sources)]
+    sources, dop_indices = layer.sources[moves], layer.dop_index[moves]
+    totals = best[sources] + batch_costs[:, cut, dop_indices].T  # [move, start cut]
+    starts = totals.argmin(axis=1)
+    move = int(totals[np.arange(len(moves)), starts].argmin())
+    return int(sources[move]), int(dop_indices[move]), int(starts[move])

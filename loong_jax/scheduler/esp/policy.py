@@ -105,13 +105,14 @@ class EspPolicy(PolicyDefaults):
                 snapshot.withhold(reservation.group)
                 queue = queue[1:]
 
-        option = choose_prefill(snapshot, queue, self.limits, self.max_lent_groups, nothing_running, must_run)
+        choice = choose_prefill(snapshot, queue, self.limits, self.max_lent_groups, nothing_running, must_run)
+        option = choice.best
         if self.migration and queue and not must_run and not migrations and (option is None or option.lent_groups):
             # Consolidating a decode group may beat both waiting and lending it (a short move, then the
             # freed instance prefills while the group keeps decoding).
             migrations = plan_consolidation(snapshot, queue, self.limits, None if option is None else option.lend_cost)
             if migrations and option is not None:
-                option = choose_prefill(snapshot, queue, self.limits, 0, nothing_running)  # free instances only
+                option = choice.free_only  # free instances only (consolidation changed nothing it read)
         prefills, used = self._prefills(snapshot, option)
         if migrations:
             moving = {i for m in migrations for i in (m.src_instance, m.dst_instance)}

@@ -186,7 +186,6 @@ class QueueDiscipline:
         self.load = OfferedLoad(utilization=target_utilization)  # under overload the largest requests go late
         self.starvation_limit = starvation_limit  # x its latency budget: a request waiting so long goes first
         self.request_costs: dict = {}  # isolated latency and work per request: constant, kept across calls
-        self.urgency_parts: dict = {}  # the clock-free parts of each request's urgency, kept across calls
         self.late_requests = 0  # waiting requests in the late tiers at the last step (a server metric)
         self._index = DeadlineIndex(slo_scale, starvation_limit)  # `order` kept across calls, for `head`
 
@@ -198,11 +197,7 @@ class QueueDiscipline:
     def snapshot(self, view: SchedulerView, growth_horizon: int, max_prefill_degree: int | None = None) -> ClusterSnapshot:
         if len(self.request_costs) > 4 * (len(view.waiting) + len(view.decoding)) + 1024:
             self.request_costs.clear()  # forget finished requests now and then
-        if len(self.urgency_parts) > 8 * len(view.decoding) + 1024:
-            self.urgency_parts.clear()  # a decoding request adds one a step
-        snapshot = ClusterSnapshot.build(view, growth_horizon, self.slo_scale, self.request_costs, max_prefill_degree)
-        snapshot.urgency_parts = self.urgency_parts
-        return snapshot
+        return ClusterSnapshot.build(view, growth_horizon, self.slo_scale, self.request_costs, max_prefill_degree)
 
     def order(self, snapshot: ClusterSnapshot, servable: list[RequestView]) -> list[RequestView]:
         """The queue this step. fifo: `servable` as it is (arrival order). deadline: timely requests in

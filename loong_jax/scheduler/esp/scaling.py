@@ -63,17 +63,12 @@ def place_request(snapshot: ClusterSnapshot, group: tuple[int, ...], request: Re
 
 def _place(snapshot: ClusterSnapshot, group: tuple[int, ...], n_tokens: int, growth: int, scale_down: bool = True):
     page_size = snapshot.view.page_size
-    per_instance = min(snapshot.view.instances[i].pages_total for i in group)
+    per_instance = snapshot.smallest_pool(group)
     widest = compact_size(ceil_div(n_tokens + growth, page_size) + 1, per_instance, len(group))
-    usable = {i: snapshot.usable_pages(i) for i in group}
+    usable = snapshot.usable_by_instance(group)
     for size in power_of_two_sizes(widest) if scale_down else (len(group),):
         if size == 1:  # one member always takes the whole prompt: the best key wins (the first among equal)
-            best, best_key = None, None
-            for i in group:
-                if usable[i] * page_size >= n_tokens + growth:
-                    key = (i not in snapshot.free, usable[i])
-                    if best_key is None or key > best_key:
-                        best, best_key = i, key
+            best = _roomiest_single(group, usable, snapshot.free, -(-(n_tokens + growth) // page_size))
             if best is not None:
                 return ((best, n_tokens),)
             continue
@@ -93,6 +88,22 @@ def _place(snapshot: ClusterSnapshot, group: tuple[int, ...], n_tokens: int, gro
                 by_instance = dict(zip(ordered, shares))
                 return tuple((i, by_instance[i]) for i in ordered_members if by_instance[i] > 0)
     return None
+
+
+def _roomiest_single(group, usable: dict[int, int], free: set, pages: int) -> int | None:
+    """The member with room for `pages` that holds decodes (so free ones stay free), then has the most
+    usable pages; the first among equals. (`_place`'s key (not free, usable) over one-member groups,
+    without a tuple per member: it runs for every prompt of a batch.)"""
+    held, held_room, spare, spare_room = None, -1, None, -1
+    for i in group:
+        room = usable[i]
+        if room >= pages:
+            if i in free:
+                if room > spare_room:
+                    spare, spare_room = i, room
+            elif room > held_room:
+                held, held_room = i, room
+    return held if held is not None else spare
 
 
 def compact_size(pages: int, per_instance: int, limit: int) -> int:
