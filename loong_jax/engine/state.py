@@ -80,7 +80,9 @@ class EngineState:
         self.page_size = page_size
         self.requests: dict[RequestId, RequestState] = {}
         self._waiting: list[RequestState] = []  # sorted by seq
-        self._waiting_version = 0  # changes with every insertion or removal (what `view` caches against)
+        # Changes with every removal or insertion other than an arrival appended at the tail (`view` keeps
+        # its answer against it and the queue's length).
+        self._waiting_edits = 0
         self.prefilling: dict[RequestId, RequestState] = {}
         self.decoding: dict[RequestId, RequestState] = {}
         self.finished: dict[RequestId, RequestState] = {}
@@ -127,8 +129,7 @@ class EngineState:
                                max_new_tokens=max_new_tokens, block_hashes=tuple(block_hashes))
         self._next_seq += 1
         self.requests[request_id] = request
-        self._waiting.append(request)
-        self._waiting_version += 1
+        self._waiting.append(request)  # (last in seq order: no edit)
         return request
 
     @property
@@ -169,7 +170,7 @@ class EngineState:
                               self.allocator.pages_free_per_instance(), [u is not None for u in self._busy],
                               self._busy_until))
         return SchedulerView(
-            instances=instances, waiting=self.prefix_hits.visible(self._waiting, self._waiting_version),
+            instances=instances, waiting=self.prefix_hits.visible(self._waiting, self._waiting_edits),
             decoding=tuple(self.decoding.values()),
             prefilling=tuple(self.prefilling.values()), page_size=self.page_size, cost_model=cost_model, now=now,
             **options,
@@ -349,7 +350,7 @@ class EngineState:
         if index >= len(self._waiting) or self._waiting[index] is not request:
             raise PlanError(f"request {request.request_id!r} is not waiting")
         del self._waiting[index]
-        self._waiting_version += 1
+        self._waiting_edits += 1
 
     def _preempt(self, request: RequestState) -> None:
         self.prefix_hits.track_computing(request, False)
@@ -362,7 +363,7 @@ class EngineState:
         request.num_preemptions += 1
         self.counters["preemptions"] += 1
         bisect.insort(self._waiting, request, key=lambda r: r.seq)
-        self._waiting_version += 1
+        self._waiting_edits += 1
 
     def _finish(self, request: RequestState, reason: str, now: float) -> None:
         self.prefix_hits.track_computing(request, False)
@@ -389,7 +390,7 @@ class EngineState:
                 assert request.num_computed == request.context_len - 1, f"{request_id!r}: decode KV count"
         units = {u for u in self._busy if u is not None}
         assert units == set(self._in_flight), "busy instances and in-flight units disagree"
-        self.prefix_hits.check_invariants(self.requests.values(), self._waiting, self._waiting_version)
+        self.prefix_hits.check_invariants(self.requests.values(), self._waiting, self._waiting_edits)
 
 
 def make_state_for(cost_model, num_instances: int, prefix_cache: PrefixCacheOptions | None = None) -> EngineState:

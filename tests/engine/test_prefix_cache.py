@@ -311,6 +311,35 @@ def test_questions_arriving_together_wait_for_the_first_to_compute_their_documen
     state.check_invariants()
 
 
+def test_arrivals_are_walked_alone_and_the_view_equals_a_fresh_walk(monkeypatch):
+    state, cost = _state(), synthetic_cost(PAGE, 40, 4)
+    document = list(range(10, 50))
+    refreshed = []
+    refresh = state.prefix_hits.refresh
+    monkeypatch.setattr(state.prefix_hits, "refresh", lambda request: refreshed.append(request.request_id)
+                        or refresh(request))
+
+    def arrive(name, tail):
+        state.add_request(name, len(document) + len(tail), 2, prompt_token_ids=document + tail)
+
+    def shown():
+        return [r.request_id for r in state.view(cost).waiting]
+
+    arrive("q0", [1, 2])
+    arrive("q1", [3, 4])
+    assert shown() == ["q0"] and refreshed == ["q0", "q1"]  # q1 waits for q0's document
+    refreshed.clear()
+    state.add_request("short", 12, 2, prompt_token_ids=[7] * 12)
+    arrive("q2", [5, 6])
+    assert shown() == ["q0", "short"] and refreshed == ["short", "q2"]  # only the arrivals are walked
+    assert shown() == ["q0", "short"] and refreshed == ["short", "q2"]  # nothing changed: nothing walked
+    assert tuple(state.view(cost).waiting) == state.prefix_hits.schedulable(list(state.waiting))
+    state.check_invariants()  # (compares the kept walk with a fresh one)
+    refreshed.clear()
+    state.abort("q0")  # an edit of the queue: the next view walks it whole
+    assert shown() == ["q1", "short"] and refreshed == ["q1", "short", "q2"]
+
+
 def test_a_request_waits_for_its_prefix_only_while_that_is_cheaper_than_recomputing():
     from loong_jax.scheduler.prefix import waits_for_prefix
     from loong_jax.scheduler.view import InstanceView, RequestView, SchedulerView
