@@ -86,7 +86,7 @@ class EngineCore:
         self.dops.count(plan)
         inputs = StepInputs() if sampling_rows is None else self.state.step_inputs(plan, sampling_rows)
         self.executor.submit(plan, inputs)
-        if not self.async_scheduling or sampling_rows is None:
+        if not self.async_scheduling:
             return []
         return [self.state.release_early(unit, now) for unit in plan.work_units()
                 if self._releasable(unit, sampling_rows)]
@@ -98,18 +98,23 @@ class EngineCore:
         return self.state.apply(result)
 
     def resolve(self, result: UnitResult, release: Release) -> None:
-        """A released unit's tokens, in place of the pending ones (requests forgotten since are skipped)."""
+        """A released unit's tokens, in place of the pending ones (requests forgotten since are skipped); a
+        request the release finished at its last token finished when that token came."""
         requests = self.state.requests
         for request_id, index in release.pending.items():
             if request_id in requests:
                 self.state.resolve_token(request_id, index, result.new_tokens[request_id], result.finish_time)
+        for request in release.finished:
+            if request.finish_reason == "finished":
+                request.finish_time = result.finish_time
 
     @staticmethod
-    def _releasable(unit: WorkUnit, sampling_rows: Mapping[RequestId, SamplingRow]) -> bool:
+    def _releasable(unit: WorkUnit, sampling_rows: Mapping[RequestId, SamplingRow] | None) -> bool:
         """Decode steps (a prompt chunk riding in one included) whose requests read no token history when
-        they sample (penalties would need the pending token on the host)."""
-        return isinstance(unit, DecodeBatch) and not any(
-            sampling_rows[request_id].params.uses_penalties for request_id in unit.all_request_ids)
+        they sample (penalties would need the pending token on the host; without rows, as in the simulator,
+        nothing samples)."""
+        return isinstance(unit, DecodeBatch) and (sampling_rows is None or not any(
+            sampling_rows[request_id].params.uses_penalties for request_id in unit.all_request_ids))
 
     def check_progress(self, plan: Plan) -> None:
         """Raises SchedulerStalled if `plan` was empty while requests wait and nothing runs."""

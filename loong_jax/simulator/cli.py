@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="after the search, complete runs of every policy at this many common rates (0: none)")
     parser.add_argument("--hide-output-lengths", action="store_true",
                         help="do not tell policies each request's output length (max_new_tokens unknown)")
+    parser.add_argument("--async-scheduling", action="store_true",
+                        help="plan each decode step while the last one runs, as the engine serves by default "
+                             "(needs the output lengths revealed)")
     parser.add_argument("--json", type=Path, help="write all results as JSON here")
     parser.add_argument("--plot", type=Path, help="write latency-vs-rate plots (PNG) here")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -146,7 +149,7 @@ def run_policies(args, workload: Workload, cost_model: CostModel, progress,
         point = simulate(workload.requests(rate), spec, cost_model, args.instances, request_rate=rate, slo=slo,
                          give_up_below=args.attainment if give_up else None,
                          reveal_output_lengths=not args.hide_output_lengths, isolated=isolated,
-                         prefix_cache=prefix_cache_of(args))
+                         prefix_cache=prefix_cache_of(args), async_scheduling=args.async_scheduling)
         progress.update(1)
         return point
 
@@ -201,7 +204,7 @@ def steady_figures(args, spec: PolicySpec, result: PolicyResult, workload: Workl
         points[rate] = simulate_steady(workload.requests(rate), spec, cost_model, args.instances, request_rate=rate,
                                        slo=slo, isolated=isolated, target=args.attainment, give_up=give_up,
                                        reveal_output_lengths=not args.hide_output_lengths,
-                                       prefix_cache=prefix_cache_of(args))
+                                       prefix_cache=prefix_cache_of(args), async_scheduling=args.async_scheduling)
         progress.update(1)
         return points[rate]
 
@@ -219,6 +222,8 @@ def simulate_main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.instances < 1 or args.tp < 1 or args.num_requests < 1:
         raise SystemExit("--instances, --tp and --num-requests must be >= 1")
+    if args.async_scheduling and args.hide_output_lengths:
+        raise SystemExit("--async-scheduling needs the output lengths revealed (drop --hide-output-lengths)")
     cost_model = CostModel.load_json(args.cost_model, tp=args.tp)
     try:
         cost_model.check_instances(args.instances)  # a one-instance profile cannot price migrations
@@ -256,6 +261,7 @@ def simulate_main(argv: Sequence[str] | None = None) -> int:
         "attainment_target": args.attainment,
         "request_rates": args.request_rates,
         "output_lengths_revealed": not args.hide_output_lengths,
+        "async_scheduling": args.async_scheduling,
     }
     result = ExperimentResult(config, stats, policies)
     print(f"workload {workload.name}: {len(workload)} requests ({steady_count} per steady-state run), "

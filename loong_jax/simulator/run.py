@@ -121,6 +121,7 @@ def simulate(
     stop_at: float | None = None,
     watch_ids: Collection | None = None,
     prefix_cache: PrefixCacheOptions | None = None,
+    async_scheduling: bool = False,
 ) -> RatePoint:
     """Serve `requests` with the policy on `num_instances` simulated instances.
 
@@ -135,7 +136,12 @@ def simulate(
     `prefix_cache`: the cache's options (default: on); requests of shared-document workloads reuse the KV of
     their document's cached pages (`RequestSpec.document`), priced by the cost model as a suffix prefill
     attending to the prefix.
+    `async_scheduling`: as the engine serves by default, decode steps are released at dispatch and the next
+    step is planned while they run (`EngineCore`, step 2); it needs the output lengths revealed.
     """
+    if async_scheduling and not reveal_output_lengths:
+        raise ValueError("asynchronous scheduling in the simulator needs the output lengths revealed: a request "
+                         "that ends early would have its next step planned already")
     wall_start = time.perf_counter()
     label = policy.label if isinstance(policy, PolicySpec) else getattr(policy, "name", type(policy).__name__)
     if isinstance(policy, PolicySpec):
@@ -143,7 +149,7 @@ def simulate(
     state: EngineState = make_state_for(cost_model, num_instances, prefix_cache)
     document_hashes = DocumentHashes(cost_model.page_size)
     output_lengths = {r.request_id: r.output_len for r in requests}
-    executor = SimExecutor(cost_model, state, output_lengths)
+    executor = SimExecutor(cost_model, state, output_lengths, overlap=async_scheduling)
     core = EngineCore(state, policy, cost_model, executor, clock=lambda: executor.now, compile_aware=False)
     if isolated is None:
         isolated = isolated_latencies(requests, cost_model, num_instances)
@@ -159,6 +165,7 @@ def simulate(
     schedule_seconds: list[float] = []
     complete = True
     plans_at_this_time, last_time = 0, -1.0
+    released = {}  # id(unit) -> its `Release` (asynchronous scheduling)
 
     def reject(request_id) -> None:
         watch.rejected(request_id)
@@ -176,14 +183,20 @@ def simulate(
                 records[spec.request_id].rejected = True
                 reject(spec.request_id)
 
-    def plan_and_dispatch() -> None:
+    def plan_and_dispatch() -> bool:
+        """True when everything in flight was released just now: the engine then plans its next step at
+        once, while these run (`Engine.step`), instead of waiting for a unit to end."""
         started = time.perf_counter()
         plan = core.schedule()
         schedule_seconds.append(time.perf_counter() - started)
-        if not plan.is_empty:
-            core.dispatch(plan)
-            for request_id in plan.rejections:
-                reject(request_id)
+        if plan.is_empty:
+            return False
+        releases = core.dispatch(plan)
+        for release in releases:
+            released[id(release.unit)] = release
+        for request_id in plan.rejections:
+            reject(request_id)
+        return bool(releases) and executor.in_flight == len(releases)
 
     def finish(request) -> None:
         record = records[request.request_id]
@@ -197,8 +210,8 @@ def simulate(
             raise SchedulerStalled(f"{MAX_PLANS_AT_ONE_TIME} plans at t={executor.now} without time moving: "
                                    + _stall_report(state, label, executor.now))
         admit_arrivals()
-        if state.has_unfinished():
-            plan_and_dispatch()
+        if state.has_unfinished() and plan_and_dispatch():
+            continue
         if watch.missed_by(executor.now) > allowed_misses:
             complete = False
             break
@@ -216,7 +229,10 @@ def simulate(
             executor.advance_to(upcoming_arrival)
             continue
         for result in core.wait():
-            for request in core.apply(result):
+            release = released.pop(id(result.unit), None)
+            if release is not None:  # accounted at dispatch: its requests that finished end now
+                core.resolve(result, release)
+            for request in core.apply(result) if release is None else release.finished:
                 finish(request)
         if check_invariants:
             state.check_invariants()

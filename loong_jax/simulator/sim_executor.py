@@ -15,6 +15,9 @@ Data flow:
        - MigrationBatch: migration_time(tokens moved).
      At the same time it decides what the unit will report: one token (id 0) for each decode request and for
      each prefill request whose chunk ends its prompt, and `finished` for requests reaching their output length.
+     With `overlap` (asynchronous scheduling, as the engine serves by default) the core releases decode
+     units at dispatch and plans the next step while they run: a unit then starts when the last unit on
+     any of its instances ends (now, without overlap, since only idle instances are planned).
   2. `next_finish_time()` lets the loop inject arrivals that come first (`advance_to(t)`).
   3. `wait_next()` pops every unit finishing at the earliest time, moves the clock there and returns their
      `UnitResult`s for `state.apply`.
@@ -38,11 +41,14 @@ NEW_TOKEN_ID = 0  # the simulator produces no real tokens; every generated token
 
 
 class SimExecutor:
-    def __init__(self, cost_model: CostModel, state: EngineState, output_lengths: Mapping[Hashable, int]):
+    def __init__(self, cost_model: CostModel, state: EngineState, output_lengths: Mapping[Hashable, int],
+                 overlap: bool = False):
         self.cost_model = cost_model
         self.state = state
         self.output_lengths = output_lengths  # request id -> tokens it generates in total
+        self.feeds_pending_tokens = overlap  # the core may release decode units early (see step 1)
         self.now = 0.0
+        self._free_at = [0.0] * state.num_instances  # when the last unit on each instance ends
         self._heap: list[tuple[float, int, UnitResult]] = []
         self._order = itertools.count()  # FIFO among equal finish times
         self.busy_seconds = [0.0] * state.num_instances
@@ -82,11 +88,12 @@ class SimExecutor:
             if seconds < 0:
                 raise ValueError(f"cost model gave a negative time {seconds} for {unit}")
             new_tokens, finished = self._outcome(unit)
-            finish_time = self.now + seconds
+            finish_time = max([self.now] + [self._free_at[i] for i in unit.group]) + seconds
             result = UnitResult(unit, new_tokens, finished, finish_time)
             heapq.heappush(self._heap, (finish_time, next(self._order), result))
             for instance in unit.group:
                 self.busy_seconds[instance] += seconds
+                self._free_at[instance] = finish_time
             self._count(unit)
 
     def _count(self, unit: WorkUnit) -> None:
@@ -102,8 +109,6 @@ class SimExecutor:
     @property
     def in_flight(self) -> int:
         return len(self._heap)
-
-    feeds_pending_tokens = False  # the simulator knows every token count ahead: nothing to overlap
 
     def ready_programs(self) -> None:
         return None  # nothing compiles in a simulation

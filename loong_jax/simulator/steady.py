@@ -173,13 +173,14 @@ def simulate_steady(
     give_up: bool = False,
     reveal_output_lengths: bool = True,
     prefix_cache: PrefixCacheOptions | None = None,
+    async_scheduling: bool = False,
 ) -> SteadyPoint:
     """One steady-state run at `request_rate` (the requests' arrival times already at that rate)."""
     window = steady_window(requests, slo, isolated)
     point = simulate(requests, policy, cost_model, num_instances, request_rate=request_rate, slo=slo,
                      isolated=isolated, give_up_below=target if give_up else None, stop_at=window.stop,
                      watch_ids=window.middle_ids, reveal_output_lengths=reveal_output_lengths,
-                     prefix_cache=prefix_cache)
+                     prefix_cache=prefix_cache, async_scheduling=async_scheduling)
     met = {r.request_id for r, iso in zip(point.records, isolated) if slo.meets(r, iso)}
     cached = prefix_cache is None or prefix_cache.enabled
     work_of = dict(zip((r.request_id for r in requests), request_work(requests, cost_model, cached)))

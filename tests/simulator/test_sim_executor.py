@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 
 from loong_jax.engine.state import EngineState
@@ -60,10 +61,12 @@ def alone_latency(model: CostModel, input_len: int, output_len: int) -> tuple[fl
     return ttft, ttft + sum(model.decode_time(1, 1, input_len + k) for k in range(1, output_len))
 
 
-def test_one_request_gets_exactly_its_cost_model_time():
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_one_request_gets_exactly_its_cost_model_time(async_scheduling):
     model = cost_model()
     request = RequestSpec(0, arrival_time=0.5, input_len=300, output_len=6)
-    point = simulate([request], OnePerInstance(), model, 1, request_rate=1.0, check_invariants=True)
+    point = simulate([request], OnePerInstance(), model, 1, request_rate=1.0, check_invariants=True,
+                     async_scheduling=async_scheduling)  # (steps released early queue back to back)
     ttft, e2e = alone_latency(model, 300, 6)
     assert point.complete and point.metrics.finished == 1
     assert point.metrics.mean_normalized_input_latency == pytest.approx(ttft / 300)
@@ -90,6 +93,34 @@ def test_disjoint_instances_run_side_by_side_and_arrivals_wait_for_a_free_instan
     busy = sum(model.prefill_time(1, [n]) for n in (1000, 500, 200)) + (done0 - model.prefill_time(1, [1000])) + (
         done1 - model.prefill_time(1, [500])) + model.decode_time(1, 1, 201)
     assert point.utilization == pytest.approx(busy / (2 * max(done0, done2)))
+
+
+@pytest.mark.parametrize("policy", ["esp", "replicas"])
+def test_asynchronous_steps_run_one_after_another_on_an_instance_and_free_every_page(policy):
+    """Steps planned while the last ones run (as the engine serves): every request finishes, every page is
+    free, no instance is busy for longer than the run, and no request beats its latency alone."""
+    from loong_jax.scheduler.policy import PolicySpec
+    from loong_jax.simulator.metrics import isolated_latencies
+
+    model = CostModel.load_json(None, tp=1)
+    rng = np.random.default_rng(1)  # short and long prompts (up to several instances' KV), short outputs
+    requests = [RequestSpec(i, 0.05 * i, int(rng.choice([300, 3_000, 60_000, 400_000])), int(rng.integers(2, 24)))
+                for i in range(24)]
+    point = simulate(requests, PolicySpec.parse(policy), model, 8, request_rate=20.0, check_invariants=True,
+                     async_scheduling=True)
+    assert point.complete and point.metrics.finished + point.metrics.rejected == len(requests)
+    assert point.utilization <= 1.0 + 1e-9
+    alone = isolated_latencies(requests, model, 8)
+    for record, isolated in zip(point.records, alone):
+        if record.finished:
+            assert record.first_token_time <= record.finish_time
+            assert record.e2e_latency >= isolated * (1 - 1e-9), record
+
+
+def test_asynchronous_steps_need_the_output_lengths():
+    with pytest.raises(ValueError, match="needs the output lengths revealed"):
+        simulate([RequestSpec(0, 0.0, 10, 2)], OnePerInstance(), cost_model(), 1, request_rate=1.0,
+                 reveal_output_lengths=False, async_scheduling=True)
 
 
 def test_unit_times():
