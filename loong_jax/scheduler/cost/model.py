@@ -166,7 +166,7 @@ class CostModel:
 
     def decode_time(self, dop: int, batch: int, total_context: int) -> float:
         """Seconds for one decode step of `batch` requests reading `total_context` KV tokens on `dop` instances."""
-        return self._decode_entry(dop).time(batch, total_context)
+        return self.decode_coefficients(dop).time(batch, total_context)
 
     def migration_time_bytes(self, num_bytes: float) -> float:
         if num_bytes <= 0:
@@ -186,7 +186,8 @@ class CostModel:
         except KeyError:
             raise ValueError(f"cost model (tp={self.tp}) has no prefill entry for DoP {dop}; has {sorted(self.prefill)}") from None
 
-    def _decode_entry(self, dop: int) -> DecodeCoefficients:
+    def decode_coefficients(self, dop: int) -> DecodeCoefficients:
+        """The decode step's coefficients at `dop` (a clear error when the model has none)."""
         try:
             return self.decode[dop]
         except KeyError:

@@ -278,11 +278,9 @@ class ClusterSnapshot:
         across calls.)"""
         view, cache, costs = self.view, self._urgency, self.request_costs
         now, slo_scale, default = view.now, self.slo_scale, view.default_output_tokens
-        coefficients = view.cost_model.decode.get(1)
-        if coefficients is None:  # let the cost model say what is missing
-            view.cost_model.decode_time(1, 1, 1)
+        coefficients = view.cost_model.decode_coefficients(1)
         fixed, per_token = coefficients.constant + coefficients.per_request * 1, coefficients.per_context_token
-        for request in requests:
+        for request in requests:  # (`isolated`'s memo read inline)
             entry = costs.get((request.request_id, request.prompt_len, request.max_new_tokens))
             isolated = entry[0] if entry is not None else self.isolated(request)
             if request.kv and request.master is not None:
